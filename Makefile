@@ -1,0 +1,45 @@
+# The README's commands. `make run` and `make test` are all a fresh machine needs.
+PY312 ?= $(shell PYENV_VERSION=3.12.1 pyenv which python 2>/dev/null || command -v python3.12 || echo python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv run web test lint fmt bench soak clean
+
+$(BIN)/keybrake: pyproject.toml
+	test -x $(BIN)/python || $(PY312) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/keybrake
+
+venv: $(BIN)/keybrake
+
+## Start the proxy on the embedded SQLite store (forward :8080, admin :8081).
+run: venv
+	$(BIN)/keybrake ca
+	$(BIN)/keybrake run
+
+## The same with mitmweb's live flow UI.
+web: venv
+	$(BIN)/keybrake ca
+	$(BIN)/keybrake run --web
+
+## The whole test suite (unit, addon, store contract, end to end).
+test: venv
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q
+
+lint: venv
+	$(BIN)/ruff check addon tests bench
+	$(BIN)/ruff format --check addon tests bench
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff check --fix addon tests bench
+	$(BIN)/ruff format addon tests bench
+
+## Throughput and added latency against bare mitmdump (not part of `make test`).
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf .keybrake .pytest_cache .mypy_cache .ruff_cache

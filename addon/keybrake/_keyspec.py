@@ -1,0 +1,196 @@
+"""Validation of key-issue and budget requests, shared by the admin API and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from typing import Any
+
+from keybrake._money import MoneyError, format_usd, parse_usd
+from keybrake._paths import EndpointPattern, PatternError
+from keybrake.keys import parse_duration
+from keybrake.policy import PolicySet
+from keybrake.store import BudgetState, KeyRecord
+
+__all__ = ["IssueKeyRequest", "KeySpecError", "key_to_json", "parse_label_budget"]
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/@+=-]{0,127}$")
+_FIELDS = {
+    "vendor",
+    "daily_usd_cap",
+    "usd_cap",
+    "allowed_endpoints",
+    "expires_in",
+    "agent_run_label",
+}
+
+
+class KeySpecError(ValueError):
+    """One or more fields are invalid; ``fields`` maps each field to its problem."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        self.fields = fields
+        super().__init__("; ".join(f"{k}: {v}" for k, v in fields.items()))
+
+
+def _usd_field(value: Any, name: str, errors: dict[str, str]) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        errors[name] = "must be a dollar amount (number or decimal string)"
+        return None
+    try:
+        micros = parse_usd(str(value))
+    except MoneyError as e:
+        errors[name] = str(e)
+        return None
+    if micros <= 0:
+        errors[name] = "must be greater than 0"
+        return None
+    return micros
+
+
+def _label(value: Any, errors: dict[str, str], name: str = "agent_run_label") -> str:
+    if not isinstance(value, str) or not _LABEL.match(value):
+        errors[name] = (
+            "must be 1-128 characters: letters, digits, space and . _ : / @ + = - "
+            "(starting with a letter or digit)"
+        )
+        return ""
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class IssueKeyRequest:
+    """A validated ``POST /vault/keys`` body.
+
+    >>> IssueKeyRequest.from_json({"vendor": "stripe", "daily_usd_cap": "300",
+    ...     "allowed_endpoints": ["POST /v1/payment_intents"], "expires_in": "2h",
+    ...     "agent_run_label": "dramatiq/nightly-billing"}, policies)  # doctest: +SKIP
+    """
+
+    vendor: str
+    daily_cap_micros: int
+    usd_cap_micros: int | None
+    allowed_endpoints: tuple[str, ...]
+    expires_in: dt.timedelta
+    agent_run_label: str
+
+    @classmethod
+    def from_json(cls, data: Any, policies: PolicySet) -> IssueKeyRequest:
+        if not isinstance(data, dict):
+            raise KeySpecError({"(body)": "must be a JSON object"})
+        errors: dict[str, str] = {}
+        for k in data:
+            if k not in _FIELDS:
+                errors[str(k)[:64]] = "unknown field"
+        vendor = data.get("vendor")
+        if not isinstance(vendor, str) or vendor not in policies.vendors:
+            known = ", ".join(sorted(policies.vendors))
+            errors["vendor"] = f"must be one of: {known}"
+            vendor = None
+        daily = _usd_field(data.get("daily_usd_cap"), "daily_usd_cap", errors)
+        usd_cap = None
+        if data.get("usd_cap") is not None:
+            usd_cap = _usd_field(data.get("usd_cap"), "usd_cap", errors)
+        expires_raw = data.get("expires_in", "1h")
+        expires = dt.timedelta(0)
+        if not isinstance(expires_raw, str):
+            errors["expires_in"] = "must be a duration string such as '30m', '2h', '7d' or 'PT2H'"
+        else:
+            try:
+                expires = parse_duration(expires_raw)
+            except ValueError as e:
+                errors["expires_in"] = str(e)
+        label = _label(data.get("agent_run_label"), errors)
+        endpoints: list[str] = []
+        raw_eps = data.get("allowed_endpoints")
+        if not isinstance(raw_eps, list) or not raw_eps or len(raw_eps) > 100:
+            errors["allowed_endpoints"] = (
+                "must be a list of 1-100 strings like 'POST /v1/payment_intents'"
+            )
+        else:
+            for i, spec in enumerate(raw_eps):
+                if not isinstance(spec, str):
+                    errors[f"allowed_endpoints.{i}"] = "must be a string"
+                    continue
+                try:
+                    pattern = EndpointPattern.parse(spec)
+                except PatternError as e:
+                    errors[f"allowed_endpoints.{i}"] = str(e)
+                    continue
+                if vendor is not None and not _priced(policies, vendor, pattern):
+                    errors[f"allowed_endpoints.{i}"] = (
+                        f"{pattern} has no cost rule in the {vendor} policy (and is not free)"
+                    )
+                    continue
+                endpoints.append(str(pattern))
+        if errors:
+            raise KeySpecError(errors)
+        assert vendor is not None and daily is not None
+        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label)
+
+
+def _priced(policies: PolicySet, vendor: str, pattern: EndpointPattern) -> bool:
+    policy = policies.vendors[vendor]
+    segments = pattern.segments
+    for ep in policy.endpoints:
+        if ep.pattern.match(pattern.method, segments) is not None:
+            return True
+    return policy.free_reads and pattern.method in ("GET", "HEAD")
+
+
+def parse_label_budget(label: str, data: Any) -> int | None:
+    """A validated ``PUT /vault/budgets/{label}`` body: ``{"daily_usd_cap": 500}`` or null."""
+    errors: dict[str, str] = {}
+    _label(label, errors, "label")
+    if not isinstance(data, dict) or set(data) - {"daily_usd_cap"}:
+        errors["(body)"] = 'must be {"daily_usd_cap": <dollars or null>}'
+        raise KeySpecError(errors)
+    cap = None
+    if data.get("daily_usd_cap") is not None:
+        cap = _usd_field(data["daily_usd_cap"], "daily_usd_cap", errors)
+    if errors:
+        raise KeySpecError(errors)
+    return cap
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if t else None
+
+
+def key_to_json(
+    key: KeyRecord, now: dt.datetime, budgets: tuple[BudgetState, ...] = ()
+) -> dict[str, Any]:
+    """The public JSON of a key: never the vault key or its hash."""
+    out: dict[str, Any] = {
+        "object": "vault_key",
+        "key_id": key.key_id,
+        "vendor": key.vendor,
+        "agent_run_label": key.agent_run_label,
+        "daily_usd_cap": format_usd(key.daily_cap_micros),
+        "usd_cap": format_usd(key.usd_cap_micros) if key.usd_cap_micros is not None else None,
+        "allowed_endpoints": list(key.allowed_endpoints),
+        "created_at": _iso(key.created_at),
+        "expires_at": _iso(key.expires_at),
+        "revoked_at": _iso(key.revoked_at),
+        "status": key.state(now),
+    }
+    if budgets:
+        out["budgets"] = [
+            {
+                "scope": b.scope,
+                "window": b.window,
+                "cap_usd": format_usd(b.cap_micros) if b.cap_micros is not None else None,
+                "spent_usd": format_usd(b.spent_micros),
+                "reserved_usd": format_usd(b.reserved_micros),
+                "remaining_usd": format_usd(b.remaining_micros)
+                if b.remaining_micros is not None
+                else None,
+            }
+            for b in budgets
+        ]
+        key_b = budgets[0]
+        out["spent_today_usd"] = format_usd(key_b.spent_micros + key_b.reserved_micros)
+        rem = [b.remaining_micros for b in budgets if b.remaining_micros is not None]
+        out["remaining_usd"] = format_usd(min(rem)) if rem else None
+    return out

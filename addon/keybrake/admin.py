@@ -1,0 +1,224 @@
+"""The `AdminApi` addon: the admin listener's JSON API for vault keys and budgets.
+
+Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
+
+- ``POST /vault/keys`` issue a key (the vault key is shown once, in this response only)
+- ``GET /vault/keys``, ``GET /vault/keys/{key_id}`` (never secrets)
+- ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless)
+- ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
+- ``GET /healthz`` (no token) store reachability
+
+Every ``/vault`` call needs ``Authorization: Bearer <admin token>``, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+from urllib.parse import unquote
+
+from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
+from keybrake.core import Runtime
+from keybrake.errors import Refusal, refusal_response
+from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
+from keybrake.store import KeyRecord, StoreUnavailable
+
+__all__ = ["AdminApi"]
+
+log = logging.getLogger("keybrake")
+MAX_ADMIN_BODY = 64 * 1024
+
+
+def _json(status: int, payload: Any) -> http.Response:
+    return http.Response.make(
+        status,
+        json.dumps(payload, separators=(",", ":")).encode(),
+        {"Content-Type": "application/json", "Cache-Control": "no-store"},
+    )
+
+
+class AdminApi:
+    """Answers ``/vault/...`` and ``/healthz`` on the admin listener."""
+
+    name = "keybrake_admin"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return
+        path = flow.request.path.split("?", 1)[0]
+        first = path.lstrip("/").split("/", 1)[0]
+        rt = self.runtime
+        if rt.policies is not None and first in rt.policies.vendors:
+            return  # base-URL mode: the guard takes it
+        flow.metadata["keybrake_admin"] = True
+        try:
+            if path == "/healthz":
+                flow.response = await self._health()
+            elif path == "/vault" or path.startswith("/vault/"):
+                self._authorize(flow)
+                flow.response = await self._route(flow, path)
+            else:
+                raise Refusal("not_found", f"no such admin route or vendor: {path[:100]}")
+        except Refusal as r:
+            flow.response = refusal_response(r)
+        except StoreUnavailable as e:
+            log.error("keybrake admin: store unavailable: %s", e)
+            flow.response = refusal_response(
+                Refusal("store_unavailable", "the store is unavailable")
+            )
+        except Exception:
+            log.exception("keybrake admin: internal error")
+            flow.response = refusal_response(Refusal("internal_error", "internal error"))
+        if "authorization" in flow.request.headers:
+            flow.request.headers["authorization"] = "[redacted by keybrake]"
+
+    def _authorize(self, flow: http.HTTPFlow) -> None:
+        given = flow.request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        expected = self.runtime.admin_token
+        ok = scheme.lower() == "bearer" and bool(expected)
+        # compare_digest on bytes of equal-or-unequal length is constant time in the length
+        # of the expected token; run it even when the scheme is wrong.
+        same = hmac.compare_digest(token.strip().encode(), expected.encode())
+        if not (ok and same):
+            raise Refusal("admin_token_invalid", "missing or wrong admin token")
+
+    async def _health(self) -> http.Response:
+        try:
+            store = await self.runtime.open_store()
+            await store.ping()
+        except StoreUnavailable as e:
+            return _json(503, {"status": "unavailable", "store": str(e)})
+        return _json(200, {"status": "ok", "instance": self.runtime.instance_id})
+
+    async def _route(self, flow: http.HTTPFlow, path: str) -> http.Response:
+        method = flow.request.method.upper()
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if parts == ["vault", "keys"]:
+            if method == "POST":
+                return await self._issue(flow)
+            if method == "GET":
+                return await self._list()
+            raise Refusal("method_not_allowed", f"{method} not allowed on /vault/keys")
+        if len(parts) == 3 and parts[:2] == ["vault", "keys"]:
+            if method == "GET":
+                return await self._get(parts[2])
+            if method == "DELETE":
+                return await self._revoke(parts[2])
+            raise Refusal("method_not_allowed", f"{method} not allowed on a key")
+        if len(parts) == 3 and parts[:2] == ["vault", "budgets"]:
+            if method == "PUT":
+                return await self._put_budget(parts[2], flow)
+            if method == "GET":
+                return await self._get_budget(parts[2])
+            raise Refusal("method_not_allowed", f"{method} not allowed on a budget")
+        raise Refusal("not_found", f"no such admin route: {path[:100]}")
+
+    def _body(self, flow: http.HTTPFlow) -> Any:
+        raw = flow.request.raw_content or b""
+        if len(raw) > MAX_ADMIN_BODY:
+            raise Refusal(
+                "body_too_large", f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
+            )
+        try:
+            return json.loads(
+                raw or b"{}", parse_float=str, parse_int=str, parse_constant=_no_constant
+            )
+        except (ValueError, RecursionError):
+            raise Refusal("invalid_request", "body must be a JSON object") from None
+
+    async def _issue(self, flow: http.HTTPFlow) -> http.Response:
+        rt = self.runtime
+        assert rt.policies is not None
+        try:
+            spec = IssueKeyRequest.from_json(self._body(flow), rt.policies)
+        except KeySpecError as e:
+            raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
+        now = rt.now()
+        vault_key = generate_vault_key(spec.vendor)
+        record = KeyRecord(
+            key_id=generate_key_id(),
+            secret_sha256=hash_vault_key(vault_key),
+            vendor=spec.vendor,
+            agent_run_label=spec.agent_run_label,
+            daily_cap_micros=spec.daily_cap_micros,
+            usd_cap_micros=spec.usd_cap_micros,
+            allowed_endpoints=spec.allowed_endpoints,
+            created_at=now,
+            expires_at=now + spec.expires_in,
+        )
+        store = await rt.open_store()
+        await store.create_key(record)
+        log.info(
+            "keybrake: issued %s for %s label=%r",
+            record.key_id,
+            record.vendor,
+            record.agent_run_label,
+        )
+        body = key_to_json(record, now)
+        body["vault_key"] = vault_key
+        return _json(201, body)
+
+    async def _list(self) -> http.Response:
+        store = await self.runtime.open_store()
+        now = self.runtime.now()
+        keys = await store.list_keys()
+        out = []
+        for k in keys:
+            out.append(key_to_json(k, now, await store.budgets(k, now)))
+        return _json(200, {"object": "list", "data": out})
+
+    async def _get(self, key_id: str) -> http.Response:
+        store = await self.runtime.open_store()
+        key = await store.get_key(key_id)
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        now = self.runtime.now()
+        return _json(200, key_to_json(key, now, await store.budgets(key, now)))
+
+    async def _revoke(self, key_id: str) -> http.Response:
+        store = await self.runtime.open_store()
+        now = self.runtime.now()
+        key = await store.revoke_key(key_id, now)
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        log.info("keybrake: revoked %s", key.key_id)
+        return _json(200, key_to_json(key, now))
+
+    async def _put_budget(self, label: str, flow: http.HTTPFlow) -> http.Response:
+        try:
+            cap = parse_label_budget(label, self._body(flow))
+        except KeySpecError as e:
+            raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
+        store = await self.runtime.open_store()
+        await store.set_label_budget(label, cap)
+        return await self._get_budget(label)
+
+    async def _get_budget(self, label: str) -> http.Response:
+        from keybrake._money import format_usd
+
+        store = await self.runtime.open_store()
+        cap = await store.get_label_budget(label)
+        return _json(
+            200,
+            {
+                "object": "label_budget",
+                "label": label,
+                "daily_usd_cap": format_usd(cap) if cap is not None else None,
+                "as_of": self.runtime.now().isoformat().replace("+00:00", "Z"),
+            },
+        )
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

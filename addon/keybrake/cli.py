@@ -1,0 +1,306 @@
+"""The ``keybrake`` command line.
+
+    keybrake run                      start the proxy (SQLite store under .keybrake/)
+    keybrake ca                       create the CA and the CA bundle in certs/
+    keybrake check-policy policies/   validate vendor policies without starting
+    keybrake keys issue --vendor stripe --daily-usd-cap 300 \\
+        --allow "POST /v1/payment_intents" --expires-in 2h --label dramatiq/nightly-billing
+    keybrake keys list | keybrake keys revoke KEY_ID
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json
+from keybrake.ca import ensure_ca
+from keybrake.core import load_admin_token
+from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
+from keybrake.policy import PolicyError, load_policies
+from keybrake.store import KeyRecord, Store, StoreUnavailable, open_store
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="Keybrake: vault keys, endpoint allowlists and dollar caps for workers calling paid APIs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Issue, list and revoke vault keys (directly in the store).")
+app.add_typer(keys_app, name="keys")
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir", envvar="KEYBRAKE_DATA_DIR", help="SQLite store, admin token, audit log."
+    ),
+]
+PoliciesDir = Annotated[
+    Path,
+    typer.Option(
+        "--policies", envvar="KEYBRAKE_POLICIES_DIR", help="Directory of vendor policy YAML files."
+    ),
+]
+StoreUrl = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="KEYBRAKE_STORE",
+        help="sqlite:///path.db (default: <data dir>/keybrake.db) or redis://host:6379/0.",
+    ),
+]
+CertsDir = Annotated[
+    Path,
+    typer.Option("--certs-dir", envvar="KEYBRAKE_CERTS_DIR", help="Where the Keybrake CA lives."),
+]
+
+
+def _store_url(store: str, data_dir: Path) -> str:
+    return store or f"sqlite:///{(data_dir / 'keybrake.db').resolve()}"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    listen_host: Annotated[
+        str, typer.Option(help="Address of both listeners (loopback by default).")
+    ] = "127.0.0.1",
+    proxy_port: Annotated[int, typer.Option(help="Forward proxy port (HTTPS_PROXY).")] = 8080,
+    admin_port: Annotated[int, typer.Option(help="Admin API / base-URL listener port.")] = 8081,
+    data_dir: DataDir = Path(".keybrake"),
+    policies: PoliciesDir = Path("policies"),
+    store: StoreUrl = "",
+    certs_dir: CertsDir = Path("certs"),
+    web: Annotated[
+        bool, typer.Option(help="Run mitmweb (live flow UI) instead of mitmdump.")
+    ] = False,
+    extra: Annotated[
+        list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
+    ] = None,
+) -> None:
+    """Start the proxy: forward listener + admin listener in one mitmproxy process.
+
+    Example: ``keybrake run --store redis://127.0.0.1:6379/0``
+    """
+    try:
+        load_policies(policies)
+    except PolicyError as e:
+        _fail(f"invalid policy:\n{e}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    bundle = ensure_ca(certs_dir)
+    _, token_where = load_admin_token(data_dir)
+    url = _store_url(store, data_dir)
+    script = Path(__file__).with_name("addon.py")
+    args = [
+        "--mode",
+        f"regular@{listen_host}:{proxy_port}",
+        "--mode",
+        f"reverse:http://127.0.0.1:1@{listen_host}:{admin_port}",
+        "--set",
+        f"confdir={certs_dir.resolve()}",
+        "--set",
+        "connection_strategy=lazy",
+        "--set",
+        "upstream_cert=false",
+        "--set",
+        f"keybrake_data_dir={data_dir.resolve()}",
+        "--set",
+        f"keybrake_policies={policies.resolve()}",
+        "--set",
+        f"keybrake_store={url}",
+        "-s",
+        str(script),
+        *(extra or []),
+    ]
+    host = listen_host if listen_host not in ("0.0.0.0", "::") else "<this host>"
+    typer.echo(
+        "\n".join(
+            [
+                f"Keybrake: forward proxy on {listen_host}:{proxy_port}, "
+                f"admin + base URL on {listen_host}:{admin_port}",
+                f"Store: {url.split('@')[-1]}",
+                "Workers need:",
+                f"  export HTTPS_PROXY=http://{host}:{proxy_port}",
+                f"  export REQUESTS_CA_BUNDLE={bundle.resolve()}",
+                f"  export SSL_CERT_FILE={bundle.resolve()}",
+                f"  (stripe: stripe.ca_bundle_path = '{bundle.resolve()}')",
+                f"Admin API: http://{host}:{admin_port}/vault/keys  (admin token: {token_where})",
+                "",
+            ]
+        )
+    )
+    sys.stdout.flush()
+    if web:
+        from mitmproxy.tools.main import mitmweb
+
+        mitmweb(args)
+    else:
+        from mitmproxy.tools.main import mitmdump
+
+        mitmdump(args)
+
+
+@app.command()
+def ca(certs_dir: CertsDir = Path("certs")) -> None:
+    """Create the Keybrake CA (if missing) and write certs/keybrake-ca-bundle.pem."""
+    bundle = ensure_ca(certs_dir)
+    typer.echo(f"CA: {(certs_dir / 'mitmproxy-ca-cert.pem').resolve()}\nBundle: {bundle.resolve()}")
+
+
+@app.command("check-policy")
+def check_policy(
+    directory: Annotated[Path, typer.Argument(help="Policies directory.")] = Path("policies"),
+) -> None:
+    """Validate vendor policies without starting the proxy.
+
+    Example: ``keybrake check-policy policies/``
+    """
+    try:
+        ps = load_policies(directory)
+    except PolicyError as e:
+        _fail(str(e))
+        return
+    for name, p in sorted(ps.vendors.items()):
+        typer.echo(
+            f"ok  {ps.files[name]}: {name} "
+            f"({len(p.endpoints)} endpoints, hosts {', '.join(p.hosts)})"
+        )
+
+
+async def _with_store(url: str, fn: Any) -> Any:
+    store: Store = open_store(url)
+    try:
+        await store.open()
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _run_store(url: str, fn: Any) -> Any:
+    try:
+        return asyncio.run(_with_store(url, fn))
+    except StoreUnavailable as e:
+        _fail(f"store unavailable: {e}", 3)
+
+
+@keys_app.command("issue")
+def keys_issue(
+    vendor: Annotated[str, typer.Option(help="Vendor name from policies/, e.g. stripe.")],
+    daily_usd_cap: Annotated[str, typer.Option(help="Daily cap in USD, e.g. 300 or 12.50.")],
+    allow: Annotated[
+        list[str], typer.Option(help="Allowed endpoint, repeatable: 'POST /v1/payment_intents'.")
+    ],
+    label: Annotated[str, typer.Option(help="agent_run_label, e.g. dramatiq/nightly-billing.")],
+    expires_in: Annotated[str, typer.Option(help="30m, 2h, 7d or ISO-8601 (PT2H).")] = "1h",
+    usd_cap: Annotated[str | None, typer.Option(help="Optional lifetime cap in USD.")] = None,
+    data_dir: DataDir = Path(".keybrake"),
+    policies: PoliciesDir = Path("policies"),
+    store: StoreUrl = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Issue a vault key; it is printed once and never stored."""
+    try:
+        ps = load_policies(policies)
+        spec = IssueKeyRequest.from_json(
+            {
+                "vendor": vendor,
+                "daily_usd_cap": daily_usd_cap,
+                "usd_cap": usd_cap,
+                "allowed_endpoints": allow,
+                "expires_in": expires_in,
+                "agent_run_label": label,
+            },
+            ps,
+        )
+    except (PolicyError, KeySpecError) as e:
+        _fail(str(e), 2)
+        return
+    now = dt.datetime.now(dt.UTC)
+    vault_key = generate_vault_key(spec.vendor)
+    record = KeyRecord(
+        key_id=generate_key_id(),
+        secret_sha256=hash_vault_key(vault_key),
+        vendor=spec.vendor,
+        agent_run_label=spec.agent_run_label,
+        daily_cap_micros=spec.daily_cap_micros,
+        usd_cap_micros=spec.usd_cap_micros,
+        allowed_endpoints=spec.allowed_endpoints,
+        created_at=now,
+        expires_at=now + spec.expires_in,
+    )
+
+    async def create(s: Store) -> None:
+        await s.create_key(record)
+
+    _run_store(_store_url(store, data_dir), create)
+    body = key_to_json(record, now) | {"vault_key": vault_key}
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        typer.echo(f"{record.key_id}  expires {body['expires_at']}\n{vault_key}")
+
+
+@keys_app.command("list")
+def keys_list(
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List vault keys with today's spend (never secrets)."""
+    now = dt.datetime.now(dt.UTC)
+
+    async def fetch(s: Store) -> list[dict[str, Any]]:
+        return [key_to_json(k, now, await s.budgets(k, now)) for k in await s.list_keys()]
+
+    rows: list[dict[str, Any]] = _run_store(_store_url(store, data_dir), fetch)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(
+        f"{'KEY_ID':22} {'VENDOR':8} {'STATUS':8} {'CAP':>10} {'SPENT':>10} {'EXPIRES':21} LABEL"
+    )
+    for r in rows:
+        typer.echo(
+            f"{r['key_id']:22} {r['vendor']:8} {r['status']:8} {r['daily_usd_cap']:>10} "
+            f"{r.get('spent_today_usd', ''):>10} {r['expires_at']:21} {r['agent_run_label']}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id (key_...), not the vault key.")],
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+) -> None:
+    """Revoke a vault key; the next request with it is refused on every replica."""
+    now = dt.datetime.now(dt.UTC)
+
+    async def revoke(s: Store) -> KeyRecord | None:
+        return await s.revoke_key(key_id, now)
+
+    rec = _run_store(_store_url(store, data_dir), revoke)
+    if rec is None:
+        _fail(f"no vault key {key_id!r}", 4)
+    typer.echo(f"revoked {key_id}")
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The `Core` addon: Keybrake's options, loaded policies, real secrets and the store.
+
+The other addons (`AdminApi`, `VaultGuard`) read everything through the one `Runtime` this
+addon owns, so options are parsed and validated in one place (``configure``) and a bad policy
+file stops the proxy at start with the file name and the field path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+
+import certifi
+from mitmproxy import ctx, exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+from keybrake.credentials import VendorSecrets
+from keybrake.policy import PolicyError, PolicySet, load_policies
+from keybrake.store import Store, StoreUnavailable, open_store
+
+__all__ = ["Core", "Runtime", "load_admin_token"]
+
+log = logging.getLogger("keybrake")
+
+
+def load_admin_token(data_dir: Path) -> tuple[str, str]:
+    """The admin token and where it comes from.
+
+    ``KEYBRAKE_ADMIN_TOKEN`` wins; otherwise ``<data dir>/admin-token`` (created with mode
+    0600 on first use).
+    """
+    env = os.environ.get("KEYBRAKE_ADMIN_TOKEN")
+    if env:
+        return env, "the KEYBRAKE_ADMIN_TOKEN environment variable"
+    path = data_dir / "admin-token"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"kba_{secrets.token_urlsafe(32)}\n")
+    return path.read_text().strip(), str(path)
+
+
+def _reverse_targets(modes: list[str]) -> list[str]:
+    """allow_hosts entries for reverse listeners' own upstreams.
+
+    ``allow_hosts`` applies to every listener: without these, the admin listener's connections
+    would be tunnelled to its placeholder upstream instead of reaching the addon.
+    """
+    out = []
+    for spec in modes:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue
+        if isinstance(mode, ReverseMode):
+            host, port = mode.address
+            out.append(rf"^{re.escape(host)}:{port}$")
+    return out
+
+
+class Runtime:
+    """State shared by Keybrake's addons for one proxy process."""
+
+    def __init__(self) -> None:
+        self.policies: PolicySet | None = None
+        self.secrets: dict[str, VendorSecrets] = {}
+        self.store: Store | None = None
+        self.store_url = ""
+        self.data_dir = Path(".keybrake")
+        self.admin_token = ""
+        self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._opened = False
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    async def open_store(self) -> Store:
+        """The opened store; opening is retried on every call until it works."""
+        if self.store is None:
+            raise StoreUnavailable("no store configured")
+        if not self._opened:
+            await self.store.open()
+            self._opened = True
+        return self.store
+
+
+class Core:
+    """Registers Keybrake's mitmproxy options and keeps the `Runtime` in sync with them."""
+
+    name = "keybrake_core"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._running = False
+        self._upstream_bundle: Path | None = None
+
+    def load(self, loader: object) -> None:
+        add = loader.add_option  # type: ignore[attr-defined]
+        add(
+            "keybrake_data_dir",
+            str,
+            os.environ.get("KEYBRAKE_DATA_DIR", ".keybrake"),
+            "Directory for the embedded SQLite store, the admin token and the audit log.",
+        )
+        add(
+            "keybrake_policies",
+            str,
+            os.environ.get("KEYBRAKE_POLICIES_DIR", "policies"),
+            "Directory of vendor policy YAML files.",
+        )
+        add(
+            "keybrake_store",
+            str,
+            os.environ.get("KEYBRAKE_STORE", ""),
+            "Store URL: sqlite:///path/keybrake.db (default: under the data dir) or redis://host:6379/0.",
+        )
+        add(
+            "keybrake_intercept_only_vendors",
+            bool,
+            True,
+            "Decrypt only hosts named in vendor policies (sets allow_hosts); tunnel the rest.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        rt = self.runtime
+        opts = ctx.options
+        if "keybrake_data_dir" in updated:
+            rt.data_dir = Path(opts.keybrake_data_dir).expanduser()
+            try:
+                rt.data_dir.mkdir(parents=True, exist_ok=True)
+                rt.admin_token, _ = load_admin_token(rt.data_dir)
+            except OSError as e:
+                raise exceptions.OptionsError(
+                    f"keybrake_data_dir {rt.data_dir}: cannot use it: {e.strerror}"
+                ) from None
+        if "keybrake_policies" in updated:
+            try:
+                rt.policies = load_policies(Path(opts.keybrake_policies).expanduser())
+            except PolicyError as e:
+                raise exceptions.OptionsError(f"invalid Keybrake policy:\n{e}") from None
+            rt.secrets = {v: VendorSecrets.from_env(p) for v, p in rt.policies.vendors.items()}
+            for s in rt.secrets.values():
+                if s.missing:
+                    log.warning(
+                        "keybrake: %s calls will be refused (503 secret_unavailable): "
+                        "environment variable(s) %s not set",
+                        s.vendor,
+                        ", ".join(s.missing),
+                    )
+            self._configure_upstream_trust()
+        if "keybrake_store" in updated or "keybrake_data_dir" in updated:
+            url = opts.keybrake_store or f"sqlite:///{(rt.data_dir / 'keybrake.db').resolve()}"
+            if url != rt.store_url:
+                try:
+                    rt.store = open_store(url)
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"keybrake_store: {e}") from None
+                rt.store_url = url
+                rt._opened = False
+        if self._running and {"keybrake_policies", "keybrake_intercept_only_vendors"} & updated:
+            self._apply_derived_options()
+
+    def _apply_derived_options(self) -> None:
+        """Set mitmproxy options that follow from the policies.
+
+        Done from ``running`` (and later reconfigurations), never while the command line's
+        deferred options are still being applied: updating options then drops them.
+        """
+        rt = self.runtime
+        opts = ctx.options
+        if rt.policies is None:
+            return
+        if opts.keybrake_intercept_only_vendors and not opts.ignore_hosts:
+            wanted = rt.policies.allow_hosts_regexes() + _reverse_targets(opts.mode)
+            if list(opts.allow_hosts) != wanted:
+                opts.update(allow_hosts=wanted)
+        bundle = self._upstream_bundle
+        if bundle is not None and opts.ssl_verify_upstream_trusted_ca != str(bundle):
+            opts.update(ssl_verify_upstream_trusted_ca=str(bundle))
+
+    def _configure_upstream_trust(self) -> None:
+        """Trust the CA files of policy ``upstream:`` overrides in addition to the defaults."""
+        rt = self.runtime
+        assert rt.policies is not None
+        extra = [
+            p.upstream.ca_file
+            for p in rt.policies.vendors.values()
+            if p.upstream and p.upstream.ca_file
+        ]
+        if not extra:
+            self._upstream_bundle = None
+            return
+        bundle = rt.data_dir / "upstream-ca-bundle.pem"
+        parts = [Path(certifi.where()).read_text()]
+        for f in extra:
+            try:
+                parts.append(Path(f).read_text())
+            except OSError as e:
+                raise exceptions.OptionsError(f"upstream ca_file {f}: {e.strerror}") from None
+        bundle.write_text("\n".join(parts))
+        self._upstream_bundle = bundle
+
+    async def running(self) -> None:
+        rt = self.runtime
+        self._running = True
+        self._apply_derived_options()
+        try:
+            store = await rt.open_store()
+            grace = (
+                dt.timedelta(minutes=15) if rt.store_url.startswith("redis") else dt.timedelta(0)
+            )
+            n = await store.recover_reservations(rt.now() - grace)
+            if n:
+                log.warning(
+                    "keybrake: %d reservation(s) left open by a crash are now counted as spent", n
+                )
+        except StoreUnavailable as e:
+            log.error(
+                "keybrake: store unavailable at start (%s); requests fail closed until it is back",
+                e,
+            )
+
+    async def done(self) -> None:
+        if self.runtime.store is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.runtime.store.close()

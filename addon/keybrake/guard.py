@@ -1,0 +1,437 @@
+"""The `VaultGuard` addon: every vendor call passes its checks or is refused.
+
+Request hook, in order (DESIGN §2): vendor → credential → key state → allowlist → price →
+reserve → swap the real secret in and forward. Response hook: settle the reservation to the
+actual cost, add the spend headers, and redact credentials before anything shows the flow.
+Hooks never raise: any internal error becomes a ``503`` refusal, never a forwarded request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from keybrake._money import format_usd
+from keybrake._paths import (
+    EndpointPattern,
+    PathRejected,
+    match_any,
+    normalize_method,
+    normalize_path,
+)
+from keybrake.core import Runtime
+from keybrake.credentials import authorization_for, extract_credential, matches_raw_secret
+from keybrake.errors import Refusal, refusal_response
+from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
+from keybrake.policy import EndpointPolicy, VendorPolicy
+from keybrake.pricing import Estimate, actual_cost, estimate_cost, parse_body
+from keybrake.store import BudgetState, StoreUnavailable
+
+__all__ = ["CallState", "VaultGuard"]
+
+log = logging.getLogger("keybrake")
+
+META = "keybrake"
+REDACTED = "[redacted by keybrake]"
+
+
+@dataclass
+class CallState:
+    """What the guard knows about one vendor call; kept in ``flow.metadata["keybrake"]``."""
+
+    vendor: str
+    started: float = field(default_factory=time.monotonic)
+    method: str = ""
+    path: str = ""
+    key_id: str | None = None
+    label: str | None = None
+    outcome: str = "pending"
+    code: str | None = None
+    reservation_id: str | None = None
+    estimate: Estimate | None = None
+    endpoint: EndpointPolicy | None = None
+    budgets: tuple[BudgetState, ...] = ()
+    actual_micros: int | None = None
+    note: str = ""
+
+    def breadcrumb(self) -> dict[str, Any]:
+        return {
+            "vendor": self.vendor,
+            "key_id": self.key_id,
+            "label": self.label,
+            "outcome": self.outcome,
+            "code": self.code,
+            "estimate_micros": self.estimate.micros if self.estimate else None,
+            "actual_micros": self.actual_micros,
+        }
+
+
+def _route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
+    """The vendor policy a flow belongs to and the request target to check, or None.
+
+    Forward proxy: the destination host. Base-URL listener: ``/{vendor}/...``.
+    """
+    if rt.policies is None:
+        return None
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        target = flow.request.path
+        first, _, rest = target.lstrip("/").partition("/")
+        policy = rt.policies.vendors.get(first)
+        if policy is None:
+            return None
+        return policy, "/" + rest
+    policy = rt.policies.for_host(flow.request.host)
+    if policy is not None:
+        return policy, flow.request.path
+    # Not a vendor destination; but if SNI or Host names a vendor, someone is trying to get
+    # a vendor-bound request past the checks: treat it as that vendor's (and refuse below).
+    for name in (flow.client_conn.sni, flow.request.host_header):
+        if name and (claimed := rt.policies.for_host(_host_only(name))) is not None:
+            return claimed, flow.request.path
+    return None
+
+
+def _host_only(value: str) -> str:
+    if value.startswith("["):
+        return value.split("]")[0] + "]"
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class VaultGuard:
+    """Checks, prices, reserves and swaps credentials on vendor calls."""
+
+    name = "keybrake_guard"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    # -- request -----------------------------------------------------------------------------
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        route = _route(self.runtime, flow)
+        if route is None:
+            return
+        policy, target = route
+        call = CallState(vendor=policy.vendor)
+        flow.metadata[META] = call
+        try:
+            await self._admit(flow, policy, target, call)
+        except Refusal as r:
+            self._refuse(flow, call, r)
+        except StoreUnavailable as e:
+            log.error("keybrake: store unavailable: %s", e)
+            self._refuse(
+                flow,
+                call,
+                Refusal(
+                    "store_unavailable", "the budget store is unavailable; nothing was forwarded"
+                ),
+            )
+        except Exception:
+            log.exception("keybrake: internal error in request hook (request refused)")
+            self._refuse(
+                flow,
+                call,
+                Refusal("internal_error", "internal error in keybrake; nothing was forwarded"),
+            )
+
+    async def _admit(
+        self, flow: http.HTTPFlow, policy: VendorPolicy, target: str, call: CallState
+    ) -> None:
+        rt = self.runtime
+        req = flow.request
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            self._check_host_consistency(flow, policy)
+        try:
+            method = normalize_method(req.method)
+            path = normalize_path(target)
+        except PathRejected as e:
+            raise Refusal("path_rejected", f"request target refused: {e}") from None
+        call.method, call.path = method, path.path
+        if VAULT_KEY_PREFIX in path.query or VAULT_KEY_PREFIX in req.path:
+            raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
+
+        presented = extract_credential(policy.auth, req.headers.get_all("authorization"))
+        secrets_ = rt.secrets[policy.vendor]
+        if secrets_.is_real_secret(presented.credential) or matches_raw_secret(
+            policy.auth, presented.credential
+        ):
+            raise Refusal(
+                "raw_secret_refused",
+                "a real vendor secret was sent to the proxy; workers must use a vault key",
+            )
+        if not looks_like_vault_key(presented.credential):
+            raise Refusal("vault_key_unknown", "the credential is not a Keybrake vault key")
+        store = await rt.open_store()
+        key = await store.get_key_by_secret_hash(hash_vault_key(presented.credential))
+        if key is None:
+            raise Refusal("vault_key_unknown", "unknown vault key")
+        call.key_id, call.label = key.key_id, key.agent_run_label
+        now = rt.now()
+        state = key.state(now)
+        if state == "revoked":
+            raise Refusal("vault_key_revoked", f"vault key {key.key_id} was revoked")
+        if state == "expired":
+            raise Refusal(
+                "vault_key_expired",
+                f"vault key {key.key_id} expired at {key.expires_at.isoformat()}",
+            )
+        if key.vendor != policy.vendor:
+            raise Refusal(
+                "vendor_mismatch",
+                f"vault key {key.key_id} is for {key.vendor}, not {policy.vendor}",
+            )
+
+        allowed = [EndpointPattern.parse(p) for p in key.allowed_endpoints]
+        if match_any(allowed, method, path) is None:
+            raise Refusal(
+                "endpoint_not_allowed",
+                f"{method} {path.path} is not in the allowlist of vault key {key.key_id}",
+            )
+        endpoint, params = self._endpoint_for(policy, method, path.segments)
+        call.endpoint = endpoint
+
+        new_path = self._rewrite_account(
+            policy, path.segments, presented.username, secrets_.account
+        )
+        if secrets_.missing:
+            raise Refusal(
+                "secret_unavailable",
+                f"the proxy has no real {policy.vendor} secret: set {', '.join(secrets_.missing)}",
+            )
+
+        body = parse_body(policy, req.headers.get("content-type", ""), req.raw_content or b"")
+
+        async def recall(object_id: str) -> int | None:
+            return await store.recall_amount(policy.vendor, object_id)
+
+        if endpoint is None:
+            estimate = Estimate(0, basis="free")
+        else:
+            estimate = await estimate_cost(policy, endpoint, body, params, recall)
+        call.estimate = estimate
+
+        reservation_id = f"res_{secrets.token_hex(12)}"
+        result = await store.reserve(key, reservation_id, estimate.micros, now)
+        call.budgets = result.budgets
+        if not result.ok:
+            b = result.exceeded
+            assert b is not None
+            raise Refusal(
+                "cap_exhausted",
+                f"spend cap reached for {b.scope} ({b.window}): this call needs "
+                f"${format_usd(estimate.micros)}, ${format_usd(b.remaining_micros or 0)} remains",
+                extra={
+                    "budget": b.scope,
+                    "window": b.window,
+                    "cap_usd": format_usd(b.cap_micros or 0),
+                    "spent_usd": format_usd(b.spent_micros + b.reserved_micros),
+                    "remaining_usd": format_usd(b.remaining_micros or 0),
+                    "needed_usd": format_usd(estimate.micros),
+                },
+            )
+        call.reservation_id = reservation_id
+
+        # Swap: the real secret goes in, every Keybrake header comes out.
+        for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:
+            del req.headers[name]
+        req.headers["Authorization"] = authorization_for(presented, secrets_)
+        req.path = new_path + (f"?{path.query}" if path.query else "")
+        if policy.upstream is not None:
+            scheme, _, hostport = policy.upstream.url.partition("://")
+            host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+            req.scheme = scheme
+            req.host = host
+            req.port = int(port) if port else (443 if scheme == "https" else 80)
+        elif isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            req.scheme, req.host, req.port = "https", policy.hosts[0], 443
+        call.outcome = "forwarded"
+        flow.metadata[META] = call
+
+    def _check_host_consistency(self, flow: http.HTTPFlow, policy: VendorPolicy) -> None:
+        names = [flow.request.host]
+        if flow.request.host_header:
+            names.append(_host_only(flow.request.host_header))
+        if flow.client_conn.sni:
+            names.append(flow.client_conn.sni)
+        for n in names:
+            if n.lower().rstrip(".") not in policy.hosts:
+                raise Refusal(
+                    "host_mismatch",
+                    "destination, Host header and TLS SNI must all name the same vendor host",
+                )
+
+    @staticmethod
+    def _endpoint_for(
+        policy: VendorPolicy, method: str, segments: tuple[str, ...]
+    ) -> tuple[EndpointPolicy | None, dict[str, str]]:
+        for ep in policy.endpoints:
+            params = ep.pattern.match(method, segments)
+            if params is not None:
+                return ep, params
+        if policy.free_reads and method in ("GET", "HEAD"):
+            return None, {}
+        raise Refusal(
+            "unpriced_endpoint",
+            f"{method} /{'/'.join(segments)} has no cost rule in the {policy.vendor} policy",
+        )
+
+    @staticmethod
+    def _rewrite_account(
+        policy: VendorPolicy,
+        segments: tuple[str, ...],
+        presented_user: str | None,
+        real_account: str | None,
+    ) -> str:
+        from urllib.parse import quote
+
+        segs = list(segments)
+        after = policy.auth.account_path_after
+        if after is not None and after in segs:
+            i = segs.index(after) + 1
+            if i < len(segs):
+                named = segs[i]
+                if named not in {presented_user, real_account}:
+                    raise Refusal(
+                        "account_mismatch", "the path names an account this key may not use"
+                    )
+                if real_account:
+                    segs[i] = real_account
+        return "/" + "/".join(quote(s, safe="-._~!$&'()*+,=:@") for s in segs) if segs else "/"
+
+    def _refuse(self, flow: http.HTTPFlow, call: CallState, refusal: Refusal) -> None:
+        call.outcome, call.code = "refused", refusal.code
+        flow.response = refusal_response(refusal)
+        flow.comment = f"keybrake refused: {refusal.code}"
+        flow.marked = ":no_entry:"
+        flow.metadata[META] = call
+        self._redact(flow)
+
+    # -- response ------------------------------------------------------------------------------
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if isinstance(flow.metadata.get(META), CallState):
+            self._redact(flow)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        call = flow.metadata.get(META)
+        if not isinstance(call, CallState) or call.reservation_id is None or flow.response is None:
+            return
+        self._redact(flow)
+        try:
+            await self._settle(flow, call)
+        except StoreUnavailable as e:
+            log.error(
+                "keybrake: could not settle %s (kept reserved, counted): %s", call.reservation_id, e
+            )
+        except Exception:
+            log.exception(
+                "keybrake: internal error settling %s (kept reserved)", call.reservation_id
+            )
+
+    async def _settle(self, flow: http.HTTPFlow, call: CallState) -> None:
+        rt = self.runtime
+        assert flow.response is not None and call.reservation_id is not None
+        store = await rt.open_store()
+        policy = rt.policies.vendors[call.vendor] if rt.policies else None
+        status = flow.response.status_code
+        estimate = call.estimate or Estimate(0)
+        if 200 <= status < 300:
+            actual = (
+                actual_cost(
+                    policy,
+                    call.endpoint.actual if call.endpoint else None,
+                    flow.response.content or b"",
+                    estimate,
+                )
+                if policy
+                else None
+            )
+            micros = actual.micros if actual and actual.micros is not None else estimate.micros
+            call.note = actual.note if actual else ""
+            await store.settle(call.reservation_id, micros)
+            call.actual_micros, call.outcome = micros, "ok"
+            if policy and call.endpoint is not None:
+                await self._remember(flow, policy, call.endpoint)
+        elif status in (400, 401, 402, 403, 404, 409, 422, 429):
+            await store.release(call.reservation_id)
+            call.actual_micros, call.outcome = 0, "vendor_error"
+        else:
+            await store.mark_unknown(call.reservation_id)
+            call.actual_micros, call.outcome = estimate.micros, "vendor_error"
+            call.note = f"vendor answered {status}: estimate kept as spent"
+        delta = (call.actual_micros or 0) - estimate.micros
+        self._spend_headers(flow, call, delta)
+        flow.comment = f"keybrake {call.key_id} [{call.label}] {call.outcome}"
+        flow.metadata[META] = call
+
+    async def _remember(
+        self, flow: http.HTTPFlow, policy: VendorPolicy, endpoint: EndpointPolicy
+    ) -> None:
+        if not endpoint.remember_amount or flow.response is None:
+            return
+        import json
+        from decimal import Decimal
+
+        from keybrake._money import MoneyError, minor_to_micro_usd
+
+        try:
+            data = json.loads(flow.response.content or b"", parse_float=Decimal)
+            object_id = data.get(endpoint.object_id or "id")
+            amount = data.get(endpoint.remember_amount)
+            currency = str(data.get("currency", "usd")).lower()
+            if (
+                isinstance(object_id, str)
+                and isinstance(amount, int)
+                and not isinstance(amount, bool)
+            ):
+                micros = minor_to_micro_usd(amount, currency, policy.fx_to_usd)
+                store = await self.runtime.open_store()
+                await store.remember_amount(policy.vendor, object_id, micros)
+        except (ValueError, AttributeError, MoneyError):
+            return
+
+    @staticmethod
+    def _spend_headers(flow: http.HTTPFlow, call: CallState, delta: int) -> None:
+        if flow.response is None or not call.budgets:
+            return
+        key_budget = call.budgets[0]
+        spent = key_budget.spent_micros + key_budget.reserved_micros + delta
+        remaining = [
+            b.cap_micros - b.spent_micros - b.reserved_micros - delta
+            for b in call.budgets
+            if b.cap_micros is not None
+        ]
+        flow.response.headers["X-Keybrake-Spent-Usd"] = format_usd(max(0, spent))
+        if remaining:
+            flow.response.headers["X-Keybrake-Remaining-Usd"] = format_usd(max(0, min(remaining)))
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        call = flow.metadata.get(META)
+        if not isinstance(call, CallState):
+            return
+        self._redact(flow)
+        if call.reservation_id is None or call.outcome != "forwarded":
+            return
+        call.outcome, call.note = "unknown", "no vendor response: estimate kept as spent"
+        try:
+            store = await self.runtime.open_store()
+            await store.mark_unknown(call.reservation_id)
+        except Exception:
+            log.exception(
+                "keybrake: could not mark %s unknown (it stays reserved, counted)",
+                call.reservation_id,
+            )
+
+    @staticmethod
+    def _redact(flow: http.HTTPFlow) -> None:
+        """Remove credentials from the flow before mitmweb, flow files or logs can show it."""
+        for name in ("authorization", "proxy-authorization"):
+            if name in flow.request.headers:
+                flow.request.headers[name] = REDACTED

@@ -1,0 +1,255 @@
+"""Cost estimation before forwarding, and the actual cost read from the vendor's answer.
+
+Declarative rules come from the vendor YAML (`keybrake.policy`); counters and cost functions
+that YAML can name are registered here. Every doubt refuses (`Refusal`), never guesses:
+an unknown currency, an ambiguous amount field, an amount-less call on an unknown object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from keybrake._forms import AmbiguousField, FormError, parse_json_body, parse_stripe_form
+from keybrake._money import (
+    BadAmount,
+    MoneyError,
+    UnknownCurrency,
+    minor_to_micro_usd,
+)
+from keybrake.errors import Refusal
+from keybrake.policy import (
+    ActualRule,
+    AmountFieldCost,
+    EndpointPolicy,
+    FixedCost,
+    FunctionCost,
+    PerUnitCost,
+    VendorPolicy,
+)
+
+__all__ = [
+    "COST_FUNCTIONS",
+    "COUNTERS",
+    "Actual",
+    "Body",
+    "Estimate",
+    "actual_cost",
+    "estimate_cost",
+    "parse_body",
+]
+
+
+class Body:
+    """Read-only access to a request body by dotted path, for form and JSON bodies alike."""
+
+    def __init__(self, kind: str, data: Any) -> None:
+        self.kind = kind
+        self._data = data
+
+    def get(self, path: str) -> Any:
+        """The value at ``path`` (``line_items.0.price_data.unit_amount``) or None."""
+        if self.kind == "form":
+            return self._data.get(path)
+        node = self._data
+        for part in path.split("."):
+            if isinstance(node, dict):
+                node = node.get(part)
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        return node
+
+    def get_int(self, path: str) -> int | None:
+        """A non-negative integer field; anything else refuses rather than guessing."""
+        if self.kind == "form":
+            value = self._data.get_int(path)
+            return int(value) if value is not None else None
+        v = self.get(path)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | str | Decimal):
+            raise ValueError(f"{path} must be an integer")
+        if isinstance(v, Decimal):
+            if v != v.to_integral_value():
+                raise ValueError(f"{path} must be an integer")
+            v = int(v)
+        if isinstance(v, str):
+            if not v.isdigit() or len(v) > 18:
+                raise ValueError(f"{path} must be an integer")
+            v = int(v)
+        number = int(v)
+        if number < 0:
+            raise ValueError(f"{path} must not be negative")
+        return number
+
+    def get_list(self, path: str) -> list[Any]:
+        """The list at ``path`` (a lone value is a one-item list), or []."""
+        if self.kind == "form":
+            return list(self._data.get_list(path))
+        v = self.get(path)
+        if v is None:
+            return []
+        if isinstance(v, list):
+            return v
+        if isinstance(v, dict) and all(k.isdigit() for k in v):
+            return [v[k] for k in sorted(v, key=int)]
+        return [v]
+
+
+def parse_body(policy: VendorPolicy, content_type: str, raw: bytes) -> Body:
+    """Parse a request body the way the vendor would; malformed bodies refuse."""
+    try:
+        if "json" in content_type or (policy.body == "json" and "form" not in content_type):
+            return Body("json", parse_json_body(raw) if raw.strip() else {})
+        return Body("form", parse_stripe_form(raw))
+    except AmbiguousField as e:
+        raise Refusal("ambiguous_amount", f"request body is ambiguous: {e}") from None
+    except (FormError, ValueError) as e:
+        raise Refusal("invalid_request", f"request body cannot be parsed: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a call may cost, in micro-USD, plus the vendor-side amount it came from."""
+
+    micros: int
+    amount_minor: int | None = None
+    currency: str | None = None
+    basis: str = "rule"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Actual:
+    """What the vendor reports it charged; ``micros`` None means keep the estimate."""
+
+    micros: int | None
+    amount_minor: int | None = None
+    currency: str | None = None
+    note: str = ""
+
+
+StoreLookup = Callable[[str], Awaitable[int | None]]
+Counter = Callable[[Body, PerUnitCost], int]
+CostFunction = Callable[[Body, Mapping[str, str], FunctionCost, VendorPolicy], int]
+
+COUNTERS: dict[str, Counter] = {}
+COST_FUNCTIONS: dict[str, CostFunction] = {}
+
+
+def _minor_to_micros(amount: int, currency: str, policy: VendorPolicy) -> int:
+    try:
+        return minor_to_micro_usd(amount, currency, policy.fx_to_usd)
+    except UnknownCurrency:
+        raise Refusal(
+            "unknown_currency",
+            f"currency {currency!r} has no USD rate in the {policy.vendor} policy",
+        ) from None
+    except (BadAmount, MoneyError) as e:
+        raise Refusal("invalid_request", f"bad amount: {e}") from None
+
+
+async def estimate_cost(
+    policy: VendorPolicy,
+    endpoint: EndpointPolicy,
+    body: Body,
+    params: Mapping[str, str],
+    recall: StoreLookup,
+) -> Estimate:
+    """The estimated cost of a call, or a `Refusal` when it cannot be priced safely."""
+    rule = endpoint.cost
+    if endpoint.free:
+        return Estimate(0, basis="free")
+    if rule is None:
+        raise Refusal(
+            "unpriced_endpoint",
+            f"{endpoint.match} has no cost rule in the {policy.vendor} policy",
+        )
+    try:
+        if isinstance(rule, FixedCost):
+            return Estimate(rule.usd, basis="fixed")
+        if isinstance(rule, AmountFieldCost):
+            return await _estimate_amount_field(policy, endpoint, rule, body, params, recall)
+        if isinstance(rule, PerUnitCost):
+            counter = COUNTERS.get(rule.counter)
+            if counter is None:
+                raise Refusal("unpriced_endpoint", f"unknown counter {rule.counter!r}")
+            return Estimate(counter(body, rule), basis=f"counter:{rule.counter}")
+        fn = COST_FUNCTIONS.get(rule.name)
+        if fn is None:
+            raise Refusal("unpriced_endpoint", f"unknown cost function {rule.name!r}")
+        return Estimate(fn(body, params, rule, policy), basis=f"function:{rule.name}")
+    except AmbiguousField as e:
+        raise Refusal("ambiguous_amount", f"ambiguous field in request: {e}") from None
+    except ValueError as e:
+        if isinstance(e, Refusal):
+            raise
+        raise Refusal("invalid_request", f"cannot price request: {e}") from None
+
+
+async def _estimate_amount_field(
+    policy: VendorPolicy,
+    endpoint: EndpointPolicy,
+    rule: AmountFieldCost,
+    body: Body,
+    params: Mapping[str, str],
+    recall: StoreLookup,
+) -> Estimate:
+    amount = body.get_int(rule.amount)
+    currency = body.get(rule.currency) if rule.currency else None
+    if currency is None:
+        currency = rule.default_currency
+    if amount is not None and isinstance(currency, str) and currency:
+        currency = currency.lower()
+        micros = _minor_to_micros(amount, currency, policy)
+        return Estimate(micros, amount, currency, "amount_field")
+    # No amount, or an amount without currency (a capture's amount_to_capture): the whole
+    # amount of the object the proxy saw earlier is a safe upper bound.
+    object_id = params.get(rule.known_object) if rule.known_object else None
+    known = await recall(object_id) if object_id else None
+    if known is not None:
+        return Estimate(known, amount, None, f"known:{object_id}")
+    if amount is None:
+        raise Refusal(
+            "unpriced_endpoint",
+            f"{endpoint.match} without {rule.amount!r} needs an amount the proxy has seen "
+            "for this object, and it has none",
+        )
+    raise Refusal("unknown_currency", "request names an amount but no currency")
+
+
+def actual_cost(
+    policy: VendorPolicy, rule: ActualRule | None, body: bytes, estimate: Estimate
+) -> Actual:
+    """The cost a successful response reports. Without a rule (or when the body does not
+    say), the estimate stands: conservative, never zero by accident."""
+    if rule is None:
+        return Actual(None, estimate.amount_minor, estimate.currency, "estimate kept")
+    try:
+        data = json.loads(body, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        return Actual(None, note="response body unreadable: estimate kept")
+    if not isinstance(data, dict):
+        return Actual(None, note="response body not an object: estimate kept")
+    resp = Body("json", data)
+    for field, values in rule.charged_when.items():
+        if str(resp.get(field)) not in values:
+            return Actual(0, note=f"{field}={resp.get(field)!r}: not charged")
+    if rule.amount is None:
+        return Actual(None, estimate.amount_minor, estimate.currency, "estimate kept")
+    try:
+        amount = resp.get_int(rule.amount)
+    except ValueError:
+        amount = None
+    currency = resp.get(rule.currency) if rule.currency else estimate.currency
+    if amount is None or not isinstance(currency, str):
+        return Actual(None, note="amount missing in response: estimate kept")
+    try:
+        micros = minor_to_micro_usd(amount, currency.lower(), policy.fx_to_usd)
+    except MoneyError:
+        return Actual(None, note=f"currency {currency!r} unknown in response: estimate kept")
+    return Actual(micros, amount, currency.lower())

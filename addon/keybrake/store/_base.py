@@ -1,0 +1,196 @@
+"""The `Store` protocol: vault keys, budgets, the reservation ledger and the idempotency cache.
+
+Every backend (embedded SQLite, Redis) implements this one interface and passes one shared
+contract test suite (``tests/store/test_contract.py``). All money is integer micro-USD
+(1 USD = 1_000_000). Days are UTC calendar days written ``YYYY-MM-DD``; the caller passes the
+current time (``now``, an aware UTC ``datetime``) so tests can move the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "BudgetState",
+    "IdempotencyBegin",
+    "KeyRecord",
+    "ReserveResult",
+    "Store",
+    "StoreUnavailable",
+    "StoredResponse",
+    "utc_day",
+]
+
+
+class StoreUnavailable(Exception):
+    """The backend could not be reached or failed; callers must fail closed (503)."""
+
+
+def utc_day(now: dt.datetime) -> str:
+    """The UTC calendar day of ``now`` as ``YYYY-MM-DD``: the window of a daily cap."""
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%d")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A vault key as stored: never the secret, only its SHA-256 hex digest."""
+
+    key_id: str
+    secret_sha256: str
+    vendor: str
+    agent_run_label: str
+    daily_cap_micros: int
+    allowed_endpoints: tuple[str, ...]
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    usd_cap_micros: int | None = None
+    revoked_at: dt.datetime | None = None
+    # The vendor account a key is bound to where the vendor puts it in the path (Twilio).
+    vendor_account: str | None = None
+
+    def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired"]:
+        if self.revoked_at is not None:
+            return "revoked"
+        if now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetState:
+    """One budget's usage in its window: ``cap`` is None when the budget has no cap."""
+
+    scope: str  # "key:<key_id>", "key-lifetime:<key_id>", "label:<label>"
+    window: str  # a UTC day "YYYY-MM-DD", or "lifetime"
+    cap_micros: int | None
+    spent_micros: int
+    reserved_micros: int
+
+    @property
+    def remaining_micros(self) -> int | None:
+        if self.cap_micros is None:
+            return None
+        return max(0, self.cap_micros - self.spent_micros - self.reserved_micros)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """Outcome of `Store.reserve`: ``ok`` or the first budget that would be exceeded."""
+
+    ok: bool
+    reservation_id: str
+    budgets: tuple[BudgetState, ...]  # state *after* the step (with the reservation if ok)
+    exceeded: BudgetState | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A vendor response kept for idempotent replay (hop-by-hop headers already removed)."""
+
+    status_code: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IdempotencyBegin:
+    """Outcome of `Store.idempotency_begin`.
+
+    - ``started``: this request owns the key; call `idempotency_complete` or
+      `idempotency_abandon` when the vendor answers (or fails).
+    - ``replay``: a stored response exists for the same body hash (``response`` set).
+    - ``in_flight``: another request with this key has not finished.
+    - ``mismatch``: the key was used with a different body hash.
+    """
+
+    status: Literal["started", "replay", "in_flight", "mismatch"]
+    response: StoredResponse | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The state every proxy replica shares. Every method may raise `StoreUnavailable`."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect / create tables / load scripts. Idempotent."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the backend answers."""
+
+    # -- vault keys --------------------------------------------------------------------------
+    async def create_key(self, record: KeyRecord) -> None:
+        """Insert a new key; ``key_id`` and ``secret_sha256`` are unique."""
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def get_key_by_secret_hash(self, secret_sha256: str) -> KeyRecord | None: ...
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """All keys, newest first."""
+
+    async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
+        """Mark revoked (keeps the first revocation time when repeated); None if unknown."""
+
+    # -- budgets and the reservation ledger ----------------------------------------------------
+    async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
+        """Set (or with None, remove) the shared daily cap of every key with this label."""
+
+    async def get_label_budget(self, label: str) -> int | None: ...
+
+    async def reserve(
+        self,
+        key: KeyRecord,
+        reservation_id: str,
+        estimate_micros: int,
+        now: dt.datetime,
+    ) -> ReserveResult:
+        """In ONE atomic step: for every budget of the key (its daily cap for the UTC day of
+        ``now``, its lifetime ``usd_cap`` if set, its label's daily cap if set) check
+        ``spent + reserved + estimate <= cap``; if all pass, add ``estimate`` to each budget's
+        reserved amount and record the reservation (with its day); else change nothing and
+        return ``ok=False`` with the first exceeded budget. ``estimate_micros`` >= 0."""
+
+    async def settle(self, reservation_id: str, actual_micros: int) -> bool:
+        """Replace the reservation by the actual cost (moved from reserved to spent in the
+        budgets of the reservation's day). Returns False (and changes nothing) when the
+        reservation is unknown or already finished: a reservation is never counted twice."""
+
+    async def release(self, reservation_id: str) -> bool:
+        """Drop the reservation (vendor charged nothing). False when unknown/finished."""
+
+    async def mark_unknown(self, reservation_id: str) -> bool:
+        """No vendor answer: keep the estimate as spent (conservative). False when finished."""
+
+    async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
+        """The key's budgets (same order as `reserve`) for the day of ``now``."""
+
+    async def recover_reservations(self, older_than: dt.datetime) -> int:
+        """Turn reservations still open and created before ``older_than`` into ``unknown``
+        (spent). Run at start so a crashed process's reservations stay counted. Returns count."""
+
+    # -- amounts the vendor told us about (capture/confirm without an amount) ------------------
+    async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
+        """Remember the USD cost of a vendor object (e.g. a PaymentIntent) for 30 days."""
+
+    async def recall_amount(self, vendor: str, object_id: str) -> int | None: ...
+
+    # -- idempotency cache ---------------------------------------------------------------------
+    async def idempotency_begin(
+        self, scope: str, body_sha256: str, ttl_seconds: int, in_flight_seconds: int
+    ) -> IdempotencyBegin:
+        """Atomically claim ``scope`` (e.g. ``"<key_id>:<idempotency key>"``). A claim left
+        in flight longer than ``in_flight_seconds`` (a crashed request) may be taken over."""
+
+    async def idempotency_complete(
+        self, scope: str, response: StoredResponse, ttl_seconds: int
+    ) -> None:
+        """Store the response for replay for ``ttl_seconds``."""
+
+    async def idempotency_abandon(self, scope: str) -> None:
+        """Forget an in-flight claim (the response is not to be replayed)."""

@@ -1,0 +1,47 @@
+-- Finish an open reservation exactly once: settle, release or mark unknown.
+-- KEYS[1]  reservation hash             (<prefix>res:<reservation_id>)
+-- KEYS[2]  open-reservations sorted set (<prefix>open-reservations)
+-- KEYS[3…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
+--          (key day, key lifetime, label day); all but KEYS[4] are daily and get ARGV[4]
+-- ARGV[1]  the final state: 'settled', 'released' or 'unknown'
+-- ARGV[2]  the actual cost in micro-USD for 'settled' (ignored otherwise)
+-- ARGV[3]  finished_at in epoch milliseconds (informational)
+-- ARGV[4]  TTL in seconds of the daily usage hashes
+-- ARGV[5]  TTL in seconds of the finished reservation hash
+-- ARGV[6]  reservation id (the member of KEYS[2])
+-- Returns 1 when finished now, 0 when the reservation is unknown or already finished
+-- (nothing changed: a reservation is never counted twice).
+local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
+if row[1] ~= 'reserved' then
+  return 0
+end
+for i = 3, #KEYS do
+  if redis.call('HGET', KEYS[1], 'usage_' .. (i - 2)) ~= KEYS[i] then
+    return redis.error_reply('finish.lua: usage keys do not match the reservation')
+  end
+end
+
+local estimate = row[2]
+local spent = estimate
+if ARGV[1] == 'settled' then
+  spent = ARGV[2]
+elseif ARGV[1] == 'released' then
+  spent = '0'
+end
+
+for i = 3, #KEYS do
+  -- Amounts stay decimal strings: a Lua number would be formatted as a float.
+  if estimate ~= '0' then
+    if redis.call('HINCRBY', KEYS[i], 'reserved', '-' .. estimate) < 0 then
+      redis.call('HSET', KEYS[i], 'reserved', '0')
+    end
+  end
+  redis.call('HINCRBY', KEYS[i], 'spent', spent)
+  if i ~= 4 then
+    redis.call('EXPIRE', KEYS[i], ARGV[4])
+  end
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'actual', spent, 'finished_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZREM', KEYS[2], ARGV[6])
+return 1

@@ -1,0 +1,482 @@
+"""`RedisStore`: the backend shared by many proxy replicas, on `redis.asyncio`.
+
+Every multi-key check-and-change is one Lua script shipped next to this module (``*.lua``,
+each starting with a comment naming its ``KEYS`` and ``ARGV``), so replicas never overspend a
+cap or finish a reservation twice. redis-py's `Script` reloads a script on ``NOSCRIPT``, so a
+restarted (empty) Redis is picked up without restarting the proxy.
+
+Timeouts are short and nothing is retried: when Redis is away a call fails within about two
+seconds with `StoreUnavailable` (the proxy answers 503) and the connection pool reconnects on
+a later call. All keys live under ``prefix``:
+
+- ``key:<key_id>`` hash, ``secret:<sha256>`` → key id, ``keys`` sorted set by creation time
+- ``label-budgets`` hash label → daily cap
+- ``usage:<scope>:<window>`` hash ``spent``/``reserved`` (daily windows expire after a few
+  days, ``lifetime`` never does)
+- ``res:<id>`` reservation hash, ``open-reservations`` sorted set by creation time
+- ``amount:<vendor>:<object_id>`` micro-USD, 30 days; ``idem:<scope>`` idempotency hash
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.resources
+import json
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from keybrake.store._base import (
+    BudgetState,
+    IdempotencyBegin,
+    KeyRecord,
+    ReserveResult,
+    StoredResponse,
+    StoreUnavailable,
+    utc_day,
+)
+
+__all__ = ["RedisStore"]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_CONNECT_TIMEOUT_SECONDS = 1.0
+_OPERATION_TIMEOUT_SECONDS = 2.0
+_MAX_CONNECTIONS = 64
+_DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
+_FINISHED_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
+_AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+_SCRIPTS = (
+    "create_key",
+    "revoke",
+    "reserve",
+    "finish",
+    "idempotency_begin",
+    "idempotency_finish",
+)
+
+
+def _micros(moment: dt.datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment!r}: the store needs an aware UTC datetime")
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _moment(micros: bytes | str) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=int(micros))
+
+
+def _check_micros(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer of micro-USD, got {value!r}")
+
+
+def _check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:
+    if ttl_seconds < 1 or in_flight_seconds < 0:
+        raise ValueError(
+            f"ttl_seconds must be >= 1 and in_flight_seconds >= 0, got {ttl_seconds}, "
+            f"{in_flight_seconds}"
+        )
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"unexpected Redis reply {value!r}")
+
+
+def _usage_plan(
+    key: KeyRecord, day: str, label_cap: int | None
+) -> list[tuple[str, str, int | None]]:
+    """The usage hashes a reservation of ``key`` touches, as ``(scope, window, cap)``.
+
+    The same plan as the SQLite backend: lifetime and label usage is tracked even without a
+    cap, and only the entries with a cap are reported as budgets.
+    """
+    plan: list[tuple[str, str, int | None]] = [
+        (f"key:{key.key_id}", day, key.daily_cap_micros),
+        (f"key-lifetime:{key.key_id}", "lifetime", key.usd_cap_micros),
+    ]
+    if key.agent_run_label:
+        plan.append((f"label:{key.agent_run_label}", day, label_cap))
+    return plan
+
+
+def _key_fields(record: KeyRecord) -> list[str]:
+    fields = {
+        "key_id": record.key_id,
+        "secret_sha256": record.secret_sha256,
+        "vendor": record.vendor,
+        "agent_run_label": record.agent_run_label,
+        "daily_cap_micros": str(record.daily_cap_micros),
+        "allowed_endpoints": json.dumps(list(record.allowed_endpoints)),
+        "created_at": str(_micros(record.created_at)),
+        "expires_at": str(_micros(record.expires_at)),
+    }
+    # Optional fields are left out rather than stored as a sentinel string.
+    if record.usd_cap_micros is not None:
+        fields["usd_cap_micros"] = str(record.usd_cap_micros)
+    if record.revoked_at is not None:
+        fields["revoked_at"] = str(_micros(record.revoked_at))
+    if record.vendor_account is not None:
+        fields["vendor_account"] = record.vendor_account
+    return [item for pair in fields.items() for item in pair]
+
+
+def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
+    if not raw:
+        return None
+    f = {_text(k): _text(v) for k, v in raw.items()}
+    return KeyRecord(
+        key_id=f["key_id"],
+        secret_sha256=f["secret_sha256"],
+        vendor=f["vendor"],
+        agent_run_label=f["agent_run_label"],
+        daily_cap_micros=int(f["daily_cap_micros"]),
+        allowed_endpoints=tuple(json.loads(f["allowed_endpoints"])),
+        created_at=_moment(f["created_at"]),
+        expires_at=_moment(f["expires_at"]),
+        usd_cap_micros=int(f["usd_cap_micros"]) if "usd_cap_micros" in f else None,
+        revoked_at=_moment(f["revoked_at"]) if "revoked_at" in f else None,
+        vendor_account=f.get("vendor_account"),
+    )
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password, for error messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisStore:
+    """The `Store` in Redis, shared by every replica that uses the same ``url`` and ``prefix``.
+
+    Example::
+
+        store = RedisStore("redis://127.0.0.1:6379/0", prefix="keybrake:")
+        await store.open()
+        result = await store.reserve(key, "res_1", 2_000_000, now)
+    """
+
+    def __init__(self, url: str, prefix: str = "keybrake:") -> None:
+        self.url = url
+        self.prefix = prefix
+        self._client: redis.asyncio.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisStore({_safe_url(self.url)!r}, prefix={self.prefix!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _redis(self) -> redis.asyncio.Redis:
+        if self._client is None:
+            # No client-side retries: a replica must fail closed fast, not hang a request.
+            # A bounded pool that waits briefly for a free connection absorbs bursts (the
+            # default pool fails at once with "Too many connections").
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=_MAX_CONNECTIONS,
+                timeout=_OPERATION_TIMEOUT_SECONDS,
+                socket_connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+                socket_timeout=_OPERATION_TIMEOUT_SECONDS,
+                retry=Retry(NoBackoff(), 0),
+            )
+            client = redis.asyncio.Redis.from_pool(pool)
+            package = importlib.resources.files("keybrake.store")
+            self._scripts = {
+                name: client.register_script(package.joinpath(f"{name}.lua").read_text("utf-8"))
+                for name in _SCRIPTS
+            }
+            self._client = client
+        return self._client
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[redis.asyncio.Redis]:
+        try:
+            yield self._redis()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreUnavailable(
+                f"Redis store {_safe_url(self.url)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        async with self._guard():
+            return await self._scripts[name](keys=keys, args=args)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect and load the Lua scripts (they are reloaded on demand after a restart)."""
+        async with self._guard() as client:
+            await client.ping()
+            for script in self._scripts.values():
+                script.sha = await client.script_load(script.script)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await client.aclose()
+
+    async def ping(self) -> None:
+        async with self._guard() as client:
+            await client.ping()
+
+    # -- vault keys ----------------------------------------------------------------------------
+    async def create_key(self, record: KeyRecord) -> None:
+        """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
+        created = _micros(record.created_at)
+        inserted = await self._script(
+            "create_key",
+            [
+                self._k("key", record.key_id),
+                self._k("secret", record.secret_sha256),
+                self._k("keys"),
+            ],
+            [record.key_id, str(created), *_key_fields(record)],
+        )
+        if inserted == 0:
+            raise ValueError(f"vault key {record.key_id!r} already exists")
+        if inserted == -1:
+            raise ValueError(f"a vault key with the secret hash of {record.key_id!r} exists")
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with self._guard() as client:
+            raw = await client.hgetall(self._k("key", key_id))
+        return _key_record(raw)
+
+    async def get_key_by_secret_hash(self, secret_sha256: str) -> KeyRecord | None:
+        async with self._guard() as client:
+            key_id = await client.get(self._k("secret", secret_sha256))
+            if key_id is None:
+                return None
+            raw = await client.hgetall(self._k("key", _text(key_id)))
+        return _key_record(raw)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """All keys, newest ``created_at`` first (ties: larger ``key_id`` first)."""
+        async with self._guard() as client:
+            key_ids = await client.zrevrange(self._k("keys"), 0, -1)
+            pipe = client.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.hgetall(self._k("key", _text(key_id)))
+            raws = await pipe.execute()
+        return [record for raw in raws if (record := _key_record(raw)) is not None]
+
+    async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
+        flat = await self._script("revoke", [self._k("key", key_id)], [str(_micros(now))])
+        return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    # -- budgets and the reservation ledger ----------------------------------------------------
+    async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
+        async with self._guard() as client:
+            if daily_cap_micros is None:
+                await client.hdel(self._k("label-budgets"), label)
+            else:
+                _check_micros("daily_cap_micros", daily_cap_micros)
+                await client.hset(self._k("label-budgets"), label, str(daily_cap_micros))
+
+    async def get_label_budget(self, label: str) -> int | None:
+        async with self._guard() as client:
+            cap = await client.hget(self._k("label-budgets"), label)
+        return None if cap is None else int(cap)
+
+    def _usage_key(self, scope: str, window: str) -> str:
+        return self._k("usage", scope, window)
+
+    async def reserve(
+        self,
+        key: KeyRecord,
+        reservation_id: str,
+        estimate_micros: int,
+        now: dt.datetime,
+    ) -> ReserveResult:
+        """Check every capped budget and reserve ``estimate_micros`` in all of them, or none.
+
+        A ``reservation_id`` already in the ledger is never reserved twice: the call changes
+        nothing and answers ``ok=True`` with the current budgets, so a retry is harmless.
+        """
+        _check_micros("estimate_micros", estimate_micros)
+        day = utc_day(now)
+        # The label cap is read inside the script; the plan here only names the hashes.
+        plan = _usage_plan(key, day, None)
+        reply = await self._script(
+            "reserve",
+            [
+                self._k("res", reservation_id),
+                self._k("open-reservations"),
+                self._k("label-budgets"),
+                *(self._usage_key(scope, window) for scope, window, _cap in plan),
+            ],
+            [
+                str(estimate_micros),
+                str(key.daily_cap_micros),
+                "" if key.usd_cap_micros is None else str(key.usd_cap_micros),
+                key.agent_run_label,
+                str(_micros(now)),
+                str(_DAILY_USAGE_TTL_SECONDS),
+                reservation_id,
+                key.key_id,
+                day,
+            ],
+        )
+        status, exceeded_index, label_cap = int(reply[0]), int(reply[1]), _text(reply[2])
+        plan = _usage_plan(key, day, int(label_cap) if label_cap else None)
+        states: list[BudgetState] = []
+        exceeded: BudgetState | None = None
+        for index, (scope, window, cap) in enumerate(plan):
+            state = BudgetState(
+                scope, window, cap, int(reply[3 + 2 * index]), int(reply[4 + 2 * index])
+            )
+            if index + 1 == exceeded_index:
+                exceeded = state
+            if cap is not None:
+                states.append(state)
+        return ReserveResult(status != 0, reservation_id, tuple(states), exceeded=exceeded)
+
+    async def _finish(self, reservation_id: str, state: str, actual_micros: int) -> bool:
+        """Run ``finish.lua`` on one reservation.
+
+        The usage hashes a reservation touched are read first because a script must be told
+        every key it touches; they never change after `reserve`, and the state check that makes
+        finishing happen at most once is inside the script, so the extra read is not a race.
+        """
+        res_key = self._k("res", reservation_id)
+        async with self._guard() as client:
+            usage_keys = await client.hmget(res_key, ["usage_1", "usage_2", "usage_3"])
+        touched = [_text(k) for k in usage_keys if k is not None]
+        if not touched:
+            return False
+        finished = await self._script(
+            "finish",
+            [res_key, self._k("open-reservations"), *touched],
+            [
+                state,
+                str(actual_micros),
+                str(int(time.time() * 1000)),
+                str(_DAILY_USAGE_TTL_SECONDS),
+                str(_FINISHED_RESERVATION_TTL_SECONDS),
+                reservation_id,
+            ],
+        )
+        return bool(finished)
+
+    async def settle(self, reservation_id: str, actual_micros: int) -> bool:
+        _check_micros("actual_micros", actual_micros)
+        return await self._finish(reservation_id, "settled", actual_micros)
+
+    async def release(self, reservation_id: str) -> bool:
+        return await self._finish(reservation_id, "released", 0)
+
+    async def mark_unknown(self, reservation_id: str) -> bool:
+        return await self._finish(reservation_id, "unknown", 0)
+
+    async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
+        plan = _usage_plan(key, utc_day(now), None)
+        async with self._guard() as client:
+            # MULTI/EXEC: the label cap and the usage come from one consistent moment.
+            pipe = client.pipeline(transaction=True)
+            pipe.hget(self._k("label-budgets"), key.agent_run_label or "")
+            for scope, window, _cap in plan:
+                pipe.hmget(self._usage_key(scope, window), ["spent", "reserved"])
+            label_cap, *usage = await pipe.execute()
+        label = int(label_cap) if label_cap is not None and key.agent_run_label else None
+        plan = _usage_plan(key, utc_day(now), label)
+        return tuple(
+            BudgetState(scope, window, cap, int(spent or 0), int(reserved or 0))
+            for (scope, window, cap), (spent, reserved) in zip(plan, usage, strict=True)
+            if cap is not None
+        )
+
+    async def recover_reservations(self, older_than: dt.datetime) -> int:
+        """Mark every open reservation created before ``older_than`` unknown, one script call
+        each (each is atomic, so a concurrent settle still wins or loses cleanly)."""
+        async with self._guard() as client:
+            ids = await client.zrangebyscore(
+                self._k("open-reservations"), "-inf", f"({_micros(older_than)}"
+            )
+        count = 0
+        for reservation_id in ids:
+            count += await self._finish(_text(reservation_id), "unknown", 0)
+        return count
+
+    # -- amounts -------------------------------------------------------------------------------
+    async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
+        _check_micros("amount_micros", amount_micros)
+        async with self._guard() as client:
+            await client.set(
+                self._k("amount", vendor, object_id), str(amount_micros), ex=_AMOUNT_TTL_SECONDS
+            )
+
+    async def recall_amount(self, vendor: str, object_id: str) -> int | None:
+        async with self._guard() as client:
+            value = await client.get(self._k("amount", vendor, object_id))
+        return None if value is None else int(value)
+
+    # -- idempotency cache ---------------------------------------------------------------------
+    async def idempotency_begin(
+        self, scope: str, body_sha256: str, ttl_seconds: int, in_flight_seconds: int
+    ) -> IdempotencyBegin:
+        """Claim ``scope``; see `Store.idempotency_begin` and ``idempotency_begin.lua``.
+
+        Order of the checks: an expired entry or a stale claim (in flight for more than
+        ``in_flight_seconds`` by the Redis server's clock) is replaced (``started``); otherwise
+        a different body hash is ``mismatch``; otherwise ``in_flight`` or ``replay``.
+        """
+        _check_idempotency_times(ttl_seconds, in_flight_seconds)
+        reply = await self._script(
+            "idempotency_begin",
+            [self._k("idem", scope)],
+            [body_sha256, str(ttl_seconds), str(in_flight_seconds)],
+        )
+        status = _text(reply[0])
+        if status == "replay":
+            response = StoredResponse(
+                status_code=int(reply[1]),
+                headers=tuple((str(k), str(v)) for k, v in json.loads(reply[2])),
+                body=bytes(reply[3]),
+            )
+            return IdempotencyBegin("replay", response)
+        if status == "started":
+            return IdempotencyBegin("started")
+        if status == "in_flight":
+            return IdempotencyBegin("in_flight")
+        return IdempotencyBegin("mismatch")
+
+    async def idempotency_complete(
+        self, scope: str, response: StoredResponse, ttl_seconds: int
+    ) -> None:
+        """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
+        (abandoned, expired or already complete), since its body hash would be unknown."""
+        _check_idempotency_times(ttl_seconds, 0)
+        await self._script(
+            "idempotency_finish",
+            [self._k("idem", scope)],
+            [
+                "complete",
+                str(ttl_seconds),
+                str(response.status_code),
+                json.dumps([list(pair) for pair in response.headers]),
+                response.body,
+            ],
+        )
+
+    async def idempotency_abandon(self, scope: str) -> None:
+        """Drop the in-flight claim of ``scope``; a completed response is kept."""
+        await self._script("idempotency_finish", [self._k("idem", scope)], ["abandon"])

@@ -1,0 +1,72 @@
+-- Check every budget of a key and reserve the estimate in all of them, or change nothing
+-- (DESIGN.md §2 step 7: one atomic step, so concurrent replicas never overspend a cap).
+-- KEYS[1]  reservation hash                 (<prefix>res:<reservation_id>)
+-- KEYS[2]  open-reservations sorted set     (<prefix>open-reservations), score: created_at µs
+-- KEYS[3]  label budgets hash               (<prefix>label-budgets), field: label, value: cap
+-- KEYS[4]  usage hash of the key's day      (<prefix>usage:key:<key_id>:<day>)
+-- KEYS[5]  usage hash of the key's lifetime (<prefix>usage:key-lifetime:<key_id>:lifetime)
+-- KEYS[6]  usage hash of the label's day    (<prefix>usage:label:<label>:<day>), only if labelled
+-- ARGV[1]  estimate in micro-USD (decimal string, >= 0)
+-- ARGV[2]  the key's daily cap in micro-USD
+-- ARGV[3]  the key's lifetime cap in micro-USD, or '' when it has none
+-- ARGV[4]  the key's label, or '' when it has none
+-- ARGV[5]  created_at of the reservation in epoch microseconds (the caller's `now`)
+-- ARGV[6]  TTL in seconds of the daily usage hashes (the lifetime hash never expires)
+-- ARGV[7]  reservation id
+-- ARGV[8]  key id
+-- ARGV[9]  the UTC day of `now`, YYYY-MM-DD
+-- Usage hashes have the fields `spent` and `reserved`; lifetime and label usage is tracked
+-- even without a cap so a cap set later already counts what was spent.
+-- Returns {status, exceeded, label_cap, spent_1, reserved_1, spent_2, reserved_2, …}:
+--   status 1 reserved, 0 refused (exceeded = index of the first usage hash over its cap,
+--   1 for KEYS[4]), 2 the reservation id exists already (nothing changed);
+--   label_cap is the label's cap read in this step, '' when none; the usage is after the step.
+local estimate = tonumber(ARGV[1])
+local n = #KEYS - 3
+local label_cap = ''
+if ARGV[4] ~= '' then
+  label_cap = redis.call('HGET', KEYS[3], ARGV[4]) or ''
+end
+local caps = {ARGV[2], ARGV[3], label_cap}
+local usage = {}
+for i = 1, n do
+  local row = redis.call('HMGET', KEYS[3 + i], 'spent', 'reserved')
+  usage[i] = {tonumber(row[1] or '0'), tonumber(row[2] or '0')}
+end
+
+local status = 1
+local exceeded = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  status = 2
+else
+  for i = 1, n do
+    if caps[i] ~= '' and usage[i][1] + usage[i][2] + estimate > tonumber(caps[i]) then
+      status = 0
+      exceeded = i
+      break
+    end
+  end
+end
+
+if status == 1 then
+  local fields = {'state', 'reserved', 'key_id', ARGV[8], 'estimate', ARGV[1],
+                  'created_at', ARGV[5], 'day', ARGV[9]}
+  for i = 1, n do
+    usage[i][2] = redis.call('HINCRBY', KEYS[3 + i], 'reserved', ARGV[1])
+    if i ~= 2 then
+      redis.call('EXPIRE', KEYS[3 + i], ARGV[6])
+    end
+    -- The usage hashes are recorded so finishing touches exactly the same ones.
+    table.insert(fields, 'usage_' .. i)
+    table.insert(fields, KEYS[3 + i])
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
+end
+
+local reply = {status, exceeded, label_cap}
+for i = 1, n do
+  table.insert(reply, usage[i][1])
+  table.insert(reply, usage[i][2])
+end
+return reply

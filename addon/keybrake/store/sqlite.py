@@ -1,0 +1,559 @@
+"""`SQLiteStore`: the embedded backend, one database file in WAL mode for one proxy process.
+
+Every check-and-change runs in one ``BEGIN IMMEDIATE`` transaction, so several processes (or
+several `SQLiteStore` objects) on the same file still never overspend a cap: the write lock is
+taken before the budgets are read. Calls are synchronous and sub-millisecond, so the async
+methods run them on the event loop under a `threading.Lock` rather than paying for a thread
+hop; under write contention a call may wait up to ``busy_timeout`` seconds.
+
+Every `sqlite3.Error` (read-only file or directory, disk full, I/O error, database still locked
+after the busy timeout) becomes `StoreUnavailable` naming the file, so the proxy fails closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+
+from keybrake.store._base import (
+    BudgetState,
+    IdempotencyBegin,
+    KeyRecord,
+    ReserveResult,
+    StoredResponse,
+    StoreUnavailable,
+    utc_day,
+)
+
+__all__ = ["SQLiteStore"]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+
+# Timestamps the caller passes (``now``, key times) are integer epoch microseconds so they
+# round-trip exactly and sort; wall-clock timestamps of the cache are REAL epoch seconds.
+_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL UNIQUE,
+    vendor TEXT NOT NULL,
+    agent_run_label TEXT NOT NULL,
+    daily_cap_micros INTEGER NOT NULL,
+    usd_cap_micros INTEGER,
+    allowed_endpoints TEXT NOT NULL,
+    vendor_account TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);
+CREATE TABLE IF NOT EXISTS label_budgets (
+    label TEXT PRIMARY KEY,
+    daily_cap_micros INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS budget_usage (
+    scope TEXT NOT NULL,
+    "window" TEXT NOT NULL,
+    spent_micros INTEGER NOT NULL DEFAULT 0,
+    reserved_micros INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, "window")
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    budgets TEXT NOT NULL,
+    estimate_micros INTEGER NOT NULL,
+    actual_micros INTEGER,
+    state TEXT NOT NULL CHECK (state IN ('reserved', 'settled', 'released', 'unknown')),
+    created_at INTEGER NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, created_at);
+CREATE TABLE IF NOT EXISTS amounts (
+    vendor TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    micros INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (vendor, object_id)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope TEXT PRIMARY KEY,
+    body_sha256 TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
+    status_code INTEGER,
+    headers TEXT,
+    body BLOB,
+    started_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+COMMIT;
+"""
+
+
+def _micros(moment: dt.datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment!r}: the store needs an aware UTC datetime")
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _moment(micros: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=micros)
+
+
+def _check_micros(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer of micro-USD, got {value!r}")
+
+
+def _check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:
+    if ttl_seconds < 1 or in_flight_seconds < 0:
+        raise ValueError(
+            f"ttl_seconds must be >= 1 and in_flight_seconds >= 0, got {ttl_seconds}, "
+            f"{in_flight_seconds}"
+        )
+
+
+def _usage_plan(
+    key: KeyRecord, day: str, label_cap: int | None
+) -> list[tuple[str, str, int | None]]:
+    """The usage rows a reservation of ``key`` touches, as ``(scope, window, cap)``.
+
+    Lifetime and label usage is tracked even without a cap (cap None), so a label cap set in
+    the middle of a day already counts that day's spend. Only rows with a cap are reported.
+    """
+    plan: list[tuple[str, str, int | None]] = [
+        (f"key:{key.key_id}", day, key.daily_cap_micros),
+        (f"key-lifetime:{key.key_id}", "lifetime", key.usd_cap_micros),
+    ]
+    if key.agent_run_label:
+        plan.append((f"label:{key.agent_run_label}", day, label_cap))
+    return plan
+
+
+def _row_to_key(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        secret_sha256=row["secret_sha256"],
+        vendor=row["vendor"],
+        agent_run_label=row["agent_run_label"],
+        daily_cap_micros=row["daily_cap_micros"],
+        allowed_endpoints=tuple(json.loads(row["allowed_endpoints"])),
+        created_at=_moment(row["created_at"]),
+        expires_at=_moment(row["expires_at"]),
+        usd_cap_micros=row["usd_cap_micros"],
+        revoked_at=None if row["revoked_at"] is None else _moment(row["revoked_at"]),
+        vendor_account=row["vendor_account"],
+    )
+
+
+class SQLiteStore:
+    """The `Store` in one SQLite file; the parent directory is created when missing.
+
+    Example::
+
+        store = SQLiteStore(pathlib.Path("/var/lib/keybrake/state.db"))
+        await store.open()
+        result = await store.reserve(key, "res_1", 2_000_000, now)
+
+    ``busy_timeout`` is how many seconds a write waits for another connection's lock before
+    the call fails with `StoreUnavailable`.
+    """
+
+    def __init__(self, path: pathlib.Path, *, busy_timeout: float = 5.0) -> None:
+        self.path = pathlib.Path(path)
+        self.busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _unavailable(self, exc: BaseException | str) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite store {self.path}: {exc}")
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unavailable(f"cannot create directory {self.path.parent}: {exc}") from exc
+        conn: sqlite3.Connection | None = None
+        try:
+            # isolation_level=None: we write BEGIN IMMEDIATE / COMMIT ourselves.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode is {mode})")
+            # NORMAL is durable across process crashes in WAL mode; only a power loss may
+            # drop the last transactions, which is the trade-off sqlite documents for WAL.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            raise self._unavailable(exc) from exc
+        self._conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        # After a failure start over with a fresh connection on the next call, so the store
+        # recovers by itself once the disk or the permissions are fixed.
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._connect()
+            except sqlite3.Error as exc:
+                self._drop_connection()
+                raise self._unavailable(exc) from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: the write lock is held before anything is read."""
+        with self._session() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _label_cap(conn: sqlite3.Connection, label: str) -> int | None:
+        if not label:
+            return None
+        row = conn.execute(
+            "SELECT daily_cap_micros FROM label_budgets WHERE label = ?", (label,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def _usage(conn: sqlite3.Connection, scope: str, window: str) -> tuple[int, int]:
+        row = conn.execute(
+            "SELECT spent_micros, reserved_micros FROM budget_usage"
+            ' WHERE scope = ? AND "window" = ?',
+            (scope, window),
+        ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def _budget_states(
+        self, conn: sqlite3.Connection, key: KeyRecord, now: dt.datetime
+    ) -> tuple[list[tuple[str, str, int | None]], list[BudgetState]]:
+        plan = _usage_plan(key, utc_day(now), self._label_cap(conn, key.agent_run_label))
+        states = [
+            BudgetState(scope, window, cap, *self._usage(conn, scope, window))
+            for scope, window, cap in plan
+            if cap is not None
+        ]
+        return plan, states
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create the directory, the file and the tables; purge expired cache rows."""
+        with self._transaction() as conn:
+            now = time.time()
+            conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM amounts WHERE expires_at <= ?", (now,))
+
+    async def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    async def ping(self) -> None:
+        """Check the file can be written: a read-only, full or locked database is unavailable."""
+        with self._session() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Reading is not enough: a read-only file still answers SELECT. This empty
+                # DELETE needs write access yet changes nothing, and is rolled back anyway.
+                conn.execute("DELETE FROM label_budgets WHERE 0")
+            finally:
+                conn.execute("ROLLBACK")
+
+    # -- vault keys ----------------------------------------------------------------------------
+    async def create_key(self, record: KeyRecord) -> None:
+        """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
+        values = (
+            record.key_id,
+            record.secret_sha256,
+            record.vendor,
+            record.agent_run_label,
+            record.daily_cap_micros,
+            record.usd_cap_micros,
+            json.dumps(list(record.allowed_endpoints)),
+            record.vendor_account,
+            _micros(record.created_at),
+            _micros(record.expires_at),
+            None if record.revoked_at is None else _micros(record.revoked_at),
+        )
+        with self._transaction() as conn:
+            try:
+                conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(
+                    f"vault key {record.key_id!r} or its secret hash already exists"
+                ) from exc
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._session() as conn:
+            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_key(row)
+
+    async def get_key_by_secret_hash(self, secret_sha256: str) -> KeyRecord | None:
+        with self._session() as conn:
+            row = conn.execute(
+                "SELECT * FROM keys WHERE secret_sha256 = ?", (secret_sha256,)
+            ).fetchone()
+        return None if row is None else _row_to_key(row)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """All keys, newest ``created_at`` first (ties: larger ``key_id`` first)."""
+        with self._session() as conn:
+            rows = conn.execute(
+                "SELECT * FROM keys ORDER BY created_at DESC, key_id DESC"
+            ).fetchall()
+        return [_row_to_key(row) for row in rows]
+
+    async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
+        revoked_at = _micros(now)
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (revoked_at, key_id),
+            )
+            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_key(row)
+
+    # -- budgets and the reservation ledger ----------------------------------------------------
+    async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
+        if daily_cap_micros is not None:
+            _check_micros("daily_cap_micros", daily_cap_micros)
+        with self._transaction() as conn:
+            if daily_cap_micros is None:
+                conn.execute("DELETE FROM label_budgets WHERE label = ?", (label,))
+            else:
+                conn.execute(
+                    "INSERT INTO label_budgets VALUES (?, ?) ON CONFLICT (label) "
+                    "DO UPDATE SET daily_cap_micros = excluded.daily_cap_micros",
+                    (label, daily_cap_micros),
+                )
+
+    async def get_label_budget(self, label: str) -> int | None:
+        with self._session() as conn:
+            return self._label_cap(conn, label)
+
+    async def reserve(
+        self,
+        key: KeyRecord,
+        reservation_id: str,
+        estimate_micros: int,
+        now: dt.datetime,
+    ) -> ReserveResult:
+        """Check every capped budget and reserve ``estimate_micros`` in all of them, or none.
+
+        A ``reservation_id`` already in the ledger is never reserved twice: the call changes
+        nothing and answers ``ok=True`` with the current budgets, so a retry is harmless.
+        """
+        _check_micros("estimate_micros", estimate_micros)
+        created_at = _micros(now)
+        with self._transaction() as conn:
+            plan, states = self._budget_states(conn, key, now)
+            if conn.execute(
+                "SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)
+            ).fetchone():
+                return ReserveResult(True, reservation_id, tuple(states))
+            for state in states:
+                assert state.cap_micros is not None  # only capped budgets are reported
+                if state.spent_micros + state.reserved_micros + estimate_micros > state.cap_micros:
+                    return ReserveResult(False, reservation_id, tuple(states), exceeded=state)
+            for scope, window, _cap in plan:
+                conn.execute(
+                    'INSERT INTO budget_usage (scope, "window", reserved_micros) VALUES (?, ?, ?) '
+                    'ON CONFLICT (scope, "window") '
+                    "DO UPDATE SET reserved_micros = reserved_micros + excluded.reserved_micros",
+                    (scope, window, estimate_micros),
+                )
+            conn.execute(
+                "INSERT INTO reservations (id, key_id, budgets, estimate_micros, state, created_at)"
+                " VALUES (?, ?, ?, ?, 'reserved', ?)",
+                (
+                    reservation_id,
+                    key.key_id,
+                    json.dumps([[scope, window] for scope, window, _cap in plan]),
+                    estimate_micros,
+                    created_at,
+                ),
+            )
+        after = tuple(
+            dataclasses.replace(state, reserved_micros=state.reserved_micros + estimate_micros)
+            for state in states
+        )
+        return ReserveResult(True, reservation_id, after)
+
+    def _finish(
+        self, conn: sqlite3.Connection, reservation_id: str, state: str, actual: int | None
+    ) -> bool:
+        """Move one open reservation to ``state``; ``actual`` None means "keep the estimate"."""
+        row = conn.execute(
+            "SELECT budgets, estimate_micros, state FROM reservations WHERE id = ?",
+            (reservation_id,),
+        ).fetchone()
+        if row is None or row["state"] != "reserved":
+            return False
+        estimate = int(row["estimate_micros"])
+        spent = estimate if actual is None else actual
+        for scope, window in json.loads(row["budgets"]):
+            # MAX(0, …): a usage row is never driven negative, even if it was edited by hand.
+            conn.execute(
+                'INSERT INTO budget_usage (scope, "window", spent_micros) VALUES (?, ?, ?) '
+                'ON CONFLICT (scope, "window") DO UPDATE SET '
+                "spent_micros = spent_micros + excluded.spent_micros, "
+                "reserved_micros = MAX(0, reserved_micros - ?)",
+                (scope, window, spent, estimate),
+            )
+        conn.execute(
+            "UPDATE reservations SET state = ?, actual_micros = ?, finished_at = ? WHERE id = ?",
+            (state, spent, time.time(), reservation_id),
+        )
+        return True
+
+    async def settle(self, reservation_id: str, actual_micros: int) -> bool:
+        _check_micros("actual_micros", actual_micros)
+        with self._transaction() as conn:
+            return self._finish(conn, reservation_id, "settled", actual_micros)
+
+    async def release(self, reservation_id: str) -> bool:
+        with self._transaction() as conn:
+            return self._finish(conn, reservation_id, "released", 0)
+
+    async def mark_unknown(self, reservation_id: str) -> bool:
+        with self._transaction() as conn:
+            return self._finish(conn, reservation_id, "unknown", None)
+
+    async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
+        with self._session() as conn:
+            # A read transaction so the label cap and the usage rows come from one snapshot.
+            conn.execute("BEGIN")
+            try:
+                _plan, states = self._budget_states(conn, key, now)
+            finally:
+                conn.execute("COMMIT")
+        return tuple(states)
+
+    async def recover_reservations(self, older_than: dt.datetime) -> int:
+        before = _micros(older_than)
+        with self._transaction() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM reservations WHERE state = 'reserved' AND created_at < ?",
+                    (before,),
+                )
+            ]
+            return sum(self._finish(conn, rid, "unknown", None) for rid in ids)
+
+    # -- amounts -------------------------------------------------------------------------------
+    async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
+        _check_micros("amount_micros", amount_micros)
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO amounts VALUES (?, ?, ?, ?) ON CONFLICT (vendor, object_id) "
+                "DO UPDATE SET micros = excluded.micros, expires_at = excluded.expires_at",
+                (vendor, object_id, amount_micros, time.time() + _AMOUNT_TTL_SECONDS),
+            )
+
+    async def recall_amount(self, vendor: str, object_id: str) -> int | None:
+        with self._session() as conn:
+            row = conn.execute(
+                "SELECT micros FROM amounts WHERE vendor = ? AND object_id = ? AND expires_at > ?",
+                (vendor, object_id, time.time()),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    # -- idempotency cache ---------------------------------------------------------------------
+    async def idempotency_begin(
+        self, scope: str, body_sha256: str, ttl_seconds: int, in_flight_seconds: int
+    ) -> IdempotencyBegin:
+        """Claim ``scope``; see `Store.idempotency_begin`.
+
+        Order of the checks: an expired entry or a stale claim (in flight for more than
+        ``in_flight_seconds``) is replaced (``started``); otherwise a different body hash is
+        ``mismatch``; otherwise ``in_flight`` or ``replay``.
+        """
+        _check_idempotency_times(ttl_seconds, in_flight_seconds)
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM idempotency WHERE scope = ?", (scope,)).fetchone()
+            stale = row is not None and (
+                row["expires_at"] <= now
+                or (row["state"] == "in_flight" and now - row["started_at"] > in_flight_seconds)
+            )
+            if row is None or stale:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency (scope, body_sha256, state, started_at,"
+                    " expires_at) VALUES (?, ?, 'in_flight', ?, ?)",
+                    (scope, body_sha256, now, now + ttl_seconds),
+                )
+                return IdempotencyBegin("started")
+            if row["body_sha256"] != body_sha256:
+                return IdempotencyBegin("mismatch")
+            if row["state"] == "in_flight":
+                return IdempotencyBegin("in_flight")
+            response = StoredResponse(
+                status_code=int(row["status_code"]),
+                headers=tuple((str(k), str(v)) for k, v in json.loads(row["headers"])),
+                body=bytes(row["body"]),
+            )
+            return IdempotencyBegin("replay", response)
+
+    async def idempotency_complete(
+        self, scope: str, response: StoredResponse, ttl_seconds: int
+    ) -> None:
+        """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
+        (abandoned, expired or already complete), since its body hash would be unknown."""
+        _check_idempotency_times(ttl_seconds, 0)
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE idempotency SET state = 'done', status_code = ?, headers = ?, body = ?,"
+                " expires_at = ? WHERE scope = ? AND state = 'in_flight'",
+                (
+                    response.status_code,
+                    json.dumps([list(pair) for pair in response.headers]),
+                    response.body,
+                    time.time() + ttl_seconds,
+                    scope,
+                ),
+            )
+
+    async def idempotency_abandon(self, scope: str) -> None:
+        """Drop the in-flight claim of ``scope``; a completed response is kept."""
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM idempotency WHERE scope = ? AND state = 'in_flight'", (scope,)
+            )
