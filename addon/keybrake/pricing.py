@@ -253,3 +253,7 @@ def actual_cost(
     except MoneyError:
         return Actual(None, note=f"currency {currency!r} unknown in response: estimate kept")
     return Actual(micros, amount, currency.lower())
+
+
+# Vendor counters and cost functions register themselves on import.
+import keybrake.vendors  # noqa: E402, F401

@@ -1,0 +1,260 @@
+"""Shared fixtures: fake vendors over real TLS and real ``keybrake run`` proxy processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from tests.fakes import FakeResend, FakeStripe, FakeTLS, FakeTwilio, FakeVendor, make_fake_ca
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYBRAKE = Path(sys.executable).with_name("keybrake")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def fake_tls(tmp_path_factory: pytest.TempPathFactory) -> FakeTLS:
+    return make_fake_ca(tmp_path_factory.mktemp("fake-ca"))
+
+
+@pytest.fixture(scope="session")
+def keybrake_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Keybrake CA per test session (creating RSA keys is slow)."""
+    from keybrake.ca import ensure_ca
+
+    d = tmp_path_factory.mktemp("keybrake-certs")
+    ensure_ca(d)
+    return d
+
+
+@pytest.fixture
+def fake_stripe(fake_tls: FakeTLS) -> Iterator[FakeStripe]:
+    with FakeStripe(fake_tls) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_twilio(fake_tls: FakeTLS) -> Iterator[FakeTwilio]:
+    with FakeTwilio(fake_tls) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_resend(fake_tls: FakeTLS) -> Iterator[FakeResend]:
+    with FakeResend(fake_tls) as fake:
+        yield fake
+
+
+class KeybrakeProcess:
+    """A real ``keybrake run`` subprocess with its own data dir, ports and policies."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        certs: Path,
+        fakes: dict[str, FakeVendor],
+        tls: FakeTLS,
+        store: str = "",
+        env: dict[str, str] | None = None,
+        policies_src: Path | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.certs = certs
+        self.bundle = certs / "keybrake-ca-bundle.pem"
+        self.data_dir = data_dir or workdir / "data"
+        self.policies = workdir / "policies"
+        self.proxy_port = free_port()
+        self.admin_port = free_port()
+        self.store = store
+        self.log_path = workdir / f"proxy-{uuid.uuid4().hex[:6]}.log"
+        self.admin_token = f"kba_test_{uuid.uuid4().hex}"
+        self.fakes = fakes
+        self._write_policies(policies_src or ROOT / "policies", tls)
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k.lower() not in {"https_proxy", "http_proxy", "all_proxy", "no_proxy"}
+        }
+        self.env.update(
+            {
+                "KEYBRAKE_ADMIN_TOKEN": self.admin_token,
+                "PYTHONUNBUFFERED": "1",
+                **self.vendor_env(),
+                **(env or {}),
+            }
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def vendor_env(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for fake in self.fakes.values():
+            out.update(fake.env())
+        return out
+
+    def _write_policies(self, src: Path, tls: FakeTLS) -> None:
+        if self.policies.exists():
+            shutil.rmtree(self.policies)
+        self.policies.mkdir(parents=True)
+        for f in sorted(src.glob("*.yaml")):
+            data = yaml.safe_load(f.read_text())
+            fake = self.fakes.get(data["vendor"])
+            if fake is not None:
+                data["upstream"] = {"url": fake.url, "ca_file": str(tls.ca_pem)}
+            (self.policies / f.name).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context trusting the Keybrake CA bundle (what workers configure)."""
+        return ssl.create_default_context(cafile=str(self.bundle))
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, timeout: float = 30) -> KeybrakeProcess:
+        cmd = [
+            str(KEYBRAKE),
+            "run",
+            "--proxy-port",
+            str(self.proxy_port),
+            "--admin-port",
+            str(self.admin_port),
+            "--data-dir",
+            str(self.data_dir),
+            "--policies",
+            str(self.policies),
+            "--certs-dir",
+            str(self.certs),
+        ]
+        if self.store:
+            cmd += ["--store", self.store]
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keybrake exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = httpx.get(f"{self.admin_url}/healthz", timeout=1)
+                if r.status_code in (200, 503):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"keybrake did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- admin API helpers ---------------------------------------------------------------------
+    def admin(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token if token is not None else self.admin_token}"}
+        return httpx.request(
+            method,
+            f"{self.admin_url}{path}",
+            headers=headers,
+            content=json.dumps(body) if body is not None else None,
+            timeout=10,
+        )
+
+    def issue_key(self, **fields: Any) -> dict[str, Any]:
+        body = {
+            "vendor": "stripe",
+            "daily_usd_cap": 300,
+            "allowed_endpoints": ["POST /v1/payment_intents"],
+            "expires_in": "2h",
+            "agent_run_label": "test/run",
+        }
+        body.update(fields)
+        r = self.admin("POST", "/vault/keys", body)
+        assert r.status_code == 201, r.text
+        data: dict[str, Any] = r.json()
+        return data
+
+    def count_requests(self, method: str, path: str) -> int:
+        """Requests for ``method path`` the proxy logged (mitmdump prints one line each)."""
+        needle = f"{method} "
+        return sum(
+            1
+            for line in self.log().splitlines()
+            if needle in line and line.rstrip().split("?")[0].endswith(path)
+        )
+
+
+@pytest.fixture
+def keybrake_factory(tmp_path: Path, keybrake_certs: Path, fake_tls: FakeTLS) -> Iterator[Any]:
+    started: list[KeybrakeProcess] = []
+
+    def make(fakes: dict[str, FakeVendor], start: bool = True, **kw: Any) -> KeybrakeProcess:
+        workdir = tmp_path / f"kb{len(started)}"
+        workdir.mkdir(exist_ok=True)
+        kb = KeybrakeProcess(workdir, keybrake_certs, fakes, fake_tls, **kw)
+        started.append(kb)
+        return kb.start() if start else kb
+
+    yield make
+    for kb in started:
+        kb.stop()
+
+
+@pytest.fixture
+def keybrake_stripe(keybrake_factory: Any, fake_stripe: FakeStripe) -> KeybrakeProcess:
+    """A proxy on the embedded SQLite store with Stripe pointed at the fake."""
+    kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe})
+    return kb
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A unique key prefix on the real Redis, deleted afterwards."""
+    import redis
+
+    prefix = f"kbtest:{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    r = redis.Redis.from_url(REDIS_URL)
+    for k in r.scan_iter(f"{prefix}*", count=1000):
+        r.delete(k)
+    r.close()
