@@ -22,10 +22,12 @@ from urllib.parse import unquote
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from keybrake._audit_sinks import AuditSink
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
 from keybrake.core import Runtime
 from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
+from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
 from keybrake.store import KeyRecord, StoreUnavailable
 
 __all__ = ["AdminApi"]
@@ -116,6 +118,10 @@ class AdminApi:
             if method == "DELETE":
                 return await self._revoke(parts[2])
             raise Refusal("method_not_allowed", f"{method} not allowed on a key")
+        if parts == ["vault", "spend"] and method == "GET":
+            return await self._spend(flow)
+        if parts == ["vault", "audit"] and method == "GET":
+            return self._audit(flow)
         if len(parts) == 3 and parts[:2] == ["vault", "budgets"]:
             if method == "PUT":
                 return await self._put_budget(parts[2], flow)
@@ -195,6 +201,52 @@ class AdminApi:
         log.info("keybrake: revoked %s", key.key_id)
         return _json(200, key_to_json(key, now))
 
+    def _report_sink(self) -> AuditSink:
+        sink = self.runtime.audit_sink
+        if sink is None:
+            raise Refusal("store_unavailable", "the audit log is not configured")
+        return sink
+
+    async def _spend(self, flow: http.HTTPFlow) -> http.Response:
+        """``GET /vault/spend?label=&key=&vendor=&since=24h&until=&group_by=label``."""
+        now = self.runtime.now()
+        try:
+            rows = spend_summary(
+                self._report_sink(),
+                group_by=_query(flow, "group_by") or "label",  # type: ignore[arg-type]
+                label=_query(flow, "label"),
+                key_id=_query(flow, "key"),
+                vendor=_query(flow, "vendor"),
+                since=parse_time(_query(flow, "since") or "24h", now),
+                until=parse_time(u, now, "until") if (u := _query(flow, "until")) else None,
+            )
+        except ReportError as e:
+            raise Refusal("invalid_request", str(e)) from None
+        await add_caps(rows, await self.runtime.open_store(), now)
+        return _json(200, {"object": "list", "data": rows})
+
+    def _audit(self, flow: http.HTTPFlow) -> http.Response:
+        """``GET /vault/audit?label=&key=&vendor=&outcome=&since=&until=&limit=&before=``."""
+        now = self.runtime.now()
+        try:
+            limit = int(_query(flow, "limit") or 50)
+            before = int(b) if (b := _query(flow, "before")) else None
+            rows = audit_rows(
+                self._report_sink(),
+                label=_query(flow, "label"),
+                key_id=_query(flow, "key"),
+                vendor=_query(flow, "vendor"),
+                outcome=_query(flow, "outcome"),
+                since=parse_time(_query(flow, "since") or "24h", now),
+                until=parse_time(u, now, "until") if (u := _query(flow, "until")) else None,
+                limit=limit,
+                before_id=before,
+            )
+        except (ReportError, ValueError) as e:
+            raise Refusal("invalid_request", str(e)) from None
+        next_before = rows[-1]["id"] if len(rows) == limit else None
+        return _json(200, {"object": "list", "data": rows, "next_before": next_before})
+
     async def _put_budget(self, label: str, flow: http.HTTPFlow) -> http.Response:
         try:
             cap = parse_label_budget(label, self._body(flow))
@@ -218,6 +270,11 @@ class AdminApi:
                 "as_of": self.runtime.now().isoformat().replace("+00:00", "Z"),
             },
         )
+
+
+def _query(flow: http.HTTPFlow, name: str) -> str | None:
+    value = flow.request.query.get(name)
+    return value if value else None
 
 
 def _no_constant(name: str) -> Any:

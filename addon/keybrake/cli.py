@@ -296,6 +296,120 @@ def keys_revoke(
     typer.echo(f"revoked {key_id}")
 
 
+AuditUrl = Annotated[
+    str,
+    typer.Option(
+        "--audit",
+        envvar="KEYBRAKE_AUDIT",
+        help="Audit sink: empty for <data dir>/audit.db, or postgresql://...",
+    ),
+]
+
+
+@app.command()
+def spend(
+    label: Annotated[str | None, typer.Option(help="Only this agent_run_label.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Only this key id.")] = None,
+    vendor: Annotated[str | None, typer.Option(help="Only this vendor.")] = None,
+    since: Annotated[str, typer.Option(help="24h, 7d, 30m or an ISO date/time.")] = "24h",
+    until: Annotated[str | None, typer.Option(help="End of the window (default: now).")] = None,
+    group_by: Annotated[
+        str, typer.Option("--group-by", help="label, key, vendor, hour or day.")
+    ] = "key",
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+    audit: AuditUrl = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Spend per key (or label, vendor, hour, day): calls, refusals, dollars, cap, remaining.
+
+    Example: ``keybrake spend --label dramatiq/nightly-billing --since 24h``
+    """
+    from keybrake._audit_sinks import open_audit_sink
+    from keybrake.reports import ReportError, add_caps, format_table, parse_time, spend_summary
+
+    now = dt.datetime.now(dt.UTC)
+    try:
+        sink = open_audit_sink(audit, data_dir)
+        rows = spend_summary(
+            sink,
+            group_by=group_by,  # type: ignore[arg-type]
+            label=label,
+            key_id=key,
+            vendor=vendor,
+            since=parse_time(since, now),
+            until=parse_time(until, now, "until") if until else None,
+        )
+        sink.close()
+    except ReportError as e:
+        _fail(str(e), 2)
+        return
+
+    async def caps(s: Store) -> None:
+        await add_caps(rows, s, now)
+
+    _run_store(_store_url(store, data_dir), caps)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    cols = ["group", "label", "vendor", "calls", "refusals", "cap_hits", "replays", "spent_usd"]
+    cols += ["daily_cap_usd", "remaining_usd"]
+    if group_by != "key":
+        cols = [c for c in cols if c not in ("label", "vendor")]
+    typer.echo(format_table(rows, cols))
+    total = sum(r["spent_micros"] for r in rows)
+    from keybrake._money import format_usd
+
+    typer.echo(f"total spent: ${format_usd(total)} in {sum(r['calls'] for r in rows)} calls")
+
+
+@app.command("audit")
+def audit_cmd(
+    label: Annotated[str | None, typer.Option(help="Only this agent_run_label.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Only this key id.")] = None,
+    vendor: Annotated[str | None, typer.Option(help="Only this vendor.")] = None,
+    outcome: Annotated[
+        str | None, typer.Option(help="ok, refused, replayed, vendor_error or unknown.")
+    ] = None,
+    since: Annotated[str, typer.Option(help="24h, 7d, 30m or an ISO date/time.")] = "24h",
+    until: Annotated[str | None, typer.Option(help="End of the window.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows (newest first).")] = 50,
+    data_dir: DataDir = Path(".keybrake"),
+    audit: AuditUrl = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Recent audit rows, newest first.
+
+    Example: ``keybrake audit --label dramatiq/nightly-billing --outcome refused --limit 50``
+    """
+    from keybrake._audit_sinks import open_audit_sink
+    from keybrake.reports import ReportError, audit_rows, format_table, parse_time
+
+    now = dt.datetime.now(dt.UTC)
+    try:
+        sink = open_audit_sink(audit, data_dir)
+        rows = audit_rows(
+            sink,
+            label=label,
+            key_id=key,
+            vendor=vendor,
+            outcome=outcome,
+            since=parse_time(since, now),
+            until=parse_time(until, now, "until") if until else None,
+            limit=limit,
+        )
+        sink.close()
+    except ReportError as e:
+        _fail(str(e), 2)
+        return
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    cols = ["ts", "key_id", "label", "method", "path", "status", "outcome", "code"]
+    cols += ["actual_micros", "vendor_request_id", "vendor_object_id", "actor", "message_id"]
+    typer.echo(format_table(rows, cols))
+
+
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

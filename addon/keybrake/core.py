@@ -20,7 +20,9 @@ import certifi
 from mitmproxy import ctx, exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from keybrake._audit_sinks import AuditSink, AuditWriter
 from keybrake.credentials import VendorSecrets
+from keybrake.keys import parse_duration
 from keybrake.policy import PolicyError, PolicySet, load_policies
 from keybrake.store import Store, StoreUnavailable, open_store
 
@@ -76,6 +78,9 @@ class Runtime:
         self.data_dir = Path(".keybrake")
         self.admin_token = ""
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.idempotency_ttl_seconds = 24 * 3600
+        self.audit_writer: AuditWriter | None = None
+        self.audit_sink: AuditSink | None = None
         self._opened = False
 
     def now(self) -> dt.datetime:
@@ -122,6 +127,12 @@ class Core:
             "Store URL: sqlite:///path/keybrake.db (default: under the data dir) or redis://host:6379/0.",
         )
         add(
+            "keybrake_idempotency_ttl",
+            str,
+            "24h",
+            "How long a response is kept for idempotent replay (e.g. 24h, 30m).",
+        )
+        add(
             "keybrake_intercept_only_vendors",
             bool,
             True,
@@ -140,6 +151,12 @@ class Core:
                 raise exceptions.OptionsError(
                     f"keybrake_data_dir {rt.data_dir}: cannot use it: {e.strerror}"
                 ) from None
+        if "keybrake_idempotency_ttl" in updated:
+            try:
+                ttl = parse_duration(opts.keybrake_idempotency_ttl)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"keybrake_idempotency_ttl: {e}") from None
+            rt.idempotency_ttl_seconds = int(ttl.total_seconds())
         if "keybrake_policies" in updated:
             try:
                 rt.policies = load_policies(Path(opts.keybrake_policies).expanduser())

@@ -8,16 +8,19 @@ Hooks never raise: any internal error becomes a ``503`` refusal, never a forward
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from keybrake._money import format_usd
+from keybrake._idempotency import body_fingerprint, replay_response, stored_from
+from keybrake._money import MoneyError, format_usd, minor_to_micro_usd
 from keybrake._paths import (
     EndpointPattern,
     PathRejected,
@@ -31,13 +34,16 @@ from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
 from keybrake.policy import EndpointPolicy, VendorPolicy
 from keybrake.pricing import Estimate, actual_cost, estimate_cost, parse_body
-from keybrake.store import BudgetState, StoreUnavailable
+from keybrake.store import BudgetState, KeyRecord, StoreUnavailable
 
 __all__ = ["CallState", "VaultGuard"]
 
 log = logging.getLogger("keybrake")
 
 META = "keybrake"
+IN_FLIGHT_SECONDS = 300
+# Vendor statuses that mean "refused, nothing charged": the reservation is released.
+VENDOR_REFUSED = frozenset({400, 401, 402, 403, 404, 409, 422, 429})
 REDACTED = "[redacted by keybrake]"
 
 
@@ -59,6 +65,17 @@ class CallState:
     budgets: tuple[BudgetState, ...] = ()
     actual_micros: int | None = None
     note: str = ""
+    status: int | None = None
+    actor: str | None = None
+    message_id: str | None = None
+    idempotency_key: str | None = None
+    idem_scope: str | None = None
+    vendor_request_id: str | None = None
+    object_id: str | None = None
+    amount_minor: int | None = None
+    currency: str | None = None
+    latency_ms: float | None = None
+    audited: bool = False
 
     def breadcrumb(self) -> dict[str, Any]:
         return {
@@ -97,6 +114,21 @@ def _route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
     return None
 
 
+def _header_text(value: str | None, limit: int = 200) -> str | None:
+    """A worker-supplied header value, printable and bounded, for the audit log."""
+    if not value:
+        return None
+    return "".join(ch for ch in value if ch.isprintable())[:limit] or None
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(content, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _host_only(value: str) -> str:
     if value.startswith("["):
         return value.split("]")[0] + "]"
@@ -124,9 +156,11 @@ class VaultGuard:
         try:
             await self._admit(flow, policy, target, call)
         except Refusal as r:
+            await self._abandon(call)
             self._refuse(flow, call, r)
         except StoreUnavailable as e:
             log.error("keybrake: store unavailable: %s", e)
+            await self._abandon(call)
             self._refuse(
                 flow,
                 call,
@@ -136,6 +170,7 @@ class VaultGuard:
             )
         except Exception:
             log.exception("keybrake: internal error in request hook (request refused)")
+            await self._abandon(call)
             self._refuse(
                 flow,
                 call,
@@ -155,6 +190,8 @@ class VaultGuard:
         except PathRejected as e:
             raise Refusal("path_rejected", f"request target refused: {e}") from None
         call.method, call.path = method, path.path
+        call.actor = _header_text(req.headers.get("x-keybrake-actor"))
+        call.message_id = _header_text(req.headers.get("x-keybrake-message-id"))
         if VAULT_KEY_PREFIX in path.query or VAULT_KEY_PREFIX in req.path:
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
 
@@ -217,6 +254,10 @@ class VaultGuard:
         else:
             estimate = await estimate_cost(policy, endpoint, body, params, recall)
         call.estimate = estimate
+        call.amount_minor, call.currency = estimate.amount_minor, estimate.currency
+
+        if await self._idempotency_begin(flow, policy, endpoint, key, method, path.path, call):
+            return
 
         reservation_id = f"res_{secrets.token_hex(12)}"
         result = await store.reserve(key, reservation_id, estimate.micros, now)
@@ -254,6 +295,73 @@ class VaultGuard:
             req.scheme, req.host, req.port = "https", policy.hosts[0], 443
         call.outcome = "forwarded"
         flow.metadata[META] = call
+
+    async def _idempotency_begin(
+        self,
+        flow: http.HTTPFlow,
+        policy: VendorPolicy,
+        endpoint: EndpointPolicy | None,
+        key: KeyRecord,
+        method: str,
+        path: str,
+        call: CallState,
+    ) -> bool:
+        """Claim the call's idempotency scope; True when it was answered from the cache.
+
+        The scope is the vendor's idempotency header (Stripe/Resend ``Idempotency-Key``), else
+        ``X-Keybrake-Idempotency-Key``, else the body itself for endpoints with ``dedupe``.
+        """
+        rt = self.runtime
+        headers = flow.request.headers
+        idem = None
+        if policy.idempotency_header:
+            idem = headers.get(policy.idempotency_header)
+        idem = idem or headers.get("x-keybrake-idempotency-key")
+        body = flow.request.raw_content or b""
+        fingerprint = body_fingerprint(method, path, body)
+        ttl = rt.idempotency_ttl_seconds
+        if idem:
+            idem = idem[:255]
+            call.idempotency_key = idem
+            scope = f"idem:{key.key_id}:{idem}"
+        elif endpoint is not None and endpoint.dedupe is not None:
+            scope = f"dedupe:{key.key_id}:{fingerprint}"
+            ttl = endpoint.dedupe.seconds
+        else:
+            return False
+        store = await rt.open_store()
+        begin = await store.idempotency_begin(scope, fingerprint, ttl, IN_FLIGHT_SECONDS)
+        if begin.status == "started":
+            call.idem_scope = scope
+            return False
+        if begin.status == "in_flight":
+            raise Refusal(
+                "idempotency_in_flight",
+                "a request with this idempotency key is still in flight; retry after it finishes",
+            )
+        if begin.status == "mismatch":
+            raise Refusal(
+                "idempotency_mismatch",
+                "this idempotency key was used with a different request body",
+            )
+        assert begin.response is not None
+        flow.response = replay_response(begin.response)
+        call.outcome, call.status = "replayed", begin.response.status_code
+        call.actual_micros = 0
+        flow.comment = f"keybrake {key.key_id} [{key.agent_run_label}] replayed"
+        self._redact(flow)
+        return True
+
+    async def _abandon(self, call: CallState) -> None:
+        if call.idem_scope is None:
+            return
+        scope, call.idem_scope = call.idem_scope, None
+        try:
+            store = await self.runtime.open_store()
+            await store.idempotency_abandon(scope)
+        except Exception:
+            # The claim expires after IN_FLIGHT_SECONDS; a retry then proceeds.
+            log.exception("keybrake: could not release idempotency claim")
 
     def _check_host_consistency(self, flow: http.HTTPFlow, policy: VendorPolicy) -> None:
         names = [flow.request.host]
@@ -321,9 +429,13 @@ class VaultGuard:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         call = flow.metadata.get(META)
-        if not isinstance(call, CallState) or call.reservation_id is None or flow.response is None:
+        if not isinstance(call, CallState) or flow.response is None:
             return
         self._redact(flow)
+        call.status = flow.response.status_code
+        call.latency_ms = (time.monotonic() - call.started) * 1000
+        if call.reservation_id is None:
+            return  # refused or replayed: nothing reached the vendor
         try:
             await self._settle(flow, call)
         except StoreUnavailable as e:
@@ -334,32 +446,38 @@ class VaultGuard:
             log.exception(
                 "keybrake: internal error settling %s (kept reserved)", call.reservation_id
             )
+        finally:
+            await self._finish_idempotency(flow, call)
 
     async def _settle(self, flow: http.HTTPFlow, call: CallState) -> None:
         rt = self.runtime
         assert flow.response is not None and call.reservation_id is not None
         store = await rt.open_store()
-        policy = rt.policies.vendors[call.vendor] if rt.policies else None
+        assert rt.policies is not None
+        policy = rt.policies.vendors[call.vendor]
         status = flow.response.status_code
         estimate = call.estimate or Estimate(0)
+        content = flow.response.content or b""
+        data = _json_object(content)
+        if policy.request_id_header:
+            call.vendor_request_id = flow.response.headers.get(policy.request_id_header)
+        if data is not None and call.endpoint is not None and call.endpoint.object_id:
+            oid = data.get(call.endpoint.object_id)
+            call.object_id = oid if isinstance(oid, str) else None
         if 200 <= status < 300:
-            actual = (
-                actual_cost(
-                    policy,
-                    call.endpoint.actual if call.endpoint else None,
-                    flow.response.content or b"",
-                    estimate,
-                )
-                if policy
-                else None
+            actual = actual_cost(
+                policy, call.endpoint.actual if call.endpoint else None, content, estimate
             )
-            micros = actual.micros if actual and actual.micros is not None else estimate.micros
-            call.note = actual.note if actual else ""
+            micros = actual.micros if actual.micros is not None else estimate.micros
+            call.note = actual.note
+            if actual.amount_minor is not None:
+                call.amount_minor, call.currency = actual.amount_minor, actual.currency
             await store.settle(call.reservation_id, micros)
             call.actual_micros, call.outcome = micros, "ok"
-            if policy and call.endpoint is not None:
-                await self._remember(flow, policy, call.endpoint)
-        elif status in (400, 401, 402, 403, 404, 409, 422, 429):
+            if call.endpoint is not None and data is not None:
+                await self._remember(data, policy, call.endpoint)
+        elif status in VENDOR_REFUSED:
+            # The vendor refused the call: it charged nothing.
             await store.release(call.reservation_id)
             call.actual_micros, call.outcome = 0, "vendor_error"
         else:
@@ -369,33 +487,46 @@ class VaultGuard:
         delta = (call.actual_micros or 0) - estimate.micros
         self._spend_headers(flow, call, delta)
         flow.comment = f"keybrake {call.key_id} [{call.label}] {call.outcome}"
-        flow.metadata[META] = call
+
+    async def _finish_idempotency(self, flow: http.HTTPFlow, call: CallState) -> None:
+        if call.idem_scope is None or flow.response is None:
+            return
+        assert self.runtime.policies is not None
+        policy = self.runtime.policies.vendors[call.vendor]
+        status = flow.response.status_code
+        if 200 <= status < 300 or status in policy.idempotency_replay_statuses:
+            scope, call.idem_scope = call.idem_scope, None
+            try:
+                store = await self.runtime.open_store()
+                await store.idempotency_complete(
+                    scope, stored_from(flow.response), self.runtime.idempotency_ttl_seconds
+                )
+            except Exception:
+                log.exception("keybrake: could not store the response for replay")
+        else:
+            await self._abandon(call)
 
     async def _remember(
-        self, flow: http.HTTPFlow, policy: VendorPolicy, endpoint: EndpointPolicy
+        self, data: dict[str, Any], policy: VendorPolicy, endpoint: EndpointPolicy
     ) -> None:
-        if not endpoint.remember_amount or flow.response is None:
+        """Keep the object's amount so later amount-less calls on it can be priced."""
+        if not endpoint.remember_amount:
             return
-        import json
-        from decimal import Decimal
-
-        from keybrake._money import MoneyError, minor_to_micro_usd
-
+        object_id = data.get(endpoint.object_id or "id")
+        amount = data.get(endpoint.remember_amount)
+        currency = str(data.get("currency", "usd")).lower()
+        if (
+            not isinstance(object_id, str)
+            or not isinstance(amount, int)
+            or isinstance(amount, bool)
+        ):
+            return
         try:
-            data = json.loads(flow.response.content or b"", parse_float=Decimal)
-            object_id = data.get(endpoint.object_id or "id")
-            amount = data.get(endpoint.remember_amount)
-            currency = str(data.get("currency", "usd")).lower()
-            if (
-                isinstance(object_id, str)
-                and isinstance(amount, int)
-                and not isinstance(amount, bool)
-            ):
-                micros = minor_to_micro_usd(amount, currency, policy.fx_to_usd)
-                store = await self.runtime.open_store()
-                await store.remember_amount(policy.vendor, object_id, micros)
-        except (ValueError, AttributeError, MoneyError):
+            micros = minor_to_micro_usd(amount, currency, policy.fx_to_usd)
+        except MoneyError:
             return
+        store = await self.runtime.open_store()
+        await store.remember_amount(policy.vendor, object_id, micros)
 
     @staticmethod
     def _spend_headers(flow: http.HTTPFlow, call: CallState, delta: int) -> None:
@@ -420,6 +551,9 @@ class VaultGuard:
         if call.reservation_id is None or call.outcome != "forwarded":
             return
         call.outcome, call.note = "unknown", "no vendor response: estimate kept as spent"
+        call.latency_ms = (time.monotonic() - call.started) * 1000
+        call.actual_micros = call.estimate.micros if call.estimate else None
+        await self._abandon(call)
         try:
             store = await self.runtime.open_store()
             await store.mark_unknown(call.reservation_id)

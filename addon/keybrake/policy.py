@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from keybrake._money import UnknownCurrency, minor_unit_exponent, parse_usd
 from keybrake._paths import EndpointPattern, PatternError
@@ -28,9 +36,11 @@ __all__ = [
     "AmountFieldCost",
     "AuthPolicy",
     "CostRule",
+    "DedupePolicy",
     "EndpointPolicy",
     "FixedCost",
     "FunctionCost",
+    "KnownObjectCost",
     "PerUnitCost",
     "PolicyError",
     "PolicySet",
@@ -40,9 +50,18 @@ __all__ = [
     "load_policy_file",
 ]
 
-_VENDOR_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_HOST = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# All patterns are used with fullmatch: "$" alone would also accept a trailing newline.
+_VENDOR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+_UPSTREAM_URL = re.compile(
+    rf"(?P<scheme>https?)://(?P<host>{_LABEL}(?:\.{_LABEL})*|\d{{1,3}}(?:\.\d{{1,3}}){{3}})"
+    r"(?::(?P<port>\d{1,5}))?/?",
+    re.ASCII,
+)
+_MIN_FX_RATE = Decimal("0.000000001")
+_MAX_FX_RATE = Decimal(1_000_000)
 
 
 class PolicyError(Exception):
@@ -62,6 +81,51 @@ def _usd(value: object) -> int:
     return parse_usd(value)
 
 
+def _currency_code(value: object) -> str:
+    code = str(value).lower()
+    try:
+        minor_unit_exponent(code)
+    except UnknownCurrency as e:
+        raise ValueError(f"unknown currency {value!r}") from e
+    return code
+
+
+def _fx_rate(value: object) -> Decimal:
+    bad = ValueError(
+        f"must be a number of USD per unit between {_MIN_FX_RATE:f} and {_MAX_FX_RATE:f}"
+    )
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise bad
+    try:
+        d = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
+    except InvalidOperation:
+        raise bad from None
+    if not d.is_finite() or not _MIN_FX_RATE <= d <= _MAX_FX_RATE:
+        raise bad
+    return d
+
+
+def _host_name(value: object) -> str:
+    if not isinstance(value, str) or not _HOST.fullmatch(value):
+        raise ValueError(f"{value!r} is not a lowercase DNS host name")
+    return value
+
+
+def _regex(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a regular expression string")
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"invalid regex {value!r}: {e}") from e
+    return value
+
+
+HostName = Annotated[str, BeforeValidator(_host_name)]
+CurrencyCode = Annotated[str, BeforeValidator(_currency_code)]
+FxRate = Annotated[Decimal, BeforeValidator(_fx_rate)]
+
+
 class UpstreamPolicy(_Model):
     """Send this vendor's traffic to another address (tests, on-prem gateways)."""
 
@@ -73,9 +137,13 @@ class UpstreamPolicy(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/?#]+/?$", v):
-            raise ValueError("must look like https://host:port (no path)")
-        return v.rstrip("/")
+        m = _UPSTREAM_URL.fullmatch(v.lower())
+        if m is None or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
+            raise ValueError(
+                "must look like https://host:port: a lowercase host name or IPv4 address and "
+                "an optional port 1-65535 (no user, path, query or IPv6)"
+            )
+        return v.lower().rstrip("/")
 
 
 class AuthPolicy(_Model):
@@ -100,25 +168,15 @@ class AuthPolicy(_Model):
         default=None,
         description="Path segment after which the account id appears (Twilio: 'Accounts').",
     )
-    raw_secret_patterns: tuple[str, ...] = Field(
+    raw_secret_patterns: tuple[Annotated[str, BeforeValidator(_regex)], ...] = Field(
         default=(), description="Regexes of real vendor secrets; presenting one is refused."
     )
 
     @field_validator("secret_env", "username_env", "account_env")
     @classmethod
     def _check_env(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.match(v):
+        if v is not None and not _ENV_NAME.fullmatch(v):
             raise ValueError("must be an environment variable name such as STRIPE_SECRET_KEY")
-        return v
-
-    @field_validator("raw_secret_patterns")
-    @classmethod
-    def _check_patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"invalid regex {p!r}: {e}") from e
         return v
 
     @model_validator(mode="after")
@@ -144,6 +202,36 @@ class AmountFieldCost(_Model):
             "from an earlier response; used when the request carries no amount."
         ),
     )
+    known_object_fields: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Body fields that may name such an object instead (Stripe refunds: 'charge', "
+            "'payment_intent'); the largest amount remembered for the objects named is used."
+        ),
+    )
+
+
+class KnownObjectCost(_Model):
+    """The amount the proxy remembered for the object the call acts on; unknown → refused.
+
+    For calls whose body carries no trustworthy amount (a PaymentIntent confirm, an invoice
+    payment): the price is what an earlier response (create, retrieve) said the object is worth.
+    """
+
+    kind: Literal["known_object"]
+    param: str | None = Field(
+        default=None, description="Path placeholder naming the object, e.g. 'id'."
+    )
+    fields: tuple[str, ...] = Field(
+        default=(),
+        description="Body fields that may name the object; the largest remembered amount wins.",
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> KnownObjectCost:
+        if (self.param is None) == (not self.fields):
+            raise ValueError("name the object by exactly one of 'param' or 'fields'")
+        return self
 
 
 class FixedCost(_Model):
@@ -171,11 +259,42 @@ class PerUnitCost(_Model):
     prefix_field: str | None = Field(
         default=None, description="Body field holding the destination (e.g. 'To')."
     )
+    refuse_unlisted: bool = Field(
+        default=False,
+        description=(
+            "With by_prefix: refuse a destination no prefix matches, instead of pricing it "
+            "at unit_usd."
+        ),
+    )
+    min_usd_when_present: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Body field -> USD: a call carrying the field (a non-empty value) costs at least "
+            "this much per call (Twilio: MediaUrl -> the MMS price)."
+        ),
+    )
+    fields: tuple[str, ...] = Field(
+        default=(),
+        description="Body fields a generic counter reads ('list_items', 'integer_fields').",
+    )
 
     @field_validator("unit_usd", mode="before")
     @classmethod
     def _parse(cls, v: object) -> int:
         return _usd(v)
+
+    @field_validator("min_usd_when_present", mode="before")
+    @classmethod
+    def _parse_minimums(cls, v: object) -> dict[str, int]:
+        if not isinstance(v, Mapping):
+            raise ValueError("must be a mapping of body field to USD")
+        return {str(k): _usd(price) for k, price in v.items()}
+
+    @model_validator(mode="after")
+    def _check_destination(self) -> PerUnitCost:
+        if self.refuse_unlisted and not (self.by_prefix and self.prefix_field):
+            raise ValueError("refuse_unlisted needs a by_prefix table and a prefix_field")
+        return self
 
     @field_validator("by_prefix", mode="before")
     @classmethod
@@ -185,7 +304,7 @@ class PerUnitCost(_Model):
         out: dict[str, int] = {}
         for k, price in v.items():
             key = str(k)
-            if not key.isdigit():
+            if not re.fullmatch(r"[0-9]{1,6}", key):
                 raise ValueError(f"prefix {key!r} must be digits (a calling code)")
             out[key] = _usd(price)
         return out
@@ -200,7 +319,8 @@ class FunctionCost(_Model):
 
 
 CostRule = Annotated[
-    AmountFieldCost | FixedCost | PerUnitCost | FunctionCost, Field(discriminator="kind")
+    AmountFieldCost | FixedCost | PerUnitCost | FunctionCost | KnownObjectCost,
+    Field(discriminator="kind"),
 ]
 
 
@@ -213,6 +333,41 @@ class ActualRule(_Model):
         default_factory=dict,
         description="Field -> values for which the amount was charged; otherwise cost is 0.",
     )
+    price: str | None = Field(
+        default=None,
+        description=(
+            "Instead of 'amount': path of a major-unit decimal price such as Twilio's "
+            "'-0.00790' (sign ignored), in the currency at 'currency'. When it is null "
+            "(Twilio prices a message after sending it) the estimate stands."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_amount_or_price(self) -> ActualRule:
+        if self.amount is not None and self.price is not None:
+            raise ValueError("read either 'amount' (minor units) or 'price' (decimal), not both")
+        return self
+
+
+class DedupePolicy(_Model):
+    """Content dedupe for vendors without idempotency keys (or SDKs sending random ones)."""
+
+    by: Literal["body"] = Field(description="What makes two calls the same: the request body.")
+    window: str = Field(description="How long a call is remembered: '10m', '1h', 'PT10M'.")
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, v: str) -> str:
+        from keybrake.keys import parse_duration
+
+        parse_duration(v)
+        return v
+
+    @property
+    def seconds(self) -> int:
+        from keybrake.keys import parse_duration
+
+        return int(parse_duration(self.window).total_seconds())
 
 
 class EndpointPolicy(_Model):
@@ -228,6 +383,9 @@ class EndpointPolicy(_Model):
     remember_amount: str | None = Field(
         default=None,
         description="Response field (minor units) to remember for later calls on the object.",
+    )
+    dedupe: DedupePolicy | None = Field(
+        default=None, description="Replay identical calls within a window instead of resending."
     )
 
     @field_validator("match")
@@ -253,13 +411,20 @@ class VendorPolicy(_Model):
     """Everything Keybrake knows about one vendor."""
 
     vendor: str = Field(description="Short name used in vault keys and URLs, e.g. 'stripe'.")
-    hosts: tuple[str, ...] = Field(min_length=1, description="API hosts that are intercepted.")
+    hosts: tuple[HostName, ...] = Field(description="API hosts that are intercepted.")
     upstream: UpstreamPolicy | None = None
     auth: AuthPolicy
     request_id_header: str | None = Field(default=None, description="Vendor request id header.")
     idempotency_header: str | None = Field(default=None, description="Vendor idempotency header.")
+    idempotency_replay_statuses: tuple[int, ...] = Field(
+        default=(),
+        description=(
+            "Non-2xx statuses the vendor itself stores and replays for a repeated idempotency "
+            "key (Stripe: 402 card errors). 2xx are always stored."
+        ),
+    )
     body: Literal["form", "json"] = Field(default="form", description="Request body encoding.")
-    fx_to_usd: dict[str, Decimal] = Field(
+    fx_to_usd: dict[CurrencyCode, FxRate] = Field(
         default_factory=lambda: {"usd": Decimal(1)},
         description="USD per unit of each accepted currency.",
     )
@@ -269,36 +434,21 @@ class VendorPolicy(_Model):
     @field_validator("vendor")
     @classmethod
     def _check_vendor(cls, v: str) -> str:
-        if not _VENDOR_NAME.match(v):
+        if not _VENDOR_NAME.fullmatch(v):
             raise ValueError("must be lowercase letters, digits, '-' or '_' (max 32)")
         return v
 
     @field_validator("hosts")
     @classmethod
-    def _check_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for h in v:
-            if not _HOST.match(h):
-                raise ValueError(f"{h!r} is not a lowercase DNS host name")
+    def _some_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("name at least one host")
         return v
 
-    @field_validator("fx_to_usd", mode="before")
+    @field_validator("fx_to_usd")
     @classmethod
-    def _parse_fx(cls, v: object) -> dict[str, Decimal]:
-        if not isinstance(v, Mapping):
-            raise ValueError("must map currency codes to USD rates")
-        out: dict[str, Decimal] = {}
-        for code, rate in v.items():
-            c = str(code).lower()
-            try:
-                minor_unit_exponent(c)
-            except UnknownCurrency as e:
-                raise ValueError(f"unknown currency {code!r}") from e
-            d = Decimal(repr(rate)) if isinstance(rate, float) else Decimal(str(rate))
-            if not d.is_finite() or d <= 0:
-                raise ValueError(f"rate for {code!r} must be a positive number")
-            out[c] = d
-        out.setdefault("usd", Decimal(1))
-        return out
+    def _default_usd(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        return {"usd": Decimal(1), **v}
 
 
 class PolicySet:
@@ -320,21 +470,52 @@ class PolicySet:
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        lines.append(f"{path}: {loc}: {e['msg']}")
+        # "[key]" is pydantic's marker for a bad mapping key; the key itself names the field.
+        loc = ".".join(str(x) for x in e["loc"] if x != "[key]") or "(top level)"
+        lines.append(f"{path}: {loc}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (the last would win)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: let the normal constructor report it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_duplicates,
+)
 
 
 def load_policy_file(path: Path) -> VendorPolicy:
     """Load and validate one vendor YAML file.
 
+    A relative ``upstream.ca_file`` is taken relative to the policy file, and must exist.
+
     >>> load_policy_file(Path("policies/stripe.yaml")).vendor  # doctest: +SKIP
     'stripe'
     """
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
     except OSError as e:
         raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: not valid UTF-8 text") from None
     except yaml.YAMLError as e:
         raise PolicyError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -343,7 +524,21 @@ def load_policy_file(path: Path) -> VendorPolicy:
         policy = VendorPolicy.model_validate(raw)
     except ValidationError as e:
         raise PolicyError(_format_validation_error(path, e)) from None
+    if policy.upstream is not None and policy.upstream.ca_file is not None:
+        ca_file = policy.upstream.ca_file.expanduser()
+        if not ca_file.is_absolute():
+            ca_file = path.parent / ca_file
+        if not ca_file.is_file():
+            raise PolicyError(f"{path}: upstream.ca_file: {ca_file} is not a readable file")
+        upstream = policy.upstream.model_copy(update={"ca_file": ca_file})
+        policy = policy.model_copy(update={"upstream": upstream})
+    seen: dict[str, int] = {}
     for i, ep in enumerate(policy.endpoints):
+        if ep.match in seen:
+            raise PolicyError(
+                f"{path}: endpoints.{i}.match: {ep.match!r} repeats endpoints.{seen[ep.match]}"
+            )
+        seen[ep.match] = i
         for rule in (ep.cost, ep.actual):
             if (
                 isinstance(rule, AmountFieldCost)
