@@ -23,13 +23,19 @@ from keybrake._idempotency import body_fingerprint, replay_response, stored_from
 from keybrake._money import MoneyError, format_usd, minor_to_micro_usd
 from keybrake._paths import (
     EndpointPattern,
+    NormalizedPath,
     PathRejected,
     match_any,
     normalize_method,
     normalize_path,
 )
 from keybrake.core import Runtime
-from keybrake.credentials import authorization_for, extract_credential, matches_raw_secret
+from keybrake.credentials import (
+    Presented,
+    authorization_for,
+    extract_credential,
+    matches_raw_secret,
+)
 from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
 from keybrake.policy import EndpointPolicy, VendorPolicy
@@ -42,6 +48,7 @@ log = logging.getLogger("keybrake")
 
 META = "keybrake"
 IN_FLIGHT_SECONDS = 300
+MAX_VENDOR_BODY = 1024 * 1024
 # Vendor statuses that mean "refused, nothing charged": the reservation is released.
 VENDOR_REFUSED = frozenset({400, 401, 402, 403, 404, 409, 422, 429})
 REDACTED = "[redacted by keybrake]"
@@ -114,6 +121,37 @@ def _route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
     return None
 
 
+class FailureLimiter:
+    """Counts invalid-key attempts per source address in a sliding minute.
+
+    Vault keys carry 256 bits, so guessing is hopeless anyway; this keeps a confused or
+    hostile client from hammering the store with lookups.
+    """
+
+    def __init__(self, limit: int = 30, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._hits: dict[str, list[float]] = {}
+
+    def _recent(self, source: str) -> list[float]:
+        cutoff = time.monotonic() - self.window
+        hits = [t for t in self._hits.get(source, []) if t > cutoff]
+        if hits:
+            self._hits[source] = hits
+        else:
+            self._hits.pop(source, None)
+        return hits
+
+    def blocked(self, source: str) -> bool:
+        return len(self._recent(source)) >= self.limit
+
+    def record(self, source: str) -> None:
+        if len(self._hits) > 10_000:
+            self._hits.clear()  # bounded memory under a spray of sources
+        self._recent(source)
+        self._hits.setdefault(source, []).append(time.monotonic())
+
+
 def _header_text(value: str | None, limit: int = 200) -> str | None:
     """A worker-supplied header value, printable and bounded, for the audit log."""
     if not value:
@@ -142,8 +180,31 @@ class VaultGuard:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.key_failures = FailureLimiter()
 
     # -- request -----------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse oversized vendor requests before their body is buffered."""
+        if flow.response or flow.error or not flow.live:
+            return
+        route = _route(self.runtime, flow)
+        if route is None:
+            return
+        length = flow.request.headers.get("content-length", "")
+        too_big = not length.isdigit() and "content-length" in flow.request.headers
+        too_big = too_big or (length.isdigit() and int(length) > MAX_VENDOR_BODY)
+        if too_big or len(flow.request.headers.fields) > 100:
+            call = CallState(vendor=route[0].vendor)
+            flow.metadata[META] = call
+            self._refuse(
+                flow,
+                call,
+                Refusal(
+                    "body_too_large",
+                    f"vendor requests are limited to {MAX_VENDOR_BODY} bytes and 100 headers",
+                ),
+            )
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -180,7 +241,6 @@ class VaultGuard:
     async def _admit(
         self, flow: http.HTTPFlow, policy: VendorPolicy, target: str, call: CallState
     ) -> None:
-        rt = self.runtime
         req = flow.request
         if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
             self._check_host_consistency(flow, policy)
@@ -194,10 +254,27 @@ class VaultGuard:
         call.message_id = _header_text(req.headers.get("x-keybrake-message-id"))
         if VAULT_KEY_PREFIX in path.query or VAULT_KEY_PREFIX in req.path:
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
+        source = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        if self.key_failures.blocked(source):
+            raise Refusal(
+                "rate_limited",
+                "too many requests with invalid vault keys from this address; retry in a minute",
+            )
+        try:
+            key, presented = await self._authenticate(policy, req, call)
+        except Refusal as r:
+            if r.code in ("vault_key_unknown", "raw_secret_refused", "vault_key_missing"):
+                self.key_failures.record(source)
+            raise
+        await self._forward(flow, policy, key, presented, method, path, call)
 
+    async def _authenticate(
+        self, policy: VendorPolicy, req: http.Request, call: CallState
+    ) -> tuple[KeyRecord, Presented]:
+        """The active vault key presented on the request (looked up by its SHA-256)."""
+        rt = self.runtime
         presented = extract_credential(policy.auth, req.headers.get_all("authorization"))
-        secrets_ = rt.secrets[policy.vendor]
-        if secrets_.is_real_secret(presented.credential) or matches_raw_secret(
+        if rt.secrets[policy.vendor].is_real_secret(presented.credential) or matches_raw_secret(
             policy.auth, presented.credential
         ):
             raise Refusal(
@@ -211,8 +288,7 @@ class VaultGuard:
         if key is None:
             raise Refusal("vault_key_unknown", "unknown vault key")
         call.key_id, call.label = key.key_id, key.agent_run_label
-        now = rt.now()
-        state = key.state(now)
+        state = key.state(rt.now())
         if state == "revoked":
             raise Refusal("vault_key_revoked", f"vault key {key.key_id} was revoked")
         if state == "expired":
@@ -225,7 +301,24 @@ class VaultGuard:
                 "vendor_mismatch",
                 f"vault key {key.key_id} is for {key.vendor}, not {policy.vendor}",
             )
+        return key, presented
 
+    async def _forward(
+        self,
+        flow: http.HTTPFlow,
+        policy: VendorPolicy,
+        key: KeyRecord,
+        presented: Presented,
+        method: str,
+        path: NormalizedPath,
+        call: CallState,
+    ) -> None:
+        """Allowlist, price, idempotency, reserve; then swap the real secret in."""
+        rt = self.runtime
+        req = flow.request
+        secrets_ = rt.secrets[policy.vendor]
+        store = await rt.open_store()
+        now = rt.now()
         allowed = [EndpointPattern.parse(p) for p in key.allowed_endpoints]
         if match_any(allowed, method, path) is None:
             raise Refusal(
@@ -259,6 +352,10 @@ class VaultGuard:
         if await self._idempotency_begin(flow, policy, endpoint, key, method, path.path, call):
             return
 
+        if estimate.basis == "free":
+            # Free calls (reads) move no money: no reservation, no cap check.
+            self._swap(flow, policy, presented, new_path, path.query, call)
+            return
         reservation_id = f"res_{secrets.token_hex(12)}"
         result = await store.reserve(key, reservation_id, estimate.micros, now)
         call.budgets = result.budgets
@@ -279,12 +376,24 @@ class VaultGuard:
                 },
             )
         call.reservation_id = reservation_id
+        self._swap(flow, policy, presented, new_path, path.query, call)
 
-        # Swap: the real secret goes in, every Keybrake header comes out.
+    def _swap(
+        self,
+        flow: http.HTTPFlow,
+        policy: VendorPolicy,
+        presented: Presented,
+        new_path: str,
+        query: str,
+        call: CallState,
+    ) -> None:
+        """The real secret goes in, every Keybrake header comes out, the checked path goes out."""
+        req = flow.request
+        secrets_ = self.runtime.secrets[policy.vendor]
         for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:
             del req.headers[name]
         req.headers["Authorization"] = authorization_for(presented, secrets_)
-        req.path = new_path + (f"?{path.query}" if path.query else "")
+        req.path = new_path + (f"?{query}" if query else "")
         if policy.upstream is not None:
             scheme, _, hostport = policy.upstream.url.partition("://")
             host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
@@ -434,7 +543,7 @@ class VaultGuard:
         self._redact(flow)
         call.status = flow.response.status_code
         call.latency_ms = (time.monotonic() - call.started) * 1000
-        if call.reservation_id is None:
+        if call.outcome != "forwarded":
             return  # refused or replayed: nothing reached the vendor
         try:
             await self._settle(flow, call)
@@ -451,7 +560,7 @@ class VaultGuard:
 
     async def _settle(self, flow: http.HTTPFlow, call: CallState) -> None:
         rt = self.runtime
-        assert flow.response is not None and call.reservation_id is not None
+        assert flow.response is not None
         store = await rt.open_store()
         assert rt.policies is not None
         policy = rt.policies.vendors[call.vendor]
@@ -472,16 +581,19 @@ class VaultGuard:
             call.note = actual.note
             if actual.amount_minor is not None:
                 call.amount_minor, call.currency = actual.amount_minor, actual.currency
-            await store.settle(call.reservation_id, micros)
+            if call.reservation_id is not None:
+                await store.settle(call.reservation_id, micros)
             call.actual_micros, call.outcome = micros, "ok"
             if call.endpoint is not None and data is not None:
                 await self._remember(data, policy, call.endpoint)
         elif status in VENDOR_REFUSED:
             # The vendor refused the call: it charged nothing.
-            await store.release(call.reservation_id)
+            if call.reservation_id is not None:
+                await store.release(call.reservation_id)
             call.actual_micros, call.outcome = 0, "vendor_error"
         else:
-            await store.mark_unknown(call.reservation_id)
+            if call.reservation_id is not None:
+                await store.mark_unknown(call.reservation_id)
             call.actual_micros, call.outcome = estimate.micros, "vendor_error"
             call.note = f"vendor answered {status}: estimate kept as spent"
         delta = (call.actual_micros or 0) - estimate.micros
@@ -548,12 +660,14 @@ class VaultGuard:
         if not isinstance(call, CallState):
             return
         self._redact(flow)
-        if call.reservation_id is None or call.outcome != "forwarded":
+        if call.outcome != "forwarded":
             return
         call.outcome, call.note = "unknown", "no vendor response: estimate kept as spent"
         call.latency_ms = (time.monotonic() - call.started) * 1000
         call.actual_micros = call.estimate.micros if call.estimate else None
         await self._abandon(call)
+        if call.reservation_id is None:
+            return
         try:
             store = await self.runtime.open_store()
             await store.mark_unknown(call.reservation_id)
