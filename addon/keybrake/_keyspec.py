@@ -15,7 +15,7 @@ from keybrake.store import BudgetState, KeyRecord
 
 __all__ = ["IssueKeyRequest", "KeySpecError", "key_to_json", "parse_label_budget"]
 
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/@+=-]{0,127}$")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/@+=-]{0,127}")
 _FIELDS = {
     "vendor",
     "daily_usd_cap",
@@ -50,7 +50,7 @@ def _usd_field(value: Any, name: str, errors: dict[str, str]) -> int | None:
 
 
 def _label(value: Any, errors: dict[str, str], name: str = "agent_run_label") -> str:
-    if not isinstance(value, str) or not _LABEL.match(value):
+    if not isinstance(value, str) or not _LABEL.fullmatch(value):
         errors[name] = (
             "must be 1-128 characters: letters, digits, space and . _ : / @ + = - "
             "(starting with a letter or digit)"

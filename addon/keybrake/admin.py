@@ -7,8 +7,12 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
 - ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless)
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
 - ``GET /healthz`` (no token) store reachability
+- ``GET /metrics`` Prometheus metrics (`keybrake.metrics`), admin token required
+- ``/``, ``/login``, ``/logout``, ``/dashboard/...``, ``/static/...`` the web dashboard
+  (`keybrake.dashboard`, its own login and session cookie)
 
-Every ``/vault`` call needs ``Authorization: Bearer <admin token>``, compared in constant time.
+Every ``/vault`` and ``/metrics`` call needs ``Authorization: Bearer <admin token>``, compared
+in constant time.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from mitmproxy import http
@@ -44,13 +48,36 @@ def _json(status: int, payload: Any) -> http.Response:
     )
 
 
+class Pages(Protocol):
+    """The dashboard: answers its own routes (see `is_dashboard_path`)."""
+
+    async def serve(self, flow: http.HTTPFlow, path: str) -> http.Response: ...
+
+
+class MetricsPage(Protocol):
+    """The ``/metrics`` exposition."""
+
+    async def exposition(self) -> http.Response: ...
+
+
+def is_dashboard_path(path: str) -> bool:
+    return path in ("/", "/login", "/logout") or path.startswith(("/dashboard/", "/static/"))
+
+
 class AdminApi:
-    """Answers ``/vault/...`` and ``/healthz`` on the admin listener."""
+    """Answers ``/vault/...``, ``/healthz``, ``/metrics`` and the dashboard's routes."""
 
     name = "keybrake_admin"
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        dashboard: Pages | None = None,
+        metrics: MetricsPage | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.dashboard = dashboard
+        self.metrics = metrics
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -69,6 +96,11 @@ class AdminApi:
             elif path == "/vault" or path.startswith("/vault/"):
                 self._authorize(flow)
                 flow.response = await self._route(flow, path)
+            elif path == "/metrics" and self.metrics is not None:
+                self._authorize(flow)
+                flow.response = await self.metrics.exposition()
+            elif self.dashboard is not None and is_dashboard_path(path):
+                flow.response = await self.dashboard.serve(flow, path)
             else:
                 raise Refusal("not_found", f"no such admin route or vendor: {path[:100]}")
         except Refusal as r:
@@ -91,7 +123,9 @@ class AdminApi:
         ok = scheme.lower() == "bearer" and bool(expected)
         # compare_digest on bytes of equal-or-unequal length is constant time in the length
         # of the expected token; run it even when the scheme is wrong.
-        same = hmac.compare_digest(token.strip().encode(), expected.encode())
+        same = hmac.compare_digest(
+            token.strip().encode("utf-8", "surrogateescape"), expected.encode()
+        )
         if not (ok and same):
             raise Refusal("admin_token_invalid", "missing or wrong admin token")
 

@@ -7,6 +7,8 @@ file to give workers as ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``stripe.ca
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import certifi
@@ -27,7 +29,17 @@ def ensure_ca(certs_dir: Path) -> Path:
     CertStore.from_store(certs_dir, "mitmproxy", 2048)
     ca_cert = (certs_dir / "mitmproxy-ca-cert.pem").read_text()
     bundle = certs_dir / BUNDLE_NAME
-    tmp = bundle.with_suffix(".tmp")
-    tmp.write_text(Path(certifi.where()).read_text().rstrip("\n") + "\n\n# Keybrake CA\n" + ca_cert)
-    tmp.replace(bundle)
+    text = Path(certifi.where()).read_text().rstrip("\n") + "\n\n# Keybrake CA\n" + ca_cert
+    # A private temporary name per writer: several proxies may start at once on one certs dir,
+    # and a shared name would let one rename a file another is still writing.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{BUNDLE_NAME}.", dir=certs_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.chmod(0o644)  # public certificates: workers running as other users read it
+        tmp.replace(bundle)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return bundle

@@ -86,6 +86,9 @@ def run(
     web: Annotated[
         bool, typer.Option(help="Run mitmweb (live flow UI) instead of mitmdump.")
     ] = False,
+    web_port: Annotated[
+        int, typer.Option(help="mitmweb UI port (with --web; loopback only).")
+    ] = 8082,
     extra: Annotated[
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
@@ -94,6 +97,18 @@ def run(
 
     Example: ``keybrake run --store redis://127.0.0.1:6379/0``
     """
+    web_args: list[str] = []
+    if web:
+        # mitmweb's own UI defaults to 8081, the admin listener's port; it never opens a
+        # browser on a server. Its API needs the token printed at start (or --set web_password).
+        web_args = [
+            "--set",
+            f"web_port={web_port}",
+            "--set",
+            "web_host=127.0.0.1",
+            "--set",
+            "web_open_browser=false",
+        ]
     try:
         load_policies(policies)
     except PolicyError as e:
@@ -115,6 +130,8 @@ def run(
         "--set",
         "upstream_cert=false",
         "--set",
+        "rawtcp=false",
+        "--set",
         f"keybrake_data_dir={data_dir.resolve()}",
         "--set",
         f"keybrake_policies={policies.resolve()}",
@@ -122,6 +139,7 @@ def run(
         f"keybrake_store={url}",
         "-s",
         str(script),
+        *web_args,
         *(extra or []),
     ]
     host = listen_host if listen_host not in ("0.0.0.0", "::") else "<this host>"
@@ -137,6 +155,12 @@ def run(
                 f"  export SSL_CERT_FILE={bundle.resolve()}",
                 f"  (stripe: stripe.ca_bundle_path = '{bundle.resolve()}')",
                 f"Admin API: http://{host}:{admin_port}/vault/keys  (admin token: {token_where})",
+                f"Dashboard: http://{host}:{admin_port}/  Metrics: http://{host}:{admin_port}/metrics",
+                *(
+                    [f"mitmweb: http://127.0.0.1:{web_port}/ (token in the log line below)"]
+                    if web
+                    else []
+                ),
                 "",
             ]
         )
@@ -150,6 +174,44 @@ def run(
         from mitmproxy.tools.main import mitmdump
 
         mitmdump(args)
+
+
+@app.command()
+def web(
+    listen_host: Annotated[
+        str, typer.Option(help="Address of both listeners (loopback by default).")
+    ] = "127.0.0.1",
+    proxy_port: Annotated[int, typer.Option(help="Forward proxy port (HTTPS_PROXY).")] = 8080,
+    admin_port: Annotated[int, typer.Option(help="Admin API / base-URL listener port.")] = 8081,
+    web_port: Annotated[int, typer.Option(help="mitmweb UI port (loopback only).")] = 8082,
+    data_dir: DataDir = Path(".keybrake"),
+    policies: PoliciesDir = Path("policies"),
+    store: StoreUrl = "",
+    certs_dir: CertsDir = Path("certs"),
+    extra: Annotated[
+        list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
+    ] = None,
+) -> None:
+    """``keybrake run`` with mitmweb's live flow UI (credentials redacted in every flow).
+
+    Each vendor flow is commented with its vault key id, label and outcome; refusals are
+    marked. mitmweb prints its URL with a one-time token; pin one with
+    ``keybrake web -- --set web_password=...``.
+
+    Example: ``keybrake web --web-port 8082``
+    """
+    run(
+        listen_host=listen_host,
+        proxy_port=proxy_port,
+        admin_port=admin_port,
+        data_dir=data_dir,
+        policies=policies,
+        store=store,
+        certs_dir=certs_dir,
+        web=True,
+        web_port=web_port,
+        extra=extra,
+    )
 
 
 @app.command()

@@ -198,6 +198,10 @@ class Core:
             wanted = rt.policies.allow_hosts_regexes() + _reverse_targets(opts.mode)
             if list(opts.allow_hosts) != wanted:
                 opts.update(allow_hosts=wanted)
+        if opts.rawtcp:
+            # Otherwise decrypted vendor bytes that do not look like HTTP (b"P0ST ...") would
+            # be relayed as raw TCP, around every check.
+            opts.update(rawtcp=False)
         bundle = self._upstream_bundle
         if bundle is not None and opts.ssl_verify_upstream_trusted_ca != str(bundle):
             opts.update(ssl_verify_upstream_trusted_ca=str(bundle))

@@ -64,7 +64,10 @@ class VendorSecrets:
     def is_real_secret(self, value: str) -> bool:
         if not self.secret:
             return False
-        return hmac.compare_digest(value.encode(), self.secret.encode())
+        # Header values may carry undecodable bytes as surrogates: compare bytes, never raise.
+        return hmac.compare_digest(
+            value.encode("utf-8", "surrogateescape"), self.secret.encode("utf-8", "surrogateescape")
+        )
 
 
 def extract_credential(auth: AuthPolicy, header_values: list[str]) -> Presented:
@@ -90,8 +93,8 @@ def extract_credential(auth: AuthPolicy, header_values: list[str]) -> Presented:
         and ("basic_user" in auth.schemes or "basic_password" in auth.schemes)
     ):
         try:
-            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+            decoded = base64.b64decode(rest.encode("ascii"), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeError):  # not base64, not ASCII, or not UTF-8 inside
             raise Refusal("vault_key_unknown", "Basic credentials are not valid base64") from None
         user, sep, password = decoded.partition(":")
         if not sep:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import http, tcp
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake._idempotency import body_fingerprint, replay_response, stored_from
@@ -354,7 +354,7 @@ class VaultGuard:
 
         if estimate.basis == "free":
             # Free calls (reads) move no money: no reservation, no cap check.
-            self._swap(flow, policy, presented, new_path, path.query, call)
+            self._swap(flow, policy, presented, method, new_path, path.query, call)
             return
         reservation_id = f"res_{secrets.token_hex(12)}"
         result = await store.reserve(key, reservation_id, estimate.micros, now)
@@ -376,13 +376,14 @@ class VaultGuard:
                 },
             )
         call.reservation_id = reservation_id
-        self._swap(flow, policy, presented, new_path, path.query, call)
+        self._swap(flow, policy, presented, method, new_path, path.query, call)
 
     def _swap(
         self,
         flow: http.HTTPFlow,
         policy: VendorPolicy,
         presented: Presented,
+        method: str,
         new_path: str,
         query: str,
         call: CallState,
@@ -393,6 +394,9 @@ class VaultGuard:
         for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:
             del req.headers[name]
         req.headers["Authorization"] = authorization_for(presented, secrets_)
+        # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
+        req.method = method
+        req.authority = ""
         req.path = new_path + (f"?{query}" if query else "")
         if policy.upstream is not None:
             scheme, _, hostport = policy.upstream.url.partition("://")
@@ -400,8 +404,11 @@ class VaultGuard:
             req.scheme = scheme
             req.host = host
             req.port = int(port) if port else (443 if scheme == "https" else 80)
-        elif isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            req.scheme, req.host, req.port = "https", policy.hosts[0], 443
+        else:
+            # Never plain HTTP: a cleartext request to the proxy still leaves over TLS.
+            if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+                req.host = policy.hosts[0]
+            req.scheme, req.port = "https", 443
         call.outcome = "forwarded"
         flow.metadata[META] = call
 
@@ -474,6 +481,8 @@ class VaultGuard:
 
     def _check_host_consistency(self, flow: http.HTTPFlow, policy: VendorPolicy) -> None:
         names = [flow.request.host]
+        if flow.request.authority:
+            names.append(_host_only(flow.request.authority))
         if flow.request.host_header:
             names.append(_host_only(flow.request.host_header))
         if flow.client_conn.sni:
@@ -530,6 +539,15 @@ class VaultGuard:
         flow.marked = ":no_entry:"
         flow.metadata[META] = call
         self._redact(flow)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """Decrypted vendor traffic that mitmproxy could not parse as HTTP is never relayed."""
+        rt = self.runtime
+        server = flow.server_conn.address
+        names = [flow.client_conn.sni, server[0] if server else None]
+        if rt.policies is not None and any(n and rt.policies.for_host(n) for n in names):
+            log.warning("keybrake: killed a non-HTTP connection to a vendor host")
+            flow.kill()
 
     # -- response ------------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -24,10 +24,12 @@ __all__ = [
 
 VAULT_KEY_PREFIX = "kbv_"
 MAX_EXPIRES_IN = dt.timedelta(days=90)
-_KEY_RE = re.compile(r"^kbv_[a-z][a-z0-9_-]{0,31}_[A-Za-z0-9_-]{43}$")
-_SHORT = re.compile(r"^(\d{1,7})([smhdw])$")
+# Used with fullmatch and ASCII digits only: "$" would accept a trailing newline and "\d"
+# Arabic-Indic or other Unicode digits.
+_KEY_RE = re.compile(r"kbv_[a-z][a-z0-9_-]{0,31}_[A-Za-z0-9_-]{43}")
+_SHORT = re.compile(r"([0-9]{1,7})([smhdw])")
 _ISO = re.compile(
-    r"^P(?!$)(?:(\d{1,7})W)?(?:(\d{1,7})D)?(?:T(?=\d)(?:(\d{1,7})H)?(?:(\d{1,7})M)?(?:(\d{1,7})S)?)?$"
+    r"P(?!$)([0-9]{1,7}W)?([0-9]{1,7}D)?(?:T(?=[0-9])([0-9]{1,7}H)?([0-9]{1,7}M)?([0-9]{1,7}S)?)?"
 )
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -53,7 +55,7 @@ def hash_vault_key(vault_key: str) -> str:
 
 def looks_like_vault_key(value: str) -> bool:
     """True for strings shaped like a vault key (any vendor)."""
-    return bool(_KEY_RE.match(value))
+    return _KEY_RE.fullmatch(value) is not None
 
 
 def parse_duration(value: str) -> dt.timedelta:
@@ -66,13 +68,14 @@ def parse_duration(value: str) -> dt.timedelta:
     """
     text = value.strip()
     seconds: int
-    if m := _SHORT.match(text):
+    if m := _SHORT.fullmatch(text):
         seconds = int(m.group(1)) * _UNIT[m.group(2)]
-    elif m := _ISO.match(text.upper()):
-        w, d, h, mi, s = (int(x) if x else 0 for x in m.groups())
+    elif m := _ISO.fullmatch(text.upper()):
+        w, d, h, mi, s = (int(x[:-1]) if x else 0 for x in m.groups())
         seconds = w * 604800 + d * 86400 + h * 3600 + mi * 60 + s
     else:
-        raise ValueError(f"{value!r} is not a duration like '30m', '2h', '7d' or 'PT2H'")
+        shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+        raise ValueError(f"{shown} is not a duration like '30m', '2h', '7d' or 'PT2H'")
     if seconds <= 0:
         raise ValueError("duration must be positive")
     delta = dt.timedelta(seconds=seconds)
