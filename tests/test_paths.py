@@ -259,6 +259,13 @@ def test_normalize_method_invalid(method: str) -> None:
             "POST /2010-04-01/Accounts/{AccountSid}/Messages.json",
         ),
         ("GET /v1/a/{id}/b/{id_2}", "GET /v1/a/{id}/b/{id_2}"),
+        (
+            "GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json",
+            "GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json",
+        ),
+        ("POST /v1/{id}.json", "POST /v1/{id}.json"),
+        ("GET /v1/{id}%20x", "GET /v1/{id}%20x"),
+        ("GET /v1/{id}.tar.gz/", "GET /v1/{id}.tar.gz"),
         ("GET /", "GET /"),
     ],
 )
@@ -283,7 +290,11 @@ def test_pattern_parse_valid(spec: str, canonical: str) -> None:
         ("POST /v1/**", "'\\*' must be a whole path segment, got '\\*\\*'"),
         ("POST /v1/{id", "placeholder must be a whole path segment"),
         ("POST /v1/pi_{id}", "placeholder must be a whole path segment"),
-        ("POST /v1/{id}.json", "placeholder must be a whole path segment"),
+        ("POST /v1/{id}{x}.json", "placeholder must be a whole path segment"),
+        ("POST /v1/{id}.*", "must be a whole path segment"),
+        ("POST /v1/{id}.json}", "placeholder names are letters"),
+        ("POST /v1/{Sid}.json/{Sid}.xml", "placeholder {Sid} appears twice"),
+        ("POST /v1/{id}/{id}.json", "placeholder {id} appears twice"),
         ("POST /v1/{}", "placeholder names are letters"),
         ("POST /v1/{1d}", "placeholder names are letters"),
         ("POST /v1/{id}/x/{id}", "placeholder {id} appears twice"),
@@ -315,6 +326,44 @@ def test_pattern_match_captures() -> None:
     star = EndpointPattern.parse("GET /v1/customers/*/sources/{src}")
     assert star.match("GET", ("v1", "customers", "cus_1", "sources", "s")) == {"src": "s"}
     assert star.match("GET", ("v1", "customers", "", "sources", "s")) is None
+
+
+@pytest.mark.parametrize(
+    ("segment", "expected"),
+    [
+        ("SM123.json", {"Sid": "SM123"}),
+        ("SM.json.json", {"Sid": "SM.json"}),
+        ("a b.json", {"Sid": "a b"}),
+        (".json", None),  # nothing before the suffix
+        ("..json", None),  # "." would be captured
+        ("...json", None),  # ".." would be captured
+        ("SM123.JSON", None),  # the suffix is case-sensitive like every literal
+        ("SM123.json5", None),
+        ("SM123", None),
+        ("json", None),
+        ("{Sid}.json", {"Sid": "{Sid}"}),  # an allowlist pattern matched against the policy
+    ],
+)
+def test_suffixed_placeholder_match(segment: str, expected: dict[str, str] | None) -> None:
+    fetch = EndpointPattern.parse("GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json")
+    segs = ("2010-04-01", "Accounts", "AC1", "Messages", segment)
+    want = None if expected is None else {"AccountSid": "AC1", **expected}
+    assert fetch.match("GET", segs) == want
+
+
+def test_suffixed_placeholder_specificity() -> None:
+    bare = EndpointPattern.parse("GET /v1/files/{id}")
+    suffixed = EndpointPattern.parse("GET /v1/files/{id}.json")
+    literal = EndpointPattern.parse("GET /v1/files/index.json")
+    path = normalize_path("/v1/files/index.json")
+    assert match_any([bare, suffixed, literal], "GET", path) is literal
+    assert match_any([bare, suffixed], "GET", path) is suffixed
+    assert match_any([suffixed, bare], "GET", path) is suffixed
+    assert match_any([bare, suffixed], "GET", normalize_path("/v1/files/a.xml")) is bare
+    target = normalize_path("/2010-04-01/Accounts/AC1/Messages/SM%31.json")
+    assert target.path == "/2010-04-01/Accounts/AC1/Messages/SM1.json"
+    messages = EndpointPattern.parse("GET /2010-04-01/Accounts/{AccountSid}/Messages.json")
+    assert messages.match("GET", target.segments) is None
 
 
 def test_pattern_matches_pattern_segments() -> None:

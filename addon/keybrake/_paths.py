@@ -63,6 +63,8 @@ _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
 _ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A placeholder followed by a literal suffix in the same segment: Twilio's "{Sid}.json".
+_SUFFIXED: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}([^{}*]+)")
 
 
 class PathRejected(ValueError):
@@ -177,16 +179,21 @@ def normalize_path(target: str) -> NormalizedPath:
 
 @dataclass(frozen=True, slots=True)
 class EndpointPattern:
-    """A method plus a path whose segments are literals, ``{name}`` or ``*``.
+    """A method plus a path whose segments are literals, ``{name}``, ``{name}suffix`` or ``*``.
 
     A placeholder or ``*`` matches exactly one non-empty segment; build one with
     :meth:`parse`. ``segments`` holds decoded literals, ``"{name}"`` and ``"*"`` as written.
+    A placeholder may be followed by a literal suffix in the same segment (Twilio's
+    ``{Sid}.json``): the segment must end with the suffix, and what comes before it, which must
+    not be empty, ``.`` or ``..``, is captured.
 
     >>> p = EndpointPattern.parse("GET /v1/customers/*/sources/{id}")
     >>> p.match("get", ("v1", "customers", "cus_1", "sources", "src_2"))
     {'id': 'src_2'}
     >>> p.match("GET", ("v1", "customers", "cus_1", "sources")) is None
     True
+    >>> EndpointPattern.parse("GET /Messages/{Sid}.json").match("GET", ("Messages", "SM1.json"))
+    {'Sid': 'SM1'}
     """
 
     method: str
@@ -219,9 +226,9 @@ class EndpointPattern:
         for segment in normalized.segments:
             if segment == "*":
                 continue
-            if m := _PLACEHOLDER.fullmatch(segment):
+            if m := _PLACEHOLDER.fullmatch(segment) or _SUFFIXED.fullmatch(segment):
                 if m[1] in names:
-                    raise PatternError(f"{spec!r}: placeholder {segment} appears twice")
+                    raise PatternError(f"{spec!r}: placeholder {{{m[1]}}} appears twice")
                 names.add(m[1])
             elif "*" in segment:
                 raise PatternError(f"{spec!r}: '*' must be a whole path segment, got {segment!r}")
@@ -231,14 +238,15 @@ class EndpointPattern:
                 )
             elif "{" in segment or "}" in segment:
                 raise PatternError(
-                    f"{spec!r}: a placeholder must be a whole path segment, got {segment!r}"
+                    f"{spec!r}: a placeholder must be a whole path segment or be followed only "
+                    f"by a literal suffix ('{{Sid}}.json'), got {segment!r}"
                 )
         return cls(method, normalized.segments)
 
     @property
     def path(self) -> str:
         """The canonical path, placeholders and ``*`` as written."""
-        return "/" + "/".join(s if _is_variable(s) else quote(s, safe=_SAFE) for s in self.segments)
+        return "/" + "/".join(_render(s) for s in self.segments)
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -252,16 +260,24 @@ class EndpointPattern:
         captured: dict[str, str] = {}
         for want, got in zip(self.segments, segments, strict=True):
             if _is_variable(want):
+                name, _, suffix = want[1:].partition("}")
+                if suffix:
+                    if not got.endswith(suffix):
+                        return None
+                    got = got[: -len(suffix)]
                 if got in ("", ".", "..") or "/" in got:
                     return None
                 if want != "*":
-                    captured[want[1:-1]] = got
+                    captured[name] = got
             elif want != got:
                 return None
         return captured
 
-    def _specificity(self) -> tuple[bool, ...]:
-        return tuple(not _is_variable(s) for s in self.segments)
+    def _specificity(self) -> tuple[int, ...]:
+        # A literal segment beats "{Sid}.json", which beats a bare "{id}" or "*".
+        return tuple(
+            0 if s == "*" or s.endswith("}") else 1 if _is_variable(s) else 2 for s in self.segments
+        )
 
 
 def match_any(
@@ -288,6 +304,16 @@ def match_any(
 
 def _is_variable(segment: str) -> bool:
     return segment == "*" or segment.startswith("{")
+
+
+def _render(segment: str) -> str:
+    """A pattern segment in canonical form: literals and suffixes percent-encoded."""
+    if segment == "*":
+        return segment
+    if segment.startswith("{"):
+        name, _, suffix = segment.partition("}")
+        return f"{name}}}{quote(suffix, safe=_SAFE)}"
+    return quote(segment, safe=_SAFE)
 
 
 def _decode(raw: str) -> str:

@@ -51,7 +51,8 @@ class VendorSecrets:
     @classmethod
     def from_env(cls, policy: VendorPolicy) -> VendorSecrets:
         auth = policy.auth
-        names = [n for n in (auth.secret_env, auth.username_env, auth.account_env) if n]
+        # username_env is optional (Twilio API keys): without it the account id is the user.
+        names = [n for n in (auth.secret_env, auth.account_env) if n]
         missing = tuple(n for n in names if not os.environ.get(n))
         return cls(
             vendor=policy.vendor,

@@ -80,7 +80,16 @@ def refusal_response(refusal: Refusal) -> http.Response:
         "message": refusal.message,
     }
     error.update(refusal.extra)
-    body = json.dumps({"error": error}, separators=(",", ":")).encode()
+    payload = {
+        "error": error,
+        # The same facts at the top level, where the Twilio (code, message) and Resend
+        # (statusCode, name, message) SDKs look for them.
+        "code": refusal.code,
+        "message": refusal.message,
+        "statusCode": refusal.status,
+        "name": refusal.code,
+    }
+    body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {
         "Content-Type": "application/json",
         "X-Keybrake-Error": refusal.code,

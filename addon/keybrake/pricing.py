@@ -1,8 +1,19 @@
 """Cost estimation before forwarding, and the actual cost read from the vendor's answer.
 
 Declarative rules come from the vendor YAML (`keybrake.policy`); counters and cost functions
-that YAML can name are registered here. Every doubt refuses (`Refusal`), never guesses:
-an unknown currency, an ambiguous amount field, an amount-less call on an unknown object.
+that YAML can name are registered here (`keybrake.vendors` fills them on import). Every doubt
+refuses (`Refusal`), never guesses: an unknown currency, an ambiguous amount field, an
+amount-less call on an unknown object, a destination with no price.
+
+Rule kinds: ``fixed_usd`` (a price per call); ``amount_field`` (the body's minor-unit amount
+and currency, else the remembered amount of the object it acts on); ``known_object`` (only the
+remembered amount); ``per_unit`` (units from a named counter x a price, optionally by
+calling-code prefix of a destination field, with a minimum when a field is present);
+``function`` (a named Python function, sync or with access to remembered amounts).
+
+The actual cost of a 2xx answer comes from its ``actual`` rule: a minor-unit ``amount`` (with
+``charged_when`` conditions) or a decimal ``price``; when the answer does not say, the
+estimate stands and the note says why.
 """
 
 from __future__ import annotations
@@ -18,8 +29,10 @@ from keybrake._money import (
     BadAmount,
     MoneyError,
     UnknownCurrency,
+    decimal_to_micro_usd,
     minor_to_micro_usd,
 )
+from keybrake._sms import calling_code_price
 from keybrake.errors import Refusal
 from keybrake.policy import (
     ActualRule,
@@ -27,11 +40,13 @@ from keybrake.policy import (
     EndpointPolicy,
     FixedCost,
     FunctionCost,
+    KnownObjectCost,
     PerUnitCost,
     VendorPolicy,
 )
 
 __all__ = [
+    "ASYNC_COST_FUNCTIONS",
     "COST_FUNCTIONS",
     "COUNTERS",
     "Actual",
@@ -49,6 +64,11 @@ class Body:
     def __init__(self, kind: str, data: Any) -> None:
         self.kind = kind
         self._data = data
+
+    @property
+    def root(self) -> Any:
+        """The whole parsed body: a JSON value, or the `FormTree` of a form body."""
+        return self._data
 
     def get(self, path: str) -> Any:
         """The value at ``path`` (``line_items.0.price_data.unit_amount``) or None."""
@@ -136,9 +156,16 @@ class Actual:
 StoreLookup = Callable[[str], Awaitable[int | None]]
 Counter = Callable[[Body, PerUnitCost], int]
 CostFunction = Callable[[Body, Mapping[str, str], FunctionCost, VendorPolicy], int]
+AsyncCostFunction = Callable[
+    [Body, Mapping[str, str], FunctionCost, VendorPolicy, StoreLookup], Awaitable[int]
+]
 
 COUNTERS: dict[str, Counter] = {}
+"""Counters for ``per_unit`` rules: how many units (recipients, segments) a call uses."""
 COST_FUNCTIONS: dict[str, CostFunction] = {}
+"""Cost functions for ``function`` rules: micro-USD from the body and path parameters."""
+ASYNC_COST_FUNCTIONS: dict[str, AsyncCostFunction] = {}
+"""Cost functions that may also look up amounts the proxy remembered (Stripe price ids)."""
 
 
 def _minor_to_micros(amount: int, currency: str, policy: VendorPolicy) -> int:
@@ -174,15 +201,18 @@ async def estimate_cost(
             return Estimate(rule.usd, basis="fixed")
         if isinstance(rule, AmountFieldCost):
             return await _estimate_amount_field(policy, endpoint, rule, body, params, recall)
+        if isinstance(rule, KnownObjectCost):
+            return await _estimate_known_object(policy, endpoint, rule, body, params, recall)
         if isinstance(rule, PerUnitCost):
-            counter = COUNTERS.get(rule.counter)
-            if counter is None:
-                raise Refusal("unpriced_endpoint", f"unknown counter {rule.counter!r}")
-            return Estimate(counter(body, rule), basis=f"counter:{rule.counter}")
+            return _estimate_per_unit(policy, rule, body)
         fn = COST_FUNCTIONS.get(rule.name)
-        if fn is None:
+        if fn is not None:
+            return Estimate(fn(body, params, rule, policy), basis=f"function:{rule.name}")
+        async_fn = ASYNC_COST_FUNCTIONS.get(rule.name)
+        if async_fn is None:
             raise Refusal("unpriced_endpoint", f"unknown cost function {rule.name!r}")
-        return Estimate(fn(body, params, rule, policy), basis=f"function:{rule.name}")
+        micros = await async_fn(body, params, rule, policy, recall)
+        return Estimate(micros, basis=f"function:{rule.name}")
     except AmbiguousField as e:
         raise Refusal("ambiguous_amount", f"ambiguous field in request: {e}") from None
     except ValueError as e:
@@ -209,17 +239,102 @@ async def _estimate_amount_field(
         return Estimate(micros, amount, currency, "amount_field")
     # No amount, or an amount without currency (a capture's amount_to_capture): the whole
     # amount of the object the proxy saw earlier is a safe upper bound.
-    object_id = params.get(rule.known_object) if rule.known_object else None
-    known = await recall(object_id) if object_id else None
-    if known is not None:
-        return Estimate(known, amount, None, f"known:{object_id}")
-    if amount is None:
+    object_ids = _named_objects(rule.known_object, rule.known_object_fields, body, params)
+    found = await _recall_largest(object_ids, recall)
+    if found is not None:
+        return Estimate(found[1], amount, None, f"known:{found[0]}")
+    if amount is None or object_ids or rule.known_object_fields:
         raise Refusal(
             "unpriced_endpoint",
-            f"{endpoint.match} without {rule.amount!r} needs an amount the proxy has seen "
-            "for this object, and it has none",
+            f"{endpoint.match} without {rule.amount!r} and its currency needs the amount of "
+            f"{_describe(object_ids)}, which the proxy has not seen: retrieve it through the "
+            "proxy first",
         )
     raise Refusal("unknown_currency", "request names an amount but no currency")
+
+
+def _named_objects(
+    param: str | None, fields: tuple[str, ...], body: Body, params: Mapping[str, str]
+) -> list[str]:
+    """Ids of the objects a call names: a path placeholder, or body fields."""
+    ids: list[str] = []
+    if param and params.get(param):
+        ids.append(params[param])
+    for name in fields:
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            ids.append(value)
+    return ids
+
+
+async def _recall_largest(object_ids: list[str], recall: StoreLookup) -> tuple[str, int] | None:
+    """The object with the largest remembered amount, or None when none is remembered."""
+    best: tuple[str, int] | None = None
+    for object_id in object_ids:
+        known = await recall(object_id)
+        if known is not None and (best is None or known > best[1]):
+            best = (object_id, known)
+    return best
+
+
+def _describe(object_ids: list[str]) -> str:
+    return " or ".join(repr(i[:64]) for i in object_ids) if object_ids else "the object it names"
+
+
+async def _estimate_known_object(
+    policy: VendorPolicy,
+    endpoint: EndpointPolicy,
+    rule: KnownObjectCost,
+    body: Body,
+    params: Mapping[str, str],
+    recall: StoreLookup,
+) -> Estimate:
+    object_ids = _named_objects(rule.param, rule.fields, body, params)
+    if not object_ids:
+        raise Refusal(
+            "unpriced_endpoint",
+            f"{endpoint.match} names none of {', '.join(rule.fields)}: nothing to price it by",
+        )
+    found = await _recall_largest(object_ids, recall)
+    if found is None:
+        raise Refusal(
+            "unpriced_endpoint",
+            f"{endpoint.match} is priced by the amount of {_describe(object_ids)}, which the "
+            f"proxy has not seen: create or retrieve it through the proxy first",
+        )
+    return Estimate(found[1], basis=f"known:{found[0]}")
+
+
+def _estimate_per_unit(policy: VendorPolicy, rule: PerUnitCost, body: Body) -> Estimate:
+    counter = COUNTERS.get(rule.counter)
+    if counter is None:
+        raise Refusal("unpriced_endpoint", f"unknown counter {rule.counter!r}")
+    units = counter(body, rule)
+    micros = units * _unit_price(policy, rule, body)
+    basis = f"counter:{rule.counter}={units}"
+    for name, minimum in rule.min_usd_when_present.items():
+        if minimum > micros and any(v not in ("", None) for v in body.get_list(name)):
+            micros, basis = minimum, f"minimum:{name}"
+    return Estimate(micros, basis=basis)
+
+
+def _unit_price(policy: VendorPolicy, rule: PerUnitCost, body: Body) -> int:
+    """The price of one unit: by destination prefix when the rule has a table."""
+    if rule.prefix_field is None:
+        return rule.unit_usd
+    destination = body.get(rule.prefix_field)
+    if not isinstance(destination, str):
+        raise ValueError(f"{rule.prefix_field} is missing: the destination sets the price")
+    price = calling_code_price(destination, rule.by_prefix, -1)
+    if price >= 0:
+        return price
+    if rule.refuse_unlisted:
+        raise Refusal(
+            "unpriced_endpoint",
+            f"the {rule.prefix_field} destination's calling code has no price in the "
+            f"{policy.vendor} policy (by_prefix); add it there to allow it",
+        )
+    return rule.unit_usd
 
 
 def actual_cost(
@@ -239,6 +354,8 @@ def actual_cost(
     for field, values in rule.charged_when.items():
         if str(resp.get(field)) not in values:
             return Actual(0, note=f"{field}={resp.get(field)!r}: not charged")
+    if rule.price is not None:
+        return _actual_price(policy, rule, rule.price, resp, estimate)
     if rule.amount is None:
         return Actual(None, estimate.amount_minor, estimate.currency, "estimate kept")
     try:
@@ -253,6 +370,26 @@ def actual_cost(
     except MoneyError:
         return Actual(None, note=f"currency {currency!r} unknown in response: estimate kept")
     return Actual(micros, amount, currency.lower())
+
+
+def _actual_price(
+    policy: VendorPolicy, rule: ActualRule, path: str, resp: Body, estimate: Estimate
+) -> Actual:
+    """A decimal major-unit price (Twilio ``"price": "-0.00790"``), or the estimate if null."""
+    kept = Actual(None, estimate.amount_minor, estimate.currency)
+    value = resp.get(path)
+    if value is None:
+        return dataclasses.replace(
+            kept, note=f"{path} is null in the response (not priced yet): estimate kept"
+        )
+    currency = resp.get(rule.currency) if rule.currency else "usd"
+    if not isinstance(currency, str) or isinstance(value, bool | float):
+        return dataclasses.replace(kept, note=f"{path} unreadable in the response: estimate kept")
+    try:
+        micros = decimal_to_micro_usd(value, currency.lower(), policy.fx_to_usd)
+    except (MoneyError, TypeError):
+        return dataclasses.replace(kept, note=f"{path} unreadable in the response: estimate kept")
+    return Actual(micros, None, currency.lower(), f"{path} read from the response")
 
 
 # Vendor counters and cost functions register themselves on import.

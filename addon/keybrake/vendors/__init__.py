@@ -1,7 +1,15 @@
 """Vendor-specific counters and cost functions that policy YAML can name.
 
-Importing this package registers them in `keybrake.pricing.COUNTERS` and
-`keybrake.pricing.COST_FUNCTIONS`.
+Importing this package registers them in `keybrake.pricing.COUNTERS`,
+`keybrake.pricing.COST_FUNCTIONS` and `keybrake.pricing.ASYNC_COST_FUNCTIONS`:
+
+- `keybrake.vendors.generic`: ``list_items``, ``integer_fields`` (for YAML-only vendors).
+- `keybrake.vendors.stripe`: ``stripe_checkout_session``, ``stripe_subscription``,
+  ``stripe_invoice``, ``stripe_invoice_item``.
+- `keybrake.vendors.twilio`: ``sms_segments``.
+- `keybrake.vendors.resend`: ``email_recipients``, ``email_batch_recipients``.
 """
 
-__all__: list[str] = []
+from keybrake.vendors import generic, resend, stripe, twilio
+
+__all__ = ["generic", "resend", "stripe", "twilio"]

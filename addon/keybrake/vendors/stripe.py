@@ -1,0 +1,216 @@
+"""Stripe cost functions for calls whose price is a sum over line items, or nothing at all.
+
+Named from ``policies/stripe.yaml``:
+
+- ``stripe_checkout_session`` (``POST /v1/checkout/sessions``): Σ ``unit_amount * quantity``
+  over ``line_items``. An item with ``adjustable_quantity[enabled]=true`` is counted at its
+  ``maximum`` (Stripe's default 99): the customer picks the quantity later.
+- ``stripe_subscription`` (``POST /v1/subscriptions``): the first invoice, Σ over ``items``
+  and ``add_invoice_items``.
+- ``stripe_invoice`` (``POST /v1/invoices``) and ``stripe_invoice_item``
+  (``POST /v1/invoiceitems``) cost nothing, but refuse what would let money move out of the
+  proxy's sight: an invoice created with ``auto_advance=true`` (Stripe finalizes and charges it
+  by itself about an hour later) and an item added straight to an existing invoice (the amount
+  the proxy remembered for that invoice would be stale when it is paid).
+
+A line item is priced from ``price_data`` (``unit_amount`` or ``unit_amount_decimal``, in
+the ``currency`` minor unit, converted with the policy's FX table) or from a ``price`` id
+(``plan`` for subscriptions) whose ``unit_amount`` the proxy remembered from an earlier
+``POST /v1/prices`` or ``GET /v1/prices/{id}``; anything else is refused. Tax, shipping and
+discounts are not in the estimate: the settled cost is read back from the response where
+Stripe reports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+from keybrake._money import MoneyError, UnknownCurrency, minor_to_micro_usd
+from keybrake.errors import Refusal
+from keybrake.policy import FunctionCost, VendorPolicy
+from keybrake.pricing import ASYNC_COST_FUNCTIONS, COST_FUNCTIONS, Body, StoreLookup
+
+__all__ = [
+    "checkout_session_cost",
+    "invoice_cost",
+    "invoice_item_cost",
+    "line_items_cost",
+    "subscription_cost",
+]
+
+ADJUSTABLE_QUANTITY_MAX: Final = 99
+"""Stripe's default ``adjustable_quantity[maximum]`` for Checkout line items."""
+_MAX_QUANTITY: Final = 10**9
+
+
+def _integer(value: Any, where: str) -> int:
+    """A non-negative integer sent as form text (``"2"``) or JSON (``2``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must be an integer")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        number = int(value)
+    else:
+        raise ValueError(f"{where} must be a plain non-negative integer")
+    if number < 0:
+        raise ValueError(f"{where} must not be negative")
+    return number
+
+
+def _is_true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def _quantity(item: Mapping[str, Any], where: str, *, adjustable: bool) -> int:
+    raw = item.get("quantity")
+    quantity = 1 if raw in (None, "") else _integer(raw, f"{where}.quantity")
+    adjust = item.get("adjustable_quantity")
+    if adjustable and isinstance(adjust, Mapping) and _is_true(adjust.get("enabled")):
+        raw_max = adjust.get("maximum")
+        maximum = (
+            ADJUSTABLE_QUANTITY_MAX
+            if raw_max in (None, "")
+            else _integer(raw_max, f"{where}.adjustable_quantity.maximum")
+        )
+        quantity = max(quantity, maximum)
+    if quantity > _MAX_QUANTITY:
+        raise ValueError(f"{where}.quantity is absurdly large")
+    return quantity
+
+
+def _unit_amount_minor(data: Mapping[str, Any], where: str) -> Decimal:
+    """``price_data[unit_amount]``, or ``unit_amount_decimal`` (fractions of a minor unit)."""
+    if data.get("unit_amount") not in (None, ""):
+        return Decimal(_integer(data["unit_amount"], f"{where}.unit_amount"))
+    raw = data.get("unit_amount_decimal")
+    if raw in (None, "") or isinstance(raw, bool | float):
+        raise Refusal(
+            "unpriced_endpoint",
+            f"{where} has neither unit_amount nor unit_amount_decimal: it cannot be priced",
+        )
+    try:
+        amount = Decimal(str(raw))
+    except InvalidOperation:
+        raise ValueError(f"{where}.unit_amount_decimal must be a decimal number") from None
+    if not amount.is_finite() or amount < 0 or amount.adjusted() > 18:
+        raise ValueError(f"{where}.unit_amount_decimal must be a non-negative decimal")
+    return amount
+
+
+def _price_data_micros(
+    data: Mapping[str, Any], quantity: int, where: str, policy: VendorPolicy
+) -> int:
+    currency = data.get("currency")
+    if not isinstance(currency, str) or not currency:
+        raise Refusal("unknown_currency", f"{where}.currency is missing")
+    minor = math.ceil(_unit_amount_minor(data, where) * quantity)
+    try:
+        return minor_to_micro_usd(minor, currency.lower(), policy.fx_to_usd)
+    except UnknownCurrency:
+        raise Refusal(
+            "unknown_currency",
+            f"currency {currency!r} has no USD rate in the {policy.vendor} policy",
+        ) from None
+    except MoneyError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+async def line_items_cost(
+    body: Body,
+    field: str,
+    policy: VendorPolicy,
+    recall: StoreLookup,
+    *,
+    price_keys: tuple[str, ...] = ("price",),
+    adjustable: bool = False,
+) -> int:
+    """Micro-USD of Σ ``unit_amount * quantity`` over the items of list field ``field``."""
+    total = 0
+    for i, item in enumerate(body.get_list(field)):
+        where = f"{field}.{i}"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where} must be an object of price fields")
+        quantity = _quantity(item, where, adjustable=adjustable)
+        data = item.get("price_data")
+        if isinstance(data, Mapping):
+            total += _price_data_micros(data, quantity, f"{where}.price_data", policy)
+            continue
+        price_id = next(
+            (item[k] for k in price_keys if isinstance(item.get(k), str) and item[k]), None
+        )
+        if price_id is None:
+            raise Refusal(
+                "unpriced_endpoint",
+                f"{where} names neither price_data nor a {'/'.join(price_keys)}",
+            )
+        unit = await recall(price_id)
+        if unit is None:
+            raise Refusal(
+                "unpriced_endpoint",
+                f"{where} uses price {price_id[:64]!r}, whose unit_amount the proxy has not "
+                "seen: create or retrieve the price through the proxy first, or use price_data",
+            )
+        total += unit * quantity
+    return total
+
+
+async def checkout_session_cost(
+    body: Body,
+    params: Mapping[str, str],
+    rule: FunctionCost,
+    policy: VendorPolicy,
+    recall: StoreLookup,
+) -> int:
+    """``POST /v1/checkout/sessions``: what the session can collect (see the module doc)."""
+    return await line_items_cost(body, "line_items", policy, recall, adjustable=True)
+
+
+async def subscription_cost(
+    body: Body,
+    params: Mapping[str, str],
+    rule: FunctionCost,
+    policy: VendorPolicy,
+    recall: StoreLookup,
+) -> int:
+    """``POST /v1/subscriptions``: the first invoice (recurring items + one-off items)."""
+    recurring = await line_items_cost(body, "items", policy, recall, price_keys=("price", "plan"))
+    one_off = await line_items_cost(body, "add_invoice_items", policy, recall)
+    return recurring + one_off
+
+
+def invoice_cost(
+    body: Body, params: Mapping[str, str], rule: FunctionCost, policy: VendorPolicy
+) -> int:
+    """``POST /v1/invoices``: free, unless Stripe would collect it by itself later."""
+    if _is_true(body.get("auto_advance")):
+        raise Refusal(
+            "unpriced_endpoint",
+            "an invoice with auto_advance=true is finalized and charged by Stripe later, out "
+            "of the proxy's sight: create it with auto_advance=false and pay it through the "
+            "proxy (POST /v1/invoices/{id}/pay)",
+        )
+    return 0
+
+
+def invoice_item_cost(
+    body: Body, params: Mapping[str, str], rule: FunctionCost, policy: VendorPolicy
+) -> int:
+    """``POST /v1/invoiceitems``: free, unless added straight to an existing invoice."""
+    if body.get("invoice") not in (None, ""):
+        raise Refusal(
+            "unpriced_endpoint",
+            "adding an item to an existing invoice would change its amount after the proxy "
+            "priced it: create pending items, then the invoice with "
+            "pending_invoice_items_behavior=include",
+        )
+    return 0
+
+
+ASYNC_COST_FUNCTIONS["stripe_checkout_session"] = checkout_session_cost
+ASYNC_COST_FUNCTIONS["stripe_subscription"] = subscription_cost
+COST_FUNCTIONS["stripe_invoice"] = invoice_cost
+COST_FUNCTIONS["stripe_invoice_item"] = invoice_item_cost

@@ -1,0 +1,314 @@
+"""The shipped Stripe policy and keybrake.vendors.stripe, priced without a proxy."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import pytest
+from tests.vendors.conftest import price_call, refusal_of
+
+from keybrake.policy import PolicySet
+
+
+def form(**fields: object) -> bytes:
+    """A Stripe-style form body; keys use brackets, e.g. ``line_items[0][quantity]``."""
+    return urlencode({k.replace("__", "]["): v for k, v in fields.items()}).encode()
+
+
+def items(*lines: dict[str, object], field: str = "line_items") -> bytes:
+    pairs: list[tuple[str, object]] = []
+    for i, line in enumerate(lines):
+        for key, value in line.items():
+            path = "".join(f"[{part}]" for part in key.split("."))
+            pairs.append((f"{field}[{i}]{path}", value))
+    return urlencode(pairs).encode()
+
+
+def pd(unit: object, currency: str = "usd", **more: object) -> dict[str, object]:
+    return {"price_data.currency": currency, "price_data.unit_amount": unit, **more}
+
+
+CHECKOUT = ("POST", "/v1/checkout/sessions")
+SUBSCRIPTION = ("POST", "/v1/subscriptions")
+
+
+# -- money endpoints priced by amount fields and remembered objects -------------------------------
+@pytest.mark.parametrize(
+    ("method", "target", "raw", "known", "micros"),
+    [
+        ("POST", "/v1/payment_intents", b"amount=2000&currency=usd", {}, 20_000_000),
+        ("POST", "/v1/payment_intents", b"amount=5000&currency=jpy", {}, 37_500_000),
+        ("POST", "/v1/payment_intents", b"amount=1000&currency=kwd", {}, 3_400_000),
+        ("POST", "/v1/payment_intents/pi_1/confirm", b"", {"pi_1": 20_000_000}, 20_000_000),
+        (
+            "POST",
+            "/v1/payment_intents/pi_1/confirm",
+            b"amount=1&currency=usd&payment_method=pm_card_visa",
+            {"pi_1": 20_000_000},
+            20_000_000,  # confirm takes no amount: a body amount cannot lower the price
+        ),
+        ("POST", "/v1/payment_intents/pi_1/capture", b"", {"pi_1": 9}, 9),
+        ("POST", "/v1/payment_intents/pi_1/capture", b"amount_to_capture=5", {"pi_1": 9}, 9),
+        ("POST", "/v1/payment_intents/pi_1/increment_authorization", b"amount=900", {"pi_1": 4}, 4),
+        ("POST", "/v1/charges", b"amount=1500&currency=eur&source=tok_visa", {}, 18_000_000),
+        ("POST", "/v1/charges/ch_1/capture", b"", {"ch_1": 15_000_000}, 15_000_000),
+        ("POST", "/v1/charges/ch_1/capture", b"amount=100", {"ch_1": 15_000_000}, 15_000_000),
+        ("POST", "/v1/refunds", b"charge=ch_1", {"ch_1": 15_000_000}, 15_000_000),
+        ("POST", "/v1/refunds", b"payment_intent=pi_1&amount=300", {"pi_1": 8_000_000}, 8_000_000),
+        ("POST", "/v1/refunds", b"charge=ch_x&amount=300&currency=usd", {}, 3_000_000),
+        ("POST", "/v1/transfers", b"amount=700&currency=usd&destination=acct_1", {}, 7_000_000),
+        ("POST", "/v1/payouts", b"amount=800&currency=usd", {}, 8_000_000),
+        ("POST", "/v1/topups", b"amount=900&currency=usd", {}, 9_000_000),
+        ("POST", "/v1/invoices/in_1/pay", b"", {"in_1": 12_340_000}, 12_340_000),
+        ("POST", "/v1/invoices", b"customer=cus_1", {}, 0),
+        ("POST", "/v1/invoices", b"customer=cus_1&auto_advance=false", {}, 0),
+        ("POST", "/v1/invoiceitems", b"customer=cus_1&amount=500&currency=usd", {}, 0),
+        ("POST", "/v1/customers", b"email=a%40example.com", {}, 0),
+        ("POST", "/v1/prices", b"unit_amount=500&currency=usd&product=prod_1", {}, 0),
+        ("POST", "/v1/payment_intents/pi_1", b"amount=700", {}, 0),
+        ("GET", "/v1/payment_intents/pi_1", b"", {}, 0),
+        ("GET", "/v1/invoices/in_1", b"", {}, 0),
+        ("GET", "/v1/balance", b"", {}, 0),
+    ],
+)
+async def test_stripe_endpoint_estimates(
+    shipped: PolicySet,
+    method: str,
+    target: str,
+    raw: bytes,
+    known: dict[str, int],
+    micros: int,
+) -> None:
+    e = await price_call(shipped, "stripe", method, target, raw, known=known)
+    assert e.micros == micros
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "raw", "code", "message"),
+    [
+        ("POST", "/v1/payment_intents/pi_x/confirm", b"", "unpriced_endpoint", "has not seen"),
+        ("POST", "/v1/payment_intents/pi_x/capture", b"", "unpriced_endpoint", "has not seen"),
+        (
+            "POST",
+            "/v1/payment_intents/pi_x/capture",
+            b"amount_to_capture=50",
+            "unpriced_endpoint",
+            "has not seen",
+        ),
+        ("POST", "/v1/charges/ch_x/capture", b"", "unpriced_endpoint", "has not seen"),
+        ("POST", "/v1/refunds", b"charge=ch_x", "unpriced_endpoint", "has not seen"),
+        ("POST", "/v1/refunds", b"amount=100&charge=ch_x", "unpriced_endpoint", "has not seen"),
+        ("POST", "/v1/refunds", b"amount=100", "unpriced_endpoint", "has not seen"),
+        ("POST", "/v1/invoices/in_x/pay", b"", "unpriced_endpoint", "has not seen"),
+        (
+            "POST",
+            "/v1/payment_intents",
+            b"amount=100&amount=100000&currency=usd",
+            "ambiguous_amount",
+            "more than once",
+        ),
+        (
+            "POST",
+            "/v1/payment_intents",
+            b"amount=100&amount%5B0%5D=1&currency=usd",
+            "ambiguous_amount",
+            "nested fields",
+        ),
+        (
+            "POST",
+            "/v1/transfers",
+            b"amount=100&currency=usd&currency=jpy&destination=acct_1",
+            "ambiguous_amount",
+            "currency",
+        ),
+        ("POST", "/v1/payouts", b"amount=100&currency=thb", "unknown_currency", "thb"),
+        ("POST", "/v1/topups", b"amount=12.50&currency=usd", "invalid_request", "integer"),
+        ("POST", "/v1/invoices", b"customer=c&auto_advance=true", "unpriced_endpoint", "auto_adv"),
+        ("POST", "/v1/invoices", b"customer=c&auto_advance=True", "unpriced_endpoint", "auto_adv"),
+        ("POST", "/v1/invoiceitems", b"customer=c&invoice=in_1", "unpriced_endpoint", "pending"),
+    ],
+)
+async def test_stripe_endpoint_refusals(
+    shipped: PolicySet, method: str, target: str, raw: bytes, code: str, message: str
+) -> None:
+    r = await refusal_of(shipped, "stripe", method, target, raw)
+    assert r.code == code
+    assert message in r.message
+
+
+# -- checkout sessions ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "known", "micros"),
+    [
+        (items(pd(1500, quantity=2)), {}, 30_000_000),
+        (items(pd(1500)), {}, 15_000_000),  # quantity defaults to 1
+        (items(pd(1500, quantity=2), pd(250, quantity=4)), {}, 40_000_000),
+        (items(pd(1000, "jpy", quantity=3)), {}, 22_500_000),  # 3,000 yen x 0.0075
+        (items(pd(1000, "kwd")), {}, 3_400_000),  # 1.000 KWD x 3.40
+        (items(pd(1000, "eur"), pd(100)), {}, 13_000_000),  # mixed currencies each converted
+        (
+            items(
+                {
+                    "price_data.currency": "usd",
+                    "price_data.unit_amount_decimal": "1.5",
+                    "quantity": 3,
+                }
+            ),
+            {},
+            50_000,  # 4.5 cents rounds up to 5
+        ),
+        (items({"price": "price_1", "quantity": 2}), {"price_1": 12_000_000}, 24_000_000),
+        (items({"price": "price_1"}, pd(100)), {"price_1": 5}, 1_000_005),
+        # adjustable quantities: the customer may buy up to the maximum (default 99)
+        (items(pd(100, **{"adjustable_quantity.enabled": "true"})), {}, 99_000_000),
+        (
+            items(
+                pd(
+                    100,
+                    quantity=2,
+                    **{"adjustable_quantity.enabled": "true", "adjustable_quantity.maximum": 5},
+                )
+            ),
+            {},
+            5_000_000,
+        ),
+        (items(pd(100, quantity=2, **{"adjustable_quantity.enabled": "false"})), {}, 2_000_000),
+        (form(mode="setup", currency="usd"), {}, 0),
+        (items(pd(100, quantity=0)), {}, 0),
+        (items(pd(0, quantity=5)), {}, 0),
+    ],
+)
+async def test_checkout_session_sums_line_items(
+    shipped: PolicySet, raw: bytes, known: dict[str, int], micros: int
+) -> None:
+    e = await price_call(shipped, "stripe", *CHECKOUT, raw + b"&mode=payment", known=known)
+    assert e.micros == micros
+    assert e.basis == "function:stripe_checkout_session"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "message"),
+    [
+        (items({"price": "price_unknown"}), "unpriced_endpoint", "has not seen"),
+        (items({"quantity": 2}), "unpriced_endpoint", "neither price_data nor a price"),
+        (items({"price_data.currency": "usd", "quantity": 2}), "unpriced_endpoint", "unit_amount"),
+        (items({"price_data.unit_amount": 5}), "unknown_currency", "currency is missing"),
+        (items(pd(5, "xyz")), "unknown_currency", "xyz"),
+        (items(pd(5, "thb")), "unknown_currency", "thb"),
+        (items(pd(5, quantity="1.5")), "invalid_request", "quantity"),
+        (items(pd(5, quantity="-1")), "invalid_request", "quantity"),
+        (items(pd("5x")), "invalid_request", "unit_amount"),
+        (
+            items({"price_data.currency": "usd", "price_data.unit_amount_decimal": "NaN"}),
+            "invalid_request",
+            "unit_amount_decimal",
+        ),
+        (
+            items({"price_data.currency": "usd", "price_data.unit_amount_decimal": "x"}),
+            "invalid_request",
+            "unit_amount_decimal",
+        ),
+        (items(pd(5, quantity=10**12)), "invalid_request", "absurdly"),
+        (
+            items(pd(100)) + b"&line_items[0][quantity]=1&line_items[0][quantity]=50",
+            "ambiguous_amount",
+            "quantity",
+        ),
+        (
+            items(pd(100)) + b"&line_items[0][price_data][unit_amount]=9999",
+            "ambiguous_amount",
+            "unit_amount",
+        ),
+        (b"line_items=x", "invalid_request", "must be an object"),
+    ],
+)
+async def test_checkout_session_refusals(
+    shipped: PolicySet, raw: bytes, code: str, message: str
+) -> None:
+    r = await refusal_of(shipped, "stripe", *CHECKOUT, raw + b"&mode=payment")
+    assert r.code == code
+    assert message in r.message
+
+
+# -- subscriptions --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "known", "micros"),
+    [
+        (
+            items(pd(2000, **{"price_data.recurring.interval": "month"}), field="items"),
+            {},
+            20_000_000,
+        ),
+        (items(pd(2000, quantity=3), field="items"), {}, 60_000_000),
+        (
+            items({"price": "price_m", "quantity": 2}, field="items"),
+            {"price_m": 900_000},
+            1_800_000,
+        ),
+        (items({"plan": "plan_m"}, field="items"), {"plan_m": 900_000}, 900_000),
+        (
+            items(pd(2000), field="items") + b"&" + items(pd(500), field="add_invoice_items"),
+            {},
+            25_000_000,
+        ),
+        (
+            items(pd(2000), field="items")
+            + b"&"
+            + items({"price": "price_setup"}, field="add_invoice_items"),
+            {"price_setup": 7},
+            20_000_007,
+        ),
+        # A trial is still estimated at the first paid invoice: conservative.
+        (items(pd(2000), field="items") + b"&trial_period_days=7", {}, 20_000_000),
+    ],
+)
+async def test_subscription_first_invoice(
+    shipped: PolicySet, raw: bytes, known: dict[str, int], micros: int
+) -> None:
+    e = await price_call(shipped, "stripe", *SUBSCRIPTION, raw + b"&customer=cus_1", known=known)
+    assert e.micros == micros
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (items({"price": "price_unknown"}, field="items"), "has not seen"),
+        (items({"plan": "plan_unknown"}, field="items"), "has not seen"),
+        (items({"quantity": 1}, field="items"), "neither price_data nor a price/plan"),
+        (
+            items(pd(100), field="items") + b"&" + items({"price": "p"}, field="add_invoice_items"),
+            "has not seen",
+        ),
+    ],
+)
+async def test_subscription_refusals(shipped: PolicySet, raw: bytes, message: str) -> None:
+    r = await refusal_of(shipped, "stripe", *SUBSCRIPTION, raw + b"&customer=cus_1")
+    assert r.code == "unpriced_endpoint"
+    assert message in r.message
+
+
+# -- the shipped policy itself --------------------------------------------------------------------
+def test_every_money_endpoint_has_an_actual_rule(shipped: PolicySet) -> None:
+    """Money-moving endpoints settle at what Stripe reports, not at the estimate."""
+    stripe = shipped.vendors["stripe"]
+    actual = {ep.match for ep in stripe.endpoints if ep.actual is not None}
+    assert {
+        "POST /v1/payment_intents",
+        "POST /v1/payment_intents/{id}/confirm",
+        "POST /v1/payment_intents/{id}/capture",
+        "POST /v1/payment_intents/{id}/increment_authorization",
+        "POST /v1/charges",
+        "POST /v1/charges/{id}/capture",
+        "POST /v1/refunds",
+        "POST /v1/transfers",
+        "POST /v1/payouts",
+        "POST /v1/topups",
+        "POST /v1/invoices/{id}/pay",
+        "POST /v1/checkout/sessions",
+        "POST /v1/subscriptions",
+    } == actual
+    remembered = {ep.match: ep.remember_amount for ep in stripe.endpoints if ep.remember_amount}
+    assert remembered["GET /v1/invoices/{id}"] == "amount_due"
+    assert remembered["POST /v1/invoices"] == "amount_due"
+    assert remembered["GET /v1/prices/{id}"] == "unit_amount"
+    assert remembered["POST /v1/payment_intents/{id}/increment_authorization"] == "amount"
