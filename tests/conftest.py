@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,6 +79,7 @@ class KeybrakeProcess:
         env: dict[str, str] | None = None,
         policies_src: Path | None = None,
         data_dir: Path | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.certs = certs
@@ -87,6 +89,8 @@ class KeybrakeProcess:
         self.proxy_port = free_port()
         self.admin_port = free_port()
         self.store = store
+        # Extra mitmproxy arguments passed after ``--``, e.g. ``["--set", "keybrake_audit=…"]``.
+        self.extra_args = list(extra_args or [])
         self.log_path = workdir / f"proxy-{uuid.uuid4().hex[:6]}.log"
         self.admin_token = f"kba_test_{uuid.uuid4().hex}"
         self.fakes = fakes
@@ -152,6 +156,8 @@ class KeybrakeProcess:
         ]
         if self.store:
             cmd += ["--store", self.store]
+        if self.extra_args:
+            cmd += ["--", *self.extra_args]
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             cmd, cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
@@ -258,3 +264,56 @@ def redis_prefix() -> Iterator[str]:
     for k in r.scan_iter(f"{prefix}*", count=1000):
         r.delete(k)
     r.close()
+
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema on the real PostgreSQL (dropped afterwards), as an audit URL whose
+    connections use it first: the audit sink's ``audit`` table lands there."""
+    import psycopg
+
+    schema = f"kbtest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def postgres_audit_url() -> Iterator[str]:
+    """An audit URL (``postgresql://…``) with a schema of its own, dropped afterwards."""
+    with postgres_schema() as url:
+        yield url
+
+
+def audit_query(source: Path | str, sql: str = "SELECT * FROM audit ORDER BY id") -> list[Any]:
+    """Rows (dicts) of an audit sink as a report reader sees them: ``source`` is the SQLite
+    file (``<data dir>/audit.db``) or a ``postgresql://`` URL. Missing table → no rows."""
+    if isinstance(source, str) and source.startswith("postgresql://"):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(source, autocommit=True, row_factory=dict_row) as conn:
+            exists = conn.execute("SELECT to_regclass('audit') IS NOT NULL AS ok").fetchone()
+            if not exists or not exists["ok"]:
+                return []
+            return list(conn.execute(sql).fetchall())
+    import sqlite3
+
+    path = Path(source)
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        conn.row_factory = sqlite3.Row
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit'").fetchone():
+            return []
+        return [dict(r) for r in conn.execute(sql).fetchall()]
+    finally:
+        conn.close()

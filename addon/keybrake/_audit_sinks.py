@@ -96,8 +96,16 @@ class SQLiteAuditSink:
             table.create_index(list(cols), if_not_exists=True)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        with self._lock, self.db.conn:
-            self.db.table(TABLE).insert_all(rows, batch_size=500)
+        """All rows or none: a failed batch is retried whole, never half-written twice."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.table(TABLE).insert_all(rows, batch_size=500)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def query(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         with self._lock:
@@ -205,7 +213,8 @@ class AuditWriter:
         self._queue: queue.Queue[Any] = queue.Queue()
         self.written = 0
         self.dropped = 0
-        self.failures = 0
+        self.failures = 0  # consecutive
+        self.closed = False
         self._thread = threading.Thread(target=self._run, name="keybrake-audit", daemon=True)
         self._thread.start()
 
@@ -214,6 +223,15 @@ class AuditWriter:
         return self._queue.qsize()
 
     def submit(self, row: dict[str, Any]) -> None:
+        if self.closed:
+            # After shutdown began: write through, so late answers are still recorded.
+            try:
+                self.sink.write([row])
+                self.written += 1
+            except Exception as e:
+                self.dropped += 1
+                log.error("keybrake: audit row lost at shutdown: %s", e)
+            return
         if self._queue.qsize() >= self.max_pending:
             self.dropped += 1
             log.error("keybrake: audit backlog full (%d rows); row dropped", self.max_pending)
@@ -221,13 +239,16 @@ class AuditWriter:
         self._queue.put(row)
 
     def close(self, timeout: float = 30) -> None:
+        """Flush everything queued and stop the thread; later rows are written through."""
+        if self.closed:
+            return
         self._queue.put(_STOP)
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error(
                 "keybrake: audit writer did not finish in %ss; %d rows pending", timeout, self.depth
             )
-        self.sink.close()
+        self.closed = True
 
     def _run(self) -> None:
         pending: list[dict[str, Any]] = []
@@ -255,6 +276,7 @@ class AuditWriter:
                 self.sink.write(pending)
                 self.written += len(pending)
                 pending = []
+                self.failures = 0
             except Exception as e:
                 self.failures += 1
                 log.error(

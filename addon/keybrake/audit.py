@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -70,7 +71,7 @@ class AuditTrail:
         loader.add_option(
             "keybrake_audit",
             str,
-            "",
+            os.environ.get("KEYBRAKE_AUDIT", ""),
             "Audit sink: empty for <data dir>/audit.db (SQLite), or postgresql://... shared "
             "by every replica.",
         )
@@ -108,6 +109,7 @@ class AuditTrail:
         if not isinstance(call, CallState) or call.audited or self.writer is None:
             return
         call.audited = True
+        self.runtime.inflight -= 1
         try:
             row = audit_row(call, flow, self.runtime)
             if ctx.options.keybrake_audit_bodies:
@@ -129,7 +131,8 @@ class AuditTrail:
         return text
 
     def done(self) -> None:
+        # Core.done has already waited for in-flight calls; rows that still arrive after
+        # this are written through by the closed writer, not dropped.
         if self.writer is not None:
             self.writer.close()
             log.info("keybrake: audit flushed (%d rows written)", self.writer.written)
-            self.writer = None

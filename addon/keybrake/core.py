@@ -7,6 +7,7 @@ file stops the proxy at start with the file name and the field path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -29,6 +30,7 @@ from keybrake.store import Store, StoreUnavailable, open_store
 __all__ = ["Core", "Runtime", "load_admin_token"]
 
 log = logging.getLogger("keybrake")
+SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 def load_admin_token(data_dir: Path) -> tuple[str, str]:
@@ -79,6 +81,8 @@ class Runtime:
         self.admin_token = ""
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.idempotency_ttl_seconds = 24 * 3600
+        # Vendor calls admitted and not yet audited: shutdown waits for them (bounded).
+        self.inflight = 0
         self.audit_writer: AuditWriter | None = None
         self.audit_sink: AuditSink | None = None
         self._opened = False
@@ -249,6 +253,14 @@ class Core:
             )
 
     async def done(self) -> None:
+        # mitmproxy calls done while connections are still being served: let calls already
+        # admitted settle their reservations and write their audit rows first.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
+        while self.runtime.inflight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.runtime.inflight > 0:
+            log.warning("keybrake: stopping with %d call(s) in flight", self.runtime.inflight)
         if self.runtime.store is not None:
             with contextlib.suppress(StoreUnavailable):
                 await self.runtime.store.close()

@@ -196,6 +196,7 @@ class VaultGuard:
         if too_big or len(flow.request.headers.fields) > 100:
             call = CallState(vendor=route[0].vendor)
             flow.metadata[META] = call
+            self.runtime.inflight += 1
             self._refuse(
                 flow,
                 call,
@@ -214,6 +215,7 @@ class VaultGuard:
         policy, target = route
         call = CallState(vendor=policy.vendor)
         flow.metadata[META] = call
+        self.runtime.inflight += 1
         try:
             await self._admit(flow, policy, target, call)
         except Refusal as r:
@@ -437,12 +439,13 @@ class VaultGuard:
         fingerprint = body_fingerprint(method, path, body)
         ttl = rt.idempotency_ttl_seconds
         if idem:
-            idem = idem[:255]
-            call.idempotency_key = idem
-            scope = f"idem:{key.key_id}:{idem}"
-        elif endpoint is not None and endpoint.dedupe is not None:
+            call.idempotency_key = idem[:255]
+        if endpoint is not None and endpoint.dedupe is not None:
+            # Content dedupe wins over a header: some SDKs send a random key per call.
             scope = f"dedupe:{key.key_id}:{fingerprint}"
             ttl = endpoint.dedupe.seconds
+        elif call.idempotency_key:
+            scope = f"idem:{key.key_id}:{call.idempotency_key}"
         else:
             return False
         store = await rt.open_store()
@@ -462,6 +465,12 @@ class VaultGuard:
             )
         assert begin.response is not None
         flow.response = replay_response(begin.response)
+        if policy.request_id_header:
+            call.vendor_request_id = flow.response.headers.get(policy.request_id_header)
+        data = _json_object(begin.response.body)
+        if data is not None and endpoint is not None and endpoint.object_id:
+            oid = data.get(endpoint.object_id)
+            call.object_id = oid if isinstance(oid, str) else None
         call.outcome, call.status = "replayed", begin.response.status_code
         call.actual_micros = 0
         flow.comment = f"keybrake {key.key_id} [{key.agent_run_label}] replayed"

@@ -45,7 +45,10 @@ def parse_time(value: str, now: dt.datetime, name: str = "since") -> dt.datetime
     """
     text = value.strip()
     if m := _REL.match(text):
-        return now - dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return now - dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:
+            raise ReportError(f"{name}: {value!r} reaches before year 1") from None
     try:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
