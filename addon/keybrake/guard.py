@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ log = logging.getLogger("keybrake")
 META = "keybrake"
 IN_FLIGHT_SECONDS = 300
 MAX_VENDOR_BODY = 1024 * 1024
+# "next_page_uri": "https://api.twilio.com/2010-04-01/..." (a JSON member holding a link)
+_VENDOR_LINK = re.compile(
+    rb'"(?P<key>[A-Za-z0-9_]+_ur(?P<kind>[il]))"\s*:\s*"https://(?P<host>[A-Za-z0-9.-]+)'
+    rb'(?P<path>/[^"\\]*)"'
+)
 # Vendor statuses that mean "refused, nothing charged": the reservation is released.
 VENDOR_REFUSED = frozenset({400, 401, 402, 403, 404, 409, 422, 429})
 REDACTED = "[redacted by keybrake]"
@@ -83,6 +89,8 @@ class CallState:
     currency: str | None = None
     latency_ms: float | None = None
     audited: bool = False
+    # Base-URL mode: where the client reached us, to keep vendor links on the proxy.
+    client_base: str | None = None
 
     def breadcrumb(self) -> dict[str, Any]:
         return {
@@ -216,6 +224,9 @@ class VaultGuard:
         call = CallState(vendor=policy.vendor)
         flow.metadata[META] = call
         self.runtime.inflight += 1
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and flow.request.host_header:
+            scheme = "https" if flow.client_conn.tls_established else "http"
+            call.client_base = f"{scheme}://{flow.request.host_header}/{policy.vendor}"
         try:
             await self._admit(flow, policy, target, call)
         except Refusal as r:
@@ -571,6 +582,7 @@ class VaultGuard:
         call.status = flow.response.status_code
         call.latency_ms = (time.monotonic() - call.started) * 1000
         if call.outcome != "forwarded":
+            self._rewrite_links(flow, call)
             return  # refused or replayed: nothing reached the vendor
         try:
             await self._settle(flow, call)
@@ -584,6 +596,30 @@ class VaultGuard:
             )
         finally:
             await self._finish_idempotency(flow, call)
+        # After storing for replay, so the stored response stays vendor-shaped.
+        self._rewrite_links(flow, call)
+
+    def _rewrite_links(self, flow: http.HTTPFlow, call: CallState) -> None:
+        """Base-URL mode: absolute vendor links in JSON (``next_page_url``) point back at
+        the proxy, so paging stays on it; ``*_uri`` fields become paths."""
+        rt = self.runtime
+        if call.client_base is None or flow.response is None or rt.policies is None:
+            return
+        if "json" not in flow.response.headers.get("content-type", "").lower():
+            return
+        hosts = {h.lower() for h in rt.policies.vendors[call.vendor].hosts}
+        base = call.client_base.encode()
+
+        def relink(m: re.Match[bytes]) -> bytes:
+            if m["host"].lower().decode() not in hosts:
+                return m[0]
+            link = m["path"] if m["kind"] == b"i" else base + m["path"]
+            return b'"' + m["key"] + b'":"' + link + b'"'
+
+        content = flow.response.content or b""
+        rewritten = _VENDOR_LINK.sub(relink, content)
+        if rewritten != content:
+            flow.response.content = rewritten
 
     async def _settle(self, flow: http.HTTPFlow, call: CallState) -> None:
         rt = self.runtime
