@@ -13,6 +13,7 @@ $(BIN)/keybrake: pyproject.toml
 	touch $(BIN)/keybrake
 
 venv: $(BIN)/keybrake
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 ## Start the proxy on the embedded SQLite store (forward :8080, admin :8081).
 run: venv
@@ -40,6 +41,10 @@ fmt: venv
 ## Throughput and added latency against bare mitmdump (not part of `make test`).
 bench: venv
 	$(BIN)/python bench/run.py
+
+## Two replicas sharing Redis under random faults for N minutes (not part of `make test`).
+soak: venv
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf .keybrake .pytest_cache .mypy_cache .ruff_cache

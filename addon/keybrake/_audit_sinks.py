@@ -283,6 +283,6 @@ class AuditWriter:
                     "keybrake: audit write failed (%s); %d rows kept, retrying", e, len(pending)
                 )
                 time.sleep(min(2.0, 0.2 * self.failures))
-                if stopping and self.failures > 3:
+                if stopping and self.failures > 6:  # about 4 s of retries at shutdown
                     log.error("keybrake: giving up on %d audit rows at shutdown", len(pending))
                     return

@@ -34,7 +34,7 @@ from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
 from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
 from keybrake.store import KeyRecord, StoreUnavailable
 
-__all__ = ["AdminApi"]
+__all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path"]
 
 log = logging.getLogger("keybrake")
 MAX_ADMIN_BODY = 64 * 1024

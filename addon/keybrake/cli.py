@@ -83,6 +83,14 @@ def run(
     policies: PoliciesDir = Path("policies"),
     store: StoreUrl = "",
     certs_dir: CertsDir = Path("certs"),
+    audit: Annotated[
+        str,
+        typer.Option(
+            "--audit",
+            envvar="KEYBRAKE_AUDIT",
+            help="Audit sink: empty for <data dir>/audit.db, or postgresql://... (shared).",
+        ),
+    ] = "",
     web: Annotated[
         bool, typer.Option(help="Run mitmweb (live flow UI) instead of mitmdump.")
     ] = False,
@@ -137,6 +145,7 @@ def run(
         f"keybrake_policies={policies.resolve()}",
         "--set",
         f"keybrake_store={url}",
+        *(["--set", f"keybrake_audit={audit}"] if audit else []),
         "-s",
         str(script),
         *web_args,

@@ -247,7 +247,9 @@ class Core:
                     "keybrake: %d reservation(s) left open by a crash are now counted as spent", n
                 )
         except StoreUnavailable as e:
-            log.error(
+            # A warning, not an error: mitmdump exits on errors logged at start, and a proxy
+            # that fails closed is better than a crash loop under a supervisor.
+            log.warning(
                 "keybrake: store unavailable at start (%s); requests fail closed until it is back",
                 e,
             )

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from urllib.parse import unquote_plus
 
 from mitmproxy import http, tcp
 from mitmproxy.proxy.mode_specs import ReverseMode
@@ -176,9 +177,23 @@ def _json_object(content: bytes) -> dict[str, Any] | None:
 
 
 def _host_only(value: str) -> str:
+    """The host of ``host[:port]``; anything else is returned whole (and will not match)."""
     if value.startswith("["):
         return value.split("]")[0] + "]"
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    host, sep, port = value.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else value
+
+
+def _mentions_vault_key(text: str) -> bool:
+    """True if a vault key prefix appears in ``text`` under any layers of %-encoding."""
+    for _ in range(4):
+        if VAULT_KEY_PREFIX in text.lower():
+            return True
+        decoded = unquote_plus(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return True  # four layers of encoding: refuse rather than guess
 
 
 class VaultGuard:
@@ -265,7 +280,7 @@ class VaultGuard:
         call.method, call.path = method, path.path
         call.actor = _header_text(req.headers.get("x-keybrake-actor"))
         call.message_id = _header_text(req.headers.get("x-keybrake-message-id"))
-        if VAULT_KEY_PREFIX in path.query or VAULT_KEY_PREFIX in req.path:
+        if _mentions_vault_key(path.query) or _mentions_vault_key(req.path):
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
         source = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
         if self.key_failures.blocked(source):

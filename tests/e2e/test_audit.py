@@ -374,13 +374,18 @@ def test_sigterm_under_load_writes_a_row_for_every_answer(
     received = hammer.received[0]
     rows = audit_query(kb.data_dir / "audit.db")
     assert hammer.statuses.get(200, 0) > 100
-    assert len(rows) == received, f"{len(rows)} rows for {received} answers {hammer.statuses}"
+    # Every answer a client received has its row. A request whose answer the proxy wrote
+    # while shutting down may not reach its client (8 threads: at most 8 such rows).
+    assert received <= len(rows) <= received + 8, (
+        f"{len(rows)} rows for {received} answers {hammer.statuses}"
+    )
     assert "audit flushed" in kb.log()
     # Every charge the vendor made is on a row; rows for requests that never got their
     # answer (if any) are `unknown`, never `ok`.
     ok_ids = {r["vendor_request_id"] for r in rows if r["outcome"] == "ok"}
     charged = {e.request_id for e in fake_stripe.ledger if e.status == 200}
     assert ok_ids <= charged
+    assert charged <= {r["vendor_request_id"] for r in rows}
 
 
 def cli_keys(data_dir: Path, store: str = "") -> list[dict[str, Any]]:

@@ -1,0 +1,253 @@
+"""The `Metrics` addon: Prometheus metrics, served as ``GET /metrics`` on the admin listener.
+
+Counted in this process (sum over replicas in PromQL): vendor calls by outcome and refusal
+code, refusals, micro-USD spent and reserved per label, vendor latency, store latency (the
+runtime's store is wrapped in a timing proxy when it is opened) and the audit writer's queue.
+``/metrics`` needs the admin token (``Authorization: Bearer ...``, see `keybrake.admin`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+from mitmproxy import http
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from keybrake.core import Runtime
+from keybrake.guard import META, CallState
+from keybrake.store import Store, StoreUnavailable
+
+__all__ = ["MAX_LABELS", "Metrics", "TimedStore"]
+
+# agent_run_label is chosen by whoever issues keys; past this many distinct values per process
+# new ones are counted under "_other" so a label per run cannot blow up Prometheus.
+MAX_LABELS = 500
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+VENDOR_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SPENT_OUTCOMES = frozenset({"ok", "vendor_error", "unknown"})
+_DONE = "keybrake_metrics_counted"
+
+
+class TimedStore:
+    """A `Store` whose every coroutine method is timed into a histogram.
+
+    ``TimedStore(store, observe)`` delegates everything to ``store``;
+    ``observe(op, seconds, failed)`` is called after each awaited call.
+    """
+
+    def __init__(self, inner: Store, observe: Callable[[str, float, bool], None]) -> None:
+        self.inner = inner
+        self._observe = observe
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            failed = False
+            try:
+                return await attr(*args, **kwargs)
+            except StoreUnavailable:
+                failed = True
+                raise
+            finally:
+                self._observe(name, time.perf_counter() - start, failed)
+
+        return timed
+
+
+class _AuditCollector(Collector):
+    """The audit writer's queue and totals, read at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        writer = self.runtime.audit_writer
+        depth = GaugeMetricFamily(
+            "keybrake_audit_queue_depth", "Audit rows waiting to be written to the sink."
+        )
+        written = CounterMetricFamily(
+            "keybrake_audit_rows_written", "Audit rows written to the sink."
+        )
+        dropped = CounterMetricFamily(
+            "keybrake_audit_rows_dropped", "Audit rows dropped because the backlog was full."
+        )
+        failures = CounterMetricFamily(
+            "keybrake_audit_write_failures", "Failed (retried) writes to the audit sink."
+        )
+        if writer is not None:
+            depth.add_metric([], writer.depth)
+            written.add_metric([], writer.written)
+            dropped.add_metric([], writer.dropped)
+            failures.add_metric([], writer.failures)
+        yield from (depth, written, dropped, failures)
+
+
+class Metrics:
+    """Counts vendor calls from `CallState` (after `VaultGuard` and `AuditTrail` ran)."""
+
+    name = "keybrake_metrics"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        # A registry per instance: mitmproxy re-creates addons when a script is reloaded.
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "keybrake_requests",
+            "Vendor calls that reached Keybrake, by outcome (ok, refused, replayed, "
+            "vendor_error, unknown) and refusal code.",
+            ["vendor", "outcome", "code"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "keybrake_refusals",
+            "Calls refused by Keybrake (nothing was forwarded), by code.",
+            ["vendor", "code"],
+            registry=r,
+        )
+        self.spent = Counter(
+            "keybrake_spend_micro_usd",
+            "Micro-USD counted as spent: settled actual costs, and the estimate kept when "
+            "the vendor's answer was an error or never came.",
+            ["vendor", "label"],
+            registry=r,
+        )
+        self.reservations = Counter(
+            "keybrake_reservations_micro_usd",
+            "Micro-USD reserved against caps before forwarding (every reservation).",
+            ["vendor", "label"],
+            registry=r,
+        )
+        self.reserved = Gauge(
+            "keybrake_reserved_micro_usd",
+            "Micro-USD reserved by calls in flight in this process right now.",
+            ["vendor", "label"],
+            registry=r,
+        )
+        self.vendor_latency = Histogram(
+            "keybrake_vendor_latency_seconds",
+            "Time from the request reaching Keybrake to the vendor's answer (forwarded calls).",
+            ["vendor", "outcome"],
+            buckets=VENDOR_BUCKETS,
+            registry=r,
+        )
+        self.store_latency = Histogram(
+            "keybrake_store_latency_seconds",
+            "Latency of store operations (reserve, settle, get_key_by_secret_hash, ...).",
+            ["backend", "op"],
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "keybrake_store_errors",
+            "Store operations that failed (the proxy failed closed).",
+            ["backend", "op"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "keybrake_store_up", "1 if the store answered a ping at scrape time.", registry=r
+        )
+        r.register(_AuditCollector(runtime))
+        ProcessCollector(registry=r)
+        self._labels: set[str] = set()
+        self._in_flight: dict[str, tuple[str, str, int]] = {}
+
+    # -- store timing ----------------------------------------------------------------------------
+    def configure(self, updated: set[str]) -> None:
+        # Core (earlier in the chain) has just opened the store for the new options.
+        rt = self.runtime
+        if rt.store is not None and not isinstance(rt.store, TimedStore):
+            rt.store = cast(Store, TimedStore(rt.store, self._observe_store))
+
+    def _backend(self) -> str:
+        return self.runtime.store_url.partition(":")[0] or "none"
+
+    def _observe_store(self, op: str, seconds: float, failed: bool) -> None:
+        backend = self._backend()
+        self.store_latency.labels(backend, op).observe(seconds)
+        if failed:
+            self.store_errors.labels(backend, op).inc()
+
+    # -- calls -----------------------------------------------------------------------------------
+    def _label(self, label: str | None) -> str:
+        if not label:
+            return ""
+        if label in self._labels:
+            return label
+        if len(self._labels) < MAX_LABELS:
+            self._labels.add(label)
+            return label
+        return "_other"
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        call = flow.metadata.get(META)
+        if not isinstance(call, CallState) or call.reservation_id is None:
+            return
+        if call.outcome != "forwarded" or flow.id in self._in_flight:
+            return
+        amount = call.estimate.micros if call.estimate else 0
+        held = (call.vendor, self._label(call.label), amount)
+        self._in_flight[flow.id] = held
+        self.reservations.labels(held[0], held[1]).inc(amount)
+        self.reserved.labels(held[0], held[1]).inc(amount)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def _count(self, flow: http.HTTPFlow) -> None:
+        call = flow.metadata.get(META)
+        if not isinstance(call, CallState) or flow.metadata.get(_DONE):
+            return
+        flow.metadata[_DONE] = True
+        held = self._in_flight.pop(flow.id, None)
+        if held is not None:
+            self.reserved.labels(held[0], held[1]).dec(held[2])
+        outcome = "unknown" if call.outcome == "forwarded" else call.outcome
+        self.requests.labels(call.vendor, outcome, call.code or "").inc()
+        if outcome == "refused":
+            self.refusals.labels(call.vendor, call.code or "").inc()
+        if outcome in SPENT_OUTCOMES:
+            spent = call.actual_micros
+            if spent is None:
+                spent = call.estimate.micros if call.estimate else 0
+            if spent:
+                self.spent.labels(call.vendor, self._label(call.label)).inc(spent)
+        if held is not None and call.latency_ms is not None:
+            self.vendor_latency.labels(call.vendor, outcome).observe(call.latency_ms / 1000)
+
+    # -- exposition ------------------------------------------------------------------------------
+    async def exposition(self) -> http.Response:
+        """The ``/metrics`` response (the caller checked the admin token)."""
+        up = 0
+        try:
+            store = await self.runtime.open_store()
+            await asyncio.wait_for(store.ping(), timeout=2)
+            up = 1
+        except (StoreUnavailable, TimeoutError):
+            pass
+        self.store_up.set(up)
+        return http.Response.make(
+            200,
+            generate_latest(self.registry),
+            {"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"},
+        )

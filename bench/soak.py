@@ -1,0 +1,128 @@
+"""Soak: two proxy replicas sharing Redis, a fake Stripe, a fixed request rate, random faults.
+
+    python bench/soak.py --minutes 2 --rate 20
+
+Prints requests served, refusals by code, dollars over cap (must be 0), audit rows vs
+requests answered (must match) and each replica's RSS at start and end (must be flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import KeybrakeProcess, audit_query  # noqa: E402
+from tests.fakes import FakeStripe, make_fake_ca  # noqa: E402
+from tests.reliability.conftest import USD, charge, code_of, key_detail, usd_micros  # noqa: E402
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=2.0)
+    ap.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    ap.add_argument("--cap", type=int, default=200, help="daily cap of each key, USD")
+    ap.add_argument("--keys", type=int, default=4)
+    args = ap.parse_args()
+    from keybrake.ca import ensure_ca
+
+    tmp = Path(tempfile.mkdtemp(prefix="kb-soak-"))
+    tls = make_fake_ca(tmp / "fake-ca")
+    certs = tmp / "certs"
+    ensure_ca(certs)
+    prefix = f"kbsoak:{uuid.uuid4().hex[:8]}:"
+    store = f"{REDIS}?prefix={prefix}"
+    r = redis.Redis.from_url(REDIS)
+    answered: Counter[str] = Counter()
+    lock = threading.Lock()
+    with FakeStripe(tls) as fake:
+        replicas = []
+        for i in range(2):
+            wd = tmp / f"kb{i}"
+            wd.mkdir()
+            replicas.append(KeybrakeProcess(wd, certs, {"stripe": fake}, tls, store=store).start())
+        rss_start = [rss_kib(kb.proc.pid) for kb in replicas if kb.proc]
+        keys = [replicas[0].issue_key(daily_usd_cap=args.cap) for _ in range(args.keys)]
+        total = int(args.minutes * 60 * args.rate)
+        deadline = time.monotonic() + args.minutes * 60 + 60
+        faults: Counter[str] = Counter()
+
+        def one(i: int) -> None:
+            kb = replicas[i % 2]
+            key = keys[i % len(keys)]
+            try:
+                resp = charge(kb, key["vault_key"], random.choice([100, 250, 999]), timeout=20)
+                outcome = "ok" if resp.status_code == 200 else code_of(resp)
+            except Exception as e:
+                outcome = f"client_error:{type(e).__name__}"
+            with lock:
+                answered[outcome] += 1
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for i in range(total):
+                if time.monotonic() > deadline:
+                    break
+                roll = random.random()
+                if roll < 0.02:
+                    fake.fail_next(1, random.choice([500, 502]), processed=True)
+                    faults["vendor_5xx"] += 1
+                elif roll < 0.03:
+                    fake.reset_connection_next(1, processed=True)
+                    faults["reset"] += 1
+                elif roll < 0.035:
+                    r.execute_command("CLIENT", "PAUSE", "200")
+                    faults["redis_pause_200ms"] += 1
+                pool.submit(one, i)
+                time.sleep(max(0.0, started + (i + 1) / args.rate - time.monotonic()))
+        time.sleep(1.0)  # audit writers flush every 0.2 s
+        rss_end = [rss_kib(kb.proc.pid) for kb in replicas if kb.proc]
+        over = 0
+        for key in keys:
+            spent = usd_micros(key_detail(replicas[0], key["key_id"])["spent_today_usd"])
+            over += max(0, spent - args.cap * USD)
+        vendor_by_key: Counter[str] = Counter()
+        for e in fake.ledger:
+            vendor_by_key[e.header("Idempotency-Key") or ""] += e.charged_usd_micros or 0
+        charged = fake.charged_usd_micros()
+        for kb in replicas:
+            kb.stop()
+        rows = sum(len(audit_query(kb.data_dir / "audit.db")) for kb in replicas)
+    for k in r.scan_iter(f"{prefix}*", count=1000):
+        r.delete(k)
+    n_answered = sum(v for k, v in answered.items() if not k.startswith("client_error"))
+    print(f"requests sent: {sum(answered.values())}  in {args.minutes} min at {args.rate}/s")
+    print(f"served (200): {answered['ok']}")
+    print("outcomes by code:", dict(sorted(answered.items())))
+    print("faults injected:", dict(faults))
+    print(f"vendor charged: ${charged / USD:.2f} over {len(keys)} keys capped ${args.cap} each")
+    print(f"dollars over cap: ${over / USD:.2f}  (must be 0)")
+    print(f"audit rows: {rows}  requests answered: {n_answered}  (must match)")
+    print(f"RSS KiB start: {rss_start}  end: {rss_end}")
+    ok = over == 0 and rows == n_answered
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Shared helpers of the reliability suite: charges, audit rows, a private redis-server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.conftest import KeybrakeProcess, audit_query, free_port
+
+STRIPE = "https://api.stripe.com"
+USD = 1_000_000
+
+
+def charge(
+    kb: KeybrakeProcess,
+    vault_key: str,
+    amount: int,
+    *,
+    idem: str | None = None,
+    timeout: float = 30,
+) -> httpx.Response:
+    """One confirmed $amount/100 Stripe PaymentIntent through the forward proxy."""
+    headers = {"Authorization": f"Bearer {vault_key}"}
+    if idem:
+        headers["Idempotency-Key"] = idem
+    return httpx.post(
+        STRIPE + "/v1/payment_intents",
+        data={
+            "amount": str(amount),
+            "currency": "usd",
+            "confirm": "true",
+            "payment_method": "pm_card_visa",
+        },
+        headers=headers,
+        proxy=kb.proxy_url,
+        verify=kb.ssl_context(),
+        timeout=timeout,
+    )
+
+
+def code_of(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{r.status_code}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def audit_rows(kb: KeybrakeProcess) -> list[dict[str, Any]]:
+    return audit_query(kb.data_dir / "audit.db")
+
+
+def wait_audit(kb: KeybrakeProcess, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """The audit rows once at least ``n`` were written (the writer flushes in batches)."""
+    wait_for(lambda: len(audit_rows(kb)) >= n, timeout, f"{n} audit rows")
+    return audit_rows(kb)
+
+
+def key_detail(kb: KeybrakeProcess, key_id: str) -> dict[str, Any]:
+    r = kb.admin("GET", f"/vault/keys/{key_id}")
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def usd_micros(text: str) -> int:
+    whole, _, frac = text.partition(".")
+    return int(whole) * USD + int((frac + "000000")[:6])
+
+
+def healthy(kb: KeybrakeProcess) -> bool:
+    try:
+        return httpx.get(f"{kb.admin_url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ------------------------------------------------------------------------ private redis-server
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port; ``persist`` keeps an RDB file across
+    ``stop(save=True)``/``start()``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.pidfile = workdir / f"redis-{self.port}.pid"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+
+    def start(self, *, empty: bool = False) -> None:
+        rdb = self.dir / "dump.rdb"
+        if empty and rdb.exists():
+            rdb.unlink()
+        subprocess.run(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.pidfile),
+                "--dir",
+                str(self.dir),
+                "--dbfilename",
+                "dump.rdb",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+        wait_for(lambda: port_open(self.port), 10, f"redis-server on port {self.port}")
+        wait_for(lambda: self.cli("PING").stdout.strip() == "PONG", 10, "redis to load")
+
+    def stop(self, *, save: bool = False) -> None:
+        self.cli("SHUTDOWN", "SAVE" if save else "NOSAVE")
+        wait_for(lambda: not port_open(self.port), 10, "redis to stop")
+
+    def kill(self) -> None:
+        if port_open(self.port):
+            self.cli("SHUTDOWN", "NOSAVE")
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(self.pidfile.read_text().strip()), signal.SIGKILL)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    d = tmp_path / "redis"
+    d.mkdir()
+    r = PrivateRedis(d)
+    r.start()
+    try:
+        yield r
+    finally:
+        r.kill()

@@ -1,0 +1,313 @@
+"""Faults through real proxy processes: Redis outages, kill -9, vendor failures, a read-only
+store, a key expiring mid-call. Every case checks the money against the fake's own ledger."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.conftest import KeybrakeProcess
+from tests.fakes import FakeStripe
+from tests.reliability.conftest import (
+    USD,
+    PrivateRedis,
+    audit_rows,
+    charge,
+    code_of,
+    healthy,
+    key_detail,
+    usd_micros,
+    wait_audit,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+class Hammer:
+    """``threads`` workers sending $1 charges until stopped; keeps every outcome."""
+
+    def __init__(self, kb: KeybrakeProcess, vault_key: str, threads: int = 3) -> None:
+        self.kb, self.vk = kb, vault_key
+        self.stop_evt = threading.Event()
+        self.statuses: list[int] = []
+        self.codes: list[str] = []
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self.stop_evt.is_set():
+            try:
+                r = charge(self.kb, self.vk, 100, timeout=15)
+            except httpx.HTTPError:
+                with self._lock:
+                    self.errors += 1
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self.statuses.append(r.status_code)
+                if r.status_code != 200:
+                    self.codes.append(code_of(r))
+            time.sleep(0.01)
+
+    def __enter__(self) -> Hammer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_evt.set()
+        for t in self._threads:
+            t.join(30)
+
+
+# ------------------------------------------------------------------------------- Redis
+
+
+@pytest.mark.redis
+def test_redis_stopped_mid_run_never_forwards_without_reservation(
+    keybrake_factory: Any, fake_stripe: FakeStripe, private_redis: PrivateRedis
+) -> None:
+    kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=private_redis.url)
+    key = kb.issue_key(daily_usd_cap=1000)
+    with Hammer(kb, key["vault_key"]) as h:
+        wait_for(lambda: h.statuses.count(200) >= 5, 20, "traffic to flow")
+        private_redis.stop(save=True)  # an RDB snapshot: this restart keeps the state
+        time.sleep(1.5)
+        private_redis.start()
+        wait_for(lambda: len(h.statuses) >= h.statuses.count(503) + 10, 20, "recovery")
+    ok = h.statuses.count(200)
+    assert h.statuses.count(503) > 0, "the outage was never seen"
+    assert set(h.codes) <= {"store_unavailable"}, h.codes
+    assert h.errors == 0
+    # Every vendor call carried a reservation: the vendor saw exactly the answered 200s.
+    assert len(fake_stripe.ledger) == ok
+    assert fake_stripe.charged_usd_micros() == ok * USD
+    # With the state restored, the budget still counts every charge (never reset to zero).
+    spent = usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"])
+    assert spent >= fake_stripe.charged_usd_micros()
+    assert spent <= fake_stripe.charged_usd_micros() + 3 * USD  # settles lost mid-outage
+    rows = wait_audit(kb, ok + h.statuses.count(503))
+    refused = [r for r in rows if r["outcome"] == "refused"]
+    assert {r["code"] for r in refused} == {"store_unavailable"}
+    assert len(refused) == h.statuses.count(503)
+    assert kb.proc is not None and kb.proc.poll() is None
+
+
+@pytest.mark.redis
+def test_redis_restarted_empty_fails_closed_for_lost_keys(
+    keybrake_factory: Any, fake_stripe: FakeStripe, private_redis: PrivateRedis
+) -> None:
+    kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=private_redis.url)
+    key = kb.issue_key(daily_usd_cap=3)
+    with Hammer(kb, key["vault_key"], threads=2) as h:
+        wait_for(lambda: h.statuses.count(200) >= 2, 20, "traffic to flow")
+        private_redis.stop()
+        time.sleep(1.0)
+        private_redis.start(empty=True)  # nothing persisted: every budget is gone
+        wait_for(lambda: "vault_key_unknown" in h.codes, 20, "the proxy to see empty Redis")
+    charged = fake_stripe.charged_usd_micros()
+    assert len(fake_stripe.ledger) == h.statuses.count(200)
+    # The $3 cap held before the outage, and the lost budget never turned into a fresh one.
+    assert charged <= 3 * USD
+    assert set(h.codes) <= {"store_unavailable", "vault_key_unknown", "cap_exhausted"}
+    r = charge(kb, key["vault_key"], 100)
+    assert (r.status_code, code_of(r)) == (401, "vault_key_unknown")
+    assert len(fake_stripe.ledger) == h.statuses.count(200)
+    # A freshly issued key works on the same process.
+    fresh = kb.issue_key(daily_usd_cap=2)
+    assert charge(kb, fresh["vault_key"], 100).status_code == 200
+    assert healthy(kb)
+
+
+# ------------------------------------------------------------------------------- kill -9
+
+
+def test_kill_9_under_load_then_restart_is_consistent(
+    keybrake_factory: Any, fake_stripe: FakeStripe
+) -> None:
+    kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe})
+    key = kb.issue_key(daily_usd_cap=500)
+    vk = key["vault_key"]
+    first = charge(kb, vk, 700, idem="reliability-idem-1")
+    assert first.status_code == 200, first.text
+    fake_stripe.delay_seconds = 0.3
+    with Hammer(kb, vk, threads=4):
+        wait_for(lambda: len(fake_stripe.ledger) >= 8, 30, "load on the vendor")
+        assert kb.stop(signal.SIGKILL) == -signal.SIGKILL
+    time.sleep(1.0)  # the vendor finishes what it had started
+    fake_stripe.delay_seconds = 0
+    charged = fake_stripe.charged_usd_micros()
+
+    kb2: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, data_dir=kb.data_dir)
+    detail = key_detail(kb2, key["key_id"])
+    spent = usd_micros(detail["spent_today_usd"])
+    # Conservative: at least what the vendor charged; consistent: the crash counted once
+    # (at most one $1 per client thread that was between reserve and the vendor).
+    assert charged <= spent <= charged + 4 * USD, (spent, charged)
+    # Idempotency survives the crash: the pre-crash charge replays, the vendor is not called.
+    n = len(fake_stripe.ledger)
+    again = charge(kb2, vk, 700, idem="reliability-idem-1")
+    assert again.status_code == 200
+    assert again.headers.get("X-Keybrake-Replayed") == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert len(fake_stripe.ledger) == n
+    # And new money adds to the same ledger.
+    r = charge(kb2, vk, 100)
+    assert r.status_code == 200
+    assert usd_micros(r.headers["X-Keybrake-Spent-Usd"]) == spent + USD
+
+
+# ------------------------------------------------------------------------ vendor failures
+
+FAULTS = ["500", "502", "reset", "garbage", "truncated", "slow"]
+
+
+def _arm(fake: FakeStripe, fault: str) -> None:
+    if fault in ("500", "502"):
+        fake.fail_next(1, int(fault), processed=True)
+    elif fault == "reset":
+        fake.reset_connection_next(1, processed=True)
+    elif fault == "garbage":
+        fake.garbage_next(1, processed=True)
+    elif fault == "truncated":
+        fake.truncate_next(1, processed=True)
+    elif fault == "slow":
+        fake.delay_seconds = 2.5
+
+
+def test_vendor_failures_keep_the_estimate_and_the_proxy_healthy(
+    keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    """Each failure shape: client gets the vendor's error or a clean 502, the $2 estimate
+    stays spent, the audit row says vendor_error/unknown, and the next call works."""
+    kb = keybrake_stripe
+    seen: dict[str, tuple[int, str, int]] = {}
+    for fault in FAULTS:
+        key = kb.issue_key(daily_usd_cap=10, agent_run_label=f"fault/{fault}")
+        before = len(audit_rows(kb))
+        _arm(fake_stripe, fault)
+        try:
+            r = charge(kb, key["vault_key"], 200, timeout=20)
+            status = r.status_code
+        except httpx.HTTPError:
+            status = -1  # the client saw the connection drop
+        fake_stripe.delay_seconds = 0
+        rows = wait_audit(kb, before + 1)
+        row = rows[-1]
+        assert row["label"] == f"fault/{fault}"
+        spent = usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"])
+        seen[fault] = (status, row["outcome"], spent)
+        # Conservative: nothing less than what the vendor charged, and nothing invented.
+        assert spent == 2 * USD, (fault, spent)
+        assert healthy(kb), fault
+        nxt = charge(kb, key["vault_key"], 100)
+        assert nxt.status_code == 200, (fault, nxt.text)
+    assert seen["500"][:2] == (500, "vendor_error")
+    assert seen["502"][:2] == (502, "vendor_error")
+    assert seen["slow"][:2] == (200, "ok")
+    # No answer from the vendor: a clean 502 from the proxy (or a dropped connection).
+    for fault in ("reset", "truncated"):
+        assert seen[fault][0] in (502, -1), seen
+        assert seen[fault][1] == "unknown", seen
+    # A 200 the proxy cannot read is still a 200 from the vendor: the estimate is kept.
+    assert seen["garbage"][0] == 200
+    assert seen["garbage"][1] in ("ok", "vendor_error", "unknown")
+    assert kb.proc is not None and kb.proc.poll() is None
+
+
+# ----------------------------------------------------------------------- read-only store
+
+
+def test_read_only_store_at_start_fails_closed_without_crash_loop(
+    keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "ro-store"
+    store_dir.mkdir()
+    subprocess.run(["chattr", "+i", str(store_dir)], check=True)
+    try:
+        kb: KeybrakeProcess = keybrake_factory(
+            {"stripe": fake_stripe}, store=f"sqlite://{store_dir}/state.db"
+        )
+        issue = kb.admin(
+            "POST",
+            "/vault/keys",
+            {
+                "vendor": "stripe",
+                "daily_usd_cap": 5,
+                "allowed_endpoints": ["POST /v1/payment_intents"],
+                "expires_in": "1h",
+                "agent_run_label": "reliability/ro-store",
+            },
+        )
+        assert issue.status_code == 503, issue.text
+        assert code_of(issue) == "store_unavailable"
+        r = charge(kb, "kb_live_" + "A" * 43, 100)
+        assert r.status_code in (401, 503), r.text
+        assert httpx.get(f"{kb.admin_url}/healthz", timeout=5).status_code == 503
+        time.sleep(1.0)
+        assert kb.proc is not None and kb.proc.poll() is None, "the proxy must keep running"
+        assert fake_stripe.ledger == []
+    finally:
+        subprocess.run(["chattr", "-i", str(store_dir)], check=True)
+    # Fixed disk: the same process recovers.
+    wait_for(lambda: healthy(kb), 10, "recovery")
+    key = kb.issue_key(daily_usd_cap=5)
+    assert charge(kb, key["vault_key"], 100).status_code == 200
+
+
+def test_store_turning_read_only_mid_run_fails_closed_and_recovers(
+    keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    kb: KeybrakeProcess = keybrake_factory(
+        {"stripe": fake_stripe}, store=f"sqlite://{store_dir}/state.db"
+    )
+    key = kb.issue_key(daily_usd_cap=5)
+    assert charge(kb, key["vault_key"], 100).status_code == 200
+    # The shared-memory index stays writable (an immutable, mmapped -shm file would SIGBUS
+    # any SQLite process); the database, its WAL and the directory become immutable.
+    frozen = [str(store_dir / "state.db"), str(store_dir / "state.db-wal"), str(store_dir)]
+    subprocess.run(["chattr", "+i", *frozen], check=True)
+    try:
+        for _ in range(3):
+            r = charge(kb, key["vault_key"], 100)
+            assert (r.status_code, code_of(r)) == (503, "store_unavailable"), r.text
+        time.sleep(0.5)
+        assert kb.proc is not None and kb.proc.poll() is None, "the proxy must keep running"
+        assert len(fake_stripe.ledger) == 1
+    finally:
+        subprocess.run(["chattr", "-i", *frozen], check=True)
+    wait_for(lambda: charge(kb, key["vault_key"], 100).status_code == 200, 10, "recovery")
+    assert len(fake_stripe.ledger) == 2
+    assert usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"]) == 2 * USD
+
+
+# ---------------------------------------------------------------------------- clock
+
+
+def test_key_expiring_in_flight_completes_then_refuses(
+    keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    kb = keybrake_stripe
+    key = kb.issue_key(daily_usd_cap=10, expires_in="2s")
+    fake_stripe.delay_seconds = 3
+    r = charge(kb, key["vault_key"], 300, timeout=20)
+    fake_stripe.delay_seconds = 0
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Keybrake-Spent-Usd"] == "3.00"
+    assert fake_stripe.charged_usd_micros() == 3 * USD
+    assert usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"]) == 3 * USD
+    late = charge(kb, key["vault_key"], 100)
+    assert (late.status_code, code_of(late)) == (401, "vault_key_expired")
+    assert len(fake_stripe.ledger) == 1
+    rows = wait_audit(kb, 2)
+    assert [r["outcome"] for r in rows[-2:]] == ["ok", "refused"]
