@@ -156,11 +156,13 @@ class AdminApi:
             return await self._spend(flow)
         if parts == ["vault", "audit"] and method == "GET":
             return self._audit(flow)
-        if len(parts) == 3 and parts[:2] == ["vault", "budgets"]:
+        if len(parts) >= 3 and parts[:2] == ["vault", "budgets"]:
+            # Labels contain "/" (dramatiq/nightly-billing): the rest of the path is the label.
+            label = unquote(path[len("/vault/budgets/") :])
             if method == "PUT":
-                return await self._put_budget(parts[2], flow)
+                return await self._put_budget(label, flow)
             if method == "GET":
-                return await self._get_budget(parts[2])
+                return await self._get_budget(label)
             raise Refusal("method_not_allowed", f"{method} not allowed on a budget")
         raise Refusal("not_found", f"no such admin route: {path[:100]}")
 

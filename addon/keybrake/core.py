@@ -31,6 +31,7 @@ __all__ = ["Core", "Runtime", "load_admin_token"]
 
 log = logging.getLogger("keybrake")
 SHUTDOWN_GRACE_SECONDS = 10.0
+REDIS_RECOVERY_GRACE = dt.timedelta(minutes=15)
 
 
 def load_admin_token(data_dir: Path) -> tuple[str, str]:
@@ -109,6 +110,7 @@ class Core:
         self.runtime = runtime
         self._running = False
         self._upstream_bundle: Path | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -236,11 +238,15 @@ class Core:
         rt = self.runtime
         self._running = True
         self._apply_derived_options()
+        if rt.store_url.startswith("redis"):
+            # A crashed replica's open reservations stay counted (safe); finish them as spent
+            # once they are older than any request can be, even if no replica restarts.
+            self._recovery = asyncio.create_task(self._recover_periodically())
         try:
             store = await rt.open_store()
-            grace = (
-                dt.timedelta(minutes=15) if rt.store_url.startswith("redis") else dt.timedelta(0)
-            )
+            # SQLite: one proxy process per store file, so every open reservation is a dead
+            # one. Redis: only those older than any live request of another replica.
+            grace = REDIS_RECOVERY_GRACE if rt.store_url.startswith("redis") else dt.timedelta(0)
             n = await store.recover_reservations(rt.now() - grace)
             if n:
                 log.warning(
@@ -254,7 +260,18 @@ class Core:
                 e,
             )
 
+    async def _recover_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                store = await self.runtime.open_store()
+                await store.recover_reservations(self.runtime.now() - REDIS_RECOVERY_GRACE)
+            except Exception as e:
+                log.warning("keybrake: periodic reservation recovery failed: %s", e)
+
     async def done(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
         # mitmproxy calls done while connections are still being served: let calls already
         # admitted settle their reservations and write their audit rows first.
         loop = asyncio.get_running_loop()

@@ -24,7 +24,6 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from keybrake._idempotency import body_fingerprint, replay_response, stored_from
 from keybrake._money import MoneyError, format_usd, minor_to_micro_usd
 from keybrake._paths import (
-    EndpointPattern,
     NormalizedPath,
     PathRejected,
     match_any,
@@ -40,7 +39,7 @@ from keybrake.credentials import (
 )
 from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
-from keybrake.policy import EndpointPolicy, VendorPolicy
+from keybrake.policy import EndpointPolicy, VendorPolicy, _parse_pattern
 from keybrake.pricing import Estimate, actual_cost, estimate_cost, parse_body
 from keybrake.store import BudgetState, KeyRecord, StoreUnavailable
 
@@ -347,7 +346,7 @@ class VaultGuard:
         secrets_ = rt.secrets[policy.vendor]
         store = await rt.open_store()
         now = rt.now()
-        allowed = [EndpointPattern.parse(p) for p in key.allowed_endpoints]
+        allowed = [_parse_pattern(p) for p in key.allowed_endpoints]
         if match_any(allowed, method, path) is None:
             raise Refusal(
                 "endpoint_not_allowed",

@@ -12,6 +12,7 @@ Errors name the file and the dotted path of the bad field::
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
@@ -62,6 +63,12 @@ _UPSTREAM_URL = re.compile(
 )
 _MIN_FX_RATE = Decimal("0.000000001")
 _MAX_FX_RATE = Decimal(1_000_000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_pattern(spec: str) -> EndpointPattern:
+    """Parsed patterns are immutable: parse each spec once per process."""
+    return EndpointPattern.parse(spec)
 
 
 class PolicyError(Exception):
@@ -404,7 +411,7 @@ class EndpointPolicy(_Model):
 
     @property
     def pattern(self) -> EndpointPattern:
-        return EndpointPattern.parse(self.match)
+        return _parse_pattern(self.match)
 
 
 class VendorPolicy(_Model):

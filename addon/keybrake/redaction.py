@@ -23,6 +23,7 @@ and priced as it is, so an edit made while it is held would go out unchecked.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -101,11 +102,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_VAULT_KEY_BYTES = re.compile(rb"kbv_[a-z][a-z0-9_-]{0,31}_[A-Za-z0-9_-]{43}")
+
+
 def _redact_state(state: dict[str, Any], names: frozenset[str]) -> None:
     for part in ("request", "response"):
         message = state.get(part)
         if isinstance(message, dict) and "headers" in message:
             message["headers"] = _redact_pairs(message["headers"], names)
+        if isinstance(message, dict) and isinstance(message.get("content"), bytes):
+            # A vault key is shown once, in the issue response: never keep it in a file.
+            message["content"] = _VAULT_KEY_BYTES.sub(b"kbv_[redacted]", message["content"])
     if isinstance(state.get("metadata"), dict):
         state["metadata"] = {k: _plain(v) for k, v in state["metadata"].items()}
     backup = state.get("backup")

@@ -1,0 +1,1 @@
+"""Benchmarks: Keybrake against bare mitmdump (`make bench`)."""
