@@ -173,6 +173,7 @@ class KeybrakeProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.stop(signal.SIGKILL)  # never leave a half-started proxy behind
         raise RuntimeError(f"keybrake did not start in {timeout}s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:

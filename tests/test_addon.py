@@ -214,6 +214,8 @@ def configure(tctx: taddons.context, core: Core, tmp_path: Path, **opts: Any) ->
         "keybrake_data_dir": str(tmp_path / "data"),
         "keybrake_policies": str(POLICIES),
         "keybrake_store": f"sqlite:///{tmp_path / 'data' / 'keybrake.db'}",
+        # These flows are driven hook by hook and never finish: do not wait for them.
+        "keybrake_shutdown_grace": 0.0,
         **opts,
     }
     tctx.configure(core, **options)

@@ -109,7 +109,7 @@ class AuditTrail:
         if not isinstance(call, CallState) or call.audited or self.writer is None:
             return
         call.audited = True
-        self.runtime.inflight -= 1
+        self.runtime.inflight.discard(flow)
         try:
             row = audit_row(call, flow, self.runtime)
             if ctx.options.keybrake_audit_bodies:

@@ -15,10 +15,11 @@ import os
 import re
 import secrets
 import socket
+import weakref
 from pathlib import Path
 
 import certifi
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from keybrake._audit_sinks import AuditSink, AuditWriter
@@ -82,8 +83,9 @@ class Runtime:
         self.admin_token = ""
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.idempotency_ttl_seconds = 24 * 3600
-        # Vendor calls admitted and not yet audited: shutdown waits for them (bounded).
-        self.inflight = 0
+        # Vendor calls admitted and not yet audited: shutdown waits for them (bounded). Weak,
+        # so a flow mitmproxy dropped without a response or error cannot hold shutdown up.
+        self.inflight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self.audit_writer: AuditWriter | None = None
         self.audit_sink: AuditSink | None = None
         self._opened = False
@@ -137,6 +139,12 @@ class Core:
             str,
             "24h",
             "How long a response is kept for idempotent replay (e.g. 24h, 30m).",
+        )
+        add(
+            "keybrake_shutdown_grace",
+            float,
+            SHUTDOWN_GRACE_SECONDS,
+            "Seconds shutdown waits for admitted vendor calls to settle and be audited.",
         )
         add(
             "keybrake_intercept_only_vendors",
@@ -275,11 +283,11 @@ class Core:
         # mitmproxy calls done while connections are still being served: let calls already
         # admitted settle their reservations and write their audit rows first.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
-        while self.runtime.inflight > 0 and loop.time() < deadline:
+        deadline = loop.time() + max(0.0, float(ctx.options.keybrake_shutdown_grace))
+        while len(self.runtime.inflight) > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self.runtime.inflight > 0:
-            log.warning("keybrake: stopping with %d call(s) in flight", self.runtime.inflight)
+        if len(self.runtime.inflight) > 0:
+            log.warning("keybrake: stopping with %d call(s) in flight", len(self.runtime.inflight))
         if self.runtime.store is not None:
             with contextlib.suppress(StoreUnavailable):
                 await self.runtime.store.close()

@@ -218,7 +218,7 @@ class VaultGuard:
         if too_big or len(flow.request.headers.fields) > 100:
             call = CallState(vendor=route[0].vendor)
             flow.metadata[META] = call
-            self.runtime.inflight += 1
+            self.runtime.inflight.add(flow)
             self._refuse(
                 flow,
                 call,
@@ -237,7 +237,7 @@ class VaultGuard:
         policy, target = route
         call = CallState(vendor=policy.vendor)
         flow.metadata[META] = call
-        self.runtime.inflight += 1
+        self.runtime.inflight.add(flow)
         if isinstance(flow.client_conn.proxy_mode, ReverseMode) and flow.request.host_header:
             scheme = "https" if flow.client_conn.tls_established else "http"
             call.client_base = f"{scheme}://{flow.request.host_header}/{policy.vendor}"

@@ -530,6 +530,7 @@ async def addons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
             keybrake_data_dir=str(tmp_path / "data"),
             keybrake_policies=str(ROOT / "policies"),
             keybrake_store=f"sqlite:///{tmp_path / 'data' / 'keybrake.db'}",
+            keybrake_shutdown_grace=0.0,
         )
         a = Addons(tctx, chain, runtime)
         issue = _flow(
