@@ -9,7 +9,7 @@ from typing import Any
 
 from keybrake._money import MoneyError, format_usd, parse_usd
 from keybrake._paths import EndpointPattern, PatternError
-from keybrake.keys import parse_duration
+from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key, parse_duration
 from keybrake.policy import PolicySet
 from keybrake.store import BudgetState, KeyRecord
 
@@ -128,6 +128,25 @@ class IssueKeyRequest:
             raise KeySpecError(errors)
         assert vendor is not None and daily is not None
         return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label)
+
+    def new_key(self, now: dt.datetime) -> tuple[KeyRecord, str]:
+        """A new key record and its vault key (the only time the vault key exists in clear).
+
+        >>> record, vault_key = spec.new_key(now)  # doctest: +SKIP
+        """
+        vault_key = generate_vault_key(self.vendor)
+        record = KeyRecord(
+            key_id=generate_key_id(),
+            secret_sha256=hash_vault_key(vault_key),
+            vendor=self.vendor,
+            agent_run_label=self.agent_run_label,
+            daily_cap_micros=self.daily_cap_micros,
+            usd_cap_micros=self.usd_cap_micros,
+            allowed_endpoints=self.allowed_endpoints,
+            created_at=now,
+            expires_at=now + self.expires_in,
+        )
+        return record, vault_key
 
 
 def _priced(policies: PolicySet, vendor: str, pattern: EndpointPattern) -> bool:

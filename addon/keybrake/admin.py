@@ -30,9 +30,8 @@ from keybrake._audit_sinks import AuditSink
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
 from keybrake.core import Runtime
 from keybrake.errors import Refusal, refusal_response
-from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
 from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
-from keybrake.store import KeyRecord, StoreUnavailable
+from keybrake.store import StoreUnavailable
 
 __all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path"]
 
@@ -187,18 +186,7 @@ class AdminApi:
         except KeySpecError as e:
             raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
         now = rt.now()
-        vault_key = generate_vault_key(spec.vendor)
-        record = KeyRecord(
-            key_id=generate_key_id(),
-            secret_sha256=hash_vault_key(vault_key),
-            vendor=spec.vendor,
-            agent_run_label=spec.agent_run_label,
-            daily_cap_micros=spec.daily_cap_micros,
-            usd_cap_micros=spec.usd_cap_micros,
-            allowed_endpoints=spec.allowed_endpoints,
-            created_at=now,
-            expires_at=now + spec.expires_in,
-        )
+        record, vault_key = spec.new_key(now)
         store = await rt.open_store()
         await store.create_key(record)
         log.info(

@@ -23,7 +23,6 @@ import typer
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json
 from keybrake.ca import ensure_ca
 from keybrake.core import load_admin_token
-from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
 from keybrake.policy import PolicyError, load_policies
 from keybrake.store import KeyRecord, Store, StoreUnavailable, open_store
 
@@ -301,18 +300,7 @@ def keys_issue(
         _fail(str(e), 2)
         return
     now = dt.datetime.now(dt.UTC)
-    vault_key = generate_vault_key(spec.vendor)
-    record = KeyRecord(
-        key_id=generate_key_id(),
-        secret_sha256=hash_vault_key(vault_key),
-        vendor=spec.vendor,
-        agent_run_label=spec.agent_run_label,
-        daily_cap_micros=spec.daily_cap_micros,
-        usd_cap_micros=spec.usd_cap_micros,
-        allowed_endpoints=spec.allowed_endpoints,
-        created_at=now,
-        expires_at=now + spec.expires_in,
-    )
+    record, vault_key = spec.new_key(now)
 
     async def create(s: Store) -> None:
         await s.create_key(record)

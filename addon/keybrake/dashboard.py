@@ -35,9 +35,8 @@ from mitmproxy import http
 from keybrake._keyspec import IssueKeyRequest, KeySpecError
 from keybrake._money import format_usd
 from keybrake.core import Runtime
-from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key
 from keybrake.reports import OUTCOMES, audit_rows
-from keybrake.store import KeyRecord, StoreUnavailable
+from keybrake.store import StoreUnavailable
 
 __all__ = ["Dashboard", "Sessions"]
 
@@ -415,18 +414,7 @@ class Dashboard:
                 status=422,
             )
         now = rt.now()
-        vault_key = generate_vault_key(spec.vendor)
-        record = KeyRecord(
-            key_id=generate_key_id(),
-            secret_sha256=hash_vault_key(vault_key),
-            vendor=spec.vendor,
-            agent_run_label=spec.agent_run_label,
-            daily_cap_micros=spec.daily_cap_micros,
-            usd_cap_micros=spec.usd_cap_micros,
-            allowed_endpoints=spec.allowed_endpoints,
-            created_at=now,
-            expires_at=now + spec.expires_in,
-        )
+        record, vault_key = spec.new_key(now)
         store = await rt.open_store()
         await store.create_key(record)
         log.info(

@@ -43,10 +43,17 @@ from keybrake.store._base import (
     StoreUnavailable,
     utc_day,
 )
+from keybrake.store._common import (
+    EPOCH,
+    check_idempotency_times,
+    check_micros,
+    epoch_micros,
+    usage_plan,
+)
 
 __all__ = ["RedisStore"]
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
 _CONNECT_TIMEOUT_SECONDS = 1.0
 _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
@@ -63,27 +70,8 @@ _SCRIPTS = (
 )
 
 
-def _micros(moment: dt.datetime) -> int:
-    if moment.tzinfo is None:
-        raise ValueError(f"naive datetime {moment!r}: the store needs an aware UTC datetime")
-    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
-
-
 def _moment(micros: bytes | str) -> dt.datetime:
-    return _EPOCH + dt.timedelta(microseconds=int(micros))
-
-
-def _check_micros(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer of micro-USD, got {value!r}")
-
-
-def _check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:
-    if ttl_seconds < 1 or in_flight_seconds < 0:
-        raise ValueError(
-            f"ttl_seconds must be >= 1 and in_flight_seconds >= 0, got {ttl_seconds}, "
-            f"{in_flight_seconds}"
-        )
+    return EPOCH + dt.timedelta(microseconds=int(micros))
 
 
 def _text(value: object) -> str:
@@ -94,23 +82,6 @@ def _text(value: object) -> str:
     raise TypeError(f"unexpected Redis reply {value!r}")
 
 
-def _usage_plan(
-    key: KeyRecord, day: str, label_cap: int | None
-) -> list[tuple[str, str, int | None]]:
-    """The usage hashes a reservation of ``key`` touches, as ``(scope, window, cap)``.
-
-    The same plan as the SQLite backend: lifetime and label usage is tracked even without a
-    cap, and only the entries with a cap are reported as budgets.
-    """
-    plan: list[tuple[str, str, int | None]] = [
-        (f"key:{key.key_id}", day, key.daily_cap_micros),
-        (f"key-lifetime:{key.key_id}", "lifetime", key.usd_cap_micros),
-    ]
-    if key.agent_run_label:
-        plan.append((f"label:{key.agent_run_label}", day, label_cap))
-    return plan
-
-
 def _key_fields(record: KeyRecord) -> list[str]:
     fields = {
         "key_id": record.key_id,
@@ -119,14 +90,14 @@ def _key_fields(record: KeyRecord) -> list[str]:
         "agent_run_label": record.agent_run_label,
         "daily_cap_micros": str(record.daily_cap_micros),
         "allowed_endpoints": json.dumps(list(record.allowed_endpoints)),
-        "created_at": str(_micros(record.created_at)),
-        "expires_at": str(_micros(record.expires_at)),
+        "created_at": str(epoch_micros(record.created_at)),
+        "expires_at": str(epoch_micros(record.expires_at)),
     }
     # Optional fields are left out rather than stored as a sentinel string.
     if record.usd_cap_micros is not None:
         fields["usd_cap_micros"] = str(record.usd_cap_micros)
     if record.revoked_at is not None:
-        fields["revoked_at"] = str(_micros(record.revoked_at))
+        fields["revoked_at"] = str(epoch_micros(record.revoked_at))
     if record.vendor_account is not None:
         fields["vendor_account"] = record.vendor_account
     return [item for pair in fields.items() for item in pair]
@@ -241,7 +212,7 @@ class RedisStore:
     # -- vault keys ----------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord) -> None:
         """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
-        created = _micros(record.created_at)
+        created = epoch_micros(record.created_at)
         inserted = await self._script(
             "create_key",
             [
@@ -280,7 +251,7 @@ class RedisStore:
         return [record for raw in raws if (record := _key_record(raw)) is not None]
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
-        flat = await self._script("revoke", [self._k("key", key_id)], [str(_micros(now))])
+        flat = await self._script("revoke", [self._k("key", key_id)], [str(epoch_micros(now))])
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     # -- budgets and the reservation ledger ----------------------------------------------------
@@ -289,7 +260,7 @@ class RedisStore:
             if daily_cap_micros is None:
                 await client.hdel(self._k("label-budgets"), label)
             else:
-                _check_micros("daily_cap_micros", daily_cap_micros)
+                check_micros("daily_cap_micros", daily_cap_micros)
                 await client.hset(self._k("label-budgets"), label, str(daily_cap_micros))
 
     async def get_label_budget(self, label: str) -> int | None:
@@ -312,10 +283,10 @@ class RedisStore:
         A ``reservation_id`` already in the ledger is never reserved twice: the call changes
         nothing and answers ``ok=True`` with the current budgets, so a retry is harmless.
         """
-        _check_micros("estimate_micros", estimate_micros)
+        check_micros("estimate_micros", estimate_micros)
         day = utc_day(now)
         # The label cap is read inside the script; the plan here only names the hashes.
-        plan = _usage_plan(key, day, None)
+        plan = usage_plan(key, day, None)
         reply = await self._script(
             "reserve",
             [
@@ -329,7 +300,7 @@ class RedisStore:
                 str(key.daily_cap_micros),
                 "" if key.usd_cap_micros is None else str(key.usd_cap_micros),
                 key.agent_run_label,
-                str(_micros(now)),
+                str(epoch_micros(now)),
                 str(_DAILY_USAGE_TTL_SECONDS),
                 reservation_id,
                 key.key_id,
@@ -337,7 +308,7 @@ class RedisStore:
             ],
         )
         status, exceeded_index, label_cap = int(reply[0]), int(reply[1]), _text(reply[2])
-        plan = _usage_plan(key, day, int(label_cap) if label_cap else None)
+        plan = usage_plan(key, day, int(label_cap) if label_cap else None)
         states: list[BudgetState] = []
         exceeded: BudgetState | None = None
         for index, (scope, window, cap) in enumerate(plan):
@@ -378,7 +349,7 @@ class RedisStore:
         return bool(finished)
 
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
-        _check_micros("actual_micros", actual_micros)
+        check_micros("actual_micros", actual_micros)
         return await self._finish(reservation_id, "settled", actual_micros)
 
     async def release(self, reservation_id: str) -> bool:
@@ -388,7 +359,7 @@ class RedisStore:
         return await self._finish(reservation_id, "unknown", 0)
 
     async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
-        plan = _usage_plan(key, utc_day(now), None)
+        plan = usage_plan(key, utc_day(now), None)
         async with self._guard() as client:
             # MULTI/EXEC: the label cap and the usage come from one consistent moment.
             pipe = client.pipeline(transaction=True)
@@ -397,7 +368,7 @@ class RedisStore:
                 pipe.hmget(self._usage_key(scope, window), ["spent", "reserved"])
             label_cap, *usage = await pipe.execute()
         label = int(label_cap) if label_cap is not None and key.agent_run_label else None
-        plan = _usage_plan(key, utc_day(now), label)
+        plan = usage_plan(key, utc_day(now), label)
         return tuple(
             BudgetState(scope, window, cap, int(spent or 0), int(reserved or 0))
             for (scope, window, cap), (spent, reserved) in zip(plan, usage, strict=True)
@@ -409,7 +380,7 @@ class RedisStore:
         each (each is atomic, so a concurrent settle still wins or loses cleanly)."""
         async with self._guard() as client:
             ids = await client.zrangebyscore(
-                self._k("open-reservations"), "-inf", f"({_micros(older_than)}"
+                self._k("open-reservations"), "-inf", f"({epoch_micros(older_than)}"
             )
         count = 0
         for reservation_id in ids:
@@ -418,7 +389,7 @@ class RedisStore:
 
     # -- amounts -------------------------------------------------------------------------------
     async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
-        _check_micros("amount_micros", amount_micros)
+        check_micros("amount_micros", amount_micros)
         async with self._guard() as client:
             await client.set(
                 self._k("amount", vendor, object_id), str(amount_micros), ex=_AMOUNT_TTL_SECONDS
@@ -439,7 +410,7 @@ class RedisStore:
         ``in_flight_seconds`` by the Redis server's clock) is replaced (``started``); otherwise
         a different body hash is ``mismatch``; otherwise ``in_flight`` or ``replay``.
         """
-        _check_idempotency_times(ttl_seconds, in_flight_seconds)
+        check_idempotency_times(ttl_seconds, in_flight_seconds)
         reply = await self._script(
             "idempotency_begin",
             [self._k("idem", scope)],
@@ -464,7 +435,7 @@ class RedisStore:
     ) -> None:
         """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
         (abandoned, expired or already complete), since its body hash would be unknown."""
-        _check_idempotency_times(ttl_seconds, 0)
+        check_idempotency_times(ttl_seconds, 0)
         await self._script(
             "idempotency_finish",
             [self._k("idem", scope)],

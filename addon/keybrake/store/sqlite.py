@@ -31,10 +31,17 @@ from keybrake.store._base import (
     StoreUnavailable,
     utc_day,
 )
+from keybrake.store._common import (
+    EPOCH,
+    check_idempotency_times,
+    check_micros,
+    epoch_micros,
+    usage_plan,
+)
 
 __all__ = ["SQLiteStore"]
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
 
 # Timestamps the caller passes (``now``, key times) are integer epoch microseconds so they
@@ -98,44 +105,8 @@ COMMIT;
 """
 
 
-def _micros(moment: dt.datetime) -> int:
-    if moment.tzinfo is None:
-        raise ValueError(f"naive datetime {moment!r}: the store needs an aware UTC datetime")
-    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
-
-
 def _moment(micros: int) -> dt.datetime:
-    return _EPOCH + dt.timedelta(microseconds=micros)
-
-
-def _check_micros(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer of micro-USD, got {value!r}")
-
-
-def _check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:
-    if ttl_seconds < 1 or in_flight_seconds < 0:
-        raise ValueError(
-            f"ttl_seconds must be >= 1 and in_flight_seconds >= 0, got {ttl_seconds}, "
-            f"{in_flight_seconds}"
-        )
-
-
-def _usage_plan(
-    key: KeyRecord, day: str, label_cap: int | None
-) -> list[tuple[str, str, int | None]]:
-    """The usage rows a reservation of ``key`` touches, as ``(scope, window, cap)``.
-
-    Lifetime and label usage is tracked even without a cap (cap None), so a label cap set in
-    the middle of a day already counts that day's spend. Only rows with a cap are reported.
-    """
-    plan: list[tuple[str, str, int | None]] = [
-        (f"key:{key.key_id}", day, key.daily_cap_micros),
-        (f"key-lifetime:{key.key_id}", "lifetime", key.usd_cap_micros),
-    ]
-    if key.agent_run_label:
-        plan.append((f"label:{key.agent_run_label}", day, label_cap))
-    return plan
+    return EPOCH + dt.timedelta(microseconds=micros)
 
 
 def _row_to_key(row: sqlite3.Row) -> KeyRecord:
@@ -265,7 +236,7 @@ class SQLiteStore:
     def _budget_states(
         self, conn: sqlite3.Connection, key: KeyRecord, now: dt.datetime
     ) -> tuple[list[tuple[str, str, int | None]], list[BudgetState]]:
-        plan = _usage_plan(key, utc_day(now), self._label_cap(conn, key.agent_run_label))
+        plan = usage_plan(key, utc_day(now), self._label_cap(conn, key.agent_run_label))
         states = [
             BudgetState(scope, window, cap, *self._usage(conn, scope, window))
             for scope, window, cap in plan
@@ -308,9 +279,9 @@ class SQLiteStore:
             record.usd_cap_micros,
             json.dumps(list(record.allowed_endpoints)),
             record.vendor_account,
-            _micros(record.created_at),
-            _micros(record.expires_at),
-            None if record.revoked_at is None else _micros(record.revoked_at),
+            epoch_micros(record.created_at),
+            epoch_micros(record.expires_at),
+            None if record.revoked_at is None else epoch_micros(record.revoked_at),
         )
         with self._transaction() as conn:
             try:
@@ -341,7 +312,7 @@ class SQLiteStore:
         return [_row_to_key(row) for row in rows]
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
-        revoked_at = _micros(now)
+        revoked_at = epoch_micros(now)
         with self._transaction() as conn:
             conn.execute(
                 "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
@@ -353,7 +324,7 @@ class SQLiteStore:
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
         if daily_cap_micros is not None:
-            _check_micros("daily_cap_micros", daily_cap_micros)
+            check_micros("daily_cap_micros", daily_cap_micros)
         with self._transaction() as conn:
             if daily_cap_micros is None:
                 conn.execute("DELETE FROM label_budgets WHERE label = ?", (label,))
@@ -380,8 +351,8 @@ class SQLiteStore:
         A ``reservation_id`` already in the ledger is never reserved twice: the call changes
         nothing and answers ``ok=True`` with the current budgets, so a retry is harmless.
         """
-        _check_micros("estimate_micros", estimate_micros)
-        created_at = _micros(now)
+        check_micros("estimate_micros", estimate_micros)
+        created_at = epoch_micros(now)
         with self._transaction() as conn:
             plan, states = self._budget_states(conn, key, now)
             if conn.execute(
@@ -444,7 +415,7 @@ class SQLiteStore:
         return True
 
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
-        _check_micros("actual_micros", actual_micros)
+        check_micros("actual_micros", actual_micros)
         with self._transaction() as conn:
             return self._finish(conn, reservation_id, "settled", actual_micros)
 
@@ -467,7 +438,7 @@ class SQLiteStore:
         return tuple(states)
 
     async def recover_reservations(self, older_than: dt.datetime) -> int:
-        before = _micros(older_than)
+        before = epoch_micros(older_than)
         with self._transaction() as conn:
             ids = [
                 row[0]
@@ -480,7 +451,7 @@ class SQLiteStore:
 
     # -- amounts -------------------------------------------------------------------------------
     async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
-        _check_micros("amount_micros", amount_micros)
+        check_micros("amount_micros", amount_micros)
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO amounts VALUES (?, ?, ?, ?) ON CONFLICT (vendor, object_id) "
@@ -506,7 +477,7 @@ class SQLiteStore:
         ``in_flight_seconds``) is replaced (``started``); otherwise a different body hash is
         ``mismatch``; otherwise ``in_flight`` or ``replay``.
         """
-        _check_idempotency_times(ttl_seconds, in_flight_seconds)
+        check_idempotency_times(ttl_seconds, in_flight_seconds)
         now = time.time()
         with self._transaction() as conn:
             row = conn.execute("SELECT * FROM idempotency WHERE scope = ?", (scope,)).fetchone()
@@ -537,7 +508,7 @@ class SQLiteStore:
     ) -> None:
         """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
         (abandoned, expired or already complete), since its body hash would be unknown."""
-        _check_idempotency_times(ttl_seconds, 0)
+        check_idempotency_times(ttl_seconds, 0)
         with self._transaction() as conn:
             conn.execute(
                 "UPDATE idempotency SET state = 'done', status_code = ?, headers = ?, body = ?,"
