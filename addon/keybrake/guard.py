@@ -269,6 +269,11 @@ class VaultGuard:
         self, flow: http.HTTPFlow, policy: VendorPolicy, target: str, call: CallState
     ) -> None:
         req = flow.request
+        if len(req.raw_content or b"") > MAX_VENDOR_BODY:
+            # Chunked bodies carry no Content-Length for requestheaders to check.
+            raise Refusal(
+                "body_too_large", f"vendor requests are limited to {MAX_VENDOR_BODY} bytes"
+            )
         if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
             self._check_host_consistency(flow, policy)
         try:
