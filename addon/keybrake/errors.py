@@ -35,6 +35,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "method_not_allowed": 405,
     "idempotency_in_flight": 409,
     "body_too_large": 413,
+    "headers_too_large": 431,
     "invalid_request": 422,
     "idempotency_mismatch": 422,
     "cap_exhausted": 429,

@@ -50,6 +50,8 @@ log = logging.getLogger("keybrake")
 META = "keybrake"
 IN_FLIGHT_SECONDS = 300
 MAX_VENDOR_BODY = 1024 * 1024
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
 # "next_page_uri": "https://api.twilio.com/2010-04-01/..." (a JSON member holding a link)
 _VENDOR_LINK = re.compile(
     rb'"(?P<key>[A-Za-z0-9_]+_ur(?P<kind>[il]))"\s*:\s*"https://(?P<host>[A-Za-z0-9.-]+)'
@@ -215,18 +217,24 @@ class VaultGuard:
         length = flow.request.headers.get("content-length", "")
         too_big = not length.isdigit() and "content-length" in flow.request.headers
         too_big = too_big or (length.isdigit() and int(length) > MAX_VENDOR_BODY)
-        if too_big or len(flow.request.headers.fields) > 100:
+        fields = flow.request.headers.fields
+        header_bytes = sum(len(k) + len(v) for k, v in fields)
+        refusal = None
+        if too_big:
+            refusal = Refusal(
+                "body_too_large", f"vendor requests are limited to {MAX_VENDOR_BODY} bytes"
+            )
+        elif len(fields) > MAX_HEADERS or header_bytes > MAX_HEADER_BYTES:
+            refusal = Refusal(
+                "headers_too_large",
+                f"vendor requests are limited to {MAX_HEADERS} headers and {MAX_HEADER_BYTES} "
+                "bytes of headers",
+            )
+        if refusal is not None:
             call = CallState(vendor=route[0].vendor)
             flow.metadata[META] = call
             self.runtime.inflight.add(flow)
-            self._refuse(
-                flow,
-                call,
-                Refusal(
-                    "body_too_large",
-                    f"vendor requests are limited to {MAX_VENDOR_BODY} bytes and 100 headers",
-                ),
-            )
+            self._refuse(flow, call, refusal)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
