@@ -6,6 +6,7 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
 - ``GET /vault/keys``, ``GET /vault/keys/{key_id}`` (never secrets)
 - ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless)
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
+- ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows (`keybrake.reports`)
 - ``GET /healthz`` (no token) store reachability
 - ``GET /metrics`` Prometheus metrics (`keybrake.metrics`), admin token required
 - ``/``, ``/login``, ``/logout``, ``/dashboard/...``, ``/static/...`` the web dashboard
