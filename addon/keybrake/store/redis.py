@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import importlib.resources
 import json
+import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -50,6 +51,8 @@ from keybrake.store._common import (
     epoch_micros,
     usage_plan,
 )
+
+log = logging.getLogger("keybrake")
 
 __all__ = ["RedisStore"]
 
@@ -198,6 +201,22 @@ class RedisStore:
             await client.ping()
             for script in self._scripts.values():
                 script.sha = await client.script_load(script.script)
+            await self._warn_on_eviction(client)
+
+    @staticmethod
+    async def _warn_on_eviction(client: redis.asyncio.Redis) -> None:
+        """Evicting a usage hash would forget spend: say so loudly if Redis may evict."""
+        try:
+            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except redis.exceptions.RedisError:
+            return  # CONFIG is disabled on some managed services: nothing to check
+        text = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy is not None and text != "noeviction":
+            log.warning(
+                "keybrake: Redis maxmemory-policy is %r; use 'noeviction' so spend is never "
+                "evicted (an evicted budget would read as unspent)",
+                text,
+            )
 
     async def close(self) -> None:
         if self._client is not None:
