@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import pathlib
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -101,3 +104,40 @@ async def store(make_store: StoreFactory) -> AsyncIterator[Store]:
     await opened.open()
     yield opened
     await opened.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_redis(port: int, workdir: pathlib.Path, *extra: str) -> None:
+    """A private redis-server on ``port`` (nothing persisted); ``extra`` are more flags."""
+    subprocess.run(
+        [
+            "redis-server",
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "yes",
+            "--dir", str(workdir),
+            "--pidfile", str(workdir / f"redis-{port}.pid"),
+            "--logfile", str(workdir / f"redis-{port}.log"),
+            *extra,
+        ],
+        check=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True)
+        if ping.stdout.strip() == b"PONG":
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server on port {port} did not start")
+
+
+def stop_redis(port: int) -> None:
+    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)

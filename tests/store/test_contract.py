@@ -8,7 +8,6 @@ import datetime as dt
 import os
 import pathlib
 import shutil
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from tests.store.conftest import USD, StoreFactory, make_key
+from tests.store.conftest import USD, StoreFactory, free_port, make_key, start_redis, stop_redis
 
 from keybrake.store import (
     BudgetState,
@@ -535,41 +534,6 @@ def test_sqlite_threads_with_their_own_store_share_one_cap(tmp_path: pathlib.Pat
 
 
 # -- failures: fail closed, recover by itself ----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_redis(port: int, workdir: pathlib.Path) -> None:
-    subprocess.run(
-        [
-            "redis-server",
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "yes",
-            "--dir", str(workdir),
-            "--pidfile", str(workdir / f"redis-{port}.pid"),
-            "--logfile", str(workdir / f"redis-{port}.log"),
-        ],
-        check=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True)
-        if ping.stdout.strip() == b"PONG":
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"redis-server on port {port} did not start")
-
-
-def stop_redis(port: int) -> None:
-    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
 
 
 @pytest.mark.redis
