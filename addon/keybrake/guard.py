@@ -664,9 +664,9 @@ class VaultGuard:
             oid = data.get(call.endpoint.object_id)
             call.object_id = oid if isinstance(oid, str) else None
         if 200 <= status < 300:
-            actual = actual_cost(
-                policy, call.endpoint.actual if call.endpoint else None, content, estimate
-            )
+            rule = call.endpoint.actual if call.endpoint else None
+            # The body was parsed once above; only an unreadable one is handed over raw.
+            actual = actual_cost(policy, rule, data if data is not None else content, estimate)
             micros = actual.micros if actual.micros is not None else estimate.micros
             call.note = actual.note
             if actual.amount_minor is not None:

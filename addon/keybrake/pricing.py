@@ -338,16 +338,24 @@ def _unit_price(policy: VendorPolicy, rule: PerUnitCost, body: Body) -> int:
 
 
 def actual_cost(
-    policy: VendorPolicy, rule: ActualRule | None, body: bytes, estimate: Estimate
+    policy: VendorPolicy,
+    rule: ActualRule | None,
+    body: bytes | dict[str, Any],
+    estimate: Estimate,
 ) -> Actual:
     """The cost a successful response reports. Without a rule (or when the body does not
-    say), the estimate stands: conservative, never zero by accident."""
+    say), the estimate stands: conservative, never zero by accident.
+
+    ``body`` is the raw response, or its JSON object when the caller parsed it already.
+    """
     if rule is None:
         return Actual(None, estimate.amount_minor, estimate.currency, "estimate kept")
-    try:
-        data = json.loads(body, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
-        return Actual(None, note="response body unreadable: estimate kept")
+    data: Any = body
+    if isinstance(body, bytes):
+        try:
+            data = json.loads(body, parse_float=Decimal)
+        except (ValueError, UnicodeDecodeError):
+            return Actual(None, note="response body unreadable: estimate kept")
     if not isinstance(data, dict):
         return Actual(None, note="response body not an object: estimate kept")
     resp = Body("json", data)
