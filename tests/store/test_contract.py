@@ -503,7 +503,7 @@ async def test_concurrent_reserves_never_exceed_the_cap(store: Store) -> None:
 def test_sqlite_threads_with_their_own_store_share_one_cap(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.db"
     key = make_key("kb_a", daily=50 * USD)
-    start = threading.Barrier(4)
+    start = threading.Barrier(4, timeout=30)  # a thread that failed to open must not hang us
 
     def worker(thread: int) -> int:
         async def reserve_all() -> int:

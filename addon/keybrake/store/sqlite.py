@@ -169,7 +169,7 @@ class SQLiteStore:
             )
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode is {mode})")
             # NORMAL is durable across process crashes in WAL mode; only a power loss may
@@ -183,6 +183,18 @@ class SQLiteStore:
             raise self._unavailable(exc) from exc
         self._conn = conn
         return conn
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> object:
+        """``PRAGMA journal_mode = WAL``, retried: on a new file, processes opening it at the
+        same moment get "database is locked" at once (this pragma ignores busy_timeout)."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     def _drop_connection(self) -> None:
         # After a failure start over with a fresh connection on the next call, so the store
