@@ -13,12 +13,12 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
   (`keybrake.dashboard`, its own login and session cookie)
 
 Every ``/vault`` and ``/metrics`` call needs ``Authorization: Bearer <admin token>``, compared
-in constant time.
+in constant time (see `Runtime.admin_token_matches`). Thirty wrong tokens from one address
+in a minute block that address (``429 rate_limited``) for the rest of the minute.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake._audit_sinks import AuditSink
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
+from keybrake._limiter import source_of
 from keybrake.core import Runtime
 from keybrake.errors import Refusal, refusal_response
 from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
@@ -117,16 +118,19 @@ class AdminApi:
             flow.request.headers["authorization"] = "[redacted by keybrake]"
 
     def _authorize(self, flow: http.HTTPFlow) -> None:
-        given = flow.request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        expected = self.runtime.admin_token
-        ok = scheme.lower() == "bearer" and bool(expected)
-        # compare_digest on bytes of equal-or-unequal length is constant time in the length
-        # of the expected token; run it even when the scheme is wrong.
-        same = hmac.compare_digest(
-            token.strip().encode("utf-8", "surrogateescape"), expected.encode()
-        )
-        if not (ok and same):
+        rt = self.runtime
+        source = source_of(flow)
+        if rt.admin_failures.blocked(source):
+            raise Refusal(
+                "rate_limited",
+                "too many wrong admin tokens from this address; retry in a minute",
+            )
+        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        # Compared even when the scheme is wrong: the answer takes as long either way.
+        same = rt.admin_token_matches(token.strip())
+        if not (same and scheme.lower() == "bearer"):
+            if token.strip():  # a guess, not a forgotten header
+                rt.admin_failures.record(source)
             raise Refusal("admin_token_invalid", "missing or wrong admin token")
 
     async def _health(self) -> http.Response:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -23,6 +25,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from keybrake._audit_sinks import AuditSink, AuditWriter
+from keybrake._limiter import FailureLimiter
 from keybrake.credentials import VendorSecrets
 from keybrake.keys import parse_duration
 from keybrake.policy import PolicyError, PolicySet, load_policies
@@ -33,6 +36,9 @@ __all__ = ["Core", "Runtime", "load_admin_token"]
 log = logging.getLogger("keybrake")
 SHUTDOWN_GRACE_SECONDS = 10.0
 REDIS_RECOVERY_GRACE = dt.timedelta(minutes=15)
+ADMIN_FAILURES_PER_MINUTE = 30
+# Shorter admin tokens get a warning at start (the generated ones have 43 characters).
+MIN_ADMIN_TOKEN_CHARS = 32
 
 
 def load_admin_token(data_dir: Path) -> tuple[str, str]:
@@ -88,7 +94,21 @@ class Runtime:
         self.inflight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self.audit_writer: AuditWriter | None = None
         self.audit_sink: AuditSink | None = None
+        # Wrong admin tokens per source address (admin API and dashboard sign-in together).
+        self.admin_failures = FailureLimiter(limit=ADMIN_FAILURES_PER_MINUTE)
         self._opened = False
+
+    def admin_token_matches(self, given: str) -> bool:
+        """Constant-time check of a presented admin token.
+
+        Both sides are hashed first, so neither the length nor any prefix of the real token
+        changes how long the comparison takes.
+        """
+        if not self.admin_token:
+            return False
+        given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+        real_digest = hashlib.sha256(self.admin_token.encode()).digest()
+        return hmac.compare_digest(given_digest, real_digest)
 
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
@@ -160,11 +180,19 @@ class Core:
             rt.data_dir = Path(opts.keybrake_data_dir).expanduser()
             try:
                 rt.data_dir.mkdir(parents=True, exist_ok=True)
-                rt.admin_token, _ = load_admin_token(rt.data_dir)
+                rt.admin_token, where = load_admin_token(rt.data_dir)
             except OSError as e:
                 raise exceptions.OptionsError(
                     f"keybrake_data_dir {rt.data_dir}: cannot use it: {e.strerror}"
                 ) from None
+            if len(rt.admin_token) < MIN_ADMIN_TOKEN_CHARS:
+                log.warning(
+                    "keybrake: the admin token from %s has fewer than %d characters; "
+                    "use a long random one (e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`)",
+                    where,
+                    MIN_ADMIN_TOKEN_CHARS,
+                )
         if "keybrake_idempotency_ttl" in updated:
             try:
                 ttl = parse_duration(opts.keybrake_idempotency_ttl)
@@ -195,7 +223,14 @@ class Core:
                     raise exceptions.OptionsError(f"keybrake_store: {e}") from None
                 rt.store_url = url
                 rt._opened = False
-        if self._running and {"keybrake_policies", "keybrake_intercept_only_vendors"} & updated:
+        if (
+            self._running
+            and {
+                "keybrake_policies",
+                "keybrake_intercept_only_vendors",
+            }
+            & updated
+        ):
             self._apply_derived_options()
 
     def _apply_derived_options(self) -> None:

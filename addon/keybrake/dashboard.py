@@ -33,6 +33,7 @@ import jinja2
 from mitmproxy import http
 
 from keybrake._keyspec import IssueKeyRequest, KeySpecError
+from keybrake._limiter import source_of
 from keybrake._money import format_usd
 from keybrake.core import Runtime
 from keybrake.reports import OUTCOMES, audit_rows
@@ -282,10 +283,14 @@ class Dashboard:
         finally:
             # The token must not stay in the flow (mitmweb, flow files).
             flow.request.content = REDACTED_FORM
-        given = form.get("token", "").strip()
-        expected = self.runtime.admin_token
-        if not (expected and hmac.compare_digest(given.encode(), expected.encode())):
-            log.warning("keybrake dashboard: failed sign-in from %s", flow.client_conn.peername)
+        source = source_of(flow)
+        if self.runtime.admin_failures.blocked(source):
+            log.warning("keybrake dashboard: sign-in from %s refused: too many failures", source)
+            ctx = {"error": "Too many wrong tokens from this address. Try again in a minute."}
+            return self._page("login.html", ctx, status=429)
+        if not self.runtime.admin_token_matches(form.get("token", "").strip()):
+            self.runtime.admin_failures.record(source)
+            log.warning("keybrake dashboard: failed sign-in from %s", source)
             ctx = {"error": "That is not the admin token."}
             return self._page("login.html", ctx, status=401)
         sid, _ = self.sessions.create()

@@ -22,6 +22,7 @@ from mitmproxy import http, tcp
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake._idempotency import body_fingerprint, replay_response, stored_from
+from keybrake._limiter import FailureLimiter, source_of
 from keybrake._money import MoneyError, format_usd, minor_to_micro_usd
 from keybrake._paths import (
     NormalizedPath,
@@ -129,37 +130,6 @@ def _route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
         if name and (claimed := rt.policies.for_host(_host_only(name))) is not None:
             return claimed, flow.request.path
     return None
-
-
-class FailureLimiter:
-    """Counts invalid-key attempts per source address in a sliding minute.
-
-    Vault keys carry 256 bits, so guessing is hopeless anyway; this keeps a confused or
-    hostile client from hammering the store with lookups.
-    """
-
-    def __init__(self, limit: int = 30, window: float = 60.0) -> None:
-        self.limit = limit
-        self.window = window
-        self._hits: dict[str, list[float]] = {}
-
-    def _recent(self, source: str) -> list[float]:
-        cutoff = time.monotonic() - self.window
-        hits = [t for t in self._hits.get(source, []) if t > cutoff]
-        if hits:
-            self._hits[source] = hits
-        else:
-            self._hits.pop(source, None)
-        return hits
-
-    def blocked(self, source: str) -> bool:
-        return len(self._recent(source)) >= self.limit
-
-    def record(self, source: str) -> None:
-        if len(self._hits) > 10_000:
-            self._hits.clear()  # bounded memory under a spray of sources
-        self._recent(source)
-        self._hits.setdefault(source, []).append(time.monotonic())
 
 
 def _header_text(value: str | None, limit: int = 200) -> str | None:
@@ -294,7 +264,7 @@ class VaultGuard:
         call.message_id = _header_text(req.headers.get("x-keybrake-message-id"))
         if _mentions_vault_key(path.query) or _mentions_vault_key(req.path):
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
-        source = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        source = source_of(flow)
         if self.key_failures.blocked(source):
             raise Refusal(
                 "rate_limited",
