@@ -139,8 +139,6 @@ def run(
         "--set",
         "rawtcp=false",
         "--set",
-        "body_size_limit=16m",
-        "--set",
         f"keybrake_data_dir={data_dir.resolve()}",
         "--set",
         f"keybrake_policies={policies.resolve()}",

@@ -39,6 +39,8 @@ REDIS_RECOVERY_GRACE = dt.timedelta(minutes=15)
 ADMIN_FAILURES_PER_MINUTE = 30
 # Shorter admin tokens get a warning at start (the generated ones have 43 characters).
 MIN_ADMIN_TOKEN_CHARS = 32
+# Largest body mitmproxy may buffer (requests and responses) when the operator set no limit.
+DEFAULT_BODY_SIZE_LIMIT = "16m"
 
 
 def load_admin_token(data_dir: Path) -> tuple[str, str]:
@@ -223,11 +225,19 @@ class Core:
                     raise exceptions.OptionsError(f"keybrake_store: {e}") from None
                 rt.store_url = url
                 rt._opened = False
+        if "stream_large_bodies" in updated and opts.stream_large_bodies:
+            # Streamed request bodies reach the vendor before the request hook runs (no checks,
+            # no reservation), and streamed responses cannot be priced.
+            raise exceptions.OptionsError(
+                "stream_large_bodies cannot be used with Keybrake: streamed bodies would bypass "
+                "its checks; unset it (vendor request bodies are limited to 1 MiB anyway)"
+            )
         if (
             self._running
             and {
                 "keybrake_policies",
                 "keybrake_intercept_only_vendors",
+                "body_size_limit",
             }
             & updated
         ):
@@ -251,6 +261,11 @@ class Core:
             # Otherwise decrypted vendor bytes that do not look like HTTP (b"P0ST ...") would
             # be relayed as raw TCP, around every check.
             opts.update(rawtcp=False)
+        if "body_size_limit" in opts and not opts.body_size_limit:
+            # mitmproxy buffers whole bodies; without a limit one client could make it buffer
+            # gigabytes before the guard's 1 MiB check sees the request. With one, a declared
+            # length above it is refused (413) before a byte of the body is read.
+            opts.update(body_size_limit=DEFAULT_BODY_SIZE_LIMIT)
         bundle = self._upstream_bundle
         if bundle is not None and opts.ssl_verify_upstream_trusted_ca != str(bundle):
             opts.update(ssl_verify_upstream_trusted_ca=str(bundle))

@@ -127,3 +127,54 @@ def test_mitmdump_script_refuses_bad_policy_at_start(
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert f"{bad}: auth.secret_env" in output
+
+
+def test_mitmdump_script_bounds_buffered_bodies_without_a_body_size_limit(
+    script_proxy: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    """No ``body_size_limit`` was given: the addon sets one, so a declared 20 MB upload is
+    refused from its headers alone, before a byte of the body is read or buffered."""
+    from tests.reliability.test_hostile import raw_request, tunnel
+
+    kb = script_proxy
+    vk = kb.issue_key()["vault_key"]
+    sock = tunnel(kb)
+    head = raw_request(vk, body=b"").replace(b"Content-Length: 0", b"Content-Length: 20000000")
+    sock.sendall(head + b"a" * 1000)  # headers and a first kilobyte, never the rest
+    sock.settimeout(10)
+    data = sock.recv(65536)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 413"), data[:300]
+    assert fake_stripe.ledger == []
+
+
+def test_mitmdump_script_refuses_stream_large_bodies_at_start(
+    tmp_path: Path, keybrake_certs: Path, fake_tls: FakeTLS, fake_stripe: FakeStripe
+) -> None:
+    """Streamed request bodies would reach the vendor before any check: not allowed."""
+    kb = KeybrakeProcess(tmp_path, keybrake_certs, {"stripe": fake_stripe}, fake_tls)
+    result = subprocess.run(
+        [
+            str(MITMDUMP),
+            "-s",
+            str(SCRIPT),
+            "--mode",
+            f"regular@127.0.0.1:{kb.proxy_port}",
+            "--set",
+            f"confdir={keybrake_certs}",
+            "--set",
+            f"keybrake_data_dir={kb.data_dir}",
+            "--set",
+            f"keybrake_policies={kb.policies}",
+            "--set",
+            "stream_large_bodies=1k",
+        ],
+        cwd=tmp_path,
+        env=kb.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "stream_large_bodies cannot be used with Keybrake" in output
