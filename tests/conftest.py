@@ -20,11 +20,36 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from tests._secrets import check_proxy_env, scan_texts, scan_tree
 from tests.fakes import FakeResend, FakeStripe, FakeTLS, FakeTwilio, FakeVendor, make_fake_ca
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYBRAKE = Path(sys.executable).with_name("keybrake")
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Scan everything the whole run left on disk for real secrets; any hit fails the run.
+
+    Runs once, in the controller (xdist workers' temp dirs live under its base temp dir).
+    """
+    config = session.config
+    if hasattr(config, "workerinput") or not hasattr(config, "_tmp_path_factory"):
+        return
+    root = config._tmp_path_factory.getbasetemp()
+    result = scan_tree(root)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    line = (
+        f"secrets scan: {result.files} files, {result.bytes / 1e6:.1f} MB under {root}: "
+        f"{len(result.hits)} hit(s)"
+    )
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("-", line, red=bool(result.hits), green=not result.hits)
+        for hit in result.hits:
+            reporter.write_line(f"  {hit}", red=True)
+    if result.hits:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
@@ -108,6 +133,7 @@ class KeybrakeProcess:
                 **(env or {}),
             }
         )
+        check_proxy_env(self.env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def vendor_env(self) -> dict[str, str]:
@@ -262,9 +288,27 @@ def redis_prefix() -> Iterator[str]:
     prefix = f"kbtest:{uuid.uuid4().hex[:10]}:"
     yield prefix
     r = redis.Redis.from_url(REDIS_URL)
+    hits: list[str] = []
     for k in r.scan_iter(f"{prefix}*", count=1000):
+        hits += scan_texts(f"redis key {k!r}", [k, *_redis_values(r, k)])
         r.delete(k)
     r.close()
+    assert not hits, f"real secrets written to Redis: {hits}"
+
+
+def _redis_values(r: Any, key: bytes) -> list[bytes]:
+    kind = r.type(key)
+    if kind == b"string":
+        return [r.get(key) or b""]
+    if kind == b"hash":
+        return [b for kv in r.hgetall(key).items() for b in kv]
+    if kind == b"zset":
+        return list(r.zrange(key, 0, -1))
+    if kind == b"set":
+        return list(r.smembers(key))
+    if kind == b"list":
+        return list(r.lrange(key, 0, -1))
+    return [r.dump(key) or b""]
 
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -279,11 +323,20 @@ def postgres_schema() -> Iterator[str]:
     schema = f"kbtest_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
+    hits: list[str] = []
     try:
         yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            tables = conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (schema,),
+            ).fetchall()
+            for (table,) in tables:
+                rows = conn.execute(f'SELECT t::text FROM {schema}."{table}" t').fetchall()
+                hits += scan_texts(f"postgres {schema}.{table}", [r[0] for r in rows])
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    assert not hits, f"real secrets written to PostgreSQL: {hits}"
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests._secrets import REAL_SECRETS
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeTLS
 from tests.fakes.base import FakeRequest, FakeResponse, FakeVendor, json_response
@@ -59,7 +60,7 @@ class FakeAcme(FakeVendor):
 
     def __init__(self, tls: FakeTLS) -> None:
         super().__init__(tls)
-        self.api_key = "acme_live_" + secrets.token_hex(12)
+        self.api_key = REAL_SECRETS["ACME_API_KEY"]  # scanned for after the run
         self.renders: dict[str, dict[str, Any]] = {}
 
     def env(self) -> dict[str, str]:
