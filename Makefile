@@ -13,7 +13,7 @@ $(BIN)/keybrake: pyproject.toml
 	touch $(BIN)/keybrake
 
 venv: $(BIN)/keybrake
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null && command -v faketime >/dev/null || (apt-get update && apt-get install -y chromium faketime)
 
 ## Start the proxy on the embedded SQLite store (forward :8080, admin :8081).
 run: venv
@@ -43,8 +43,10 @@ bench: venv
 	$(BIN)/python bench/run.py
 
 ## Two replicas sharing Redis under random faults for N minutes (not part of `make test`).
+SOAK_MINUTES ?= 10
+SOAK_RATE ?= 20
 soak: venv
-	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
 
 clean:
 	rm -rf .keybrake .pytest_cache .mypy_cache .ruff_cache

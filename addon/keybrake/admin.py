@@ -134,12 +134,16 @@ class AdminApi:
             raise Refusal("admin_token_invalid", "missing or wrong admin token")
 
     async def _health(self) -> http.Response:
+        rt = self.runtime
         try:
-            store = await self.runtime.open_store()
+            store = await rt.open_store()
             await store.ping()
         except StoreUnavailable as e:
             return _json(503, {"status": "unavailable", "store": str(e)})
-        return _json(200, {"status": "ok", "instance": self.runtime.instance_id})
+        skew = round(rt.clock_skew_seconds, 3)
+        if (problem := rt.clock_problem()) is not None:
+            return _json(503, {"status": "clock_skewed", "clock_skew_s": skew, "detail": problem})
+        return _json(200, {"status": "ok", "instance": rt.instance_id, "clock_skew_s": skew})
 
     async def _route(self, flow: http.HTTPFlow, path: str) -> http.Response:
         method = flow.request.method.upper()

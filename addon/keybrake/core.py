@@ -37,6 +37,10 @@ log = logging.getLogger("keybrake")
 SHUTDOWN_GRACE_SECONDS = 10.0
 REDIS_RECOVERY_GRACE = dt.timedelta(minutes=15)
 ADMIN_FAILURES_PER_MINUTE = 30
+# A replica whose clock differs from the shared store's by more than this refuses vendor
+# calls (503 clock_skewed): it would judge expiry and the UTC day differently from the rest.
+MAX_CLOCK_SKEW_SECONDS = 30.0
+CLOCK_CHECK_SECONDS = 15.0
 # Shorter admin tokens get a warning at start (the generated ones have 43 characters).
 MIN_ADMIN_TOKEN_CHARS = 32
 # Largest body mitmproxy may buffer (requests and responses) when the operator set no limit.
@@ -98,7 +102,33 @@ class Runtime:
         self.audit_sink: AuditSink | None = None
         # Wrong admin tokens per source address (admin API and dashboard sign-in together).
         self.admin_failures = FailureLimiter(limit=ADMIN_FAILURES_PER_MINUTE)
+        # This process's clock minus the shared store's, last measured (0.0: none measured).
+        self.clock_skew_seconds = 0.0
         self._opened = False
+
+    def clock_problem(self) -> str | None:
+        """Why this replica must not judge expiry and days now, or ``None`` when it may."""
+        skew = self.clock_skew_seconds
+        if abs(skew) <= MAX_CLOCK_SKEW_SECONDS:
+            return None
+        return (
+            f"this proxy's clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} "
+            f"the shared store's (more than {MAX_CLOCK_SKEW_SECONDS:.0f}s); fix its time sync"
+        )
+
+    async def check_clock(self) -> None:
+        """Measure the skew against the store's clock (Redis ``TIME``); logs changes."""
+        store = await self.open_store()
+        skew = await store.clock_skew()
+        was = self.clock_problem()
+        self.clock_skew_seconds = skew or 0.0
+        now = self.clock_problem()
+        if now and not was:
+            # A warning: mitmdump exits on errors logged at start; a replica that refuses
+            # calls and says why on /healthz is better than a crash loop.
+            log.warning("keybrake: refusing vendor calls: %s", now)
+        elif was and not now:
+            log.warning("keybrake: clock back in sync with the store (%.1fs)", skew or 0.0)
 
     def admin_token_matches(self, given: str) -> bool:
         """Constant-time check of a presented admin token.
@@ -135,6 +165,7 @@ class Core:
         self._running = False
         self._upstream_bundle: Path | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._clock_watch: asyncio.Task[None] | None = None
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -300,8 +331,10 @@ class Core:
             # A crashed replica's open reservations stay counted (safe); finish them as spent
             # once they are older than any request can be, even if no replica restarts.
             self._recovery = asyncio.create_task(self._recover_periodically())
+            self._clock_watch = asyncio.create_task(self._watch_clock())
         try:
             store = await rt.open_store()
+            await rt.check_clock()
             # SQLite: one proxy process per store file, so every open reservation is a dead
             # one. Redis: only those older than any live request of another replica.
             grace = REDIS_RECOVERY_GRACE if rt.store_url.startswith("redis") else dt.timedelta(0)
@@ -327,9 +360,19 @@ class Core:
             except Exception as e:
                 log.warning("keybrake: periodic reservation recovery failed: %s", e)
 
+    async def _watch_clock(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_SECONDS)
+            try:
+                await self.runtime.check_clock()
+            except Exception as e:
+                log.warning("keybrake: clock check failed: %s", e)
+
     async def done(self) -> None:
         if self._recovery is not None:
             self._recovery.cancel()
+        if self._clock_watch is not None:
+            self._clock_watch.cancel()
         # mitmproxy calls done while connections are still being served: let calls already
         # admitted settle their reservations and write their audit rows first.
         loop = asyncio.get_running_loop()

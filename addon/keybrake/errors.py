@@ -42,6 +42,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "rate_limited": 429,
     "store_unavailable": 503,
     "secret_unavailable": 503,
+    "clock_skewed": 503,
     "internal_error": 503,
 }
 

@@ -294,6 +294,8 @@ class VaultGuard:
         if not looks_like_vault_key(presented.credential):
             raise Refusal("vault_key_unknown", "the credential is not a Keybrake vault key")
         store = await rt.open_store()
+        if (problem := rt.clock_problem()) is not None:
+            raise Refusal("clock_skewed", problem)
         key = await store.get_key_by_secret_hash(hash_vault_key(presented.credential))
         if key is None:
             raise Refusal("vault_key_unknown", "unknown vault key")

@@ -3,6 +3,7 @@ store, a key expiring mid-call. Every case checks the money against the fake's o
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import subprocess
 import threading
@@ -316,3 +317,89 @@ def test_key_expiring_in_flight_completes_then_refuses(
     assert len(fake_stripe.ledger) == 1
     rows = wait_audit(kb, 2)
     assert [r["outcome"] for r in rows[-2:]] == ["ok", "refused"]
+
+
+def faketime_env(spec: str) -> dict[str, str]:
+    """Environment that runs a proxy on a skewed clock (Debian's libfaketime, installed by
+    ``make venv``): ``"-1h"`` an offset, ``"@2030-01-01 23:59:45"`` a start that runs on.
+    Monotonic clocks stay real, so asyncio's timers behave."""
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert libs, "libfaketime is missing: apt-get install faketime (make venv does)"
+    return {
+        "LD_PRELOAD": str(libs[0]),
+        "FAKETIME": spec,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }
+
+
+@pytest.mark.redis
+def test_replica_with_a_skewed_clock_refuses_instead_of_judging_expiry(
+    keybrake_factory: Any, fake_stripe: FakeStripe, redis_prefix: str
+) -> None:
+    """Two replicas share Redis; one runs an hour slow. Its clock would still call an
+    expired key valid, so it refuses every vendor call (503 clock_skewed) and says so on
+    /healthz, while a replica a few seconds off keeps working."""
+    store = f"redis://127.0.0.1:6379/0?prefix={redis_prefix}"
+    good: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=store)
+    slow: KeybrakeProcess = keybrake_factory(
+        {"stripe": fake_stripe}, store=store, env=faketime_env("-1h")
+    )
+    near: KeybrakeProcess = keybrake_factory(
+        {"stripe": fake_stripe}, store=store, env=faketime_env("+5s")
+    )
+    health = httpx.get(f"{slow.admin_url}/healthz", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "clock_skewed"
+    assert -3700 < health.json()["clock_skew_s"] < -3500
+    assert httpx.get(f"{near.admin_url}/healthz", timeout=10).status_code == 200
+
+    fresh = good.issue_key(daily_usd_cap=10)
+    assert charge(near, fresh["vault_key"], 100).status_code == 200
+    r = charge(slow, fresh["vault_key"], 100)
+    assert (r.status_code, code_of(r)) == (503, "clock_skewed"), r.text
+    assert "behind" in r.json()["error"]["message"]
+    short = good.issue_key(daily_usd_cap=10, expires_in="2s")
+    time.sleep(2.5)  # expired now, by the shared clock; not yet by the slow replica's
+    r = charge(good, short["vault_key"], 100)
+    assert (r.status_code, code_of(r)) == (401, "vault_key_expired")
+    r = charge(slow, short["vault_key"], 100)
+    assert (r.status_code, code_of(r)) == (503, "clock_skewed")
+    assert len(fake_stripe.ledger) == 1  # only the near replica's call reached the vendor
+    assert "refusing vendor calls: this proxy's clock is" in slow.log()
+
+
+def test_utc_day_rolls_over_on_a_running_proxy(
+    keybrake_factory: Any, fake_stripe: FakeStripe
+) -> None:
+    """The proxy's clock starts at 23:59:30 UTC today and runs: the daily cap is spent
+    before midnight, a call in flight across midnight counts on the day it was admitted,
+    and the new day starts with the whole cap again. (Today's date, not a far one: the
+    certificates the proxy mints on its clock must be valid on the client's.)"""
+    today = dt.datetime.now(dt.UTC).date()
+    tomorrow = today + dt.timedelta(days=1)
+    t0 = time.monotonic()
+    kb: KeybrakeProcess = keybrake_factory(
+        {"stripe": fake_stripe}, env=faketime_env(f"@{today.isoformat()} 23:59:30")
+    )
+    key = kb.issue_key(daily_usd_cap=3, expires_in="2h")
+    assert key["expires_at"].startswith(f"{tomorrow.isoformat()}T01:59:")
+    assert charge(kb, key["vault_key"], 100).status_code == 200
+    to_midnight = 30 - (time.monotonic() - t0)  # the proxy's clock is at most this early
+    assert to_midnight > 3, "the proxy took too long to start for this test"
+    fake_stripe.delay_seconds = to_midnight + 4  # admitted today, answered tomorrow
+    r = charge(kb, key["vault_key"], 200, timeout=60)
+    fake_stripe.delay_seconds = 0
+    assert r.status_code == 200, r.text
+    # Tomorrow now, on the proxy's clock: the cap is whole again.
+    detail = key_detail(kb, key["key_id"])
+    assert detail["spent_today_usd"] == "0.00", detail
+    for _ in range(3):
+        assert charge(kb, key["vault_key"], 100).status_code == 200
+    over = charge(kb, key["vault_key"], 100)
+    assert (over.status_code, code_of(over)) == (429, "cap_exhausted")
+    assert key_detail(kb, key["key_id"])["spent_today_usd"] == "3.00"
+    rows = [r for r in wait_audit(kb, 6) if r["outcome"] == "ok"]
+    assert [r["actual_micros"] for r in rows] == [USD, 2 * USD, USD, USD, USD]
+    # Audit rows are stamped when the answer came: the slow call's is tomorrow's.
+    assert [r["ts"][:10] for r in rows] == [today.isoformat()] + [tomorrow.isoformat()] * 4
+    assert fake_stripe.charged_usd_micros() == 6 * USD

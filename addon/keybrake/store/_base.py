@@ -123,6 +123,10 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless the backend answers."""
 
+    async def clock_skew(self) -> float | None:
+        """Seconds this process's clock is ahead of the clock replicas share (negative when
+        behind), or ``None`` when the store has no clock of its own (SQLite: one host)."""
+
     # -- vault keys --------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord) -> None:
         """Insert a new key; ``key_id`` and ``secret_sha256`` are unique."""

@@ -228,6 +228,16 @@ class RedisStore:
         async with self._guard() as client:
             await client.ping()
 
+    async def clock_skew(self) -> float | None:
+        """This process's clock minus the Redis server's ``TIME``, corrected for half the
+        round trip. Replicas judge expiry and the UTC day by their own clocks: this is how
+        far one of them may disagree with the others."""
+        async with self._guard() as client:
+            before = time.time()
+            seconds, micros = await client.time()
+            after = time.time()
+        return (before + after) / 2 - (int(seconds) + int(micros) / 1e6)
+
     # -- vault keys ----------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord) -> None:
         """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""

@@ -268,6 +268,10 @@ class SQLiteStore:
         with self._lock:
             self._drop_connection()
 
+    async def clock_skew(self) -> float | None:
+        """``None``: every process using this file runs on this host's clock."""
+        return None
+
     async def ping(self) -> None:
         """Check the file can be written: a read-only, full or locked database is unavailable."""
         with self._session() as conn:
