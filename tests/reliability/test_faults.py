@@ -4,10 +4,13 @@ store, a key expiring mid-call. Every case checks the money against the fake's o
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +298,65 @@ def test_store_turning_read_only_mid_run_fails_closed_and_recovers(
     wait_for(lambda: charge(kb, key["vault_key"], 100).status_code == 200, 10, "recovery")
     assert len(fake_stripe.ledger) == 2
     assert usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"]) == 2 * USD
+
+
+def _fill(path: Path) -> int:
+    """Write zeros to ``path`` until the file system is full; bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    written = 0
+    try:
+        while True:
+            written += os.write(fd, b"\0" * 65536)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return written
+
+
+def test_disk_full_fails_closed_and_recovers_without_losing_audit_rows(
+    keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """The data dir (store, audit log) lives on a small tmpfs that then fills up: every call
+    is either forwarded with a durable reservation or refused 503 without reaching the
+    vendor; the proxy keeps running; once space is freed the same process serves again and
+    the audit rows held back while the disk was full are written."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, data_dir=mnt / "data")
+        key = kb.issue_key(daily_usd_cap=100)
+        assert charge(kb, key["vault_key"], 100).status_code == 200
+        wait_audit(kb, 1)
+        filler = mnt / "filler"
+        assert _fill(filler) > 0
+        answers = [charge(kb, key["vault_key"], 100) for _ in range(40)]
+        codes = Counter("ok" if r.status_code == 200 else code_of(r) for r in answers)
+        assert set(codes) <= {"ok", "store_unavailable"}, codes
+        assert codes["store_unavailable"] > 0, codes  # the full disk was noticed
+        assert kb.proc is not None and kb.proc.poll() is None, "the proxy must keep running"
+        # Forwarded calls only: one per "ok", none for a refusal.
+        assert len(fake_stripe.ledger) == 1 + codes["ok"]
+        filler.unlink()
+        after: list[httpx.Response] = []
+        deadline = time.monotonic() + 15
+        while not after or after[-1].status_code != 200:
+            assert time.monotonic() < deadline, "no recovery after the disk was freed"
+            after.append(charge(kb, key["vault_key"], 100))
+        forwarded = len(fake_stripe.ledger)
+        assert forwarded == 1 + codes["ok"] + 1
+        spent = usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"])
+        assert spent == forwarded * USD == fake_stripe.charged_usd_micros()
+        # Every answer has its audit row, including those answered while the disk was full.
+        answered = 1 + len(answers) + len(after)
+        rows = wait_audit(kb, answered, timeout=30)
+        assert len(rows) == answered
+        refused = codes["store_unavailable"] + len(after) - 1
+        assert sum(r["code"] == "store_unavailable" for r in rows) == refused
+        kb.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---------------------------------------------------------------------------- clock
