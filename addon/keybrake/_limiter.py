@@ -16,10 +16,12 @@ def source_of(flow: http.HTTPFlow) -> str:
 
 
 class FailureLimiter:
-    """Counts invalid-key attempts per source address in a sliding minute.
+    """Counts failed attempts (invalid vault keys, wrong admin tokens) per source address
+    in a sliding window; ``blocked`` once ``limit`` are inside it.
 
-    Vault keys carry 256 bits, so guessing is hopeless anyway; this keeps a confused or
-    hostile client from hammering the store with lookups.
+    Vault keys and generated admin tokens carry 256 bits, so guessing is hopeless anyway;
+    this keeps a confused or hostile client from hammering the store with lookups, and
+    bounds guesses at an operator-chosen (possibly weaker) admin token.
     """
 
     def __init__(self, limit: int = 30, window: float = 60.0) -> None:

@@ -92,6 +92,21 @@ def healthy(kb: KeybrakeProcess) -> bool:
         return False
 
 
+# ------------------------------------------------------------------- hostile-input fixtures
+@pytest.fixture
+def kb(keybrake_stripe: KeybrakeProcess) -> KeybrakeProcess:
+    return keybrake_stripe
+
+
+@pytest.fixture
+def vk(kb: KeybrakeProcess) -> str:
+    key: dict[str, Any] = kb.issue_key(
+        daily_usd_cap=100,
+        allowed_endpoints=["POST /v1/payment_intents", "GET /v1/payment_intents/{id}"],
+    )
+    return str(key["vault_key"])
+
+
 # ------------------------------------------------------------------------ private redis-server
 def port_open(port: int) -> bool:
     with socket.socket() as s:

@@ -232,6 +232,30 @@ def test_vendor_failures_keep_the_estimate_and_the_proxy_healthy(
     assert kb.proc is not None and kb.proc.poll() is None
 
 
+def test_vendor_slower_than_the_client_keeps_the_estimate_until_it_answers(
+    keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    """The client gives up after 1 s; the vendor still charges 4 s later. The proxy never
+    lets the budget drop below what the vendor charged: the $3 estimate stays spent, the
+    audit row says ``unknown``, and the next call is still capped by it."""
+    kb = keybrake_stripe
+    key = kb.issue_key(daily_usd_cap=5)
+    fake_stripe.delay_seconds = 4
+    with pytest.raises(httpx.TimeoutException):
+        charge(kb, key["vault_key"], 300, timeout=1)
+    rows = wait_audit(kb, 1)
+    assert (rows[0]["outcome"], rows[0]["actual_micros"]) == ("unknown", 3 * USD)
+    assert usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"]) == 3 * USD
+    wait_for(lambda: fake_stripe.charged_usd_micros() == 3 * USD, 10, "the late vendor charge")
+    fake_stripe.delay_seconds = 0
+    over = charge(kb, key["vault_key"], 300)  # $3 more would pass $5: the estimate counts
+    assert (over.status_code, code_of(over)) == (429, "cap_exhausted")
+    assert charge(kb, key["vault_key"], 200).status_code == 200
+    assert fake_stripe.charged_usd_micros() == 5 * USD
+    assert usd_micros(key_detail(kb, key["key_id"])["spent_today_usd"]) == 5 * USD
+    assert healthy(kb)
+
+
 # ----------------------------------------------------------------------- read-only store
 
 

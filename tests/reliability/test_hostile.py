@@ -90,20 +90,6 @@ def raw_request(
     ).encode() + body
 
 
-@pytest.fixture
-def kb(keybrake_stripe: KeybrakeProcess) -> KeybrakeProcess:
-    return keybrake_stripe
-
-
-@pytest.fixture
-def vk(kb: KeybrakeProcess) -> str:
-    key: dict[str, Any] = kb.issue_key(
-        daily_usd_cap=100,
-        allowed_endpoints=["POST /v1/payment_intents", "GET /v1/payment_intents/{id}"],
-    )
-    return str(key["vault_key"])
-
-
 # -------------------------------------------------------------------------- targets & hosts
 
 

@@ -10,6 +10,7 @@ many concurrent streams against one cap.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
@@ -25,9 +26,7 @@ from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe
 from tests.reliability.conftest import healthy, key_detail, usd_micros
 
-from .test_hostile import FORM, kb, no_vault_key_reached_vendor, vk
-
-__all__ = ["kb", "vk"]  # fixtures re-used from test_hostile
+from .test_hostile import FORM, no_vault_key_reached_vendor
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +43,6 @@ class Answer:
     reset: int | None = None
 
     def code(self) -> str:
-        import json
-
         try:
             return str(json.loads(self.body)["error"]["code"])
         except (ValueError, KeyError, TypeError):
