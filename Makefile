@@ -45,8 +45,9 @@ bench: venv
 ## Two replicas sharing Redis under random faults for N minutes (not part of `make test`).
 SOAK_MINUTES ?= 10
 SOAK_RATE ?= 20
+SOAK_CAP ?= 5000
 soak: venv
-	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE) --cap $(SOAK_CAP)
 
 clean:
 	rm -rf .keybrake .pytest_cache .mypy_cache .ruff_cache

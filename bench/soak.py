@@ -3,7 +3,10 @@
     python bench/soak.py --minutes 2 --rate 20
 
 Prints requests served, refusals by code, dollars over cap (must be 0), audit rows vs
-requests answered (must match) and each replica's RSS at start and end (must be flat).
+requests answered (must match) and each replica's RSS, sampled every ``--sample-every``
+seconds: after the first third of the run (warm-up: caches, connection pools, the allocator
+settling) it must be flat, i.e. grow by less than 5 % up to the end, and the least-squares
+slope of the later samples is printed in KiB per minute. Exit status 0 only if all three hold.
 """
 
 from __future__ import annotations
@@ -38,12 +41,68 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+class RssSampler(threading.Thread):
+    """Samples each pid's RSS every ``every`` seconds until stopped."""
+
+    def __init__(self, pids: list[int], every: float) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.every = every
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop_event = threading.Event()
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic() - self._t0, [rss_kib(p) for p in self.pids]))
+            if self._stop_event.wait(self.every):
+                break
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.samples.append((time.monotonic() - self._t0, [rss_kib(p) for p in self.pids]))
+
+    def report(self) -> bool:
+        """Print the series and the verdict; True when every replica is flat after warm-up."""
+        end_t = self.samples[-1][0]
+        later = [(t, rss) for t, rss in self.samples if t >= end_t / 3]
+        flat = True
+        for i, pid in enumerate(self.pids):
+            series = [rss[i] for _, rss in self.samples]
+            warm, end = later[0][1][i], later[-1][1][i]
+            slope = _slope([t / 60 for t, _ in later], [rss[i] for _, rss in later])
+            growth = (end - warm) / warm if warm else 0.0
+            flat = flat and growth < 0.05
+            step = max(1, len(series) // 12)
+            shown = " ".join(f"{v // 1024}" for v in series[::step])
+            print(f"replica {i} (pid {pid}) RSS MiB every {self.every * step:.0f}s: {shown}")
+            print(
+                f"  start {series[0] // 1024} MiB, after warm-up {warm // 1024} MiB, end "
+                f"{end // 1024} MiB, max {max(series) // 1024} MiB; growth after warm-up "
+                f"{growth * 100:+.1f}%, slope {slope:+.0f} KiB/min  (flat: < 5%)"
+            )
+        return flat
+
+
+def _slope(xs: list[float], ys: list[int]) -> float:
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=2.0)
     ap.add_argument("--rate", type=float, default=20.0, help="requests per second")
     ap.add_argument("--cap", type=int, default=200, help="daily cap of each key, USD")
     ap.add_argument("--keys", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=16, help="concurrent client requests")
+    ap.add_argument("--no-faults", action="store_true", help="inject no faults")
+    ap.add_argument("--sample-every", type=float, default=10.0, help="RSS sampling, seconds")
     args = ap.parse_args()
     from keybrake.ca import ensure_ca
 
@@ -62,7 +121,8 @@ def main() -> int:
             wd = tmp / f"kb{i}"
             wd.mkdir()
             replicas.append(KeybrakeProcess(wd, certs, {"stripe": fake}, tls, store=store).start())
-        rss_start = [rss_kib(kb.proc.pid) for kb in replicas if kb.proc]
+        sampler = RssSampler([kb.proc.pid for kb in replicas if kb.proc], args.sample_every)
+        sampler.start()
         keys = [replicas[0].issue_key(daily_usd_cap=args.cap) for _ in range(args.keys)]
         total = int(args.minutes * 60 * args.rate)
         deadline = time.monotonic() + args.minutes * 60 + 60
@@ -80,11 +140,11 @@ def main() -> int:
                 answered[outcome] += 1
 
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=16) as pool:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
             for i in range(total):
                 if time.monotonic() > deadline:
                     break
-                roll = random.random()
+                roll = 1.0 if args.no_faults else random.random()
                 if roll < 0.02:
                     fake.fail_next(1, random.choice([500, 502]), processed=True)
                     faults["vendor_5xx"] += 1
@@ -97,7 +157,7 @@ def main() -> int:
                 pool.submit(one, i)
                 time.sleep(max(0.0, started + (i + 1) / args.rate - time.monotonic()))
         time.sleep(1.0)  # audit writers flush every 0.2 s
-        rss_end = [rss_kib(kb.proc.pid) for kb in replicas if kb.proc]
+        sampler.stop()
         over = 0
         for key in keys:
             spent = usd_micros(key_detail(replicas[0], key["key_id"])["spent_today_usd"])
@@ -119,8 +179,8 @@ def main() -> int:
     print(f"vendor charged: ${charged / USD:.2f} over {len(keys)} keys capped ${args.cap} each")
     print(f"dollars over cap: ${over / USD:.2f}  (must be 0)")
     print(f"audit rows: {rows}  requests answered: {n_answered}  (must match)")
-    print(f"RSS KiB start: {rss_start}  end: {rss_end}")
-    ok = over == 0 and rows == n_answered
+    flat = sampler.report()
+    ok = over == 0 and rows == n_answered and flat
     return 0 if ok else 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -50,6 +51,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(f"  {hit}", red=True)
     if result.hits:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@functools.lru_cache(maxsize=8)
+def _client_context(cafile: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 def free_port() -> int:
@@ -154,8 +160,12 @@ class KeybrakeProcess:
             (self.policies / f.name).write_text(yaml.safe_dump(data, sort_keys=False))
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A client context trusting the Keybrake CA bundle (what workers configure)."""
-        return ssl.create_default_context(cafile=str(self.bundle))
+        """A client context trusting the Keybrake CA bundle (what workers configure).
+
+        Shared by every caller (parsing the bundle, certifi's roots plus the Keybrake CA,
+        costs ~50 ms of CPU): do not modify it; build your own to change ALPN or the like.
+        """
+        return _client_context(str(self.bundle))
 
     @property
     def proxy_url(self) -> str:

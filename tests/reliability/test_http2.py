@@ -61,7 +61,7 @@ class H2Tunnel:
             assert chunk, head
             head += chunk
         assert head.startswith(b"HTTP/1.1 200"), head
-        ctx = kb.ssl_context()
+        ctx = ssl.create_default_context(cafile=str(kb.bundle))  # our own: ALPN changes
         ctx.set_alpn_protocols(["h2"])
         self.sock: ssl.SSLSocket = ctx.wrap_socket(raw, server_hostname="api.stripe.com")
         self.alpn = self.sock.selected_alpn_protocol()
