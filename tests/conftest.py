@@ -139,7 +139,7 @@ class KeybrakeProcess:
                 **(env or {}),
             }
         )
-        check_proxy_env(self.env)
+        check_proxy_env({**self.vendor_env(), **(env or {})})  # not the inherited environment
         self.proc: subprocess.Popen[bytes] | None = None
 
     def vendor_env(self) -> dict[str, str]:
