@@ -152,6 +152,7 @@ def test_keys_issue_plain_output(tmp_path: Path) -> None:
     assert second.startswith("kbv_stripe_")
     rows = json.loads(cli("keys", "list", "--data-dir", str(tmp_path), "--json").stdout)
     assert rows[0]["allowed_endpoints"] == ["POST /v1/payment_intents"]
+    assert rows[0]["max_requests_per_minute"] == 1500  # policies/stripe.yaml
     assert rows[0]["daily_usd_cap"] == "12.50"
     assert (tmp_path / "keybrake.db").exists()
 
@@ -170,6 +171,8 @@ def test_keys_issue_names_each_bad_field(tmp_path: Path) -> None:
         "91d",
         "--label",
         "bad\nlabel",
+        "--max-requests-per-minute",
+        "0",
         "--policies",
         str(ROOT / "policies"),
         "--data-dir",
@@ -182,6 +185,7 @@ def test_keys_issue_names_each_bad_field(tmp_path: Path) -> None:
         "allowed_endpoints.0",
         "expires_in",
         "agent_run_label",
+        "max_requests_per_minute",
     ):
         assert f"{field}: " in result.stderr
     assert result.stdout == ""

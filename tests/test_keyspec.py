@@ -162,6 +162,21 @@ def test_expires_in_forms(policies: PolicySet, expires: str) -> None:
         ("allowed_endpoints", ["POST /v1/payment_intents"] * 101, "list of 1-100"),
         ("allowed_endpoints", None, "list of 1-100"),
         ("allowed_endpoints", _DROP, "list of 1-100"),
+        ("max_requests_per_minute", 0, "whole number of requests from 1"),
+        ("max_requests_per_minute", -5, "whole number"),
+        ("max_requests_per_minute", 1_000_001, "to 1,000,000"),
+        ("max_requests_per_minute", 10**100, "whole number"),
+        ("max_requests_per_minute", 60.0, "whole number"),
+        ("max_requests_per_minute", float("nan"), "whole number"),
+        ("max_requests_per_minute", "60.0", "whole number"),
+        ("max_requests_per_minute", "1e3", "whole number"),
+        ("max_requests_per_minute", " 60", "whole number"),
+        ("max_requests_per_minute", "0", "whole number"),
+        ("max_requests_per_minute", "٦٠", "whole number"),  # Arabic-Indic digits
+        ("max_requests_per_minute", "9" * 5000, "whole number"),
+        ("max_requests_per_minute", "", "whole number"),
+        ("max_requests_per_minute", True, "whole number"),
+        ("max_requests_per_minute", [60], "whole number"),
     ],
 )
 def test_bad_field_is_named(policies: PolicySet, field: str, value: Any, message: str) -> None:
@@ -305,3 +320,18 @@ def test_key_to_json_never_shows_secrets() -> None:
     assert out["spent_today_usd"] == "13.00"
     assert out["remaining_usd"] == "287.00"
     assert key_to_json(record, now + dt.timedelta(hours=3))["status"] == "expired"
+
+
+def test_request_rate_limit_defaults_to_the_vendor_policy(policies: PolicySet) -> None:
+    stripe_default = policies.vendors["stripe"].max_requests_per_minute
+    assert stripe_default is not None  # the shipped policy sets one
+    spec = IssueKeyRequest.from_json(body(), policies)
+    assert spec.max_requests_per_minute == stripe_default
+    # null means "the default" too, and a key may set its own, lower or higher.
+    assert IssueKeyRequest.from_json(body(max_requests_per_minute=None), policies) == spec
+    for own in (1, 10_000, 1_000_000, "60"):  # the admin API reads JSON numbers as strings
+        record, _ = IssueKeyRequest.from_json(body(max_requests_per_minute=own), policies).new_key(
+            dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        )
+        assert record.max_requests_per_minute == int(own)
+        assert key_to_json(record, record.created_at)["max_requests_per_minute"] == int(own)

@@ -157,6 +157,30 @@ def test_relative_ca_file_is_relative_to_the_policy_file(tmp_path: Path) -> None
 
 # -- bad files: file name + dotted field path --------------------------------------------------
 BAD_STRIPE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
+    (
+        "zero request rate",
+        lambda d: d.update(max_requests_per_minute=0),
+        "max_requests_per_minute",
+        "greater than or equal to 1",
+    ),
+    (
+        "request rate as text",
+        lambda d: d.update(max_requests_per_minute="600"),
+        "max_requests_per_minute",
+        "valid integer",
+    ),
+    (
+        "fractional request rate",
+        lambda d: d.update(max_requests_per_minute=1.5),
+        "max_requests_per_minute",
+        "valid integer",
+    ),
+    (
+        "huge request rate",
+        lambda d: d.update(max_requests_per_minute=10**9),
+        "max_requests_per_minute",
+        "less than or equal to 1000000",
+    ),
     ("unknown top-level field", lambda d: d.update(colour="blue"), "colour", "Extra inputs"),
     ("unknown auth field", lambda d: d["auth"].update(token="x"), "auth.token", "Extra inputs"),
     (

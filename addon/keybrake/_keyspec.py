@@ -10,7 +10,7 @@ from typing import Any
 from keybrake._money import MoneyError, format_usd, parse_usd
 from keybrake._paths import EndpointPattern, PatternError
 from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key, parse_duration
-from keybrake.policy import PolicySet
+from keybrake.policy import MAX_REQUESTS_PER_MINUTE, PolicySet
 from keybrake.store import BudgetState, KeyRecord
 
 __all__ = ["IssueKeyRequest", "KeySpecError", "key_to_json", "parse_label_budget"]
@@ -23,6 +23,7 @@ _FIELDS = {
     "allowed_endpoints",
     "expires_in",
     "agent_run_label",
+    "max_requests_per_minute",
 }
 
 
@@ -47,6 +48,24 @@ def _usd_field(value: Any, name: str, errors: dict[str, str]) -> int | None:
         errors[name] = "must be greater than 0"
         return None
     return micros
+
+
+def _requests_per_minute(value: Any, errors: dict[str, str]) -> int | None:
+    """A request-rate limit: an integer, or its digits as a string (the admin API reads JSON
+    numbers as strings so that no number is ever a float)."""
+    if value is None:
+        return None
+    number = 0  # anything that is not a whole number is refused like 0
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 7:
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if not 1 <= number <= MAX_REQUESTS_PER_MINUTE:
+        errors["max_requests_per_minute"] = (
+            f"must be a whole number of requests from 1 to {MAX_REQUESTS_PER_MINUTE:,}"
+        )
+        return None
+    return number
 
 
 def _label(value: Any, errors: dict[str, str], name: str = "agent_run_label") -> str:
@@ -74,6 +93,8 @@ class IssueKeyRequest:
     allowed_endpoints: tuple[str, ...]
     expires_in: dt.timedelta
     agent_run_label: str
+    # None: no request-rate limit (neither the request nor the vendor policy set one).
+    max_requests_per_minute: int | None = None
 
     @classmethod
     def from_json(cls, data: Any, policies: PolicySet) -> IssueKeyRequest:
@@ -102,6 +123,9 @@ class IssueKeyRequest:
             except ValueError as e:
                 errors["expires_in"] = str(e)
         label = _label(data.get("agent_run_label"), errors)
+        rpm = _requests_per_minute(data.get("max_requests_per_minute"), errors)
+        if "max_requests_per_minute" not in data or data["max_requests_per_minute"] is None:
+            rpm = policies.vendors[vendor].max_requests_per_minute if vendor else None
         endpoints: list[str] = []
         raw_eps = data.get("allowed_endpoints")
         if not isinstance(raw_eps, list) or not raw_eps or len(raw_eps) > 100:
@@ -127,7 +151,7 @@ class IssueKeyRequest:
         if errors:
             raise KeySpecError(errors)
         assert vendor is not None and daily is not None
-        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label)
+        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label, rpm)
 
     def new_key(self, now: dt.datetime) -> tuple[KeyRecord, str]:
         """A new key record and its vault key (the only time the vault key exists in clear).
@@ -145,6 +169,7 @@ class IssueKeyRequest:
             allowed_endpoints=self.allowed_endpoints,
             created_at=now,
             expires_at=now + self.expires_in,
+            max_requests_per_minute=self.max_requests_per_minute,
         )
         return record, vault_key
 
@@ -189,6 +214,7 @@ def key_to_json(
         "daily_usd_cap": format_usd(key.daily_cap_micros),
         "usd_cap": format_usd(key.usd_cap_micros) if key.usd_cap_micros is not None else None,
         "allowed_endpoints": list(key.allowed_endpoints),
+        "max_requests_per_minute": key.max_requests_per_minute,
         "created_at": _iso(key.created_at),
         "expires_at": _iso(key.expires_at),
         "revoked_at": _iso(key.revoked_at),

@@ -275,6 +275,10 @@ def keys_issue(
     label: Annotated[str, typer.Option(help="agent_run_label, e.g. dramatiq/nightly-billing.")],
     expires_in: Annotated[str, typer.Option(help="30m, 2h, 7d or ISO-8601 (PT2H).")] = "1h",
     usd_cap: Annotated[str | None, typer.Option(help="Optional lifetime cap in USD.")] = None,
+    max_requests_per_minute: Annotated[
+        int | None,
+        typer.Option(help="Request-rate limit (any 60 s); default: the vendor policy's."),
+    ] = None,
     data_dir: DataDir = Path(".keybrake"),
     policies: PoliciesDir = Path("policies"),
     store: StoreUrl = "",
@@ -291,6 +295,7 @@ def keys_issue(
                 "allowed_endpoints": allow,
                 "expires_in": expires_in,
                 "agent_run_label": label,
+                "max_requests_per_minute": max_requests_per_minute,
             },
             ps,
         )

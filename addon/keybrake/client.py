@@ -181,6 +181,7 @@ class VaultKey:
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
     status: str
+    max_requests_per_minute: int | None = None
     spent_today_usd: Decimal | None = None
     remaining_usd: Decimal | None = None
     budgets: tuple[Budget, ...] = ()
@@ -198,6 +199,7 @@ class VaultKey:
             "expires_at": _time(data.get("expires_at")),
             "revoked_at": _time(data.get("revoked_at")),
             "status": str(data["status"]),
+            "max_requests_per_minute": _int_or_none(data.get("max_requests_per_minute")),
             "spent_today_usd": _usd(data.get("spent_today_usd")),
             "remaining_usd": _usd(data.get("remaining_usd")),
             "budgets": tuple(Budget.from_json(b) for b in data.get("budgets") or ()),
@@ -355,6 +357,7 @@ def _issue_call(
     agent_run_label: str,
     expires_in: str,
     usd_cap: Dollars | None,
+    max_requests_per_minute: int | None = None,
 ) -> _Call:
     if isinstance(allowed_endpoints, str):
         raise TypeError("allowed_endpoints must be a list of strings, not one string")
@@ -367,7 +370,13 @@ def _issue_call(
     }
     if usd_cap is not None:
         body["usd_cap"] = _dollars(usd_cap)
+    if max_requests_per_minute is not None:
+        body["max_requests_per_minute"] = max_requests_per_minute
     return _Call("POST", "/vault/keys", body=body)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _query(**values: str | int | None) -> dict[str, str]:
@@ -486,8 +495,11 @@ class KeybrakeClient:
         agent_run_label: str,
         expires_in: str = "1h",
         usd_cap: Dollars | None = None,
+        max_requests_per_minute: int | None = None,
     ) -> IssuedKey:
         """Issue a vault key; ``.vault_key`` is its secret, returned only this once.
+
+        ``max_requests_per_minute`` defaults to the vendor policy's (None there: no limit).
 
         >>> key = kb.issue_key(vendor="stripe", daily_usd_cap=300,  # doctest: +SKIP
         ...     allowed_endpoints=["POST /v1/payment_intents"], expires_in="2h",
@@ -496,7 +508,13 @@ class KeybrakeClient:
         (Decimal('300.00'), 'active')
         """
         call = _issue_call(
-            vendor, daily_usd_cap, allowed_endpoints, agent_run_label, expires_in, usd_cap
+            vendor,
+            daily_usd_cap,
+            allowed_endpoints,
+            agent_run_label,
+            expires_in,
+            usd_cap,
+            max_requests_per_minute,
         )
         return IssuedKey.from_json(self._send(call))
 
@@ -658,10 +676,17 @@ class AsyncKeybrakeClient:
         agent_run_label: str,
         expires_in: str = "1h",
         usd_cap: Dollars | None = None,
+        max_requests_per_minute: int | None = None,
     ) -> IssuedKey:
         """See `KeybrakeClient.issue_key`."""
         call = _issue_call(
-            vendor, daily_usd_cap, allowed_endpoints, agent_run_label, expires_in, usd_cap
+            vendor,
+            daily_usd_cap,
+            allowed_endpoints,
+            agent_run_label,
+            expires_in,
+            usd_cap,
+            max_requests_per_minute,
         )
         return IssuedKey.from_json(await self._send(call))
 

@@ -123,6 +123,7 @@ class KeyRow:
     status: str
     daily_cap: int
     usd_cap: int | None
+    max_requests_per_minute: int | None
     spent: int
     remaining: int | None
     used: float  # the largest share of any cap in use (spent + reserved), 0..1+
@@ -343,6 +344,7 @@ class Dashboard:
                     status=key.state(now),
                     daily_cap=key.daily_cap_micros,
                     usd_cap=key.usd_cap_micros,
+                    max_requests_per_minute=key.max_requests_per_minute,
                     spent=spent,
                     remaining=min(rems) if rems else None,
                     used=used,
@@ -399,6 +401,8 @@ class Dashboard:
         body["allowed_endpoints"] = [e for e in body["allowed_endpoints"] if e]
         if form.get("usd_cap", "").strip():
             body["usd_cap"] = form["usd_cap"].strip()
+        if form.get("max_requests_per_minute", "").strip():
+            body["max_requests_per_minute"] = form["max_requests_per_minute"].strip()
         try:
             spec = IssueKeyRequest.from_json(body, rt.policies)
         except KeySpecError as e:

@@ -1,8 +1,9 @@
 """The `VaultGuard` addon: every vendor call passes its checks or is refused.
 
-Request hook, in order (DESIGN §2): vendor → credential → key state → allowlist → price →
-reserve → swap the real secret in and forward. Response hook: settle the reservation to the
-actual cost, add the spend headers, and redact credentials before anything shows the flow.
+Request hook, in order (DESIGN §2): vendor → credential → key state → request rate →
+allowlist → price → reserve → swap the real secret in and forward. Response hook: settle the
+reservation to the actual cost, add the spend headers, and redact credentials before anything
+shows the flow.
 Hooks never raise: any internal error becomes a ``503`` refusal, never a forwarded request.
 """
 
@@ -331,6 +332,19 @@ class VaultGuard:
         secrets_ = rt.secrets[policy.vendor]
         store = await rt.open_store()
         now = rt.now()
+        if (limit := key.max_requests_per_minute) is not None:
+            # Every request made with the key counts, paid or free: a runaway loop must not
+            # use up the vendor account's own rate limit, which every other worker shares.
+            rate = await store.count_request(key.key_id, limit, now)
+            if not rate.ok:
+                wait = rate.retry_after_seconds
+                raise Refusal(
+                    "rate_limited",
+                    f"vault key {key.key_id} is limited to {limit} requests per minute; "
+                    f"retry in {wait}s",
+                    extra={"max_requests_per_minute": limit, "retry_after_s": wait},
+                    headers={"Retry-After": str(wait)},
+                )
         allowed = [_parse_pattern(p) for p in key.allowed_endpoints]
         if match_any(allowed, method, path) is None:
             raise Refusal(

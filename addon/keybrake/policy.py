@@ -34,6 +34,7 @@ from keybrake._money import UnknownCurrency, minor_unit_exponent, parse_usd
 from keybrake._paths import EndpointPattern, PatternError
 
 __all__ = [
+    "MAX_REQUESTS_PER_MINUTE",
     "AmountFieldCost",
     "AuthPolicy",
     "CostRule",
@@ -51,6 +52,8 @@ __all__ = [
     "load_policy_file",
 ]
 
+# Largest request-rate limit a policy or a key may set (requests per minute).
+MAX_REQUESTS_PER_MINUTE = 1_000_000
 # All patterns are used with fullmatch: "$" alone would also accept a trailing newline.
 _VENDOR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -436,6 +439,16 @@ class VendorPolicy(_Model):
         description="USD per unit of each accepted currency.",
     )
     free_reads: bool = Field(default=False, description="Every GET endpoint is free.")
+    max_requests_per_minute: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=MAX_REQUESTS_PER_MINUTE,
+        description=(
+            "Request-rate limit given to each new vault key of this vendor that does not set "
+            "its own: requests in any 60 seconds, paid or free. Unset: no limit."
+        ),
+    )
     endpoints: tuple[EndpointPolicy, ...] = Field(min_length=1)
 
     @field_validator("vendor")

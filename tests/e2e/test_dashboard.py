@@ -102,6 +102,7 @@ def test_sign_in_issue_spend_revoke_in_the_browser(
         "textarea[name=allowed_endpoints]",
         "POST /v1/payment_intents\nPOST /v1/payment_intents/{id}/confirm",
     )
+    page.fill("input[name=max_requests_per_minute]", "30")
     page.click("form.issue button[type=submit]")
     vault_key = page.inner_text("#new-vault-key").strip()
     assert re.fullmatch(r"kbv_stripe_[A-Za-z0-9_-]{43}", vault_key)
@@ -110,6 +111,8 @@ def test_sign_in_issue_spend_revoke_in_the_browser(
     expect(row.locator(".label")).to_have_text("e2e/dashboard")
     expect(row.locator(".status")).to_have_text("active")
     expect(row.locator(".spent")).to_have_text("0.00")
+    expect(row.locator(".cap")).to_contain_text("30 req/min")
+    assert kb.admin("GET", f"/vault/keys/{key_id}").json()["max_requests_per_minute"] == 30
     page.reload()
     assert page.locator("#new-vault-key").count() == 0  # shown once, never again
 

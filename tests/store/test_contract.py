@@ -56,6 +56,7 @@ async def test_create_then_get_by_id_and_by_secret_hash(store: Store) -> None:
     record = dataclass_replace(
         record,
         vendor_account="AC123",
+        max_requests_per_minute=1500,
         # Microseconds and a non-UTC offset must survive the round trip (same instant).
         created_at=dt.datetime(
             2030, 1, 1, 9, 30, 1, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))
@@ -494,6 +495,94 @@ async def test_idempotency_stale_claims_and_expired_responses(store: Store) -> N
     assert (await store.idempotency_begin("crashed", "h2", 60, 1)).status == "in_flight"
     # Stored for ttl_seconds only.
     assert (await store.idempotency_begin("short", "h1", 60, 30)).status == "started"
+
+
+# -- request rate ----------------------------------------------------------------------------
+MINUTE = dt.timedelta(minutes=1)
+
+
+async def test_request_rate_admits_up_to_the_limit_then_says_when(store: Store) -> None:
+    start = NOON  # the first millisecond of a minute
+    results = [await store.count_request("kb_a", 5, start) for _ in range(7)]
+
+    assert [r.ok for r in results] == [True] * 5 + [False] * 2
+    # Only the next minute helps: everything counted is in this one.
+    assert results[5].retry_after_seconds == 60
+    # Another key has its own count.
+    assert (await store.count_request("kb_b", 5, start)).ok
+
+
+async def test_request_rate_is_a_sliding_minute(store: Store) -> None:
+    for _ in range(5):
+        assert (await store.count_request("kb_a", 5, NOON + dt.timedelta(seconds=10))).ok
+
+    # Half-way through the next minute the previous one still weighs 5 * 30/60 = 2.5:
+    # two more fit (2 + 2.5 <= 5), a third does not.
+    half = NOON + MINUTE + dt.timedelta(seconds=30)
+    assert [(await store.count_request("kb_a", 5, half)).ok for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    refused = await store.count_request("kb_a", 5, half)
+    # At 36 s the previous minute weighs 5 * 24/60 = 2: 2 + 2 + 1 fits again.
+    assert refused.retry_after_seconds == 6
+    assert (await store.count_request("kb_a", 5, half + dt.timedelta(seconds=6))).ok
+
+    # Two minutes on, nothing earlier counts.
+    later = NOON + 3 * MINUTE
+    assert [(await store.count_request("kb_a", 5, later)).ok for _ in range(6)] == [True] * 5 + [
+        False
+    ]
+
+
+async def test_concurrent_requests_never_exceed_the_rate_limit(store: Store) -> None:
+    now = NOON + dt.timedelta(seconds=20)
+    results = await asyncio.gather(*(store.count_request("kb_a", 50, now) for _ in range(200)))
+    assert sum(r.ok for r in results) == 50
+    assert all(r.retry_after_seconds >= 1 for r in results if not r.ok)
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.5])
+async def test_request_rate_refuses_a_nonsense_limit(store: Store, limit: object) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        await store.count_request("kb_a", limit, NOON)  # type: ignore[arg-type]
+
+
+async def test_sqlite_database_of_an_earlier_version_gains_the_rate_column(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "CREATE TABLE keys (key_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL UNIQUE, "
+            "vendor TEXT NOT NULL, agent_run_label TEXT NOT NULL, "
+            "daily_cap_micros INTEGER NOT NULL, usd_cap_micros INTEGER, "
+            "allowed_endpoints TEXT NOT NULL, vendor_account TEXT, "
+            "created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, revoked_at INTEGER)"
+        )
+        conn.execute(
+            "INSERT INTO keys VALUES ('kb_old', 'ab', 'stripe', '', 1, NULL, '[]', NULL, 0, 1, "
+            "NULL)"
+        )
+        conn.commit()
+    store = SQLiteStore(path)
+    try:
+        await store.open()
+        old = await store.get_key("kb_old")
+        assert old is not None and old.max_requests_per_minute is None
+        new = dataclass_replace(make_key("kb_new"), max_requests_per_minute=60)
+        await store.create_key(new)
+        assert await store.get_key("kb_new") == new
+    finally:
+        await store.close()
+    # A second process opening it later finds the column there already.
+    again = SQLiteStore(path)
+    try:
+        await again.open()
+        assert (await again.get_key("kb_new")) == new
+    finally:
+        await again.close()
 
 
 # -- concurrency -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ __all__ = [
     "BudgetState",
     "IdempotencyBegin",
     "KeyRecord",
+    "RateResult",
     "ReserveResult",
     "Store",
     "StoreUnavailable",
@@ -49,6 +50,8 @@ class KeyRecord:
     revoked_at: dt.datetime | None = None
     # The vendor account a key is bound to where the vendor puts it in the path (Twilio).
     vendor_account: str | None = None
+    # At most this many requests in any minute (None: no request-rate limit).
+    max_requests_per_minute: int | None = None
 
     def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired"]:
         if self.revoked_at is not None:
@@ -83,6 +86,18 @@ class ReserveResult:
     reservation_id: str
     budgets: tuple[BudgetState, ...]  # state *after* the step (with the reservation if ok)
     exceeded: BudgetState | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RateResult:
+    """Outcome of `Store.count_request`.
+
+    ``ok``: the request was counted. Otherwise nothing was counted and ``retry_after_seconds``
+    (>= 1) says when the key's sliding minute has room again.
+    """
+
+    ok: bool
+    retry_after_seconds: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,6 +155,13 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
         """Mark revoked (keeps the first revocation time when repeated); None if unknown."""
+
+    # -- request rate --------------------------------------------------------------------------
+    async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
+        """In ONE atomic step: count a request of ``key_id`` unless that would make more than
+        ``limit`` requests in the sliding minute ending at ``now`` (a sliding-window counter:
+        this minute's count plus the previous minute's, weighted by how much of it the
+        window still covers). Shared by every replica, like the budgets."""
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import datetime as dt
 
-from keybrake.store._base import KeyRecord
+from keybrake.store._base import KeyRecord, RateResult
 
-__all__ = ["EPOCH", "check_idempotency_times", "check_micros", "epoch_micros", "usage_plan"]
+__all__ = [
+    "EPOCH",
+    "RATE_WINDOW_MS",
+    "check_idempotency_times",
+    "check_micros",
+    "epoch_micros",
+    "rate_admits",
+    "rate_verdict",
+    "rate_window",
+    "usage_plan",
+]
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+RATE_WINDOW_MS = 60_000
 
 
 def epoch_micros(moment: dt.datetime) -> int:
@@ -48,3 +59,30 @@ def usage_plan(
     if key.agent_run_label:
         plan.append((f"label:{key.agent_run_label}", day, label_cap))
     return plan
+
+
+def rate_window(now: dt.datetime) -> tuple[int, int]:
+    """``(index, elapsed_ms)``: the minute ``now`` falls in (minutes since the epoch) and how
+    far into it ``now`` is."""
+    ms = epoch_micros(now) // 1000
+    return ms // RATE_WINDOW_MS, ms % RATE_WINDOW_MS
+
+
+def rate_admits(limit: int, current: int, previous: int, elapsed_ms: int) -> bool:
+    """Whether one more request fits: ``previous`` weighted by the part of the previous
+    minute the sliding window still covers, plus ``current``, plus this one, is at most
+    ``limit``. Integer arithmetic (scaled by the window length): no rounding."""
+    w = RATE_WINDOW_MS
+    return previous * (w - elapsed_ms) + (current + 1) * w <= limit * w
+
+
+def rate_verdict(limit: int, current: int, previous: int, elapsed_ms: int) -> RateResult:
+    """The refusal for a request that did not fit, with when one would fit again."""
+    w = RATE_WINDOW_MS
+    if current + 1 > limit:
+        wait_ms = w - elapsed_ms  # only a new minute helps
+    else:
+        # previous * (w - e) <= (limit - current - 1) * w  once e >= this
+        room = (limit - current - 1) * w
+        wait_ms = max(0, w - room // previous - elapsed_ms) if previous else 0
+    return RateResult(ok=False, retry_after_seconds=max(1, -(-wait_ms // 1000)))

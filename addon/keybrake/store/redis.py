@@ -15,6 +15,7 @@ a later call. All keys live under ``prefix``:
   days, ``lifetime`` never does)
 - ``res:<id>`` reservation hash, ``open-reservations`` sorted set by creation time
 - ``amount:<vendor>:<object_id>`` micro-USD, 30 days; ``idem:<scope>`` idempotency hash
+- ``rate:<key_id>:<minute>`` requests of a key in one minute since the epoch, two minutes
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from keybrake.store._base import (
     BudgetState,
     IdempotencyBegin,
     KeyRecord,
+    RateResult,
     ReserveResult,
     StoredResponse,
     StoreUnavailable,
@@ -46,9 +48,12 @@ from keybrake.store._base import (
 )
 from keybrake.store._common import (
     EPOCH,
+    RATE_WINDOW_MS,
     check_idempotency_times,
     check_micros,
     epoch_micros,
+    rate_verdict,
+    rate_window,
     usage_plan,
 )
 
@@ -70,6 +75,7 @@ _SCRIPTS = (
     "finish",
     "idempotency_begin",
     "idempotency_finish",
+    "count_request",
 )
 
 
@@ -103,6 +109,8 @@ def _key_fields(record: KeyRecord) -> list[str]:
         fields["revoked_at"] = str(epoch_micros(record.revoked_at))
     if record.vendor_account is not None:
         fields["vendor_account"] = record.vendor_account
+    if record.max_requests_per_minute is not None:
+        fields["max_requests_per_minute"] = str(record.max_requests_per_minute)
     return [item for pair in fields.items() for item in pair]
 
 
@@ -122,6 +130,9 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
         usd_cap_micros=int(f["usd_cap_micros"]) if "usd_cap_micros" in f else None,
         revoked_at=_moment(f["revoked_at"]) if "revoked_at" in f else None,
         vendor_account=f.get("vendor_account"),
+        max_requests_per_minute=(
+            int(f["max_requests_per_minute"]) if "max_requests_per_minute" in f else None
+        ),
     )
 
 
@@ -282,6 +293,21 @@ class RedisStore:
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
         flat = await self._script("revoke", [self._k("key", key_id)], [str(epoch_micros(now))])
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    # -- request rate --------------------------------------------------------------------------
+    async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
+        """One ``count_request.lua`` call: check and count in one step for every replica."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        minute, elapsed = rate_window(now)
+        ok, current, previous = await self._script(
+            "count_request",
+            [self._k("rate", key_id, str(minute)), self._k("rate", key_id, str(minute - 1))],
+            [str(limit), str(elapsed), str(RATE_WINDOW_MS)],
+        )
+        if int(ok):
+            return RateResult(ok=True)
+        return rate_verdict(limit, int(current), int(previous), elapsed)
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:

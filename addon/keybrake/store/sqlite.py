@@ -26,6 +26,7 @@ from keybrake.store._base import (
     BudgetState,
     IdempotencyBegin,
     KeyRecord,
+    RateResult,
     ReserveResult,
     StoredResponse,
     StoreUnavailable,
@@ -36,6 +37,9 @@ from keybrake.store._common import (
     check_idempotency_times,
     check_micros,
     epoch_micros,
+    rate_admits,
+    rate_verdict,
+    rate_window,
     usage_plan,
 )
 
@@ -59,7 +63,8 @@ CREATE TABLE IF NOT EXISTS keys (
     vendor_account TEXT,
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
-    revoked_at INTEGER
+    revoked_at INTEGER,
+    max_requests_per_minute INTEGER
 );
 CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);
 CREATE TABLE IF NOT EXISTS label_budgets (
@@ -91,6 +96,12 @@ CREATE TABLE IF NOT EXISTS amounts (
     expires_at REAL NOT NULL,
     PRIMARY KEY (vendor, object_id)
 );
+CREATE TABLE IF NOT EXISTS request_rate (
+    key_id TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key_id, minute)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     scope TEXT PRIMARY KEY,
     body_sha256 TEXT NOT NULL,
@@ -103,6 +114,22 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 COMMIT;
 """
+
+
+# Columns added after a table was first released: (table, column, declaration).
+_ADDED_COLUMNS = (("keys", "max_requests_per_minute", "INTEGER"),)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a database made by an earlier version lacks (new ones have them)."""
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process was first
+                    raise
 
 
 def _moment(micros: int) -> dt.datetime:
@@ -122,6 +149,7 @@ def _row_to_key(row: sqlite3.Row) -> KeyRecord:
         usd_cap_micros=row["usd_cap_micros"],
         revoked_at=None if row["revoked_at"] is None else _moment(row["revoked_at"]),
         vendor_account=row["vendor_account"],
+        max_requests_per_minute=row["max_requests_per_minute"],
     )
 
 
@@ -176,6 +204,7 @@ class SQLiteStore:
             # drop the last transactions, which is the trade-off sqlite documents for WAL.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except sqlite3.Error as exc:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -298,10 +327,17 @@ class SQLiteStore:
             epoch_micros(record.created_at),
             epoch_micros(record.expires_at),
             None if record.revoked_at is None else epoch_micros(record.revoked_at),
+            record.max_requests_per_minute,
         )
         with self._transaction() as conn:
             try:
-                conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+                conn.execute(
+                    "INSERT INTO keys (key_id, secret_sha256, vendor, agent_run_label, "
+                    "daily_cap_micros, usd_cap_micros, allowed_endpoints, vendor_account, "
+                    "created_at, expires_at, revoked_at, max_requests_per_minute) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
             except sqlite3.IntegrityError as exc:
                 raise ValueError(
                     f"vault key {record.key_id!r} or its secret hash already exists"
@@ -336,6 +372,33 @@ class SQLiteStore:
             )
             row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return None if row is None else _row_to_key(row)
+
+    # -- request rate --------------------------------------------------------------------------
+    async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        minute, elapsed = rate_window(now)
+        with self._transaction() as conn:
+            counts = dict(
+                conn.execute(
+                    "SELECT minute, count FROM request_rate WHERE key_id = ? AND minute IN (?, ?)",
+                    (key_id, minute, minute - 1),
+                ).fetchall()
+            )
+            current, previous = counts.get(minute, 0), counts.get(minute - 1, 0)
+            if not rate_admits(limit, current, previous, elapsed):
+                return rate_verdict(limit, current, previous, elapsed)
+            conn.execute(
+                "INSERT INTO request_rate VALUES (?, ?, 1) ON CONFLICT (key_id, minute) "
+                "DO UPDATE SET count = count + 1",
+                (key_id, minute),
+            )
+            if not current:  # first request of a new minute: drop the key's older ones
+                conn.execute(
+                    "DELETE FROM request_rate WHERE key_id = ? AND minute < ?",
+                    (key_id, minute - 1),
+                )
+        return RateResult(ok=True)
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
