@@ -156,6 +156,7 @@ def main() -> int:
                     faults["redis_pause_200ms"] += 1
                 pool.submit(one, i)
                 time.sleep(max(0.0, started + (i + 1) / args.rate - time.monotonic()))
+        elapsed = time.monotonic() - started  # until the last answer (the pool drained)
         time.sleep(1.0)  # audit writers flush every 0.2 s
         sampler.stop()
         over = 0
@@ -172,7 +173,11 @@ def main() -> int:
     for k in r.scan_iter(f"{prefix}*", count=1000):
         r.delete(k)
     n_answered = sum(v for k, v in answered.items() if not k.startswith("client_error"))
-    print(f"requests sent: {sum(answered.values())}  in {args.minutes} min at {args.rate}/s")
+    sent = sum(answered.values())
+    print(
+        f"requests sent: {sent}  offered at {args.rate}/s for {args.minutes} min; answered in "
+        f"{elapsed / 60:.1f} min ({sent / elapsed:.0f}/s achieved)"
+    )
     print(f"served (200): {answered['ok']}")
     print("outcomes by code:", dict(sorted(answered.items())))
     print("faults injected:", dict(faults))

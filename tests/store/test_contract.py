@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import datetime as dt
 import os
 import pathlib
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -498,49 +500,70 @@ async def test_idempotency_stale_claims_and_expired_responses(store: Store) -> N
 
 
 # -- request rate ----------------------------------------------------------------------------
-MINUTE = dt.timedelta(minutes=1)
+SECOND = dt.timedelta(seconds=1)
 
 
 async def test_request_rate_admits_up_to_the_limit_then_says_when(store: Store) -> None:
-    start = NOON  # the first millisecond of a minute
-    results = [await store.count_request("kb_a", 5, start) for _ in range(7)]
+    results = [await store.count_request("kb_a", 5, NOON) for _ in range(7)]
 
     assert [r.ok for r in results] == [True] * 5 + [False] * 2
-    # Only the next minute helps: everything counted is in this one.
-    assert results[5].retry_after_seconds == 60
+    # Counted in the 5-second bucket starting at NOON, which stops counting 65 s later.
+    assert results[5].retry_after_seconds == 65
     # Another key has its own count.
-    assert (await store.count_request("kb_b", 5, start)).ok
+    assert (await store.count_request("kb_b", 5, NOON)).ok
 
 
-async def test_request_rate_is_a_sliding_minute(store: Store) -> None:
-    for _ in range(5):
-        assert (await store.count_request("kb_a", 5, NOON + dt.timedelta(seconds=10))).ok
+async def test_request_rate_counts_the_last_minute_and_says_when_room_appears(
+    store: Store,
+) -> None:
+    for _ in range(3):
+        assert (await store.count_request("kb_a", 5, NOON + 10 * SECOND)).ok
+    for _ in range(2):
+        assert (await store.count_request("kb_a", 5, NOON + 40 * SECOND)).ok
 
-    # Half-way through the next minute the previous one still weighs 5 * 30/60 = 2.5:
-    # two more fit (2 + 2.5 <= 5), a third does not.
-    half = NOON + MINUTE + dt.timedelta(seconds=30)
-    assert [(await store.count_request("kb_a", 5, half)).ok for _ in range(3)] == [
-        True,
-        True,
-        False,
-    ]
-    refused = await store.count_request("kb_a", 5, half)
-    # At 36 s the previous minute weighs 5 * 24/60 = 2: 2 + 2 + 1 fits again.
-    assert refused.retry_after_seconds == 6
-    assert (await store.count_request("kb_a", 5, half + dt.timedelta(seconds=6))).ok
+    refused = await store.count_request("kb_a", 5, NOON + 50 * SECOND)
+    assert not refused.ok
+    # The three of 12:00:10 stop counting with their bucket (12:00:10-15) at 12:01:15.
+    assert refused.retry_after_seconds == 25
+    # A minute after them they still count (their bucket is within the last 65 s) ...
+    assert not (await store.count_request("kb_a", 5, NOON + 72 * SECOND)).ok
+    # ... and at 12:01:15 they are gone: three fit next to the two of 12:00:40.
+    at = NOON + 75 * SECOND
+    assert [(await store.count_request("kb_a", 5, at)).ok for _ in range(4)] == [True] * 3 + [False]
+    # Next room: the two of 12:00:40 go at 12:01:45.
+    assert (await store.count_request("kb_a", 5, at)).retry_after_seconds == 30
 
-    # Two minutes on, nothing earlier counts.
-    later = NOON + 3 * MINUTE
-    assert [(await store.count_request("kb_a", 5, later)).ok for _ in range(6)] == [True] * 5 + [
-        False
-    ]
+
+async def test_no_minute_ever_holds_more_than_the_limit(store: Store) -> None:
+    """Bursts and pauses at random times over ten minutes: every 60 s holds at most
+    ``limit`` admitted requests; under constant pressure the limit is nearly used."""
+    rng = random.Random(7)
+    limit = 20
+    t = NOON + dt.timedelta(milliseconds=rng.randrange(60_000))
+    admitted: list[float] = []
+    while t < NOON + 10 * 60 * SECOND:
+        if (await store.count_request("kb_a", limit, t)).ok:
+            admitted.append(t.timestamp())
+        t += dt.timedelta(milliseconds=rng.choice([1, 5, 50, 400, 3_000, 9_000]))
+    for i, start in enumerate(admitted):
+        in_minute = bisect.bisect_left(admitted, start + 60) - i
+        assert in_minute <= limit, (i, in_minute)
+    assert len(admitted) >= 5 * limit  # the pauses left room more than once
+
+    # Constant pressure (a request every 100 ms): a limit per 65 s at least, the price of
+    # counting whole 5-second buckets, and never a limit per 60 s more.
+    t, steady = NOON, 0
+    while t < NOON + 10 * 60 * SECOND:
+        steady += (await store.count_request("kb_b", limit, t)).ok
+        t += dt.timedelta(milliseconds=100)
+    assert limit * (600 // 65) <= steady <= limit * 10, steady
 
 
 async def test_concurrent_requests_never_exceed_the_rate_limit(store: Store) -> None:
-    now = NOON + dt.timedelta(seconds=20)
+    now = NOON + 20 * SECOND
     results = await asyncio.gather(*(store.count_request("kb_a", 50, now) for _ in range(200)))
     assert sum(r.ok for r in results) == 50
-    assert all(r.retry_after_seconds >= 1 for r in results if not r.ok)
+    assert all(r.retry_after_seconds == 65 for r in results if not r.ok)
 
 
 @pytest.mark.parametrize("limit", [0, -1, True, 2.5])

@@ -93,7 +93,7 @@ class RateResult:
     """Outcome of `Store.count_request`.
 
     ``ok``: the request was counted. Otherwise nothing was counted and ``retry_after_seconds``
-    (>= 1) says when the key's sliding minute has room again.
+    (>= 1) says when the key's last minute has room again.
     """
 
     ok: bool
@@ -159,9 +159,9 @@ class Store(Protocol):
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         """In ONE atomic step: count a request of ``key_id`` unless that would make more than
-        ``limit`` requests in the sliding minute ending at ``now`` (a sliding-window counter:
-        this minute's count plus the previous minute's, weighted by how much of it the
-        window still covers). Shared by every replica, like the budgets."""
+        ``limit`` requests in the minute before ``now``. Requests are counted in 5-second
+        buckets and the 13 most recent are summed (a minute and up to 5 seconds), so no 60
+        seconds ever hold more than ``limit`` admitted requests. Shared by every replica."""
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:

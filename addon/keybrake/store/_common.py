@@ -1,26 +1,30 @@
-"""Helpers both store backends share: time in epoch microseconds, argument checks, and the
-budgets a reservation touches."""
+"""Helpers both store backends share: time in epoch microseconds, argument checks, the
+budgets a reservation touches, and the request-rate arithmetic."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 from keybrake.store._base import KeyRecord, RateResult
 
 __all__ = [
     "EPOCH",
-    "RATE_WINDOW_MS",
+    "RATE_BUCKETS",
+    "RATE_BUCKET_MS",
     "check_idempotency_times",
     "check_micros",
     "epoch_micros",
-    "rate_admits",
+    "rate_bucket",
     "rate_verdict",
-    "rate_window",
     "usage_plan",
 ]
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-RATE_WINDOW_MS = 60_000
+# Request rate: counted per key in 5-second buckets; a request looks at the 13 most recent
+# (the current one and the twelve before it: a minute and up to 5 seconds).
+RATE_BUCKET_MS = 5_000
+RATE_BUCKETS = 13
 
 
 def epoch_micros(moment: dt.datetime) -> int:
@@ -61,28 +65,36 @@ def usage_plan(
     return plan
 
 
-def rate_window(now: dt.datetime) -> tuple[int, int]:
-    """``(index, elapsed_ms)``: the minute ``now`` falls in (minutes since the epoch) and how
-    far into it ``now`` is."""
-    ms = epoch_micros(now) // 1000
-    return ms // RATE_WINDOW_MS, ms % RATE_WINDOW_MS
+def rate_bucket(now: dt.datetime) -> int:
+    """The 5-second bucket ``now`` falls in (buckets since the epoch)."""
+    return epoch_micros(now) // 1000 // RATE_BUCKET_MS
 
 
-def rate_admits(limit: int, current: int, previous: int, elapsed_ms: int) -> bool:
-    """Whether one more request fits: ``previous`` weighted by the part of the previous
-    minute the sliding window still covers, plus ``current``, plus this one, is at most
-    ``limit``. Integer arithmetic (scaled by the window length): no rounding."""
-    w = RATE_WINDOW_MS
-    return previous * (w - elapsed_ms) + (current + 1) * w <= limit * w
+def rate_verdict(
+    limit: int, counts: Mapping[int, int], bucket: int, now: dt.datetime
+) -> RateResult:
+    """Whether one more request fits, given the key's counts per bucket (those that can
+    still count: the last `RATE_BUCKETS`); when it does not, how long until it does.
 
-
-def rate_verdict(limit: int, current: int, previous: int, elapsed_ms: int) -> RateResult:
-    """The refusal for a request that did not fit, with when one would fit again."""
-    w = RATE_WINDOW_MS
-    if current + 1 > limit:
-        wait_ms = w - elapsed_ms  # only a new minute helps
-    else:
-        # previous * (w - e) <= (limit - current - 1) * w  once e >= this
-        room = (limit - current - 1) * w
-        wait_ms = max(0, w - room // previous - elapsed_ms) if previous else 0
+    The buckets counted cover the whole minute before ``now`` and a little more (up to one
+    bucket): a request is admitted only when everything in them, plus itself, is at most
+    ``limit``. So no 60 seconds ever hold more than ``limit`` requests, and under constant
+    pressure about ``limit`` pass per 65 seconds.
+    """
+    oldest = bucket - RATE_BUCKETS + 1
+    live = sorted((b, n) for b, n in counts.items() if b >= oldest)
+    total = sum(n for _, n in live)
+    if total + 1 <= limit:
+        return RateResult(ok=True)
+    # Room appears as the oldest buckets stop counting: bucket b stops once the current
+    # bucket is b + RATE_BUCKETS.
+    excess = total + 1 - limit
+    freed = 0
+    free_at = bucket + RATE_BUCKETS
+    for b, n in live:
+        freed += n
+        if freed >= excess:
+            free_at = b + RATE_BUCKETS
+            break
+    wait_ms = free_at * RATE_BUCKET_MS - epoch_micros(now) // 1000
     return RateResult(ok=False, retry_after_seconds=max(1, -(-wait_ms // 1000)))

@@ -15,7 +15,7 @@ a later call. All keys live under ``prefix``:
   days, ``lifetime`` never does)
 - ``res:<id>`` reservation hash, ``open-reservations`` sorted set by creation time
 - ``amount:<vendor>:<object_id>`` micro-USD, 30 days; ``idem:<scope>`` idempotency hash
-- ``rate:<key_id>:<minute>`` requests of a key in one minute since the epoch, two minutes
+- ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ from keybrake.store._base import (
 )
 from keybrake.store._common import (
     EPOCH,
-    RATE_WINDOW_MS,
+    RATE_BUCKET_MS,
+    RATE_BUCKETS,
     check_idempotency_times,
     check_micros,
     epoch_micros,
+    rate_bucket,
     rate_verdict,
-    rate_window,
     usage_plan,
 )
 
@@ -299,15 +300,21 @@ class RedisStore:
         """One ``count_request.lua`` call: check and count in one step for every replica."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
-        minute, elapsed = rate_window(now)
-        ok, current, previous = await self._script(
+        bucket = rate_bucket(now)
+        reply = await self._script(
             "count_request",
-            [self._k("rate", key_id, str(minute)), self._k("rate", key_id, str(minute - 1))],
-            [str(limit), str(elapsed), str(RATE_WINDOW_MS)],
+            [self._k("rate", key_id)],
+            [
+                str(limit),
+                str(bucket),
+                str(RATE_BUCKETS),
+                str((RATE_BUCKETS + 1) * RATE_BUCKET_MS),
+            ],
         )
-        if int(ok):
+        if int(reply[0]):
             return RateResult(ok=True)
-        return rate_verdict(limit, int(current), int(previous), elapsed)
+        counts = {int(b): int(n) for b, n in zip(reply[1::2], reply[2::2], strict=True)}
+        return rate_verdict(limit, counts, bucket, now)
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:

@@ -34,12 +34,12 @@ from keybrake.store._base import (
 )
 from keybrake.store._common import (
     EPOCH,
+    RATE_BUCKETS,
     check_idempotency_times,
     check_micros,
     epoch_micros,
-    rate_admits,
+    rate_bucket,
     rate_verdict,
-    rate_window,
     usage_plan,
 )
 
@@ -96,11 +96,11 @@ CREATE TABLE IF NOT EXISTS amounts (
     expires_at REAL NOT NULL,
     PRIMARY KEY (vendor, object_id)
 );
-CREATE TABLE IF NOT EXISTS request_rate (
+CREATE TABLE IF NOT EXISTS request_counts (
     key_id TEXT NOT NULL,
-    minute INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,  -- 5-second buckets since the epoch
     count INTEGER NOT NULL,
-    PRIMARY KEY (key_id, minute)
+    PRIMARY KEY (key_id, bucket)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     scope TEXT PRIMARY KEY,
@@ -377,28 +377,25 @@ class SQLiteStore:
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
-        minute, elapsed = rate_window(now)
+        bucket = rate_bucket(now)
+        oldest = bucket - RATE_BUCKETS + 1
         with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM request_counts WHERE key_id = ? AND bucket < ?", (key_id, oldest)
+            )
             counts = dict(
                 conn.execute(
-                    "SELECT minute, count FROM request_rate WHERE key_id = ? AND minute IN (?, ?)",
-                    (key_id, minute, minute - 1),
+                    "SELECT bucket, count FROM request_counts WHERE key_id = ?", (key_id,)
                 ).fetchall()
             )
-            current, previous = counts.get(minute, 0), counts.get(minute - 1, 0)
-            if not rate_admits(limit, current, previous, elapsed):
-                return rate_verdict(limit, current, previous, elapsed)
-            conn.execute(
-                "INSERT INTO request_rate VALUES (?, ?, 1) ON CONFLICT (key_id, minute) "
-                "DO UPDATE SET count = count + 1",
-                (key_id, minute),
-            )
-            if not current:  # first request of a new minute: drop the key's older ones
+            verdict = rate_verdict(limit, counts, bucket, now)
+            if verdict.ok:
                 conn.execute(
-                    "DELETE FROM request_rate WHERE key_id = ? AND minute < ?",
-                    (key_id, minute - 1),
+                    "INSERT INTO request_counts VALUES (?, ?, 1) ON CONFLICT (key_id, bucket) "
+                    "DO UPDATE SET count = count + 1",
+                    (key_id, bucket),
                 )
-        return RateResult(ok=True)
+        return verdict
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
