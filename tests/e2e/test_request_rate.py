@@ -21,9 +21,10 @@ pytestmark = pytest.mark.e2e
 
 
 def test_stripe_sdk_over_the_request_rate_is_refused_before_the_vendor(
-    keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe
+    keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kb = keybrake_stripe
+    monkeypatch.setattr(stripe, "ca_bundle_path", str(kb.bundle))
     key = kb.issue_key(
         daily_usd_cap=100,
         allowed_endpoints=["POST /v1/payment_intents", "GET /v1/payment_intents/{id}"],
@@ -31,21 +32,17 @@ def test_stripe_sdk_over_the_request_rate_is_refused_before_the_vendor(
     )
     assert key["max_requests_per_minute"] == 5
     sc = stripe.StripeClient(key["vault_key"], proxy=kb.proxy_url, max_network_retries=0)
-    stripe.ca_bundle_path = str(kb.bundle)
-    try:
-        pi = sc.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
-        for _ in range(4):  # reads are free, but they count
-            assert sc.v1.payment_intents.retrieve(pi.id).id == pi.id
-        refusals: list[stripe.RateLimitError] = []
-        for call in (
-            lambda: sc.v1.payment_intents.retrieve(pi.id),
-            lambda: sc.v1.payment_intents.create(params={"amount": 500, "currency": "usd"}),
-        ):
-            with pytest.raises(stripe.RateLimitError) as e:
-                call()
-            refusals.append(e.value)
-    finally:
-        stripe.ca_bundle_path = None  # type: ignore[assignment]
+    pi = sc.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
+    for _ in range(4):  # reads are free, but they count
+        assert sc.v1.payment_intents.retrieve(pi.id).id == pi.id
+    refusals: list[stripe.RateLimitError] = []
+    for call in (
+        lambda: sc.v1.payment_intents.retrieve(pi.id),
+        lambda: sc.v1.payment_intents.create(params={"amount": 500, "currency": "usd"}),
+    ):
+        with pytest.raises(stripe.RateLimitError) as e:
+            call()
+        refusals.append(e.value)
 
     # Exactly the five counted calls reached Stripe; the refused ones never did.
     assert len(fake_stripe.ledger) == 5
@@ -82,11 +79,7 @@ def test_stripe_sdk_over_the_request_rate_is_refused_before_the_vendor(
     # Another key of the same vendor is not slowed down by this one.
     other = kb.issue_key(max_requests_per_minute=5)
     sc2 = stripe.StripeClient(other["vault_key"], proxy=kb.proxy_url, max_network_retries=0)
-    stripe.ca_bundle_path = str(kb.bundle)
-    try:
-        assert sc2.v1.payment_intents.create(params={"amount": 100, "currency": "usd"}).id
-    finally:
-        stripe.ca_bundle_path = None  # type: ignore[assignment]
+    assert sc2.v1.payment_intents.create(params={"amount": 100, "currency": "usd"}).id
 
 
 def test_a_key_issued_without_a_rate_gets_the_vendor_policy_default(

@@ -161,7 +161,9 @@ class Store(Protocol):
         """In ONE atomic step: count a request of ``key_id`` unless that would make more than
         ``limit`` requests in the minute before ``now``. Requests are counted in 5-second
         buckets and the 13 most recent are summed (a minute and up to 5 seconds), so no 60
-        seconds ever hold more than ``limit`` admitted requests. Shared by every replica."""
+        seconds ever hold more than ``limit`` admitted requests. Shared by every replica, each
+        on its own clock: a replica ``s`` seconds off the others (at most 30, see
+        `Runtime.clock_problem`) can shift the minute it sees by ``s``."""
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
