@@ -14,6 +14,7 @@ __all__ = [
     "RATE_BUCKET_MS",
     "check_idempotency_times",
     "check_micros",
+    "check_rate_limit",
     "epoch_micros",
     "rate_bucket",
     "rate_verdict",
@@ -38,6 +39,12 @@ def check_micros(name: str, value: int) -> None:
     """Money arguments are non-negative ints of micro-USD, never floats or bools."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer of micro-USD, got {value!r}")
+
+
+def check_rate_limit(limit: int) -> None:
+    """A request-rate limit is a positive int of requests, never a float or a bool."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
 
 
 def check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:

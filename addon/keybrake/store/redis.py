@@ -52,6 +52,7 @@ from keybrake.store._common import (
     RATE_BUCKETS,
     check_idempotency_times,
     check_micros,
+    check_rate_limit,
     epoch_micros,
     rate_bucket,
     rate_verdict,
@@ -298,8 +299,7 @@ class RedisStore:
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         """One ``count_request.lua`` call: check and count in one step for every replica."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        check_rate_limit(limit)
         bucket = rate_bucket(now)
         reply = await self._script(
             "count_request",

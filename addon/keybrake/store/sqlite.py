@@ -37,6 +37,7 @@ from keybrake.store._common import (
     RATE_BUCKETS,
     check_idempotency_times,
     check_micros,
+    check_rate_limit,
     epoch_micros,
     rate_bucket,
     rate_verdict,
@@ -375,8 +376,7 @@ class SQLiteStore:
 
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        check_rate_limit(limit)
         bucket = rate_bucket(now)
         oldest = bucket - RATE_BUCKETS + 1
         with self._transaction() as conn:
