@@ -50,11 +50,9 @@ def _usd_field(value: Any, name: str, errors: dict[str, str]) -> int | None:
     return micros
 
 
-def _requests_per_minute(value: Any, errors: dict[str, str]) -> int | None:
+def _requests_per_minute(value: object, errors: dict[str, str]) -> int | None:
     """A request-rate limit: an integer, or its digits as a string (the admin API reads JSON
     numbers as strings so that no number is ever a float)."""
-    if value is None:
-        return None
     number = 0  # anything that is not a whole number is refused like 0
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 7:
         number = int(value)
@@ -123,9 +121,11 @@ class IssueKeyRequest:
             except ValueError as e:
                 errors["expires_in"] = str(e)
         label = _label(data.get("agent_run_label"), errors)
-        rpm = _requests_per_minute(data.get("max_requests_per_minute"), errors)
-        if "max_requests_per_minute" not in data or data["max_requests_per_minute"] is None:
-            rpm = policies.vendors[vendor].max_requests_per_minute if vendor else None
+        rpm = None  # absent or null: the vendor policy's
+        if data.get("max_requests_per_minute") is not None:
+            rpm = _requests_per_minute(data["max_requests_per_minute"], errors)
+        elif vendor is not None:
+            rpm = policies.vendors[vendor].max_requests_per_minute
         endpoints: list[str] = []
         raw_eps = data.get("allowed_endpoints")
         if not isinstance(raw_eps, list) or not raw_eps or len(raw_eps) > 100:
