@@ -97,6 +97,10 @@ def fake_resend(fake_tls: FakeTLS) -> Iterator[FakeResend]:
         yield fake
 
 
+class _PortTaken(RuntimeError):
+    """The proxy could not bind a port that ``free_port`` had found free."""
+
+
 class KeybrakeProcess:
     """A real ``keybrake run`` subprocess with its own data dir, ports and policies."""
 
@@ -176,6 +180,22 @@ class KeybrakeProcess:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 30) -> KeybrakeProcess:
+        """Start the proxy and wait for ``/healthz``.
+
+        ``free_port`` only finds a port that was free a moment ago: when another process took
+        it in between, the proxy exits with "address already in use" and is started again on
+        new ports (a restart keeps its ports whenever they are still free).
+        """
+        for attempt in range(4):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if attempt == 3:
+                    raise
+                self.proxy_port, self.admin_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> KeybrakeProcess:
         cmd = [
             str(KEYBRAKE),
             "run",
@@ -201,7 +221,11 @@ class KeybrakeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"keybrake exited {self.proc.returncode}:\n{self.log()}")
+                rc, log = self.proc.returncode, self.log()
+                self.stop()
+                if "address already in use" in log.rsplit("Loading script", 1)[-1]:
+                    raise _PortTaken(log)
+                raise RuntimeError(f"keybrake exited {rc}:\n{log}")
             try:
                 r = httpx.get(f"{self.admin_url}/healthz", timeout=1)
                 if r.status_code in (200, 503):
