@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests._redis import REDIS_ACL_PASSWORD, REDIS_ADMIN_PASSWORD
 from tests.fakes.resend import DEFAULT_API_KEY
 from tests.fakes.stripe import DEFAULT_SECRET
 from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN
@@ -29,6 +30,9 @@ REAL_SECRETS: dict[str, str] = {
     "RESEND_API_KEY": DEFAULT_API_KEY,
     # The YAML-only vendor of tests/e2e/test_yaml_vendor.py.
     "ACME_API_KEY": "acme_live_" + "5f0c1e2d3b4a69788796a5b4",
+    # The private Redis servers' passwords (tests/_redis.py): never in a log or a file either.
+    "KEYBRAKE_STORE_PASSWORD": REDIS_ACL_PASSWORD,
+    "REDIS_ADMIN_PASSWORD": REDIS_ADMIN_PASSWORD,
 }
 
 
@@ -49,7 +53,7 @@ def needles() -> dict[str, bytes]:
 def check_proxy_env(env: dict[str, str]) -> None:
     """Refuse to start a proxy under test with a secret the scan would not look for."""
     for name, value in env.items():
-        if name.endswith(("_SECRET_KEY", "_AUTH_TOKEN", "_API_KEY")) and value:
+        if name.endswith(("_SECRET_KEY", "_AUTH_TOKEN", "_API_KEY", "_PASSWORD")) and value:
             assert value in REAL_SECRETS.values(), (
                 f"{name} is not in tests/_secrets.py REAL_SECRETS: add it so the whole-suite "
                 "secrets scan looks for it"

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import KeybrakeProcess, audit_query, free_port
+from tests._redis import PrivateRedis
+from tests.conftest import KeybrakeProcess, audit_query
 
 STRIPE = "https://api.stripe.com"
 USD = 1_000_000
@@ -108,76 +104,6 @@ def vk(kb: KeybrakeProcess) -> str:
 
 
 # ------------------------------------------------------------------------ private redis-server
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class PrivateRedis:
-    """A redis-server of our own on a free port; ``persist`` keeps an RDB file across
-    ``stop(save=True)``/``start()``."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.dir = workdir
-        self.pidfile = workdir / f"redis-{self.port}.pid"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-
-    def start(self, *, empty: bool = False) -> None:
-        rdb = self.dir / "dump.rdb"
-        if empty and rdb.exists():
-            rdb.unlink()
-        subprocess.run(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "yes",
-                "--pidfile",
-                str(self.pidfile),
-                "--dir",
-                str(self.dir),
-                "--dbfilename",
-                "dump.rdb",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        )
-        wait_for(lambda: port_open(self.port), 10, f"redis-server on port {self.port}")
-        wait_for(lambda: self.cli("PING").stdout.strip() == "PONG", 10, "redis to load")
-
-    def stop(self, *, save: bool = False) -> None:
-        self.cli("SHUTDOWN", "SAVE" if save else "NOSAVE")
-        wait_for(lambda: not port_open(self.port), 10, "redis to stop")
-
-    def kill(self) -> None:
-        if port_open(self.port):
-            self.cli("SHUTDOWN", "NOSAVE")
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int(self.pidfile.read_text().strip()), signal.SIGKILL)
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     d = tmp_path / "redis"

@@ -1,20 +1,20 @@
-"""Fixtures for the store contract: the same tests against SQLite (tmp_path) and real Redis."""
+"""Fixtures for the store contract: the same tests against SQLite (tmp_path) and real Redis:
+the shared one on 127.0.0.1:6379, and private ones with AUTH as an ACL user (``redis-acl``)
+and with TLS, a client certificate and the password from the environment (``redis-tls``)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import pathlib
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
+from tests._redis import REDIS_ACL_PASSWORD, REDIS_ACL_USER, PrivateRedis, RedisTLS
 
-from keybrake.store import KeyRecord, RedisStore, SQLiteStore, Store
+from keybrake.store import PASSWORD_ENV, KeyRecord, RedisStore, SQLiteStore, Store, open_store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 USD = 1_000_000
@@ -74,7 +74,9 @@ def make_key(
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=["sqlite", pytest.param("redis", marks=pytest.mark.redis), "redis-acl", "redis-tls"]
+)
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if name == "redis":
@@ -82,15 +84,36 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
+def private_store_url(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The store URL of a private Redis backend, opened the way an operator would."""
+    if backend == "redis-acl":
+        acl: PrivateRedis = request.getfixturevalue("acl_redis")
+        return f"redis://{REDIS_ACL_USER}:{REDIS_ACL_PASSWORD}@127.0.0.1:{acl.port}/0?"
+    tls: PrivateRedis = request.getfixturevalue("tls_redis")
+    certs: RedisTLS = request.getfixturevalue("redis_tls")
+    monkeypatch.setenv(PASSWORD_ENV, REDIS_ACL_PASSWORD)
+    return f"rediss://{REDIS_ACL_USER}@127.0.0.1:{tls.port}/0?{certs.query()}&"
+
+
 @pytest.fixture
-def make_store(backend: str, tmp_path: pathlib.Path) -> Iterator[StoreFactory]:
+def make_store(
+    backend: str,
+    tmp_path: pathlib.Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[StoreFactory]:
     """New store objects on the same state (a file, or a Redis prefix): a "restarted" store."""
     prefix = redis_prefix()
     path = tmp_path / "state.db"
+    url = private_store_url(backend, request, monkeypatch) if backend.startswith("redis-") else ""
 
     def factory() -> Store:
         if backend == "sqlite":
             return SQLiteStore(path)
+        if url:
+            return open_store(f"{url}prefix={prefix}")
         return RedisStore(REDIS_URL, prefix=prefix)
 
     yield factory
@@ -104,40 +127,3 @@ async def store(make_store: StoreFactory) -> AsyncIterator[Store]:
     await opened.open()
     yield opened
     await opened.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_redis(port: int, workdir: pathlib.Path, *extra: str) -> None:
-    """A private redis-server on ``port`` (nothing persisted); ``extra`` are more flags."""
-    subprocess.run(
-        [
-            "redis-server",
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "yes",
-            "--dir", str(workdir),
-            "--pidfile", str(workdir / f"redis-{port}.pid"),
-            "--logfile", str(workdir / f"redis-{port}.log"),
-            *extra,
-        ],
-        check=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True)
-        if ping.stdout.strip() == b"PONG":
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"redis-server on port {port} did not start")
-
-
-def stop_redis(port: int) -> None:
-    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from tests.store.conftest import USD, StoreFactory, free_port, make_key, start_redis, stop_redis
+from tests._redis import PrivateRedis
+from tests.store.conftest import USD, StoreFactory, make_key
 
 from keybrake.store import (
     BudgetState,
@@ -661,16 +662,16 @@ def test_sqlite_threads_with_their_own_store_share_one_cap(tmp_path: pathlib.Pat
 async def test_redis_outage_fails_closed_then_recovers(tmp_path: pathlib.Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed")
-    port = free_port()
-    start_redis(port, tmp_path)
-    store = RedisStore(f"redis://127.0.0.1:{port}/0", prefix="outage:")
+    redis_server = PrivateRedis(tmp_path).start()
+    port = redis_server.port
+    store = RedisStore(redis_server.url, prefix="outage:")
     key = make_key("kb_a", daily=5 * USD)
     try:
         await store.open()
         await store.create_key(key)
         assert (await store.reserve(key, "res_1", USD, NOON)).ok
 
-        stop_redis(port)
+        redis_server.stop()
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}"):
             await store.reserve(key, "res_2", USD, NOON)
@@ -678,7 +679,7 @@ async def test_redis_outage_fails_closed_then_recovers(tmp_path: pathlib.Path) -
             await store.ping()
         assert time.monotonic() - started < 5
 
-        start_redis(port, tmp_path)
+        redis_server.start()
         # The same object reconnects and reloads its scripts (nothing was persisted).
         await store.ping()
         assert await store.get_key("kb_a") is None
@@ -686,7 +687,7 @@ async def test_redis_outage_fails_closed_then_recovers(tmp_path: pathlib.Path) -
         assert await store.settle("res_3", USD)
     finally:
         await store.close()
-        stop_redis(port)
+        redis_server.kill()
 
 
 @contextlib.contextmanager
@@ -804,8 +805,8 @@ def test_open_store_sqlite_urls(url: str, path: str) -> None:
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", "keybrake:"),
         ("redis://h:6379/2?prefix=kb-prod:", "redis://h:6379/2", "kb-prod:"),
         (
-            "rediss://:pw@h:6380/0?prefix=p:&health_check_interval=5",
-            "rediss://:pw@h:6380/0?health_check_interval=5",
+            "rediss://:pw@h:6380/0?prefix=p:&ssl_cert_reqs=none",
+            "rediss://:***@h:6380/0?ssl_cert_reqs=none",  # store.url never shows a password
             "p:",
         ),
     ],

@@ -7,7 +7,7 @@ import pathlib
 import uuid
 
 import pytest
-from tests.store.conftest import free_port, start_redis, stop_redis
+from tests._redis import PrivateRedis
 
 from keybrake.store import RedisStore
 
@@ -16,13 +16,13 @@ from keybrake.store import RedisStore
 async def test_eviction_policy_warning(
     policy: str, warned: bool, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = free_port()
-    start_redis(port, tmp_path, "--maxmemory-policy", policy)
+    redis_server = PrivateRedis(tmp_path, config=[f"maxmemory-policy {policy}"])
     try:
-        store = RedisStore(f"redis://127.0.0.1:{port}/0", prefix=f"t{uuid.uuid4().hex[:6]}:")
+        redis_server.start()
+        store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex[:6]}:")
         with caplog.at_level(logging.WARNING, logger="keybrake"):
             await store.open()
         await store.close()
         assert ("maxmemory-policy" in caplog.text) is warned
     finally:
-        stop_redis(port)
+        redis_server.kill()

@@ -1,0 +1,233 @@
+"""The one helper that starts a private redis-server for a test: `PrivateRedis`.
+
+On a free loopback port, nothing persisted (unless ``stop(save=True)``), optionally with a
+password for the default user and ACL users (AUTH), and optionally TLS only (``port 0``,
+``tls-port``; certificates from `trustme`, see `RedisTLS`). The configuration is fed to
+``redis-server -`` on stdin, so no password is on a command line (``ps``) or in a file the
+whole-suite secrets scan would then find.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+__all__ = [
+    "KEYBRAKE_ACL_COMMANDS",
+    "REDIS_ACL_PASSWORD",
+    "REDIS_ACL_USER",
+    "REDIS_ADMIN_PASSWORD",
+    "PrivateRedis",
+    "RedisTLS",
+    "free_port",
+    "keybrake_acl",
+    "port_open",
+]
+
+#: The default user's password (``requirepass``) of servers started with ``password=``.
+REDIS_ADMIN_PASSWORD = "kb-test-redis-admin-" + "c81f4e02a7d95b36"
+#: The ACL user the proxy logs in as, allowed only `KEYBRAKE_ACL_COMMANDS`.
+REDIS_ACL_USER = "keybrake"
+REDIS_ACL_PASSWORD = "kb-test-redis-acl-" + "5e3a9d17b06c42f8"
+#: Every command the store sends, in the words of the README's ``ACL SETUSER`` line.
+KEYBRAKE_ACL_COMMANDS = (
+    "-@all +ping +time +select +get +set +del +exists +expire +pexpire "
+    "+hget +hgetall +hmget +hset +hsetnx +hdel +hincrby +zadd +zrem +zrevrange "
+    "+zrangebyscore +sadd +srem +smembers +multi +exec +evalsha +script|load"
+)
+
+
+def keybrake_acl(user: str, password: str, key_pattern: str) -> str:
+    """The ``user …`` config line of the store's ACL user, as the README gives it."""
+    return (
+        f"user {user} on >{password} resetkeys ~{key_pattern} resetchannels "
+        + KEYBRAKE_ACL_COMMANDS
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass(frozen=True)
+class RedisTLS:
+    """A CA, a server certificate (127.0.0.1 and localhost) and a client certificate."""
+
+    ca_pem: Path
+    server_pem: Path
+    server_key: Path
+    client_pem: Path
+    client_key: Path
+
+    @classmethod
+    def make(
+        cls, directory: Path, server_names: Sequence[str] = ("127.0.0.1", "localhost")
+    ) -> RedisTLS:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA(organization_name="Keybrake test Redis CA")
+        server = ca.issue_cert(*server_names)
+        client = ca.issue_cert("keybrake-proxy.test")
+        tls = cls(
+            ca_pem=directory / "ca.pem",
+            server_pem=directory / "server.pem",
+            server_key=directory / "server.key",
+            client_pem=directory / "client.pem",
+            client_key=directory / "client.key",
+        )
+        ca.cert_pem.write_to_path(str(tls.ca_pem))
+        server.cert_chain_pems[0].write_to_path(str(tls.server_pem))
+        server.private_key_pem.write_to_path(str(tls.server_key))
+        client.cert_chain_pems[0].write_to_path(str(tls.client_pem))
+        client.private_key_pem.write_to_path(str(tls.client_key))
+        return tls
+
+    def query(self, *, client_cert: bool = True, ca_pem: Path | None = None) -> str:
+        """The store URL's TLS options: this CA (or ``ca_pem``) and the client certificate."""
+        query = f"ssl_ca_certs={ca_pem or self.ca_pem}"
+        if client_cert:
+            query += f"&ssl_certfile={self.client_pem}&ssl_keyfile={self.client_key}"
+        return query
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free loopback port.
+
+    ``password`` sets the default user's (``requirepass``; `cli` uses it), ``users`` adds ACL
+    ``user …`` lines, ``tls`` serves TLS only (client certificates required unless
+    ``tls_auth_clients`` says otherwise), ``config`` adds more config lines. The RDB file in
+    ``workdir`` survives ``stop(save=True)``/``start()``.
+
+    Example::
+
+        r = PrivateRedis(tmp_path, password=REDIS_ADMIN_PASSWORD)
+        r.start()
+        try:
+            store = open_store(f"redis://:{REDIS_ADMIN_PASSWORD}@127.0.0.1:{r.port}/0")
+        finally:
+            r.kill()
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: str | None = None,
+        users: Sequence[str] = (),
+        tls: RedisTLS | None = None,
+        tls_auth_clients: str = "yes",
+        config: Sequence[str] = (),
+    ) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pidfile = workdir / f"redis-{self.port}.pid"
+        self.logfile = workdir / f"redis-{self.port}.log"
+        self.password = password
+        self.users = list(users)
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
+        self.config = list(config)
+
+    @property
+    def url(self) -> str:
+        """The server's URL without credentials or TLS options."""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    def _config(self) -> str:
+        lines = [
+            "bind 127.0.0.1",
+            'save ""',
+            "appendonly no",
+            "daemonize yes",
+            f"pidfile {self.pidfile}",
+            f"logfile {self.logfile}",
+            f"dir {self.dir}",
+            "dbfilename dump.rdb",
+        ]
+        if self.tls is None:
+            lines.append(f"port {self.port}")
+        else:
+            lines += [
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {self.tls.server_pem}",
+                f"tls-key-file {self.tls.server_key}",
+                f"tls-ca-cert-file {self.tls.ca_pem}",
+                f"tls-auth-clients {self.tls_auth_clients}",
+            ]
+        if self.password is not None:
+            lines.append(f"requirepass {self.password}")
+        return "\n".join([*lines, *self.users, *self.config, ""])
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``redis-cli`` as the default user (its password by environment, not argument)."""
+        tls: list[str] = []
+        if self.tls is not None:
+            tls = ["--tls", "--cacert", str(self.tls.ca_pem)]
+            tls += ["--cert", str(self.tls.client_pem), "--key", str(self.tls.client_key)]
+        env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+        if self.password is not None:
+            env["REDISCLI_AUTH"] = self.password
+        return subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *tls, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            env=env,
+        )
+
+    def start(self, *, empty: bool = False) -> PrivateRedis:
+        rdb = self.dir / "dump.rdb"
+        if empty and rdb.exists():
+            rdb.unlink()
+        subprocess.run(
+            ["redis-server", "-"],
+            input=self._config(),
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+        _wait_for(lambda: port_open(self.port), 10, f"redis-server on port {self.port}")
+        _wait_for(lambda: self.cli("PING").stdout.strip() == "PONG", 10, "redis to load")
+        return self
+
+    def stop(self, *, save: bool = False) -> None:
+        self.cli("SHUTDOWN", "SAVE" if save else "NOSAVE")
+        _wait_for(lambda: not port_open(self.port), 10, "redis to stop")
+
+    def kill(self) -> None:
+        """Stop it however it is (the fixture finaliser): SHUTDOWN, then SIGKILL by pid."""
+        if port_open(self.port):
+            self.cli("SHUTDOWN", "NOSAVE")
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(self.pidfile.read_text().strip()), signal.SIGKILL)
