@@ -1,8 +1,20 @@
 """A fake ``api.stripe.com`` good enough for the official ``stripe`` SDK.
 
-Auth: only the configured secret, as ``Authorization: Bearer <key>`` or Basic ``<key>:``.
-Anything else is Stripe's 401 (the key is masked like Stripe does: prefix kept, all but the
-last four characters starred — the full key is never echoed).
+Auth: the configured secret (``FakeStripe.secret``), as ``Authorization: Bearer <key>`` or
+Basic ``<key>:``. Any other key is Stripe's 401 (the key is masked like Stripe does: prefix
+kept, all but the last four characters starred — the full key is never echoed).
+
+The publishable key (``FakeStripe.publishable``, as a Bearer header or, like Stripe.js, a
+``key=pk_…`` parameter) may only do what Stripe.js does with a PaymentIntent's
+``client_secret``: ``GET /v1/payment_intents/{id}?client_secret=…`` and
+``POST /v1/payment_intents/{id}/confirm`` with ``client_secret`` (+ ``payment_method``) in
+the body. The answer is the publishable subset of the intent (no ``metadata``, ``customer``,
+``amount_received``, ``latest_charge``…). Missing ``client_secret`` → 400
+``parameter_missing``; a wrong one → 400 ``payment_intent_invalid_parameter``; an intent with
+``confirmation_method=manual`` cannot be confirmed with it (400); any other call → 401 "This
+API call cannot be made with a publishable API key". A client-side confirm charges (or, with
+``capture_method=manual``, authorises) exactly like a server-side one and is recorded in the
+ledger like any request, with ``extra["client_side"] = True``.
 
 Bodies are Stripe form encoding (``a[b][0][c]=v``, ``expand[]=x``/``expand[0]=x``); GET
 parameters come from the query string. Every response carries ``Request-Id: req_…``,
@@ -27,14 +39,55 @@ and listed with ``GET /v1/<kind>``):
   creating the invoice. ``amount_due`` is the sum of the items. ``POST …/finalize``,
   ``POST …/pay`` (charges ``amount_due``; ``payment_method`` param or the customer's
   ``invoice_settings[default_payment_method]``; ``paid_out_of_band=true`` charges nothing).
+  ``DELETE /v1/invoiceitems/{id}`` → ``{"id", "object": "invoiceitem", "deleted": true}``
+  for a pending item or one on a draft invoice (removed from its lines); on a finalized
+  invoice → 400 ``invoice_not_editable``. A deleted item is gone (404).
 * Checkout Sessions: create; ``amount_total`` = Σ ``unit_amount * quantity`` of the line
   items (``price_data`` or ``price``). Creating a session charges nothing.
+  ``shipping_options[i][shipping_rate_data][fixed_amount][amount|currency]`` (+
+  ``[display_name]``, ``[type]=fixed_amount``) or ``shipping_options[i][shipping_rate]=shr_…``
+  → ``shipping_options: [{"shipping_amount", "shipping_rate": "shr_…"}]`` (ShippingRate
+  objects, also ``POST /v1/shipping_rates``); ``amount_total`` does not include shipping
+  until the customer picks one. ``payment_intent_data[capture_method]=manual`` and
+  ``subscription_data[trial_period_days]`` are honoured when the session is paid.
+  ``POST …/expire`` (only an ``open`` session, else 400) → ``expired``. The customer paying
+  on Stripe's page is :meth:`FakeStripe.complete_checkout` (see "Out of band").
 * Subscriptions: create; ``items[i][price_data]`` (or ``price``) * quantity → first invoice
   (``latest_invoice``) with that ``amount_due``. It is paid (and charged) at once when a
   payment method is known (``default_payment_method`` param or the customer's default);
   otherwise, or with ``payment_behavior=default_incomplete``, the subscription is
-  ``incomplete`` and nothing is charged. ``trial_period_days`` → ``trialing``, 0 due.
-* ``GET /v1/balance``.
+  ``incomplete`` and nothing is charged. ``trial_period_days`` → ``trialing``, 0 due
+  (the trial is the first period). ``add_invoice_items[i][price_data|price]`` * quantity
+  → invoice items on that first invoice, charged with it (even during a trial).
+  ``cancel_at_period_end`` (create or update) → stored, ``cancel_at`` = end of the current
+  period. ``POST /v1/subscriptions/{id}``:
+  ``cancel_at_period_end``, ``metadata``, ``description``, ``default_payment_method``,
+  ``cancellation_details``, ``trial_end=<future ts>`` (extends) or ``trial_end=now`` (ends
+  the trial: the first full period is invoiced and charged in that call); a canceled
+  subscription only accepts ``metadata``/``cancellation_details`` (400).
+  ``DELETE /v1/subscriptions/{id}`` → ``canceled`` (``canceled_at``/``ended_at``); a
+  canceled one → 404 ``resource_missing`` (as Stripe). A trial running out is
+  :meth:`FakeStripe.end_trial`.
+* ``GET /v1/balance``; SetupIntents and ShippingRates can be retrieved.
+* Connect: ``Stripe-Account: acct_…`` is accepted on every call (objects are not
+  partitioned per account), echoed in the response headers and recorded in the ledger
+  entry's ``extra["stripe_account"]`` (the header itself is in ``headers``).
+
+Out of band (money Stripe moves without an API call to the fake; each is one ledger entry
+with ``headers={}``, ``body=b""``, ``request_id=None``, ``extra["out_of_band"] = True``,
+``extra["event"]``, and ``charged_usd_micros`` computed as for API calls, so
+``charged_minor()``/``charged_usd_micros()`` count it):
+
+* :meth:`FakeStripe.confirm_in_browser` ``(pi_id, payment_method="pm_card_visa",
+  client_secret=None)``: a real HTTPS confirm with the publishable key (so an ordinary
+  ``POST`` ledger entry), returns the JSON.
+* :meth:`FakeStripe.complete_checkout` ``(session_id, shipping_option=None,
+  payment_method="pm_card_visa")``: ``BROWSER /checkout/pay/<cs id>``.
+* :meth:`FakeStripe.end_trial` ``(sub_id)``: ``STRIPE /subscriptions/<sub id>/trial_end``.
+* :meth:`FakeStripe.record_out_of_band` to add such an entry yourself.
+* For a fake in another process: ``POST /__fake__/stripe/complete_checkout``
+  ``{"session", "shipping_option", "payment_method"}`` and ``POST /__fake__/stripe/end_trial``
+  ``{"subscription"}``.
 
 Test payment methods: ``pm_card_visa`` (and any other ``pm_…``) succeed;
 ``pm_card_chargeDeclined`` → 402 ``card_error``/``card_declined``/``generic_decline``;
@@ -66,10 +119,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from tests.fakes.base import FakeRequest, FakeResponse, FakeVendor, json_response, rand_alnum
+import httpx
+from tests.fakes.base import (
+    FakeRequest,
+    FakeResponse,
+    FakeVendor,
+    LedgerEntry,
+    json_response,
+    rand_alnum,
+)
 from tests.fakes.tls import FakeTLS
 
 DEFAULT_SECRET = "sk_test_fake" + "4eC39HqLyjWDarjtT1zdp7dc"
+DEFAULT_PUBLISHABLE = "pk_test_fake" + "TYooMQauvdEDq54NiTphI7jx"
 DEFAULT_API_VERSION = "2026-10-28.endive"
 
 ZERO_DECIMAL = {
@@ -121,7 +183,24 @@ _KINDS: dict[str, tuple[str, str]] = {
     "invoices": ("invoice", "in_"),
     "checkout/sessions": ("checkout.session", "cs_test_"),
     "subscriptions": ("subscription", "sub_"),
+    "shipping_rates": ("shipping_rate", "shr_"),
+    "setup_intents": ("setup_intent", "seti_"),
 }
+
+# What a publishable key sees of a PaymentIntent (the fields Stripe's reference marks
+# "retrievable with publishable key"): no metadata, customer, latest_charge, amounts received…
+_PUBLISHABLE_PI_FIELDS = (
+    "id", "object", "amount", "amount_details", "automatic_payment_methods", "canceled_at",
+    "cancellation_reason", "capture_method", "client_secret", "confirmation_method", "created",
+    "currency", "description", "excluded_payment_method_types", "last_payment_error",
+    "livemode", "next_action", "payment_method", "payment_method_configuration_details",
+    "payment_method_types", "processing", "receipt_email", "setup_future_usage", "shipping",
+    "source", "status",
+)  # fmt: skip
+_PUBLISHABLE_KEY_MESSAGE = (
+    "This API call cannot be made with a publishable API key. Please use a secret API key. "
+    "You can find a list of your API keys at https://dashboard.stripe.com/account/apikeys."
+)
 
 
 # --------------------------------------------------------------------------- form parsing
@@ -282,15 +361,18 @@ class FakeStripe(FakeVendor):
         tls: FakeTLS | None,
         secret: str = DEFAULT_SECRET,
         *,
+        publishable: str = DEFAULT_PUBLISHABLE,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         super().__init__(tls, host=host, port=port)
         self.secret = secret
+        self.publishable = publishable
         self._objects: dict[str, dict[str, Any]] = {}
         self._order: dict[str, list[str]] = {}
         self._idem: dict[str, _IdemEntry] = {}
         self._pm_ids: dict[str, str] = {}  # generated pm_ id -> test token it came from
+        self._cs_private: dict[str, dict[str, Any]] = {}  # checkout session -> hidden state
         self._routes: list[Route] = self._build_routes()
 
     # ------------------------------------------------------------------ plumbing
@@ -303,6 +385,314 @@ class FakeStripe(FakeVendor):
         self._order.clear()
         self._idem.clear()
         self._pm_ids.clear()
+        self._cs_private.clear()
+
+    # ------------------------------------------------------------------ out of band
+    # What happens at Stripe without the merchant's server (or the proxy) making the call:
+    # a customer paying in a browser, a trial running out. Each event is one ledger entry.
+
+    def record_out_of_band(
+        self,
+        method: str,
+        path: str,
+        *,
+        object_id: str | None,
+        amount_charged_minor: int = 0,
+        currency: str | None = None,
+        status: int = 200,
+        extra: dict[str, Any] | None = None,
+    ) -> LedgerEntry:
+        """Append a ledger entry for money Stripe moved without an API request to this fake
+        (``method`` ``"BROWSER"``: a customer on a Stripe-hosted page; ``"STRIPE"``: Stripe's
+        own schedule). ``charged_usd_micros`` is computed as for API calls and
+        ``extra["out_of_band"]`` is ``True``."""
+        entry = LedgerEntry(
+            method=method,
+            path=path,
+            headers={},
+            body=b"",
+            status=status,
+            request_id=None,
+            object_id=object_id,
+            amount_charged_minor=amount_charged_minor,
+            currency=currency,
+            charged_usd_micros=self._usd_micros(amount_charged_minor, currency),
+            extra={"out_of_band": True, **(extra or {})},
+        )
+        with self._lock:
+            self._ledger.append(entry)
+        return entry
+
+    def confirm_in_browser(
+        self,
+        pi_id: str,
+        payment_method: str = "pm_card_visa",
+        *,
+        client_secret: str | None = None,
+    ) -> dict[str, Any]:
+        """Confirm a PaymentIntent the way Stripe.js does in the customer's browser: an
+        HTTPS ``POST /v1/payment_intents/{id}/confirm`` to this fake with the publishable
+        key and the intent's ``client_secret`` (or the one given). Returns the response JSON
+        (the publishable view of the intent, or ``{"error": …}``). Recorded in the ledger
+        like any request (``extra["client_side"]``)."""
+        if client_secret is None:
+            with self._lock:
+                pi = self._objects.get(pi_id) or {}
+                client_secret = str(pi.get("client_secret") or "")
+        verify: Any = self.tls.client_context() if self.tls is not None else False
+        r = httpx.post(
+            f"{self.url}/v1/payment_intents/{pi_id}/confirm",
+            data={"client_secret": client_secret, "payment_method": payment_method},
+            headers={
+                "Authorization": f"Bearer {self.publishable}",
+                "Origin": "https://js.stripe.com",
+                "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Stripe.js/fake",
+            },
+            verify=verify,
+            timeout=30,
+        )
+        body: dict[str, Any] = r.json()
+        return body
+
+    def complete_checkout(
+        self,
+        session_id: str,
+        shipping_option: int | None = None,
+        *,
+        payment_method: str = "pm_card_visa",
+    ) -> dict[str, Any]:
+        """The customer pays an open Checkout Session on Stripe's hosted page.
+
+        ``shipping_option`` indexes the session's ``shipping_options`` (``None``: the first
+        one, which the page preselects; no shipping if the session has none). Payment mode:
+        a PaymentIntent for items + shipping is confirmed (charged, or only authorised with
+        ``payment_intent_data[capture_method]=manual``); subscription mode: a subscription is
+        created and its first invoice paid (nothing with a trial); setup mode: a SetupIntent.
+        One ledger entry ``BROWSER /checkout/pay/<session id>``. A declining
+        ``payment_method`` leaves the session open (entry with status 402, nothing charged).
+        Returns the session. Raises ``ValueError`` for an unknown or non-open session or a
+        bad ``shipping_option``."""
+        with self._lock:
+            cs = self._objects.get(session_id)
+            if cs is None or cs.get("object") != "checkout.session":
+                raise ValueError(f"no such checkout session: {session_id!r}")
+            if cs["status"] != "open":
+                raise ValueError(
+                    f"checkout session {session_id} has status {cs['status']}: only an open "
+                    "session can be paid"
+                )
+            options: list[dict[str, Any]] = cs["shipping_options"]
+            if shipping_option is not None and not 0 <= shipping_option < len(options):
+                raise ValueError(
+                    f"shipping_option {shipping_option} out of range: the session has "
+                    f"{len(options)} shipping option(s)"
+                )
+            chosen = options[shipping_option or 0] if options else None
+            shipping = int(chosen["shipping_amount"]) if chosen else 0
+            priv = self._cs_private.get(session_id, {})
+            mode = cs["mode"]
+            path = f"/checkout/pay/{session_id}"
+            event: dict[str, Any] = {"event": "complete_checkout", "mode": mode}
+            pm = self._resolve_pm(payment_method)
+            failure = self._decline_for(pm)
+            if failure is not None and mode != "setup":
+                self.record_out_of_band(
+                    "BROWSER",
+                    path,
+                    object_id=session_id,
+                    currency=cs["currency"],
+                    status=402,
+                    extra={**event, "decline_code": failure[1] or failure[0]},
+                )
+                return copy.deepcopy(cs)
+            charged = 0
+            if mode == "payment":
+                total = int(cs["amount_subtotal"]) + shipping
+                try:
+                    pi = self._pi_obj(
+                        {
+                            "amount": str(total),
+                            "currency": cs["currency"],
+                            "capture_method": priv.get("capture_method", "automatic_async"),
+                            "payment_method_types": ["card"],
+                            "metadata": priv.get("pi_metadata", {}),
+                        }
+                    )
+                except StripeAPIError as err:
+                    raise ValueError(err.message) from err
+                pi["customer"] = cs["customer"]
+                pi["payment_method"] = pm
+                self._store(pi)
+                out = self._do_confirm(pi)
+                charged = out.charged
+                cs["payment_intent"] = pi["id"]
+                cs["payment_status"] = "paid" if charged else "unpaid"
+                event["payment_intent"] = pi["id"]
+                if not charged:
+                    event["authorized_minor"] = total
+            elif mode == "subscription":
+                customer = self._objects.get(cs["customer"] or "") or self._new_customer(
+                    {"email": cs["customer_email"] or ""}
+                )
+                priced = [
+                    (self._objects[line["price"]], int(line["quantity"]))
+                    for line in priv.get("lines", [])
+                ]
+                out = self._make_subscription(
+                    customer,
+                    priced,
+                    trial_days=int(priv.get("trial_days", 0)),
+                    dpm=pm,
+                    behavior="allow_incomplete",
+                    cancel_at_period_end=False,
+                    description=None,
+                    metadata=dict(priv.get("sub_metadata", {})),
+                    shipping=chosen,
+                )
+                sub = out.obj
+                inv = self._objects[sub["latest_invoice"]]
+                charged = out.charged
+                total = int(inv["total"])
+                shipping = int(inv["amount_shipping"])
+                cs["customer"] = customer["id"]
+                cs["subscription"] = sub["id"]
+                cs["invoice"] = inv["id"]
+                cs["payment_status"] = (
+                    "no_payment_required" if total == 0 else "paid" if charged else "unpaid"
+                )
+                event.update(subscription=sub["id"], invoice=inv["id"])
+            else:  # setup
+                total = 0
+                seti = self._setup_intent(cs["customer"], pm)
+                cs["setup_intent"] = seti["id"]
+                event["setup_intent"] = seti["id"]
+            cs["status"] = "complete"
+            cs["url"] = None
+            cs["amount_total"] = total
+            cs["total_details"]["amount_shipping"] = shipping
+            if chosen is not None and shipping:
+                cs["shipping_cost"] = {
+                    "amount_subtotal": shipping,
+                    "amount_tax": 0,
+                    "amount_total": shipping,
+                    "shipping_rate": chosen["shipping_rate"],
+                }
+            email = cs["customer_email"] or "jenny.rosen@example.com"
+            cs["customer_details"] = {
+                "address": {
+                    "city": "San Francisco",
+                    "country": "US",
+                    "line1": "510 Townsend St",
+                    "line2": None,
+                    "postal_code": "94103",
+                    "state": "CA",
+                },
+                "email": email,
+                "name": "Jenny Rosen",
+                "phone": None,
+                "tax_exempt": "none",
+                "tax_ids": [],
+            }
+            event.update(amount_total=total, shipping_amount=shipping)
+            self.record_out_of_band(
+                "BROWSER",
+                path,
+                object_id=session_id,
+                amount_charged_minor=charged,
+                currency=cs["currency"],
+                extra=event,
+            )
+            return copy.deepcopy(cs)
+
+    def end_trial(self, sub_id: str) -> dict[str, Any]:
+        """A trialing subscription's trial runs out (Stripe's clock, not an API call).
+
+        With ``cancel_at_period_end`` the subscription just ends (``canceled``, nothing
+        charged). Otherwise a ``subscription_cycle`` invoice for the full period amount is
+        charged to the subscription's (or the customer's) default payment method: ``active``;
+        if it declines or there is none, the invoice stays open and the subscription is
+        ``past_due``. One ledger entry ``STRIPE /subscriptions/<id>/trial_end``. Returns the
+        subscription. Raises ``ValueError`` unless the subscription is ``trialing``."""
+        with self._lock:
+            sub = self._objects.get(sub_id)
+            if sub is None or sub.get("object") != "subscription":
+                raise ValueError(f"no such subscription: {sub_id!r}")
+            if sub["status"] != "trialing":
+                raise ValueError(f"subscription {sub_id} is {sub['status']}, not trialing")
+            info = self._finish_trial(sub, natural=True)
+            self.record_out_of_band(
+                "STRIPE",
+                f"/subscriptions/{sub_id}/trial_end",
+                object_id=sub_id,
+                amount_charged_minor=info["charged"],
+                currency=sub["currency"],
+                status=info["status"],
+                extra={
+                    "event": "end_trial",
+                    "invoice": info["invoice"],
+                    "subscription_status": sub["status"],
+                },
+            )
+            return copy.deepcopy(sub)
+
+    def _setup_intent(self, customer: str | None, pm: str) -> dict[str, Any]:
+        sid = self._new_id("seti_")
+        seti = {
+            "id": sid,
+            "object": "setup_intent",
+            "application": None,
+            "automatic_payment_methods": None,
+            "cancellation_reason": None,
+            "client_secret": f"{sid}_secret_{rand_alnum(25)}",
+            "created": self._now(),
+            "customer": customer,
+            "description": None,
+            "flow_directions": None,
+            "last_setup_error": None,
+            "latest_attempt": None,
+            "livemode": False,
+            "mandate": None,
+            "metadata": {},
+            "next_action": None,
+            "on_behalf_of": None,
+            "payment_method": pm,
+            "payment_method_options": {
+                "card": {
+                    "mandate_options": None,
+                    "network": None,
+                    "request_three_d_secure": "automatic",
+                }
+            },
+            "payment_method_types": ["card"],
+            "single_use_mandate": None,
+            "status": "succeeded",
+            "usage": "off_session",
+        }
+        return self._store(seti)
+
+    def _control(self, req: FakeRequest) -> FakeResponse:
+        """Adds, for a fake in another process: ``POST /__fake__/stripe/complete_checkout``
+        ``{"session": "cs_…", "shipping_option": 0, "payment_method": "pm_card_visa"}`` and
+        ``POST /__fake__/stripe/end_trial`` ``{"subscription": "sub_…"}`` (answer: the
+        object, or 400 ``{"ok": false, "error": …}``)."""
+        if req.method == "POST" and req.path.startswith("/__fake__/stripe/"):
+            spec = req.json() if req.body else {}
+            try:
+                if req.path == "/__fake__/stripe/complete_checkout":
+                    opt = spec.get("shipping_option")
+                    return json_response(
+                        200,
+                        self.complete_checkout(
+                            str(spec.get("session", "")),
+                            None if opt is None else int(opt),
+                            payment_method=str(spec.get("payment_method") or "pm_card_visa"),
+                        ),
+                    )
+                if req.path == "/__fake__/stripe/end_trial":
+                    return json_response(200, self.end_trial(str(spec.get("subscription", ""))))
+            except ValueError as exc:
+                return json_response(400, {"ok": False, "error": str(exc)})
+        return super()._control(req)
 
     def error_response(self, req: FakeRequest, status: int) -> FakeResponse:
         return self._error(
@@ -334,6 +724,8 @@ class FakeStripe(FakeVendor):
         ]
         if req.method == "POST" and req.header("Idempotency-Key"):
             h.append(("Idempotency-Key", req.header("Idempotency-Key") or ""))
+        if req.header("Stripe-Account"):
+            h.append(("Stripe-Account", req.header("Stripe-Account") or ""))
         return h
 
     def _error(self, req: FakeRequest, err: StripeAPIError) -> FakeResponse:
@@ -375,8 +767,29 @@ class FakeStripe(FakeVendor):
 
     # ------------------------------------------------------------------ dispatch
 
+    def _form_key(self, req: FakeRequest) -> str | None:
+        """Stripe.js sends the publishable key as a ``key`` parameter, not a header."""
+        raw = req.body if req.method == "POST" else req.query.encode()
+        try:
+            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        for k, v in pairs:
+            if k == "key" and v.startswith("pk_"):
+                return v
+        return None
+
     def handle(self, req: FakeRequest) -> FakeResponse:
+        resp = self._handle_api(req)
+        account = req.header("Stripe-Account")
+        if account:  # Connect: acting on behalf of a connected account
+            resp.extra = {**resp.extra, "stripe_account": account}
+        return resp
+
+    def _handle_api(self, req: FakeRequest) -> FakeResponse:
         key = self._presented_key(req)
+        if key is None:
+            key = self._form_key(req)
         if not key:
             return self._error(
                 req,
@@ -389,7 +802,8 @@ class FakeStripe(FakeVendor):
                     "for details, or we can help at https://support.stripe.com/.",
                 ),
             )
-        if key != self.secret:
+        publishable = key == self.publishable
+        if key != self.secret and not publishable:
             return self._error(
                 req,
                 StripeAPIError(
@@ -411,6 +825,13 @@ class FakeStripe(FakeVendor):
                 ),
             )
         fn, groups = route
+        if publishable:
+            client_route = self._publishable_route(fn, groups)
+            if client_route is None:
+                return self._error(
+                    req, StripeAPIError(401, "invalid_request_error", _PUBLISHABLE_KEY_MESSAGE)
+                )
+            fn, groups = client_route
 
         try:
             raw = req.body if req.method == "POST" else req.query.encode()
@@ -470,6 +891,8 @@ class FakeStripe(FakeVendor):
                 try:
                     out = fn(req, params, *groups)
                 except StripeAPIError as err:
+                    if publishable and isinstance(err.extra.get("payment_intent"), dict):
+                        err.extra["payment_intent"] = _publishable_view(err.extra["payment_intent"])
                     resp = self._error(req, err)
                 else:
                     expand = params.get("expand") or []
@@ -477,6 +900,8 @@ class FakeStripe(FakeVendor):
                     if isinstance(expand, list):
                         for path in expand:
                             self._expand(obj, str(path).split("."))
+                    if publishable:
+                        obj = _publishable_view(obj)
                     resp = json_response(
                         out.status,
                         obj,
@@ -549,13 +974,63 @@ class FakeStripe(FakeVendor):
         add("POST", r"/v1/invoices", self._invoice_create)
         add("POST", rf"/v1/invoices/{ident}/finalize", self._invoice_finalize)
         add("POST", rf"/v1/invoices/{ident}/pay", self._invoice_pay)
+        add("DELETE", rf"/v1/invoiceitems/{ident}", self._invoiceitem_delete)
         add("POST", r"/v1/checkout/sessions", self._checkout_create)
+        add("POST", rf"/v1/checkout/sessions/{ident}/expire", self._checkout_expire)
+        add("POST", r"/v1/shipping_rates", self._shipping_rate_create)
         add("POST", r"/v1/subscriptions", self._subscription_create)
+        add("POST", rf"/v1/subscriptions/{ident}", self._subscription_update)
+        add("DELETE", rf"/v1/subscriptions/{ident}", self._subscription_cancel)
         add("GET", r"/v1/balance", self._balance)
         kinds = "|".join(re.escape(k) for k in _KINDS)
         add("GET", rf"/v1/({kinds})/{ident}", self._retrieve)
         add("GET", rf"/v1/({kinds})", self._list)
         return r
+
+    # ------------------------------------------------------------------ publishable key
+
+    def _publishable_route(
+        self, fn: Callable[..., _Outcome], groups: tuple[str, ...]
+    ) -> tuple[Callable[..., _Outcome], tuple[str, ...]] | None:
+        """What a publishable key may do: only what Stripe.js does with a client_secret."""
+        if fn == self._retrieve and groups[0] == "payment_intents":
+            return self._pk_pi_retrieve, (groups[1],)
+        if fn == self._pi_confirm:
+            return self._pk_pi_confirm, groups
+        return None
+
+    def _check_client_secret(self, p: dict[str, Any], pid: str) -> dict[str, Any]:
+        secret = self._str(p, "client_secret", required=True)
+        pi = self._get(pid, "payment_intent", "intent")
+        if secret != pi["client_secret"]:
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "The client_secret provided does not match the client_secret associated "
+                "with the PaymentIntent.",
+                code="payment_intent_invalid_parameter",
+                param="client_secret",
+            )
+        return pi
+
+    def _pk_pi_retrieve(self, req: FakeRequest, p: dict[str, Any], pid: str) -> _Outcome:
+        return _Outcome(self._check_client_secret(p, pid), extra={"client_side": True})
+
+    def _pk_pi_confirm(self, req: FakeRequest, p: dict[str, Any], pid: str) -> _Outcome:
+        pi = self._check_client_secret(p, pid)
+        if pi["confirmation_method"] == "manual":
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "This PaymentIntent's confirmation_method is manual: it can only be "
+                "confirmed with your secret key, on your server.",
+                code="payment_intent_invalid_parameter",
+            )
+        # Only the payment method comes from the browser (no capture_method & co.).
+        allowed = {k: v for k, v in p.items() if k == "payment_method"}
+        out = self._pi_confirm(req, allowed, pid)
+        out.extra = {**(out.extra or {}), "client_side": True}
+        return out
 
     # ------------------------------------------------------------------ helpers
 
@@ -1376,6 +1851,9 @@ class FakeStripe(FakeVendor):
     # ------------------------------------------------------------------ catalog & customers
 
     def _customer_create(self, req: FakeRequest, p: dict[str, Any]) -> _Outcome:
+        return _Outcome(self._new_customer(p))
+
+    def _new_customer(self, p: dict[str, Any]) -> dict[str, Any]:
         raw_inv = p.get("invoice_settings")
         inv: dict[str, Any] = raw_inv if isinstance(raw_inv, dict) else {}
         default_pm = str(inv.get("default_payment_method") or "") or self._str(p, "payment_method")
@@ -1408,7 +1886,7 @@ class FakeStripe(FakeVendor):
             "tax_exempt": "none",
             "test_clock": None,
         }
-        return _Outcome(self._store(cus))
+        return self._store(cus)
 
     def _product(self, name: str, p: dict[str, Any] | None = None) -> dict[str, Any]:
         now = self._now()
@@ -1685,12 +2163,17 @@ class FakeStripe(FakeVendor):
             "taxes": [],
         }
         inv["lines"]["data"].append(line)
+        self._recompute_invoice(inv)
+
+    @staticmethod
+    def _recompute_invoice(inv: dict[str, Any]) -> None:
+        """Totals of a draft invoice from its lines (+ shipping, which is not in subtotal)."""
         inv["lines"]["total_count"] = len(inv["lines"]["data"])
-        total = sum(int(line_["amount"]) for line_ in inv["lines"]["data"])
-        for k in ("amount_due", "amount_remaining", "subtotal", "subtotal_excluding_tax"):
-            inv[k] = total
-        inv["total"] = total
-        inv["total_excluding_tax"] = total
+        subtotal = sum(int(line_["amount"]) for line_ in inv["lines"]["data"])
+        total = subtotal + int(inv.get("amount_shipping") or 0)
+        inv["subtotal"] = inv["subtotal_excluding_tax"] = subtotal
+        inv["total"] = inv["total_excluding_tax"] = total
+        inv["amount_due"] = inv["amount_remaining"] = total
 
     def _invoiceitem_create(self, req: FakeRequest, p: dict[str, Any]) -> _Outcome:
         customer = self._get(self._str(p, "customer", required=True), "customer", "customer")
@@ -1719,37 +2202,16 @@ class FakeStripe(FakeVendor):
             currency = self._currency(p)
             amount = self._int(p, "amount", required=True)
         invoice_id = self._str(p, "invoice") or None
-        now = self._now()
-        ii = {
-            "id": self._new_id("ii_"),
-            "object": "invoiceitem",
-            "amount": amount,
-            "currency": currency,
-            "customer": customer["id"],
-            "date": now,
-            "description": self._str(p, "description") or None,
-            "discountable": True,
-            "discounts": [],
-            "invoice": invoice_id,
-            "livemode": False,
-            "metadata": self._meta(p),
-            "net_amount": amount,
-            "parent": None,
-            "period": {"end": now, "start": now},
-            "pricing": (
-                {
-                    "price_details": {"price": price["id"], "product": price["product"]},
-                    "type": "price_details",
-                    "unit_amount_decimal": price["unit_amount_decimal"],
-                }
-                if price
-                else None
-            ),
-            "proration": False,
-            "quantity": qty,
-            "tax_rates": [],
-            "test_clock": None,
-        }
+        ii = self._invoiceitem_obj(
+            customer["id"],
+            amount=amount,
+            currency=currency,
+            price=price,
+            quantity=qty,
+            description=self._str(p, "description") or None,
+            invoice_id=invoice_id,
+            metadata=self._meta(p),
+        )
         if invoice_id:
             inv = self._get(invoice_id, "invoice", "invoice")
             if inv["status"] != "draft":
@@ -1771,6 +2233,78 @@ class FakeStripe(FakeVendor):
             )
         self._store(ii)
         return _Outcome(ii)
+
+    def _invoiceitem_obj(
+        self,
+        customer_id: str,
+        *,
+        amount: int,
+        currency: str,
+        price: dict[str, Any] | None,
+        quantity: int,
+        description: str | None,
+        invoice_id: str | None,
+        metadata: dict[str, Any],
+    ) -> dict[str, Any]:
+        """A new (not yet stored) invoice item."""
+        now = self._now()
+        qty = quantity
+        return {
+            "id": self._new_id("ii_"),
+            "object": "invoiceitem",
+            "amount": amount,
+            "currency": currency,
+            "customer": customer_id,
+            "date": now,
+            "description": description,
+            "discountable": True,
+            "discounts": [],
+            "invoice": invoice_id,
+            "livemode": False,
+            "metadata": metadata,
+            "net_amount": amount,
+            "parent": None,
+            "period": {"end": now, "start": now},
+            "pricing": (
+                {
+                    "price_details": {"price": price["id"], "product": price["product"]},
+                    "type": "price_details",
+                    "unit_amount_decimal": price["unit_amount_decimal"],
+                }
+                if price
+                else None
+            ),
+            "proration": False,
+            "quantity": qty,
+            "tax_rates": [],
+            "test_clock": None,
+        }
+
+    def _invoiceitem_delete(self, req: FakeRequest, p: dict[str, Any], iid: str) -> _Outcome:
+        ii = self._get(iid, "invoiceitem")
+        inv = self._objects.get(ii["invoice"] or "")
+        if inv is not None:
+            if inv["status"] != "draft":
+                raise StripeAPIError(
+                    400,
+                    "invalid_request_error",
+                    f"Invoice items can only be deleted while they are pending or attached to "
+                    f"a draft invoice. This invoice item is on invoice {inv['id']}, which has "
+                    f"status {inv['status']} and is no longer editable.",
+                    code="invoice_not_editable",
+                )
+            inv["lines"]["data"] = [
+                line
+                for line in inv["lines"]["data"]
+                if ((line.get("parent") or {}).get("invoice_item_details") or {}).get(
+                    "invoice_item"
+                )
+                != iid
+            ]
+            self._recompute_invoice(inv)
+        del self._objects[iid]
+        self._order["invoiceitem"].remove(iid)
+        return _Outcome({"id": iid, "object": "invoiceitem", "deleted": True})
 
     def _invoice_create(self, req: FakeRequest, p: dict[str, Any]) -> _Outcome:
         customer = self._get(self._str(p, "customer", required=True), "customer", "customer")
@@ -1923,6 +2457,25 @@ class FakeStripe(FakeVendor):
                 total += int(price["unit_amount"]) * qty
                 currency = currency or price["currency"]
                 lines.append({"price": price["id"], "quantity": qty})
+        shipping_options = self._checkout_shipping_options(p, mode, currency)
+        raw_pid = p.get("payment_intent_data")
+        pi_data: dict[str, Any] = raw_pid if isinstance(raw_pid, dict) else {}
+        capture_method = self._str(
+            pi_data, "capture_method", label="payment_intent_data[capture_method]"
+        )
+        if capture_method and capture_method not in ("automatic", "automatic_async", "manual"):
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "Invalid payment_intent_data[capture_method]: must be one of automatic, "
+                "automatic_async, or manual",
+                param="payment_intent_data[capture_method]",
+            )
+        raw_sd = p.get("subscription_data")
+        sub_data: dict[str, Any] = raw_sd if isinstance(raw_sd, dict) else {}
+        trial_days = self._int(
+            sub_data, "trial_period_days", label="subscription_data[trial_period_days]"
+        )
         sid = self._new_id("cs_test_")
         now = self._now()
         cs = {
@@ -1980,7 +2533,7 @@ class FakeStripe(FakeVendor):
             "setup_intent": None,
             "shipping_address_collection": None,
             "shipping_cost": None,
-            "shipping_options": [],
+            "shipping_options": shipping_options,
             "status": "open",
             "submit_type": None,
             "subscription": None,
@@ -1990,27 +2543,197 @@ class FakeStripe(FakeVendor):
             "url": f"https://checkout.stripe.com/c/pay/{sid}#{rand_alnum(40)}",
         }
         self._store(cs)
-        return _Outcome(cs, currency=currency, extra={"amount_total": total, "line_items": lines})
+        self._cs_private[sid] = {
+            "lines": lines,
+            "capture_method": capture_method or "automatic_async",
+            "pi_metadata": self._meta(pi_data),
+            "trial_days": max(trial_days, 0),
+            "sub_metadata": self._meta(sub_data),
+        }
+        extra: dict[str, Any] = {"amount_total": total, "line_items": lines}
+        if shipping_options:
+            extra["shipping_amounts"] = [o["shipping_amount"] for o in shipping_options]
+        return _Outcome(cs, currency=currency, extra=extra)
+
+    def _shipping_rate(self, d: dict[str, Any], label: str) -> dict[str, Any]:
+        """Build (and store) a ShippingRate from ``POST /v1/shipping_rates`` params or
+        inline ``shipping_rate_data``."""
+        type_ = self._str(d, "type", label=_lbl(label, "type")) or "fixed_amount"
+        if type_ != "fixed_amount":
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                f"Invalid {_lbl(label, 'type')}: must be fixed_amount",
+                param=_lbl(label, "type"),
+            )
+        name = self._str(d, "display_name", required=True, label=_lbl(label, "display_name"))
+        fa_label = _lbl(label, "fixed_amount")
+        fixed = d.get("fixed_amount")
+        if not isinstance(fixed, dict):
+            raise _missing(fa_label)
+        amount = self._int(fixed, "amount", required=True, label=f"{fa_label}[amount]")
+        if amount < 0:
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "This value must be greater than or equal to 0.",
+                code="parameter_invalid_integer",
+                param=f"{fa_label}[amount]",
+            )
+        currency = self._currency(fixed, label=f"{fa_label}[currency]")
+        fixed_amount: dict[str, Any] = {"amount": amount, "currency": currency}
+        raw_opts = fixed.get("currency_options")
+        if isinstance(raw_opts, dict):  # shown in those currencies; charged in `currency` here
+            fixed_amount["currency_options"] = {
+                str(code).lower(): {
+                    "amount": self._int(
+                        opt, "amount", required=True, label=f"{fa_label}[currency_options]"
+                    ),
+                    "tax_behavior": str(opt.get("tax_behavior") or "unspecified"),
+                }
+                for code, opt in raw_opts.items()
+                if isinstance(opt, dict)
+            }
+        rate = {
+            "id": self._new_id("shr_"),
+            "object": "shipping_rate",
+            "active": True,
+            "created": self._now(),
+            "delivery_estimate": None,
+            "display_name": name,
+            "fixed_amount": fixed_amount,
+            "livemode": False,
+            "metadata": self._meta(d),
+            "tax_behavior": self._str(d, "tax_behavior") or "unspecified",
+            "tax_code": self._str(d, "tax_code") or None,
+            "type": "fixed_amount",
+        }
+        return self._store(rate)
+
+    def _shipping_rate_create(self, req: FakeRequest, p: dict[str, Any]) -> _Outcome:
+        return _Outcome(self._shipping_rate(p, ""))
+
+    def _checkout_shipping_options(
+        self, p: dict[str, Any], mode: str, currency: str | None
+    ) -> list[dict[str, Any]]:
+        raw = p.get("shipping_options")
+        if raw in (None, ""):
+            return []
+        if not isinstance(raw, list):
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "Invalid array",
+                param="shipping_options",
+            )
+        if mode == "setup":
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "`shipping_options` can only be used in `payment` or `subscription` mode.",
+                param="shipping_options",
+            )
+        if len(raw) > 5:
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "You can only pass up to 5 shipping options.",
+                param="shipping_options",
+            )
+        out: list[dict[str, Any]] = []
+        for i, opt in enumerate(raw):
+            label = f"shipping_options[{i}]"
+            if not isinstance(opt, dict):
+                raise _missing(f"{label}[shipping_rate]")
+            rate_id = opt.get("shipping_rate")
+            data = opt.get("shipping_rate_data")
+            if isinstance(rate_id, str) and rate_id:
+                rate = self._get(rate_id, "shipping_rate", f"{label}[shipping_rate]")
+            elif isinstance(data, dict):
+                rate = self._shipping_rate(data, f"{label}[shipping_rate_data]")
+            else:
+                raise _missing(f"{label}[shipping_rate]")
+            rate_cur = rate["fixed_amount"]["currency"]
+            if currency is not None and rate_cur != currency:
+                raise StripeAPIError(
+                    400,
+                    "invalid_request_error",
+                    f"The currency of {label} ({rate_cur}) must match the currency of the "
+                    f"line items ({currency}).",
+                    param=label,
+                )
+            out.append(
+                {"shipping_amount": rate["fixed_amount"]["amount"], "shipping_rate": rate["id"]}
+            )
+        return out
+
+    def _checkout_expire(self, req: FakeRequest, p: dict[str, Any], sid: str) -> _Outcome:
+        cs = self._get(sid, "checkout.session", "session")
+        if cs["status"] != "open":
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                'Only Checkout Sessions with a status in ["open"] can be expired. This '
+                f"Checkout Session has a status of `{cs['status']}`.",
+            )
+        cs["status"] = "expired"
+        cs["url"] = None
+        return _Outcome(cs)
 
     def _subscription_create(self, req: FakeRequest, p: dict[str, Any]) -> _Outcome:
         customer = self._get(self._str(p, "customer", required=True), "customer", "customer")
         items = p.get("items")
         if not isinstance(items, list) or not items:
             raise _missing("items")
-        sid = self._new_id("sub_")
-        now = self._now()
-        trial_days = self._int(p, "trial_period_days")
-        priced: list[tuple[dict[str, Any], int, str]] = []
+        priced: list[tuple[dict[str, Any], int]] = []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise _missing(f"items[{i}][price]")
-            price, qty = self._line_price(item, f"items[{i}]")
-            priced.append((price, qty, "si_" + rand_alnum(14)))
+            priced.append(self._line_price(item, f"items[{i}]"))
+        one_off: list[tuple[dict[str, Any], int]] = []
+        extra_items = p.get("add_invoice_items")
+        if extra_items not in (None, ""):
+            if not isinstance(extra_items, list):
+                raise _missing("add_invoice_items[0][price]")
+            for i, item in enumerate(extra_items):
+                if not isinstance(item, dict):
+                    raise _missing(f"add_invoice_items[{i}][price]")
+                one_off.append(self._line_price(item, f"add_invoice_items[{i}]"))
+        dpm_param = self._str(p, "default_payment_method")
+        return self._make_subscription(
+            customer,
+            priced,
+            one_off=one_off,
+            trial_days=self._int(p, "trial_period_days"),
+            dpm=self._resolve_pm(dpm_param) if dpm_param else None,
+            behavior=self._str(p, "payment_behavior") or "allow_incomplete",
+            cancel_at_period_end=self._bool(p, "cancel_at_period_end"),
+            description=self._str(p, "description") or None,
+            metadata=self._meta(p),
+        )
+
+    def _make_subscription(
+        self,
+        customer: dict[str, Any],
+        priced: list[tuple[dict[str, Any], int]],
+        *,
+        one_off: list[tuple[dict[str, Any], int]] | None = None,
+        trial_days: int,
+        dpm: str | None,
+        behavior: str,
+        cancel_at_period_end: bool,
+        description: str | None,
+        metadata: dict[str, Any],
+        shipping: dict[str, Any] | None = None,
+    ) -> _Outcome:
+        sid = self._new_id("sub_")
+        now = self._now()
         currency = priced[0][0]["currency"]
-        period_end = now + 30 * 86400
+        trial_end = now + trial_days * 86400 if trial_days > 0 else None
+        period_end = trial_end or now + 30 * 86400  # a trial is the first period
         sub_items: list[dict[str, Any]] = [
             {
-                "id": si,
+                "id": "si_" + rand_alnum(14),
                 "object": "subscription_item",
                 "billing_thresholds": None,
                 "created": now,
@@ -2024,7 +2747,7 @@ class FakeStripe(FakeVendor):
                 "subscription": sid,
                 "tax_rates": [],
             }
-            for price, qty, si in priced
+            for price, qty in priced
         ]
         inv = self._invoice_obj(
             customer,
@@ -2034,28 +2757,52 @@ class FakeStripe(FakeVendor):
             billing_reason="subscription_create",
             subscription=sid,
         )
-        for price, qty, si in priced:
-            amount = 0 if trial_days > 0 else int(price["unit_amount"]) * qty
+        for si in sub_items:
+            price, qty = si["price"], si["quantity"]
             self._add_line(
                 inv,
-                amount=amount,
+                amount=0 if trial_end else int(price["unit_amount"]) * qty,
                 currency=currency,
                 description=f"{qty} x {price['product']}",
                 quantity=qty,
                 price=price,
-                subscription_item=si,
+                subscription_item=si["id"],
             )
-        dpm_param = self._str(p, "default_payment_method")
-        dpm = self._resolve_pm(dpm_param) if dpm_param else None
+        for price, qty in one_off or []:  # add_invoice_items: on the first invoice, even in a trial
+            ii = self._invoiceitem_obj(
+                customer["id"],
+                amount=int(price["unit_amount"]) * qty,
+                currency=price["currency"],
+                price=price,
+                quantity=qty,
+                description=None,
+                invoice_id=inv["id"],
+                metadata={},
+            )
+            ii["parent"] = {
+                "subscription_details": {"subscription": sid, "subscription_item": None},
+                "type": "subscription_details",
+            }
+            self._store(ii)
+            self._add_line(
+                inv,
+                amount=ii["amount"],
+                currency=ii["currency"],
+                description=None,
+                quantity=qty,
+                price=price,
+                invoice_item=ii["id"],
+            )
+        if shipping is not None and not trial_end:
+            self._invoice_shipping(inv, int(shipping["shipping_amount"]), shipping["shipping_rate"])
         pm = dpm or self._customer_pm(customer["id"])
-        behavior = self._str(p, "payment_behavior") or "allow_incomplete"
         sub = {
             "id": sid,
             "object": "subscription",
             "application": None,
             "application_fee_percent": None,
             "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
-            "billing_cycle_anchor": now,
+            "billing_cycle_anchor": period_end if trial_end else now,
             "billing_cycle_anchor_config": None,
             "billing_mode": {"flexible": None, "type": "classic"},
             "billing_thresholds": None,
@@ -2071,7 +2818,7 @@ class FakeStripe(FakeVendor):
             "default_payment_method": dpm,
             "default_source": None,
             "default_tax_rates": [],
-            "description": self._str(p, "description") or None,
+            "description": description,
             "discounts": [],
             "ended_at": None,
             "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
@@ -2084,7 +2831,7 @@ class FakeStripe(FakeVendor):
             },
             "latest_invoice": inv["id"],
             "livemode": False,
-            "metadata": self._meta(p),
+            "metadata": metadata,
             "next_pending_invoice_item_invoice": None,
             "on_behalf_of": None,
             "pause_collection": None,
@@ -2101,23 +2848,22 @@ class FakeStripe(FakeVendor):
             "status": "incomplete",
             "test_clock": None,
             "transfer_data": None,
-            "trial_end": now + trial_days * 86400 if trial_days > 0 else None,
+            "trial_end": trial_end,
             "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
-            "trial_start": now if trial_days > 0 else None,
+            "trial_start": now if trial_end else None,
         }
+        self._set_cancel_at_period_end(sub, cancel_at_period_end)
         self._store(sub)
-        if trial_days > 0:
-            self._finalize(inv)
-            self._mark_paid(inv, 0)
-            sub["status"] = "trialing"
-            return _Outcome(sub, extra={"amount_due": 0, "invoice": inv["id"]})
+        settled = "trialing" if trial_end else "active"
         amount_due = int(inv["amount_due"])
         extra = {"amount_due": amount_due, "invoice": inv["id"]}
+        if amount_due == 0:
+            self._finalize(inv)
+            self._mark_paid(inv, 0)
+            sub["status"] = settled
+            return _Outcome(sub, extra=extra)
         if behavior == "default_incomplete" or not pm:
             self._finalize(inv)
-            if amount_due == 0:
-                self._mark_paid(inv, 0)
-                sub["status"] = "active"
             return _Outcome(sub, extra=extra)
         try:
             out = self._pay_invoice(inv, pm)
@@ -2125,8 +2871,142 @@ class FakeStripe(FakeVendor):
             if behavior == "error_if_incomplete":
                 raise
             return _Outcome(sub, extra=extra)
-        sub["status"] = "active"
+        sub["status"] = settled
         return _Outcome(sub, charged=out.charged, currency=out.currency, extra=extra)
+
+    def _invoice_shipping(self, inv: dict[str, Any], amount: int, rate_id: str) -> None:
+        inv["amount_shipping"] = amount
+        inv["shipping_cost"] = {
+            "amount_subtotal": amount,
+            "amount_tax": 0,
+            "amount_total": amount,
+            "shipping_rate": rate_id,
+            "taxes": [],
+        }
+        self._recompute_invoice(inv)
+
+    @staticmethod
+    def _period_end(sub: dict[str, Any]) -> int:
+        return int(sub["items"]["data"][0]["current_period_end"])
+
+    def _set_cancel_at_period_end(self, sub: dict[str, Any], flag: bool) -> None:
+        sub["cancel_at_period_end"] = flag
+        sub["cancel_at"] = self._period_end(sub) if flag else None
+        sub["cancellation_details"]["reason"] = "cancellation_requested" if flag else None
+
+    def _subscription_update(self, req: FakeRequest, p: dict[str, Any], sid: str) -> _Outcome:
+        sub = self._get(sid, "subscription")
+        if sub["status"] in ("canceled", "incomplete_expired") and (
+            set(p) - {"cancellation_details", "metadata", "expand"}
+        ):
+            raise StripeAPIError(
+                400,
+                "invalid_request_error",
+                "A canceled subscription can only update its cancellation_details and metadata.",
+            )
+        if "metadata" in p:
+            sub["metadata"].update(self._meta(p))
+        if "description" in p:
+            sub["description"] = self._str(p, "description") or None
+        if "default_payment_method" in p:
+            dpm = self._str(p, "default_payment_method")
+            sub["default_payment_method"] = self._resolve_pm(dpm) if dpm else None
+        details = p.get("cancellation_details")
+        if isinstance(details, dict):
+            for k in ("comment", "feedback"):
+                if k in details:
+                    sub["cancellation_details"][k] = str(details[k]) or None
+        if "cancel_at_period_end" in p:
+            self._set_cancel_at_period_end(sub, self._bool(p, "cancel_at_period_end"))
+        trial_end = self._str(p, "trial_end")
+        if trial_end == "now" and sub["status"] == "trialing":
+            # Ends the trial at once: a new period starts and its invoice is charged now.
+            info = self._finish_trial(sub, natural=False)
+            extra = {"trial_ended": True, "invoice": info["invoice"]}
+            if info["charged"]:
+                return _Outcome(sub, charged=info["charged"], currency=sub["currency"], extra=extra)
+            return _Outcome(sub, extra=extra)
+        if trial_end.isdigit() and sub["status"] == "trialing":
+            new_end = int(trial_end)
+            if new_end <= self._now():
+                raise StripeAPIError(
+                    400,
+                    "invalid_request_error",
+                    "Invalid timestamp: must be an integer Unix timestamp in the future.",
+                    param="trial_end",
+                )
+            sub["trial_end"] = new_end
+            sub["billing_cycle_anchor"] = new_end
+            for item in sub["items"]["data"]:
+                item["current_period_end"] = new_end
+            if sub["cancel_at_period_end"]:
+                sub["cancel_at"] = new_end
+        return _Outcome(sub)
+
+    def _subscription_cancel(self, req: FakeRequest, p: dict[str, Any], sid: str) -> _Outcome:
+        sub = self._get(sid, "subscription")
+        if sub["status"] in ("canceled", "incomplete_expired"):
+            # Stripe treats a canceled subscription as gone for this call.
+            raise _no_such("subscription", sid)
+        now = self._now()
+        sub["status"] = "canceled"
+        sub["canceled_at"] = now
+        sub["ended_at"] = now
+        sub["cancellation_details"]["reason"] = "cancellation_requested"
+        details = p.get("cancellation_details")
+        if isinstance(details, dict):
+            for k in ("comment", "feedback"):
+                if k in details:
+                    sub["cancellation_details"][k] = str(details[k]) or None
+        return _Outcome(sub)
+
+    def _finish_trial(self, sub: dict[str, Any], *, natural: bool) -> dict[str, Any]:
+        """End a trialing subscription's trial. ``natural``: the trial ran out (a
+        ``cancel_at_period_end`` subscription then just ends); otherwise ``trial_end=now``.
+        Returns ``{"charged", "status", "invoice", "canceled"}`` (status 200/402/400)."""
+        now = self._now()
+        if natural and sub["cancel_at"] is not None and sub["cancel_at"] <= self._period_end(sub):
+            sub["status"] = "canceled"
+            sub["canceled_at"] = sub["canceled_at"] or now
+            sub["ended_at"] = now
+            sub["trial_end"] = now
+            return {"charged": 0, "status": 200, "invoice": None, "canceled": True}
+        customer = self._objects[sub["customer"]]
+        inv = self._invoice_obj(
+            customer,
+            sub["currency"],
+            description=None,
+            metadata={},
+            billing_reason="subscription_cycle" if natural else "subscription_update",
+            subscription=sub["id"],
+        )
+        period_end = now + 30 * 86400
+        for item in sub["items"]["data"]:
+            price, qty = item["price"], int(item["quantity"])
+            self._add_line(
+                inv,
+                amount=int(price["unit_amount"]) * qty,
+                currency=sub["currency"],
+                description=f"{qty} x {price['product']}",
+                quantity=qty,
+                price=price,
+                subscription_item=item["id"],
+            )
+            item["current_period_start"] = now
+            item["current_period_end"] = period_end
+        sub["trial_end"] = now
+        sub["billing_cycle_anchor"] = now
+        sub["latest_invoice"] = inv["id"]
+        if sub["cancel_at_period_end"]:
+            sub["cancel_at"] = period_end
+        pm = sub["default_payment_method"] or self._customer_pm(customer["id"])
+        try:
+            out = self._pay_invoice(inv, pm)
+        except StripeAPIError as err:
+            sub["status"] = "past_due"
+            return {"charged": 0, "status": err.status, "invoice": inv["id"], "canceled": False}
+        sub["status"] = "active"
+        return {"charged": out.charged, "status": 200, "invoice": inv["id"], "canceled": False}
 
     # ------------------------------------------------------------------ generic reads
 
@@ -2156,6 +3036,11 @@ class FakeStripe(FakeVendor):
                 "url": f"/v1/{kind}",
             }
         )
+
+
+def _publishable_view(pi: dict[str, Any]) -> dict[str, Any]:
+    """The subset of a PaymentIntent a publishable key (Stripe.js) gets back."""
+    return {k: v for k, v in pi.items() if k in _PUBLISHABLE_PI_FIELDS}
 
 
 def _empty_billing() -> dict[str, Any]:

@@ -502,6 +502,557 @@ def test_stripe_subscription(sclient: stripe.StripeClient, sfake: FakeStripe) ->
     assert sfake.ledger[-2].amount_charged_minor == 0
 
 
+# --------------------------------------------------------------------------- Stripe: out of band
+
+
+def pk_client(fake: FakeStripe) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        fake.publishable, base_addresses={"api": fake.url}, max_network_retries=0
+    )
+
+
+def test_stripe_publishable_key_client_side_confirm(
+    sclient: stripe.StripeClient, sfake: FakeStripe
+) -> None:
+    assert sfake.publishable.startswith("pk_test_fake") and len(sfake.publishable) == 36
+    pi = sclient.v1.payment_intents.create(
+        params={"amount": 2000, "currency": "usd", "metadata": {"order": "B7"}}
+    )
+    assert pi.client_secret
+    pk = pk_client(sfake)
+    got = pk.v1.payment_intents.retrieve(pi.id, params={"client_secret": pi.client_secret})
+    assert got.status == "requires_payment_method" and got.amount == 2000
+    assert got.client_secret == pi.client_secret
+    assert "metadata" not in got and "customer" not in got  # the publishable subset
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        pk.v1.payment_intents.retrieve(pi.id)
+    assert ei.value.http_status == 400 and ei.value.code == "parameter_missing"
+    assert ei.value.param == "client_secret"
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        pk.v1.payment_intents.retrieve(pi.id, params={"client_secret": pi.id + "_secret_nope"})
+    assert ei.value.http_status == 400 and ei.value.code == "payment_intent_invalid_parameter"
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        pk.v1.payment_intents.retrieve("pi_missing", params={"client_secret": pi.client_secret})
+    assert ei.value.http_status == 404 and ei.value.code == "resource_missing"
+    for call in (
+        pk.v1.balance.retrieve,
+        lambda: pk.v1.payment_intents.list(),
+        lambda: pk.v1.payment_intents.create(params={"amount": 999, "currency": "usd"}),
+        lambda: pk.v1.payment_intents.capture(pi.id),
+        lambda: pk.v1.refunds.create(params={"payment_intent": pi.id}),
+    ):
+        with pytest.raises(stripe.AuthenticationError) as ai:
+            call()
+        assert ai.value.http_status == 401
+        assert "cannot be made with a publishable API key" in str(ai.value)
+    assert sfake.charged_minor("usd") == 0
+
+    done = sfake.confirm_in_browser(pi.id)
+    assert done["status"] == "succeeded" and done["id"] == pi.id
+    assert "amount_received" not in done and "metadata" not in done
+    entry = sfake.ledger[-1]
+    assert entry.method == "POST" and entry.route == f"/v1/payment_intents/{pi.id}/confirm"
+    assert entry.header("Authorization") == f"Bearer {sfake.publishable}"
+    assert entry.status == 200 and entry.extra["client_side"] is True
+    assert entry.amount_charged_minor == 2000 and entry.charged_usd_micros == 20_000_000
+    assert sfake.charged_usd_micros() == 20_000_000
+    seen = sclient.v1.payment_intents.retrieve(pi.id)  # the secret key sees everything
+    assert seen.amount_received == 2000 and seen.metadata["order"] == "B7"
+
+    again = sfake.confirm_in_browser(pi.id)
+    assert again["error"]["code"] == "payment_intent_unexpected_state"
+    pi2 = sclient.v1.payment_intents.create(params={"amount": 700, "currency": "usd"})
+    bad = sfake.confirm_in_browser(pi2.id, client_secret=pi.client_secret)
+    assert bad["error"]["code"] == "payment_intent_invalid_parameter"
+    assert bad["error"]["param"] == "client_secret"
+    assert sfake.ledger[-1].status == 400 and sfake.charged_minor("usd") == 2000
+    assert not sfake.errors
+
+
+def test_stripe_browser_confirm_manual_capture_decline_and_key_param(
+    sclient: stripe.StripeClient, sfake: FakeStripe, tls: FakeTLS
+) -> None:
+    pi = sclient.v1.payment_intents.create(
+        params={"amount": 5000, "currency": "usd", "capture_method": "manual"}
+    )
+    held = sfake.confirm_in_browser(pi.id, "pm_card_mastercard")
+    assert held["status"] == "requires_capture" and held["capture_method"] == "manual"
+    auth = sfake.ledger[-1]
+    assert auth.amount_charged_minor == 0 and auth.extra["authorized_minor"] == 5000
+    captured = sclient.v1.payment_intents.capture(pi.id, params={"amount_to_capture": 4000})
+    assert captured.status == "succeeded" and sfake.charged_minor("usd") == 4000
+
+    pi = sclient.v1.payment_intents.create(
+        params={"amount": 1500, "currency": "usd", "metadata": {"secret": "x"}}
+    )
+    declined = sfake.confirm_in_browser(pi.id, "pm_card_chargeDeclined")
+    err = declined["error"]
+    assert err["type"] == "card_error" and err["decline_code"] == "generic_decline"
+    assert err["payment_intent"]["status"] == "requires_payment_method"
+    assert "metadata" not in err["payment_intent"]
+    assert sfake.ledger[-1].status == 402 and sfake.ledger[-1].amount_charged_minor == 0
+
+    # Stripe.js sends the publishable key as a `key` parameter rather than a header.
+    with httpx.Client(verify=tls.client_context()) as c:
+        r = c.get(
+            f"{sfake.url}/v1/payment_intents/{pi.id}",
+            params={"key": sfake.publishable, "client_secret": pi.client_secret},
+        )
+        assert r.status_code == 200 and r.json()["id"] == pi.id
+        r = c.post(
+            f"{sfake.url}/v1/payment_intents/{pi.id}/confirm",
+            data={
+                "key": sfake.publishable,
+                "client_secret": pi.client_secret,
+                "payment_method": "pm_card_visa",
+            },
+        )
+        assert r.status_code == 200 and r.json()["status"] == "succeeded"
+        r = c.get(f"{sfake.url}/v1/balance", params={"key": sfake.publishable})
+        assert r.status_code == 401
+    assert sfake.charged_minor("usd") == 4000 + 1500
+
+    manual = sclient.v1.payment_intents.create(
+        params={"amount": 900, "currency": "usd", "confirmation_method": "manual"}
+    )
+    refused = sfake.confirm_in_browser(manual.id)
+    assert refused["error"]["type"] == "invalid_request_error"
+    assert sclient.v1.payment_intents.retrieve(manual.id).status == "requires_payment_method"
+    assert not sfake.errors
+
+
+def shipping_option(amount: int, name: str, currency: str = "usd") -> dict[str, Any]:
+    return {
+        "shipping_rate_data": {
+            "type": "fixed_amount",
+            "display_name": name,
+            "fixed_amount": {"amount": amount, "currency": currency},
+        }
+    }
+
+
+def test_stripe_checkout_shipping_and_complete(
+    sclient: stripe.StripeClient, sfake: FakeStripe, tls: FakeTLS
+) -> None:
+    line: Any = {
+        "price_data": {"currency": "usd", "unit_amount": 1000, "product_data": {"name": "Mug"}},
+        "quantity": 2,
+    }
+    params: Any = {
+        "mode": "payment",
+        "success_url": "https://example.com/ok",
+        "line_items": [line],
+        "shipping_options": [shipping_option(500, "Ground"), shipping_option(1500, "Express")],
+    }
+    cs = sclient.v1.checkout.sessions.create(params=params)
+    assert cs.amount_total == 2000 and cs.amount_subtotal == 2000  # shipping not chosen yet
+    assert cs.shipping_cost is None and cs.total_details is not None
+    assert cs.total_details.amount_shipping == 0
+    opts = cs.shipping_options
+    assert [o.shipping_amount for o in opts] == [500, 1500]
+    rate = sclient.v1.shipping_rates.retrieve(str(opts[1].shipping_rate))
+    assert rate.id.startswith("shr_") and rate.display_name == "Express"
+    assert rate.fixed_amount is not None and rate.fixed_amount.amount == 1500
+    create = sfake.ledger[-2]  # then the shipping rate retrieve
+    assert create.amount_charged_minor == 0 and create.extra["shipping_amounts"] == [500, 1500]
+
+    paid = sfake.complete_checkout(cs.id, shipping_option=1)
+    assert paid["status"] == "complete" and paid["payment_status"] == "paid"
+    assert paid["amount_total"] == 3500 and paid["amount_subtotal"] == 2000
+    assert paid["total_details"]["amount_shipping"] == 1500
+    assert paid["shipping_cost"]["amount_total"] == 1500
+    assert paid["shipping_cost"]["shipping_rate"] == opts[1].shipping_rate
+    assert paid["payment_intent"].startswith("pi_") and paid["url"] is None
+    got = sclient.v1.checkout.sessions.retrieve(cs.id)
+    assert got.status == "complete" and got.amount_total == 3500
+    assert got.payment_intent == paid["payment_intent"]
+    pi = sclient.v1.payment_intents.retrieve(paid["payment_intent"])
+    assert pi.status == "succeeded" and pi.amount_received == 3500
+
+    entry = sfake.ledger[-3]  # the two retrieves came after it
+    assert (entry.method, entry.path, entry.status) == ("BROWSER", f"/checkout/pay/{cs.id}", 200)
+    assert entry.object_id == cs.id and entry.currency == "usd"
+    assert entry.amount_charged_minor == 3500 and entry.charged_usd_micros == 35_000_000
+    assert entry.extra["out_of_band"] is True and entry.extra["shipping_amount"] == 1500
+    assert entry.extra["payment_intent"] == paid["payment_intent"]
+    assert sfake.charged_usd_micros() == 35_000_000 and sfake.charged_minor("usd") == 3500
+    with httpx.Client(verify=tls.client_context()) as c:  # survives the JSON ledger too
+        remote = [LedgerEntry.from_json(d) for d in c.get(sfake.url + "/__fake__/ledger").json()]
+    assert remote == sfake.ledger
+
+    with pytest.raises(ValueError, match="only an open session"):
+        sfake.complete_checkout(cs.id)
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.checkout.sessions.expire(cs.id)
+    assert ei.value.http_status == 400 and "has a status of `complete`" in str(ei.value)
+
+    # Default: the first (preselected) option; a bad index is refused.
+    cs2 = sclient.v1.checkout.sessions.create(params=params)
+    with pytest.raises(ValueError, match="out of range"):
+        sfake.complete_checkout(cs2.id, shipping_option=2)
+    assert sfake.complete_checkout(cs2.id)["amount_total"] == 2500
+    # No shipping options: items only.
+    plain = sclient.v1.checkout.sessions.create(
+        params={"mode": "payment", "success_url": "https://x", "line_items": [line]}
+    )
+    done = sfake.complete_checkout(plain.id)
+    assert done["amount_total"] == 2000 and done["shipping_cost"] is None
+    assert sfake.charged_minor("usd") == 3500 + 2500 + 2000
+
+    # A declined card: the session stays open, nothing moves.
+    cs3 = sclient.v1.checkout.sessions.create(params=params)
+    still = sfake.complete_checkout(cs3.id, payment_method="pm_card_chargeDeclined")
+    assert still["status"] == "open" and still["payment_status"] == "unpaid"
+    assert sfake.ledger[-1].status == 402 and sfake.ledger[-1].amount_charged_minor == 0
+
+    euro: Any = {**params, "shipping_options": [shipping_option(500, "Euro", "eur")]}
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.checkout.sessions.create(params=euro)
+    assert ei.value.param == "shipping_options[0]"
+    no_amount: Any = {**params, "shipping_options": [{"shipping_rate_data": {"display_name": "x"}}]}
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.checkout.sessions.create(params=no_amount)
+    assert ei.value.code == "parameter_missing"
+    assert not sfake.errors
+
+
+def test_stripe_checkout_expire(sclient: stripe.StripeClient, sfake: FakeStripe) -> None:
+    cs = sclient.v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "success_url": "https://example.com/ok",
+            "line_items": [
+                {
+                    "price_data": {
+                        "currency": "usd",
+                        "unit_amount": 800,
+                        "product_data": {"name": "Cap"},
+                    },
+                    "quantity": 1,
+                }
+            ],
+        }
+    )
+    expired = sclient.v1.checkout.sessions.expire(cs.id)
+    assert expired.status == "expired" and expired.payment_status == "unpaid"
+    assert expired.url is None
+    assert sclient.v1.checkout.sessions.retrieve(cs.id).status == "expired"
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.checkout.sessions.expire(cs.id)
+    assert "Only Checkout Sessions with a status in" in str(ei.value)
+    with pytest.raises(ValueError, match="expired"):
+        sfake.complete_checkout(cs.id)
+    with pytest.raises(ValueError, match="no such checkout session"):
+        sfake.complete_checkout("cs_test_nope")
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.checkout.sessions.expire("cs_test_nope")
+    assert ei.value.http_status == 404
+    assert sfake.charged_minor("usd") == 0 and sfake.charged_usd_micros() == 0
+
+
+def test_stripe_checkout_manual_capture_and_subscription_mode(
+    sclient: stripe.StripeClient, sfake: FakeStripe
+) -> None:
+    one_off: Any = [
+        {
+            "price_data": {"currency": "usd", "unit_amount": 4000, "product_data": {"name": "X"}},
+            "quantity": 1,
+        }
+    ]
+    cs = sclient.v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "success_url": "https://x",
+            "line_items": one_off,
+            "payment_intent_data": {"capture_method": "manual"},
+        }
+    )
+    held = sfake.complete_checkout(cs.id)
+    assert held["status"] == "complete" and held["payment_status"] == "unpaid"
+    pi = sclient.v1.payment_intents.retrieve(held["payment_intent"])
+    assert pi.status == "requires_capture" and pi.amount_capturable == 4000
+    entry = sfake.ledger[-2]
+    assert entry.method == "BROWSER" and entry.amount_charged_minor == 0
+    assert entry.extra["authorized_minor"] == 4000
+    sclient.v1.payment_intents.capture(pi.id)
+    assert sfake.charged_minor("usd") == 4000
+
+    monthly: Any = [
+        {
+            "price_data": {
+                "currency": "usd",
+                "unit_amount": 1200,
+                "product_data": {"name": "Gold"},
+                "recurring": {"interval": "month"},
+            },
+            "quantity": 1,
+        }
+    ]
+    sub_cs = sclient.v1.checkout.sessions.create(
+        params={"mode": "subscription", "success_url": "https://x", "line_items": monthly}
+    )
+    done = sfake.complete_checkout(sub_cs.id)
+    assert done["status"] == "complete" and done["payment_status"] == "paid"
+    assert done["subscription"].startswith("sub_") and done["customer"].startswith("cus_")
+    sub = sclient.v1.subscriptions.retrieve(done["subscription"])
+    assert sub.status == "active" and sub.default_payment_method
+    assert sfake.ledger[-2].amount_charged_minor == 1200
+    assert sfake.ledger[-2].extra["subscription"] == sub.id
+
+    trial_cs = sclient.v1.checkout.sessions.create(
+        params={
+            "mode": "subscription",
+            "success_url": "https://x",
+            "line_items": monthly,
+            "subscription_data": {"trial_period_days": 14},
+        }
+    )
+    trial = sfake.complete_checkout(trial_cs.id)
+    assert trial["payment_status"] == "no_payment_required" and trial["amount_total"] == 0
+    assert sfake.ledger[-1].amount_charged_minor == 0
+    tsub = sclient.v1.subscriptions.retrieve(trial["subscription"])
+    assert tsub.status == "trialing"
+    ended = sfake.end_trial(tsub.id)  # the card saved by Checkout pays the first period
+    assert ended["status"] == "active"
+    assert sfake.ledger[-1].amount_charged_minor == 1200
+    assert sfake.charged_minor("usd") == 4000 + 1200 + 1200
+
+    setup = sclient.v1.checkout.sessions.create(
+        params={"mode": "setup", "success_url": "https://x", "currency": "usd"}
+    )
+    saved = sfake.complete_checkout(setup.id)
+    assert saved["status"] == "complete" and saved["payment_status"] == "no_payment_required"
+    seti = sclient.v1.setup_intents.retrieve(saved["setup_intent"])
+    assert seti.status == "succeeded"
+    assert sfake.ledger[-2].amount_charged_minor == 0
+    assert not sfake.errors
+
+
+def trial_sub(
+    sclient: stripe.StripeClient, *, pm: str | None = "pm_card_visa", **extra: Any
+) -> stripe.Subscription:
+    cus = sclient.v1.customers.create(params={"name": "Trial User"})
+    params: Any = {
+        "customer": cus.id,
+        "items": [
+            {
+                "price_data": {
+                    "currency": "usd",
+                    "product": "prod_Gold",
+                    "unit_amount": 1200,
+                    "recurring": {"interval": "month"},
+                },
+                "quantity": 2,
+            }
+        ],
+        "trial_period_days": 7,
+        **extra,
+    }
+    if pm:
+        params["default_payment_method"] = pm
+    return sclient.v1.subscriptions.create(params=params)
+
+
+def test_stripe_subscription_trials_and_cancel(
+    sclient: stripe.StripeClient, sfake: FakeStripe
+) -> None:
+    sub = trial_sub(sclient, cancel_at_period_end=True)
+    assert sub.status == "trialing" and sub.cancel_at_period_end is True
+    assert sub.cancel_at == sub.trial_end and sub.cancellation_details is not None
+    assert sub.cancellation_details.reason == "cancellation_requested"
+    ended = sfake.end_trial(sub.id)
+    assert ended["status"] == "canceled" and ended["canceled_at"] and ended["ended_at"]
+    entry = sfake.ledger[-1]
+    assert (entry.method, entry.path) == ("STRIPE", f"/subscriptions/{sub.id}/trial_end")
+    assert entry.amount_charged_minor == 0 and entry.extra["subscription_status"] == "canceled"
+    assert sclient.v1.subscriptions.retrieve(sub.id).status == "canceled"
+
+    sub = trial_sub(sclient)
+    assert sub.cancel_at_period_end is False and sub.cancel_at is None
+    ended = sfake.end_trial(sub.id)
+    assert ended["status"] == "active" and ended["latest_invoice"] != sub.latest_invoice
+    inv = sclient.v1.invoices.retrieve(str(ended["latest_invoice"]))
+    assert inv.status == "paid" and inv.amount_paid == 2400
+    assert inv.billing_reason == "subscription_cycle"
+    entry = sfake.ledger[-2]
+    assert entry.amount_charged_minor == 2400 and entry.charged_usd_micros == 24_000_000
+    assert entry.object_id == sub.id and entry.extra["invoice"] == inv.id
+    assert sfake.charged_usd_micros() == 24_000_000
+    with pytest.raises(ValueError, match="not trialing"):
+        sfake.end_trial(sub.id)
+
+    broke = trial_sub(sclient, pm=None)  # no payment method anywhere: past_due, no money
+    assert sfake.end_trial(broke.id)["status"] == "past_due"
+    assert sfake.ledger[-1].amount_charged_minor == 0 and sfake.ledger[-1].status == 400
+    declined = trial_sub(sclient, pm="pm_card_chargeDeclined")
+    assert sfake.end_trial(declined.id)["status"] == "past_due"
+    assert sfake.ledger[-1].status == 402
+
+    # Through the API: cancel_at_period_end on/off, trial_end=now charges at once, cancel.
+    live = trial_sub(sclient)
+    live = sclient.v1.subscriptions.update(live.id, params={"cancel_at_period_end": True})
+    assert live.cancel_at_period_end is True and live.cancel_at == live.trial_end
+    live = sclient.v1.subscriptions.update(live.id, params={"cancel_at_period_end": False})
+    assert live.cancel_at is None
+    live = sclient.v1.subscriptions.update(live.id, params={"trial_end": "now"})
+    assert live.status == "active"
+    assert sfake.ledger[-1].method == "POST" and sfake.ledger[-1].amount_charged_minor == 2400
+    gone = sclient.v1.subscriptions.cancel(
+        live.id, params={"cancellation_details": {"comment": "bye"}}
+    )
+    assert gone.status == "canceled" and gone.canceled_at and gone.ended_at
+    assert gone.cancellation_details is not None and gone.cancellation_details.comment == "bye"
+    assert sfake.ledger[-1].method == "DELETE" and sfake.ledger[-1].route.endswith(live.id)
+    assert sclient.v1.subscriptions.retrieve(live.id).status == "canceled"
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.subscriptions.cancel(live.id)
+    assert ei.value.http_status == 404 and ei.value.code == "resource_missing"
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.subscriptions.update(live.id, params={"cancel_at_period_end": True})
+    assert "canceled subscription can only update" in str(ei.value)
+    assert sfake.charged_minor("usd") == 4800
+    assert not sfake.errors
+
+
+def test_stripe_subscription_add_invoice_items_and_shipping_rates(
+    sclient: stripe.StripeClient, sfake: FakeStripe
+) -> None:
+    sub = trial_sub(
+        sclient,
+        cancel_at_period_end=True,
+        add_invoice_items=[
+            {"price_data": {"currency": "usd", "product": "prod_Setup", "unit_amount": 900}}
+        ],
+    )
+    assert sub.status == "trialing"  # the one-off item is charged now, the trial stays
+    inv = sclient.v1.invoices.retrieve(str(sub.latest_invoice))
+    assert inv.amount_paid == 900 and inv.status == "paid" and len(inv.lines.data) == 2
+    assert sfake.ledger[-2].amount_charged_minor == 900
+    assert sfake.end_trial(sub.id)["status"] == "canceled"
+    assert sfake.charged_minor("usd") == 900
+
+    rate = sclient.v1.shipping_rates.create(
+        params={
+            "display_name": "Courier",
+            "type": "fixed_amount",
+            "fixed_amount": {
+                "amount": 700,
+                "currency": "usd",
+                "currency_options": {"eur": {"amount": 650}},
+            },
+        }
+    )
+    assert rate.fixed_amount is not None and rate.fixed_amount.amount == 700
+    assert rate.fixed_amount["currency_options"]["eur"]["amount"] == 650
+    params: Any = {
+        "mode": "payment",
+        "success_url": "https://x",
+        "line_items": [
+            {
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": 100,
+                    "product_data": {"name": "A"},
+                },
+                "quantity": 1,
+            }
+        ],
+        "shipping_options": [{"shipping_rate": rate.id}],
+    }
+    cs = sclient.v1.checkout.sessions.create(params=params)
+    assert cs.shipping_options[0].shipping_rate == rate.id
+    assert sfake.complete_checkout(cs.id)["amount_total"] == 800
+
+
+def test_stripe_invoiceitem_delete(sclient: stripe.StripeClient, sfake: FakeStripe) -> None:
+    cus = sclient.v1.customers.create(params={"email": "ii@example.com"})
+    pending = sclient.v1.invoice_items.create(
+        params={"customer": cus.id, "amount": 700, "currency": "usd"}
+    )
+    deleted = sclient.v1.invoice_items.delete(pending.id)
+    assert deleted.id == pending.id and deleted.deleted is True
+    assert sfake.ledger[-1].method == "DELETE" and sfake.ledger[-1].object_id == pending.id
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.invoice_items.retrieve(pending.id)
+    assert ei.value.http_status == 404
+    # A deleted pending item is no longer swept into the next invoice.
+    inv = sclient.v1.invoices.create(
+        params={"customer": cus.id, "pending_invoice_items_behavior": "include"}
+    )
+    assert inv.amount_due == 0
+
+    a = sclient.v1.invoice_items.create(
+        params={"customer": cus.id, "invoice": inv.id, "amount": 1000, "currency": "usd"}
+    )
+    sclient.v1.invoice_items.create(
+        params={"customer": cus.id, "invoice": inv.id, "amount": 300, "currency": "usd"}
+    )
+    sclient.v1.invoice_items.delete(a.id)  # a draft invoice is still editable
+    inv = sclient.v1.invoices.retrieve(inv.id)
+    assert inv.amount_due == 300 and len(inv.lines.data) == 1
+    sclient.v1.invoices.finalize_invoice(inv.id)
+    stuck = sclient.v1.invoice_items.list(params={"customer": cus.id}).data[0]
+    with pytest.raises(stripe.InvalidRequestError) as ei:
+        sclient.v1.invoice_items.delete(stuck.id)
+    assert ei.value.http_status == 400 and ei.value.code == "invoice_not_editable"
+    assert sclient.v1.invoices.retrieve(inv.id).amount_due == 300
+
+
+def test_stripe_connect_account_header(sclient: stripe.StripeClient, sfake: FakeStripe) -> None:
+    pi = sclient.v1.payment_intents.create(
+        params={
+            "amount": 1100,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+        },
+        options={"stripe_account": "acct_1Connected"},
+    )
+    assert pi.status == "succeeded"
+    assert pi.last_response is not None
+    assert pi.last_response.headers["Stripe-Account"] == "acct_1Connected"
+    entry = only(sfake.ledger)
+    assert entry.header("Stripe-Account") == "acct_1Connected"
+    assert entry.extra["stripe_account"] == "acct_1Connected"
+    assert entry.amount_charged_minor == 1100 and entry.extra["charge"]
+    with pytest.raises(stripe.InvalidRequestError):
+        sclient.v1.payment_intents.retrieve("pi_nope", options={"stripe_account": "acct_1Other"})
+    assert sfake.ledger[-1].extra["stripe_account"] == "acct_1Other"
+    sclient.v1.balance.retrieve()
+    assert "stripe_account" not in sfake.ledger[-1].extra
+
+
+def test_stripe_out_of_band_control_endpoints(
+    sclient: stripe.StripeClient, sfake: FakeStripe, tls: FakeTLS
+) -> None:
+    params: Any = {
+        "mode": "payment",
+        "success_url": "https://x",
+        "line_items": [
+            {
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": 600,
+                    "product_data": {"name": "Pin"},
+                },
+                "quantity": 1,
+            }
+        ],
+        "shipping_options": [shipping_option(250, "Post")],
+    }
+    cs = sclient.v1.checkout.sessions.create(params=params)
+    sub = trial_sub(sclient)
+    with httpx.Client(verify=tls.client_context()) as c:
+        r = c.post(sfake.url + "/__fake__/stripe/complete_checkout", json={"session": cs.id})
+        assert r.status_code == 200 and r.json()["amount_total"] == 850
+        r = c.post(sfake.url + "/__fake__/stripe/complete_checkout", json={"session": cs.id})
+        assert r.status_code == 400 and "only an open session" in r.json()["error"]
+        r = c.post(sfake.url + "/__fake__/stripe/end_trial", json={"subscription": sub.id})
+        assert r.status_code == 200 and r.json()["status"] == "active"
+    assert [e.method for e in sfake.ledger[-2:]] == ["BROWSER", "STRIPE"]
+    assert sfake.charged_minor("usd") == 850 + 2400
+
+
 def test_stripe_auth(sclient: stripe.StripeClient, sfake: FakeStripe, tls: FakeTLS) -> None:
     bad = "sk_test_51WrongKeyWrongKeyWrongKey9876"
     client = stripe.StripeClient(bad, base_addresses={"api": sfake.url}, max_network_retries=0)
