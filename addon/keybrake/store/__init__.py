@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from keybrake.store._base import (
     BudgetState,
+    Hold,
     IdempotencyBegin,
     KeyRecord,
     RateResult,
@@ -17,13 +19,16 @@ from keybrake.store._base import (
     StoreUnavailable,
     utc_day,
 )
+from keybrake.store._redis_url import PASSWORD_ENV, redact_url, split_password
 from keybrake.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from keybrake.store.redis import RedisStore
 
 __all__ = [
+    "PASSWORD_ENV",
     "BudgetState",
+    "Hold",
     "IdempotencyBegin",
     "KeyRecord",
     "RateResult",
@@ -34,6 +39,8 @@ __all__ = [
     "StoreUnavailable",
     "StoredResponse",
     "open_store",
+    "redact_url",
+    "split_password",
     "utc_day",
 ]
 
@@ -52,13 +59,18 @@ def open_store(url: str) -> Store:
 
     - ``sqlite:///abs/path/state.db`` (absolute) or ``sqlite:relative/state.db`` (relative to
       the working directory) → `SQLiteStore`
-    - ``redis://[:password@]host:port/db`` or ``rediss://…``, optionally with
-      ``?prefix=keybrake-prod:`` (default ``keybrake:``) → `RedisStore`
+    - ``redis://[[user]:password@]host:port/db`` or, with TLS, ``rediss://…``, optionally
+      with ``?prefix=keybrake-prod:`` (default ``keybrake:``) and, for TLS, ``ssl_ca_certs``,
+      ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs=none`` → `RedisStore`. Without a
+      password in the URL, the ``KEYBRAKE_STORE_PASSWORD`` environment variable's is used.
+
+    Errors (`ValueError`) show the URL with its password replaced by ``***``.
 
     Example::
 
         store = open_store("sqlite:///var/lib/keybrake/state.db")
         store = open_store("redis://127.0.0.1:6379/0?prefix=kb-staging:")
+        store = open_store("rediss://keybrake@10.0.0.5:6380/0?ssl_ca_certs=/etc/kb/ca.pem")
     """
     scheme, _, rest = url.partition(":")
     scheme = scheme.lower()
@@ -67,28 +79,23 @@ def open_store(url: str) -> Store:
             path = rest[2:]
         elif rest.startswith("//"):
             raise ValueError(
-                f"store URL {url!r}: a SQLite URL has no host; write sqlite:///abs/path.db "
-                "(absolute) or sqlite:relative/path.db"
+                f"store URL {redact_url(url)!r}: a SQLite URL has no host; write "
+                "sqlite:///abs/path.db (absolute) or sqlite:relative/path.db"
             )
         else:
             path = rest
         path = urllib.parse.unquote(path)
         if not path or path.endswith("/"):
-            raise ValueError(f"store URL {url!r}: name a database file, e.g. sqlite:///data/kb.db")
+            raise ValueError(
+                f"store URL {redact_url(url)!r}: name a database file, e.g. sqlite:///data/kb.db"
+            )
         return SQLiteStore(pathlib.Path(path))
     if scheme in ("redis", "rediss"):
         from keybrake.store.redis import RedisStore
 
-        parts = urllib.parse.urlsplit(url)
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        prefixes = [value for name, value in query if name == "prefix"]
-        others = [(name, value) for name, value in query if name != "prefix"]
-        # redis-py would pass an unknown query argument on to the connection and fail.
-        redis_url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(others)))
-        if prefixes:
-            return RedisStore(redis_url, prefix=prefixes[-1])
-        return RedisStore(redis_url)
+        return RedisStore(url, password=os.environ.get(PASSWORD_ENV) or None)
     raise ValueError(
-        f"store URL {url!r}: unsupported scheme {scheme!r}; use sqlite:///abs/path.db, "
-        "sqlite:relative.db, redis://host:6379/0 or rediss://host:6380/0 (optionally ?prefix=…)"
+        f"store URL {redact_url(url)!r}: unsupported scheme {scheme!r}; use "
+        "sqlite:///abs/path.db, sqlite:relative.db, redis://host:6379/0 or "
+        "rediss://host:6380/0 (optionally ?prefix=…)"
     )

@@ -14,6 +14,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
     "BudgetState",
+    "Hold",
     "IdempotencyBegin",
     "KeyRecord",
     "RateResult",
@@ -52,12 +53,21 @@ class KeyRecord:
     vendor_account: str | None = None
     # At most this many requests in any minute (None: no request-rate limit).
     max_requests_per_minute: int | None = None
+    # Vendor accounts the key may act on through the vendor's account header (Stripe
+    # Connect's ``Stripe-Account: acct_…``); empty: none, only the proxy's own account.
+    allowed_accounts: tuple[str, ...] = ()
+    # Suspended keys are refused (403 key_suspended) until an operator resumes them; the
+    # proxy suspends a key by itself when a call cost more than its estimate.
+    suspended_at: dt.datetime | None = None
+    suspended_reason: str | None = None
 
-    def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired"]:
+    def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired", "suspended"]:
         if self.revoked_at is not None:
             return "revoked"
         if now >= self.expires_at:
             return "expired"
+        if self.suspended_at is not None:
+            return "suspended"
         return "active"
 
 
@@ -86,6 +96,16 @@ class ReserveResult:
     reservation_id: str
     budgets: tuple[BudgetState, ...]  # state *after* the step (with the reservation if ok)
     exceeded: BudgetState | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hold:
+    """An open reservation kept for a vendor object that can still move money later, out of
+    the proxy's sight (an unconfirmed PaymentIntent, a Checkout session, a trial)."""
+
+    reservation_id: str
+    key_id: str
+    amount_micros: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -156,6 +176,13 @@ class Store(Protocol):
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
         """Mark revoked (keeps the first revocation time when repeated); None if unknown."""
 
+    async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
+        """Suspend the key (keeps the first time and reason when repeated); None if unknown.
+        Every replica refuses its next request."""
+
+    async def resume_key(self, key_id: str) -> KeyRecord | None:
+        """Lift a suspension (harmless when there is none); None if unknown."""
+
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         """In ONE atomic step: count a request of ``key_id`` unless that would make more than
@@ -200,7 +227,31 @@ class Store(Protocol):
 
     async def recover_reservations(self, older_than: dt.datetime) -> int:
         """Turn reservations still open and created before ``older_than`` into ``unknown``
-        (spent). Run at start so a crashed process's reservations stay counted. Returns count."""
+        (spent). Run at start so a crashed process's reservations stay counted. Held
+        reservations (`hold`) are left alone: they wait for a vendor answer, not for a
+        process. Returns count."""
+
+    # -- holds: money a vendor object can still move later ---------------------------------------
+    async def hold(
+        self, reservation_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> bool:
+        """Keep an open reservation for ``object_id`` until a vendor answer about that object
+        proves the money moved (`settle`) or cannot move any more (`release`). Its amount
+        becomes ``amount_micros`` in the budgets it was reserved in (what the vendor says the
+        object can charge; booked without a cap check, since the vendor has accepted it).
+        False (nothing changed) when the reservation is not open."""
+
+    async def holds(self, vendor: str, object_id: str) -> tuple[Hold, ...]:
+        """The open holds of ``object_id``, oldest first."""
+
+    async def raise_hold(
+        self, reservation_id: str, amount_micros: int, key: KeyRecord
+    ) -> ReserveResult:
+        """In ONE atomic step: raise an open reservation to ``amount_micros`` if every budget
+        it was reserved in (on its own day) has room for the difference; otherwise change
+        nothing and answer ``ok=False`` with the first budget that would be exceeded. A lower
+        amount lowers it. Unknown or finished reservations answer ``ok=False`` with no
+        budgets."""
 
     # -- amounts the vendor told us about (capture/confirm without an amount) ------------------
     async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:

@@ -1,22 +1,28 @@
 -- Finish an open reservation exactly once: settle, release or mark unknown.
 -- KEYS[1]  reservation hash             (<prefix>res:<reservation_id>)
 -- KEYS[2]  open-reservations sorted set (<prefix>open-reservations)
--- KEYS[3…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
---          (key day, key lifetime, label day); all but KEYS[4] are daily and get ARGV[4]
+-- KEYS[3]  the hold set of the object the reservation is held for (<prefix>hold:<vendor>:<id>),
+--          or KEYS[1] again when it is not held
+-- KEYS[4…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
+--          (key day, key lifetime, label day); all but KEYS[5] are daily and get ARGV[4]
 -- ARGV[1]  the final state: 'settled', 'released' or 'unknown'
 -- ARGV[2]  the actual cost in micro-USD for 'settled' (ignored otherwise)
 -- ARGV[3]  finished_at in epoch milliseconds (informational)
 -- ARGV[4]  TTL in seconds of the daily usage hashes
 -- ARGV[5]  TTL in seconds of the finished reservation hash
--- ARGV[6]  reservation id (the member of KEYS[2])
+-- ARGV[6]  reservation id (the member of KEYS[2] and KEYS[3])
 -- Returns 1 when finished now, 0 when the reservation is unknown or already finished
--- (nothing changed: a reservation is never counted twice).
-local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
+-- (nothing changed: a reservation is never counted twice), -1 when KEYS[3] is not the
+-- reservation's hold set (it was held after the caller looked: read again and retry).
+local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'hold')
 if row[1] ~= 'reserved' then
   return 0
 end
-for i = 3, #KEYS do
-  if redis.call('HGET', KEYS[1], 'usage_' .. (i - 2)) ~= KEYS[i] then
+if (row[3] or KEYS[1]) ~= KEYS[3] then
+  return -1
+end
+for i = 4, #KEYS do
+  if redis.call('HGET', KEYS[1], 'usage_' .. (i - 3)) ~= KEYS[i] then
     return redis.error_reply('finish.lua: usage keys do not match the reservation')
   end
 end
@@ -29,7 +35,7 @@ elseif ARGV[1] == 'released' then
   spent = '0'
 end
 
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   -- Amounts stay decimal strings: a Lua number would be formatted as a float.
   if estimate ~= '0' then
     if redis.call('HINCRBY', KEYS[i], 'reserved', '-' .. estimate) < 0 then
@@ -37,11 +43,14 @@ for i = 3, #KEYS do
     end
   end
   redis.call('HINCRBY', KEYS[i], 'spent', spent)
-  if i ~= 4 then
+  if i ~= 5 then
     redis.call('EXPIRE', KEYS[i], ARGV[4])
   end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'actual', spent, 'finished_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[6])
+if row[3] then
+  redis.call('SREM', KEYS[3], ARGV[6])
+end
 return 1

@@ -5,6 +5,10 @@ each starting with a comment naming its ``KEYS`` and ``ARGV``), so replicas neve
 cap or finish a reservation twice. redis-py's `Script` reloads a script on ``NOSCRIPT``, so a
 restarted (empty) Redis is picked up without restarting the proxy.
 
+Connection settings come from the store URL (`parse_redis_url`: AUTH, ACL user, TLS with a
+CA file and client certificate); the password is kept out of ``url``, ``repr`` and every
+message.
+
 Timeouts are short and nothing is retried: when Redis is away a call fails within about two
 seconds with `StoreUnavailable` (the proxy answers 503) and the connection pool reconnects on
 a later call. All keys live under ``prefix``:
@@ -25,8 +29,8 @@ import datetime as dt
 import importlib.resources
 import json
 import logging
+import ssl
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +42,7 @@ from redis.commands.core import AsyncScript
 
 from keybrake.store._base import (
     BudgetState,
+    Hold,
     IdempotencyBegin,
     KeyRecord,
     RateResult,
@@ -58,6 +63,7 @@ from keybrake.store._common import (
     rate_verdict,
     usage_plan,
 )
+from keybrake.store._redis_url import PASSWORD_ENV, RedisTarget, parse_redis_url
 
 log = logging.getLogger("keybrake")
 
@@ -73,8 +79,11 @@ _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
 _SCRIPTS = (
     "create_key",
     "revoke",
+    "suspend",
     "reserve",
     "finish",
+    "hold",
+    "raise_hold",
     "idempotency_begin",
     "idempotency_finish",
     "count_request",
@@ -113,6 +122,11 @@ def _key_fields(record: KeyRecord) -> list[str]:
         fields["vendor_account"] = record.vendor_account
     if record.max_requests_per_minute is not None:
         fields["max_requests_per_minute"] = str(record.max_requests_per_minute)
+    if record.allowed_accounts:
+        fields["allowed_accounts"] = json.dumps(list(record.allowed_accounts))
+    if record.suspended_at is not None:
+        fields["suspended_at"] = str(epoch_micros(record.suspended_at))
+        fields["suspended_reason"] = record.suspended_reason or ""
     return [item for pair in fields.items() for item in pair]
 
 
@@ -135,38 +149,54 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
         max_requests_per_minute=(
             int(f["max_requests_per_minute"]) if "max_requests_per_minute" in f else None
         ),
+        allowed_accounts=tuple(json.loads(f.get("allowed_accounts", "[]"))),
+        suspended_at=_moment(f["suspended_at"]) if "suspended_at" in f else None,
+        suspended_reason=f.get("suspended_reason"),
     )
 
 
-def _safe_url(url: str) -> str:
-    """``url`` without its password, for error messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+class _TLSConnection(redis.asyncio.Connection):
+    """A TLS connection on its store's one `ssl.SSLContext`.
+
+    redis-py's ``SSLConnection`` builds a context per connection (~20 ms of CPU each, loading
+    CA files): a burst of new connections would stall the event loop past the connect timeout.
+    """
+
+    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
+        self.tls_context = tls_context
+        super().__init__(**kwargs)
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {**super()._connection_arguments(), "ssl": self.tls_context}
 
 
 class RedisStore:
     """The `Store` in Redis, shared by every replica that uses the same ``url`` and ``prefix``.
 
+    ``url`` is a store URL (see `parse_redis_url`: user, password, TLS options and
+    ``?prefix=``); ``password`` is used when the URL has none, and ``prefix`` wins over the
+    URL's. ``self.url`` is the URL as messages show it: without password or prefix.
+
     Example::
 
         store = RedisStore("redis://127.0.0.1:6379/0", prefix="keybrake:")
+        store = RedisStore("rediss://keybrake@10.0.0.5:6380/0?ssl_ca_certs=/etc/kb/ca.pem",
+                           password=os.environ["KEYBRAKE_STORE_PASSWORD"])
         await store.open()
         result = await store.reserve(key, "res_1", 2_000_000, now)
     """
 
-    def __init__(self, url: str, prefix: str = "keybrake:") -> None:
-        self.url = url
-        self.prefix = prefix
+    def __init__(self, url: str, prefix: str | None = None, *, password: str | None = None) -> None:
+        self._target: RedisTarget = parse_redis_url(url, password)
+        self.url = self._target.url
+        self.prefix = self._target.prefix if prefix is None else prefix
+        self._tls_context = self._target.ssl_context()
         self._client: redis.asyncio.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._warned_unverified = False
 
     def __repr__(self) -> str:
-        return f"RedisStore({_safe_url(self.url)!r}, prefix={self.prefix!r})"
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
 
     # -- plumbing ------------------------------------------------------------------------------
     def _redis(self) -> redis.asyncio.Redis:
@@ -174,13 +204,17 @@ class RedisStore:
             # No client-side retries: a replica must fail closed fast, not hang a request.
             # A bounded pool that waits briefly for a free connection absorbs bursts (the
             # default pool fails at once with "Too many connections").
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
-                self.url,
+            tls: dict[str, Any] = {}
+            if self._tls_context is not None:
+                tls = {"connection_class": _TLSConnection, "tls_context": self._tls_context}
+            pool = redis.asyncio.BlockingConnectionPool(
                 max_connections=_MAX_CONNECTIONS,
                 timeout=_OPERATION_TIMEOUT_SECONDS,
                 socket_connect_timeout=_CONNECT_TIMEOUT_SECONDS,
                 socket_timeout=_OPERATION_TIMEOUT_SECONDS,
                 retry=Retry(NoBackoff(), 0),
+                **self._target.connection_kwargs(),
+                **tls,
             )
             client = redis.asyncio.Redis.from_pool(pool)
             package = importlib.resources.files("keybrake.store")
@@ -196,9 +230,21 @@ class RedisStore:
         try:
             yield self._redis()
         except (redis.exceptions.RedisError, OSError) as exc:
-            raise StoreUnavailable(
-                f"Redis store {_safe_url(self.url)}: {type(exc).__name__}: {exc}"
-            ) from exc
+            problem = f"{type(exc).__name__}: {exc}{self._hint(exc)}"
+            if self._target.password:
+                # redis-py and the server do not echo passwords; this makes sure of it.
+                problem = problem.replace(self._target.password, "***")
+            raise StoreUnavailable(f"Redis store {self.url}: {problem}") from exc
+
+    def _hint(self, exc: Exception) -> str:
+        """What to check, for the errors whose Redis wording does not say."""
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            if self._target.password is None:
+                return f" (no password given: put it in the store URL or in {PASSWORD_ENV})"
+            return " (check the Redis user and password)"
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            return " (the Redis ACL user lacks a command or key the store needs; see README)"
+        return ""
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
         async with self._guard():
@@ -210,6 +256,14 @@ class RedisStore:
     # -- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
         """Connect and load the Lua scripts (they are reloaded on demand after a restart)."""
+        if self._target.tls and not self._target.verify and not self._warned_unverified:
+            self._warned_unverified = True
+            log.warning(
+                "keybrake: Redis store %s: TLS certificate verification is off "
+                "(ssl_cert_reqs=none): anyone on the network path can pose as Redis and read "
+                "the password; give the CA with ssl_ca_certs instead",
+                self.url,
+            )
         async with self._guard() as client:
             await client.ping()
             for script in self._scripts.values():
@@ -294,6 +348,16 @@ class RedisStore:
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
         flat = await self._script("revoke", [self._k("key", key_id)], [str(epoch_micros(now))])
+        return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
+        flat = await self._script(
+            "suspend", [self._k("key", key_id)], ["suspend", str(epoch_micros(now)), reason]
+        )
+        return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def resume_key(self, key_id: str) -> KeyRecord | None:
+        flat = await self._script("suspend", [self._k("key", key_id)], ["resume"])
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     # -- request rate --------------------------------------------------------------------------
@@ -391,24 +455,36 @@ class RedisStore:
         finishing happen at most once is inside the script, so the extra read is not a race.
         """
         res_key = self._k("res", reservation_id)
+        for _attempt in range(3):
+            touched, hold = await self._reservation_keys(res_key)
+            if not touched:
+                return False
+            finished = await self._script(
+                "finish",
+                [res_key, self._k("open-reservations"), hold or res_key, *touched],
+                [
+                    state,
+                    str(actual_micros),
+                    str(int(time.time() * 1000)),
+                    str(_DAILY_USAGE_TTL_SECONDS),
+                    str(_FINISHED_RESERVATION_TTL_SECONDS),
+                    reservation_id,
+                ],
+            )
+            if int(finished) != -1:  # -1: held after we looked; look again
+                return bool(finished)
+        raise StoreUnavailable(f"reservation {reservation_id} keeps changing; not finished")
+
+    async def _reservation_keys(self, res_key: str) -> tuple[list[str], str | None]:
+        """The usage hashes a reservation touched, and its hold set if it is held.
+
+        Read before a script runs because a script must be told every key it touches; the
+        usage hashes never change after `reserve`, and each script checks what it was told.
+        """
         async with self._guard() as client:
-            usage_keys = await client.hmget(res_key, ["usage_1", "usage_2", "usage_3"])
-        touched = [_text(k) for k in usage_keys if k is not None]
-        if not touched:
-            return False
-        finished = await self._script(
-            "finish",
-            [res_key, self._k("open-reservations"), *touched],
-            [
-                state,
-                str(actual_micros),
-                str(int(time.time() * 1000)),
-                str(_DAILY_USAGE_TTL_SECONDS),
-                str(_FINISHED_RESERVATION_TTL_SECONDS),
-                reservation_id,
-            ],
-        )
-        return bool(finished)
+            row = await client.hmget(res_key, ["usage_1", "usage_2", "usage_3", "hold"])
+        touched = [_text(k) for k in row[:3] if k is not None]
+        return touched, (_text(row[3]) if row[3] is not None else None)
 
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
         check_micros("actual_micros", actual_micros)
@@ -448,6 +524,84 @@ class RedisStore:
         for reservation_id in ids:
             count += await self._finish(_text(reservation_id), "unknown", 0)
         return count
+
+    # -- holds ---------------------------------------------------------------------------------
+    async def hold(
+        self, reservation_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> bool:
+        check_micros("amount_micros", amount_micros)
+        res_key = self._k("res", reservation_id)
+        touched, _ = await self._reservation_keys(res_key)
+        if not touched:
+            return False
+        held = await self._script(
+            "hold",
+            [
+                res_key,
+                self._k("open-reservations"),
+                self._k("hold", vendor, object_id),
+                *touched,
+            ],
+            [str(amount_micros), reservation_id],
+        )
+        return bool(held)
+
+    async def holds(self, vendor: str, object_id: str) -> tuple[Hold, ...]:
+        async with self._guard() as client:
+            ids = sorted(
+                _text(i) for i in await client.smembers(self._k("hold", vendor, object_id))
+            )
+            pipe = client.pipeline(transaction=False)
+            for reservation_id in ids:
+                pipe.hmget(
+                    self._k("res", reservation_id), ["state", "key_id", "estimate", "created_at"]
+                )
+            rows = await pipe.execute()
+        found = [
+            (int(row[3]), Hold(reservation_id, _text(row[1]), int(row[2])))
+            for reservation_id, row in zip(ids, rows, strict=True)
+            if row[0] is not None and _text(row[0]) == "reserved"
+        ]
+        return tuple(hold for _created, hold in sorted(found, key=lambda item: item[0]))
+
+    async def raise_hold(
+        self, reservation_id: str, amount_micros: int, key: KeyRecord
+    ) -> ReserveResult:
+        check_micros("amount_micros", amount_micros)
+        res_key = self._k("res", reservation_id)
+        touched, _ = await self._reservation_keys(res_key)
+        if not touched:
+            return ReserveResult(False, reservation_id, ())
+        reply = await self._script(
+            "raise_hold",
+            [res_key, self._k("label-budgets"), *touched],
+            [
+                str(amount_micros),
+                key.agent_run_label,
+                str(key.daily_cap_micros),
+                "" if key.usd_cap_micros is None else str(key.usd_cap_micros),
+            ],
+        )
+        status, exceeded_index, label_cap = int(reply[0]), int(reply[1]), _text(reply[2])
+        if status == -1:
+            return ReserveResult(False, reservation_id, ())
+        caps = [
+            key.daily_cap_micros,
+            key.usd_cap_micros,
+            int(label_cap) if label_cap else None,
+        ]
+        states: list[BudgetState] = []
+        exceeded: BudgetState | None = None
+        for index, usage_key in enumerate(touched):
+            scope, window = usage_key.removeprefix(self._k("usage", "")).rsplit(":", 1)
+            state = BudgetState(
+                scope, window, caps[index], int(reply[3 + 2 * index]), int(reply[4 + 2 * index])
+            )
+            if index + 1 == exceeded_index:
+                exceeded = state
+            if caps[index] is not None:
+                states.append(state)
+        return ReserveResult(status == 1, reservation_id, tuple(states), exceeded=exceeded)
 
     # -- amounts -------------------------------------------------------------------------------
     async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:

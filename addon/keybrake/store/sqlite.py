@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from keybrake.store._base import (
     BudgetState,
+    Hold,
     IdempotencyBegin,
     KeyRecord,
     RateResult,
@@ -65,7 +66,10 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
     revoked_at INTEGER,
-    max_requests_per_minute INTEGER
+    max_requests_per_minute INTEGER,
+    allowed_accounts TEXT NOT NULL DEFAULT '[]',
+    suspended_at INTEGER,
+    suspended_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);
 CREATE TABLE IF NOT EXISTS label_budgets (
@@ -90,6 +94,13 @@ CREATE TABLE IF NOT EXISTS reservations (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, created_at);
+CREATE TABLE IF NOT EXISTS holds (
+    reservation_id TEXT PRIMARY KEY,
+    vendor TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    key_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_by_object ON holds (vendor, object_id);
 CREATE TABLE IF NOT EXISTS amounts (
     vendor TEXT NOT NULL,
     object_id TEXT NOT NULL,
@@ -118,7 +129,12 @@ COMMIT;
 
 
 # Columns added after a table was first released: (table, column, declaration).
-_ADDED_COLUMNS = (("keys", "max_requests_per_minute", "INTEGER"),)
+_ADDED_COLUMNS = (
+    ("keys", "max_requests_per_minute", "INTEGER"),
+    ("keys", "allowed_accounts", "TEXT NOT NULL DEFAULT '[]'"),
+    ("keys", "suspended_at", "INTEGER"),
+    ("keys", "suspended_reason", "TEXT"),
+)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -151,6 +167,9 @@ def _row_to_key(row: sqlite3.Row) -> KeyRecord:
         revoked_at=None if row["revoked_at"] is None else _moment(row["revoked_at"]),
         vendor_account=row["vendor_account"],
         max_requests_per_minute=row["max_requests_per_minute"],
+        allowed_accounts=tuple(json.loads(row["allowed_accounts"])),
+        suspended_at=None if row["suspended_at"] is None else _moment(row["suspended_at"]),
+        suspended_reason=row["suspended_reason"],
     )
 
 
@@ -329,14 +348,18 @@ class SQLiteStore:
             epoch_micros(record.expires_at),
             None if record.revoked_at is None else epoch_micros(record.revoked_at),
             record.max_requests_per_minute,
+            json.dumps(list(record.allowed_accounts)),
+            None if record.suspended_at is None else epoch_micros(record.suspended_at),
+            record.suspended_reason,
         )
         with self._transaction() as conn:
             try:
                 conn.execute(
                     "INSERT INTO keys (key_id, secret_sha256, vendor, agent_run_label, "
                     "daily_cap_micros, usd_cap_micros, allowed_endpoints, vendor_account, "
-                    "created_at, expires_at, revoked_at, max_requests_per_minute) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, expires_at, revoked_at, max_requests_per_minute, "
+                    "allowed_accounts, suspended_at, suspended_reason) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     values,
                 )
             except sqlite3.IntegrityError as exc:
@@ -370,6 +393,25 @@ class SQLiteStore:
             conn.execute(
                 "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (revoked_at, key_id),
+            )
+            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_key(row)
+
+    async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE keys SET suspended_at = ?, suspended_reason = ? "
+                "WHERE key_id = ? AND suspended_at IS NULL",
+                (epoch_micros(now), reason, key_id),
+            )
+            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_key(row)
+
+    async def resume_key(self, key_id: str) -> KeyRecord | None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE keys SET suspended_at = NULL, suspended_reason = NULL WHERE key_id = ?",
+                (key_id,),
             )
             row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return None if row is None else _row_to_key(row)
@@ -463,15 +505,35 @@ class SQLiteStore:
         )
         return ReserveResult(True, reservation_id, after)
 
+    @staticmethod
+    def _open_reservation(conn: sqlite3.Connection, reservation_id: str) -> sqlite3.Row | None:
+        row = conn.execute(
+            "SELECT key_id, budgets, estimate_micros, state FROM reservations WHERE id = ?",
+            (reservation_id,),
+        ).fetchone()
+        return row if row is not None and row["state"] == "reserved" else None
+
+    @staticmethod
+    def _move_reserved(conn: sqlite3.Connection, budgets: str, delta: int) -> None:
+        """Add ``delta`` (may be negative) to the reserved amount of a reservation's rows."""
+        for scope, window in json.loads(budgets):
+            conn.execute(
+                'INSERT INTO budget_usage (scope, "window", reserved_micros) VALUES (?, ?, 0) '
+                'ON CONFLICT (scope, "window") DO NOTHING',
+                (scope, window),
+            )
+            conn.execute(
+                "UPDATE budget_usage SET reserved_micros = MAX(0, reserved_micros + ?) "
+                'WHERE scope = ? AND "window" = ?',
+                (delta, scope, window),
+            )
+
     def _finish(
         self, conn: sqlite3.Connection, reservation_id: str, state: str, actual: int | None
     ) -> bool:
         """Move one open reservation to ``state``; ``actual`` None means "keep the estimate"."""
-        row = conn.execute(
-            "SELECT budgets, estimate_micros, state FROM reservations WHERE id = ?",
-            (reservation_id,),
-        ).fetchone()
-        if row is None or row["state"] != "reserved":
+        row = self._open_reservation(conn, reservation_id)
+        if row is None:
             return False
         estimate = int(row["estimate_micros"])
         spent = estimate if actual is None else actual
@@ -488,6 +550,7 @@ class SQLiteStore:
             "UPDATE reservations SET state = ?, actual_micros = ?, finished_at = ? WHERE id = ?",
             (state, spent, time.time(), reservation_id),
         )
+        conn.execute("DELETE FROM holds WHERE reservation_id = ?", (reservation_id,))
         return True
 
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
@@ -519,11 +582,84 @@ class SQLiteStore:
             ids = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM reservations WHERE state = 'reserved' AND created_at < ?",
+                    "SELECT id FROM reservations WHERE state = 'reserved' AND created_at < ? "
+                    "AND id NOT IN (SELECT reservation_id FROM holds)",
                     (before,),
                 )
             ]
             return sum(self._finish(conn, rid, "unknown", None) for rid in ids)
+
+    # -- holds ---------------------------------------------------------------------------------
+    async def hold(
+        self, reservation_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> bool:
+        check_micros("amount_micros", amount_micros)
+        with self._transaction() as conn:
+            row = self._open_reservation(conn, reservation_id)
+            if row is None:
+                return False
+            self._move_reserved(conn, row["budgets"], amount_micros - row["estimate_micros"])
+            conn.execute(
+                "UPDATE reservations SET estimate_micros = ? WHERE id = ?",
+                (amount_micros, reservation_id),
+            )
+            conn.execute(
+                "INSERT INTO holds VALUES (?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE "
+                "SET vendor = excluded.vendor, object_id = excluded.object_id",
+                (reservation_id, vendor, object_id, row["key_id"]),
+            )
+        return True
+
+    async def holds(self, vendor: str, object_id: str) -> tuple[Hold, ...]:
+        with self._session() as conn:
+            rows = conn.execute(
+                "SELECT h.reservation_id, h.key_id, r.estimate_micros FROM holds h "
+                "JOIN reservations r ON r.id = h.reservation_id "
+                "WHERE h.vendor = ? AND h.object_id = ? AND r.state = 'reserved' "
+                "ORDER BY r.created_at, r.id",
+                (vendor, object_id),
+            ).fetchall()
+        return tuple(Hold(row[0], row[1], int(row[2])) for row in rows)
+
+    async def raise_hold(
+        self, reservation_id: str, amount_micros: int, key: KeyRecord
+    ) -> ReserveResult:
+        check_micros("amount_micros", amount_micros)
+        with self._transaction() as conn:
+            row = self._open_reservation(conn, reservation_id)
+            if row is None:
+                return ReserveResult(False, reservation_id, ())
+            delta = amount_micros - int(row["estimate_micros"])
+            rows = [tuple(pair) for pair in json.loads(row["budgets"])]
+            caps = {scope: cap for scope, _w, cap in self._caps(conn, key, rows)}
+            states = [
+                BudgetState(scope, window, caps[scope], *self._usage(conn, scope, window))
+                for scope, window in rows
+                if caps.get(scope) is not None
+            ]
+            for state in states:
+                assert state.cap_micros is not None
+                if delta > 0 and (
+                    state.spent_micros + state.reserved_micros + delta > state.cap_micros
+                ):
+                    return ReserveResult(False, reservation_id, tuple(states), exceeded=state)
+            self._move_reserved(conn, row["budgets"], delta)
+            conn.execute(
+                "UPDATE reservations SET estimate_micros = ? WHERE id = ?",
+                (amount_micros, reservation_id),
+            )
+        after = tuple(
+            dataclasses.replace(s, reserved_micros=max(0, s.reserved_micros + delta))
+            for s in states
+        )
+        return ReserveResult(True, reservation_id, after)
+
+    def _caps(
+        self, conn: sqlite3.Connection, key: KeyRecord, rows: list[tuple[str, ...]]
+    ) -> list[tuple[str, str, int | None]]:
+        """The caps of a reservation's usage rows, whatever day they are for."""
+        day = next((w for scope, w in rows if scope.startswith("key:")), "")
+        return usage_plan(key, day, self._label_cap(conn, key.agent_run_label))
 
     # -- amounts -------------------------------------------------------------------------------
     async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:

@@ -1,0 +1,58 @@
+-- Raise (or lower) an open reservation's amount, checking every budget it was reserved in.
+-- KEYS[1]  reservation hash (<prefix>res:<reservation_id>)
+-- KEYS[2]  label budgets hash (<prefix>label-budgets)
+-- KEYS[3…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
+--          (key day, key lifetime, label day): checked against ARGV[3], ARGV[4], the label cap
+-- ARGV[1]  the new amount in micro-USD
+-- ARGV[2]  the key's label, or '' when it has none
+-- ARGV[3]  the key's daily cap in micro-USD
+-- ARGV[4]  the key's lifetime cap in micro-USD, or '' when it has none
+-- Returns {status, exceeded, label_cap, spent_1, reserved_1, …} like reserve.lua: status 1
+-- changed, 0 refused (exceeded = index of the first usage hash over its cap), -1 the
+-- reservation is not open.
+local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
+if row[1] ~= 'reserved' then
+  return {-1, 0, ''}
+end
+local n = #KEYS - 2
+for i = 1, n do
+  if redis.call('HGET', KEYS[1], 'usage_' .. i) ~= KEYS[2 + i] then
+    return redis.error_reply('raise_hold.lua: usage keys do not match the reservation')
+  end
+end
+local label_cap = ''
+if ARGV[2] ~= '' then
+  label_cap = redis.call('HGET', KEYS[2], ARGV[2]) or ''
+end
+local caps = {ARGV[3], ARGV[4], label_cap}
+local delta = tonumber(ARGV[1]) - tonumber(row[2])
+local usage = {}
+for i = 1, n do
+  local u = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
+  usage[i] = {tonumber(u[1] or '0'), tonumber(u[2] or '0')}
+end
+local status, exceeded = 1, 0
+if delta > 0 then
+  for i = 1, n do
+    if caps[i] ~= '' and usage[i][1] + usage[i][2] + delta > tonumber(caps[i]) then
+      status, exceeded = 0, i
+      break
+    end
+  end
+end
+if status == 1 and delta ~= 0 then
+  for i = 1, n do
+    usage[i][2] = redis.call('HINCRBY', KEYS[2 + i], 'reserved', string.format('%d', delta))
+    if usage[i][2] < 0 then
+      redis.call('HSET', KEYS[2 + i], 'reserved', '0')
+      usage[i][2] = 0
+    end
+  end
+  redis.call('HSET', KEYS[1], 'estimate', ARGV[1])
+end
+local reply = {status, exceeded, label_cap}
+for i = 1, n do
+  table.insert(reply, usage[i][1])
+  table.insert(reply, usage[i][2])
+end
+return reply
