@@ -21,8 +21,17 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from tests._redis import (
+    REDIS_ACL_PASSWORD,
+    REDIS_ACL_USER,
+    REDIS_ADMIN_PASSWORD,
+    PrivateRedis,
+    RedisTLS,
+    keybrake_acl,
+)
 from tests._secrets import check_proxy_env, scan_texts, scan_tree
 from tests.fakes import FakeResend, FakeStripe, FakeTLS, FakeTwilio, FakeVendor, make_fake_ca
+from tests.netns import Netns, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYBRAKE = Path(sys.executable).with_name("keybrake")
@@ -115,6 +124,7 @@ class KeybrakeProcess:
         policies_src: Path | None = None,
         data_dir: Path | None = None,
         extra_args: list[str] | None = None,
+        netns: Netns | None = None,
     ) -> None:
         self.workdir = workdir
         self.certs = certs
@@ -126,6 +136,9 @@ class KeybrakeProcess:
         self.store = store
         # Extra mitmproxy arguments passed after ``--``, e.g. ``["--set", "keybrake_audit=…"]``.
         self.extra_args = list(extra_args or [])
+        # Run the proxy inside this network namespace (``ip netns exec``); its listeners are
+        # then on that namespace's loopback, reached with ``netns.connect``.
+        self.netns = netns
         self.log_path = workdir / f"proxy-{uuid.uuid4().hex[:6]}.log"
         self.admin_token = f"kba_test_{uuid.uuid4().hex}"
         self.fakes = fakes
@@ -197,6 +210,7 @@ class KeybrakeProcess:
 
     def _start_once(self, timeout: float) -> KeybrakeProcess:
         cmd = [
+            *(self.netns.exec_prefix() if self.netns is not None else []),
             str(KEYBRAKE),
             "run",
             "--proxy-port",
@@ -227,14 +241,18 @@ class KeybrakeProcess:
                     raise _PortTaken(log)
                 raise RuntimeError(f"keybrake exited {rc}:\n{log}")
             try:
-                r = httpx.get(f"{self.admin_url}/healthz", timeout=1)
-                if r.status_code in (200, 503):
+                if self._healthz_status() in (200, 503):
                     return self
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError):
                 pass
             time.sleep(0.1)
         self.stop(signal.SIGKILL)  # never leave a half-started proxy behind
         raise RuntimeError(f"keybrake did not start in {timeout}s:\n{self.log()}")
+
+    def _healthz_status(self) -> int:
+        if self.netns is not None:
+            return http_get(self.netns, "127.0.0.1", self.admin_port, "/healthz", timeout=1)[0]
+        return httpx.get(f"{self.admin_url}/healthz", timeout=1).status_code
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         if self.proc is None:
@@ -343,6 +361,45 @@ def _redis_values(r: Any, key: bytes) -> list[bytes]:
     if kind == b"list":
         return list(r.lrange(key, 0, -1))
     return [r.dump(key) or b""]
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> RedisTLS:
+    """Certificates for TLS Redis: a CA, a server (127.0.0.1, localhost) and a client."""
+    return RedisTLS.make(tmp_path_factory.mktemp("redis-tls"))
+
+
+def _private_redis(directory: Path, tls: RedisTLS | None = None) -> PrivateRedis:
+    return PrivateRedis(
+        directory,
+        password=REDIS_ADMIN_PASSWORD,
+        users=[keybrake_acl(REDIS_ACL_USER, REDIS_ACL_PASSWORD, "kbtest:*")],
+        tls=tls,
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    """A private redis-server with AUTH: the default user has `REDIS_ADMIN_PASSWORD`; the
+    ACL user ``keybrake`` (`REDIS_ACL_PASSWORD`) may run only the README's commands, on keys
+    ``kbtest:*`` (so use ``?prefix=kbtest:…``)."""
+    r = _private_redis(tmp_path_factory.mktemp("acl-redis"))
+    try:
+        yield r
+    finally:
+        r.kill()
+
+
+@pytest.fixture(scope="session")
+def tls_redis(
+    tmp_path_factory: pytest.TempPathFactory, redis_tls: RedisTLS
+) -> Iterator[PrivateRedis]:
+    """`acl_redis` over TLS only (``rediss://``), client certificates required."""
+    r = _private_redis(tmp_path_factory.mktemp("tls-redis"), redis_tls)
+    try:
+        yield r
+    finally:
+        r.kill()
 
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"

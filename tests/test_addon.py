@@ -32,6 +32,7 @@ from tests.conftest import ROOT
 
 from keybrake.admin import AdminApi
 from keybrake.core import Core, Runtime
+from keybrake.egress import Egress, VendorPin
 from keybrake.guard import REDACTED, CallState, VaultGuard
 from keybrake.keys import generate_vault_key, hash_vault_key
 from keybrake.store import KeyRecord, Store
@@ -238,9 +239,10 @@ def test_addon_script_exposes_the_core_addons_in_order() -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # Core first (options, policies, store), then the admin API, then the guard; later
-    # addons (audit, ...) come after the guard so they see its decision.
-    assert [type(a) for a in module.addons[:3]] == [Core, AdminApi, VaultGuard]
+    # Core first (options, policies, store), then egress (it answers CONNECTs before anything
+    # else sees them), the admin API, then the guard; later addons (audit, ...) come after the
+    # guard so they see its decision.
+    assert [type(a) for a in module.addons[:5]] == [Core, Egress, AdminApi, VaultGuard, VendorPin]
     assert len({id(a.runtime) for a in module.addons}) == 1
 
 
@@ -425,12 +427,28 @@ async def test_bad_credentials(
     refusal(f, status, code)
 
 
+async def test_a_read_keeps_its_query_string_and_a_paid_call_may_not_have_one(
+    proxy: Proxy,
+) -> None:
+    key = await proxy.issue(
+        allowed_endpoints=["POST /v1/payment_intents", "GET /v1/payment_intents/{id}"]
+    )
+    f = vendor_flow("GET", "/v1/payment_intents/pi_1?expand[]=latest_charge", body=b"")
+    f.request.headers["Authorization"] = bearer(key["vault_key"])
+    await proxy.send(f)
+    forwarded(f)
+    assert f.request.path == "/v1/payment_intents/pi_1?expand[]=latest_charge"
+    f = vendor_flow(path="/v1/payment_intents?amount=999999", auth=bearer(key["vault_key"]))
+    await proxy.send(f)
+    refusal(f, 403, "unpriced_parameter")
+
+
 async def test_valid_key_swaps_secret_strips_headers_and_canonicalises_path(
     proxy: Proxy,
 ) -> None:
     key = await proxy.issue()
     f = vendor_flow(
-        path="/v1//payment_intents/;x=1?expand[]=latest_charge",
+        path="/v1//payment_intents/;x=1",
         auth=bearer(key["vault_key"]),
         extra=[("X-Keybrake-Actor", "nightly"), ("x-keybrake-anything", "1"), ("X-Other", "kept")],
     )
@@ -441,7 +459,7 @@ async def test_valid_key_swaps_secret_strips_headers_and_canonicalises_path(
     assert req.headers.get_all("Authorization") == [f"Bearer {SECRET}"]
     assert not [h for h in req.headers if h.lower().startswith("x-keybrake")]
     assert req.headers["X-Other"] == "kept"
-    assert req.path == "/v1/payment_intents?expand[]=latest_charge"
+    assert req.path == "/v1/payment_intents"
     assert (req.scheme, req.host, req.port) == ("https", "api.stripe.com", 443)
     assert key["vault_key"] not in str(req.headers)
     assert call.key_id == key["key_id"] and call.label == "addon/test"
@@ -464,9 +482,11 @@ async def test_valid_key_swaps_secret_strips_headers_and_canonicalises_path(
     await proxy.respond(f, resp)
     assert req.headers["Authorization"] == REDACTED
     assert f.response is not None
-    assert f.response.headers["X-Keybrake-Spent-Usd"] == "0.00"
-    assert f.response.headers["X-Keybrake-Remaining-Usd"] == "300.00"
-    assert f.metadata["keybrake"].outcome == "ok"
+    # Not confirmed: a browser can still confirm it with its client_secret, so its amount
+    # stays counted (held) until an answer shows it succeeded or was canceled.
+    assert f.response.headers["X-Keybrake-Spent-Usd"] == "1.00"
+    assert f.response.headers["X-Keybrake-Remaining-Usd"] == "299.00"
+    assert f.metadata["keybrake"].outcome == "held"
 
 
 @pytest.mark.parametrize(("scheme", "port"), [("http", 80), ("http", 443)])

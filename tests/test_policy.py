@@ -373,7 +373,12 @@ BAD_STRIPE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "upstream.ca_file",
         "not a readable file",
     ),
-    ("bad body kind", lambda d: d.update(body="xml"), "body", "'form' or 'json'"),
+    (
+        "bad body kind",
+        lambda d: d.update(body="xml"),
+        "body",
+        "'xml' is not a body type; use form or json",
+    ),
     (
         "bad per-unit prefix",
         lambda d: d["endpoints"][1].update(

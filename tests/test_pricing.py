@@ -55,7 +55,7 @@ async def estimate(
     elif cost is not None:
         endpoint["cost"] = cost
     policy = make_policy(endpoint)
-    body = parse_body(policy, content_type, raw)
+    body = parse_body(("form", "json"), [content_type] if content_type else [], raw)
     remembered = dict(known or {})
 
     async def recall(object_id: str) -> int | None:
@@ -82,36 +82,53 @@ AMOUNT = {"kind": "amount_field", "amount": "amount", "currency": "currency"}
         (JSON, b'{"a": {"b": [1, {"c": "x"}]}}', "a.b.1.c", "x"),
         (JSON, b'{"a": [1, 2]}', "a.5", None),
         ("application/json; charset=utf-8", b"[]", "0", None),
-        ("", b"amount=7", "amount", "7"),  # no content type: the policy's encoding (form)
+        ("Application/X-WWW-Form-Urlencoded; Charset=UTF-8", b"amount=7", "amount", "7"),
+        # The media type alone picks the parser: a parameter that says "json" changes nothing.
+        (
+            "application/x-www-form-urlencoded; x=json",
+            b'{"amount": 100, "x": "&amount=99999&currency=usd"}',
+            "amount",
+            "99999",
+        ),
     ],
 )
 def test_parse_body_reads_by_dotted_path(
     content_type: str, raw: bytes, path: str, value: str | None
 ) -> None:
-    body = parse_body(make_policy({"match": "GET /x", "free": True}), content_type, raw)
+    body = parse_body(("form", "json"), [content_type], raw)
     assert body.get(path) == value
 
 
-def test_parse_body_json_policy_without_content_type() -> None:
-    policy = make_policy({"match": "GET /x", "free": True}, body="json")
-    body = parse_body(policy, "", b'{"to": ["a"]}')
-    assert body.kind == "json" and body.root == {"to": ["a"]}
-    assert parse_body(policy, "", b"  ").root == {}
+def test_parse_body_empty_body_is_empty_parameters() -> None:
+    assert parse_body(("json",), [], b"").root == {}
+    assert parse_body(("form",), [FORM], b"").get("amount") is None
 
 
 @pytest.mark.parametrize(
-    ("content_type", "raw", "code"),
+    ("accepted", "content_types", "raw", "code"),
     [
-        (JSON, b'{"amount": 1, "amount": 2}', "ambiguous_amount"),
-        (JSON, b"{not json", "invalid_request"),
-        (FORM, b"a=%zz", "invalid_request"),
-        (FORM, b"a=1;b=2", "invalid_request"),
+        (("form", "json"), [JSON], b'{"amount": 1, "amount": 2}', "ambiguous_amount"),
+        (("form", "json"), [JSON], b"{not json", "invalid_request"),
+        (("json",), [JSON], b"  ", "invalid_request"),
+        (("form", "json"), [FORM], b"a=%zz", "invalid_request"),
+        (("form", "json"), [FORM], b"a=1;b=2", "invalid_request"),
+        # Not a type the endpoint takes, no type at all, two types, a charset the vendor
+        # might decode differently: refused before anything is parsed.
+        (("form",), [JSON], b'{"amount": 1}', "unsupported_media_type"),
+        (("json",), [FORM], b"amount=1", "unsupported_media_type"),
+        (("form",), ["text/plain"], b"amount=1", "unsupported_media_type"),
+        (("form",), ["application/vnd.api+json"], b"{}", "unsupported_media_type"),
+        (("form",), [], b"amount=1", "unsupported_media_type"),
+        (("form",), [FORM, FORM], b"amount=1", "unsupported_media_type"),
+        (("form",), [f"{FORM}; charset=utf-16"], b"amount=1", "unsupported_media_type"),
+        (("form",), [JSON], b"", "unsupported_media_type"),
     ],
 )
-def test_parse_body_refusals(content_type: str, raw: bytes, code: str) -> None:
-    policy = make_policy({"match": "GET /x", "free": True})
+def test_parse_body_refusals(
+    accepted: tuple[str, ...], content_types: list[str], raw: bytes, code: str
+) -> None:
     with pytest.raises(Refusal) as e:
-        parse_body(policy, content_type, raw)
+        parse_body(accepted, content_types, raw)
     assert e.value.code == code
 
 
@@ -229,8 +246,24 @@ KNOWN_FIELDS = {**AMOUNT, "known_object_fields": ["charge", "payment_intent"]}
     [
         # no amount: the remembered amount of the object in the path
         (KNOWN_PARAM, b"", {"id": "pi_1"}, {"pi_1": 5_000_000}, 5_000_000, "known:pi_1"),
-        # an amount without currency: the remembered amount bounds it
-        (KNOWN_PARAM, b"amount_to_capture=100", {"id": "pi_1"}, {"pi_1": 7}, 7, "known:pi_1"),
+        # an amount without currency is in the object's currency: bounded by the remembered
+        # amount of the object, or by the amount in the dearest currency (EUR) if that is more
+        (
+            KNOWN_PARAM,
+            b"amount_to_capture=100",
+            {"id": "pi_1"},
+            {"pi_1": 9_000_000},
+            9_000_000,
+            "known:pi_1",
+        ),
+        (
+            KNOWN_PARAM,
+            b"amount_to_capture=100",
+            {"id": "pi_1"},
+            {"pi_1": 7},
+            1_200_000,
+            "amount in the dearest currency",
+        ),
         # amount and currency in the body win
         (KNOWN_PARAM, b"amount_to_capture=100&currency=usd", {"id": "pi_1"}, {}, 1_000_000, None),
         # body fields naming the object (refunds)
@@ -470,7 +503,7 @@ TWILIO_RULE = ActualRule(price="price", currency="price_unit")
             "amount missing",
         ),
         (
-            ActualRule(charged_when={"captured": ("True",)}),
+            ActualRule(charged_when={"captured": ("true",)}),
             {"captured": True},
             None,
             "estimate kept",

@@ -36,7 +36,8 @@ COLUMNS: dict[str, str] = {
     "method": "TEXT",
     "path": "TEXT",
     "status": "INTEGER",
-    "outcome": "TEXT",  # ok | refused | replayed | vendor_error | unknown
+    # ok | held | overrun | refused | replayed | vendor_error | unknown
+    "outcome": "TEXT",
     "code": "TEXT",  # refusal code
     "estimate_micros": "INTEGER",
     "actual_micros": "INTEGER",
@@ -44,7 +45,8 @@ COLUMNS: dict[str, str] = {
     "currency": "TEXT",
     "vendor_request_id": "TEXT",
     "vendor_object_id": "TEXT",
-    "idempotency_key": "TEXT",
+    "idempotency_key": "TEXT",  # as the worker sent it
+    "vendor_idempotency_key": "TEXT",  # as forwarded: namespaced per vault key
     "actor": "TEXT",
     "message_id": "TEXT",
     "latency_ms": "REAL",
@@ -94,6 +96,10 @@ class SQLiteAuditSink:
         table = self.db.table(TABLE)
         if not table.exists():
             table.create({"id": int, **{c: _py(t) for c, t in COLUMNS.items()}}, pk="id")
+        # A database made by an earlier version gets the columns added since.
+        for column, sql_type in COLUMNS.items():
+            if column not in table.columns_dict:
+                table.add_column(column, _py(sql_type))
         for cols in INDEXES:
             table.create_index(list(cols), if_not_exists=True)
 
@@ -145,6 +151,10 @@ class PostgresAuditSink:
                 f"CREATE TABLE IF NOT EXISTS {TABLE} (id BIGINT GENERATED ALWAYS AS IDENTITY "
                 f"PRIMARY KEY, {cols})"
             )
+            for column, sql_type in COLUMNS.items():
+                self.conn.execute(
+                    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} {types[sql_type]}"
+                )
             for idx in INDEXES:
                 name = f"{TABLE}_{'_'.join(idx)}"
                 self.conn.execute(

@@ -285,6 +285,20 @@ class FormTree:
             raise BadField(path, f"must be a plain base-10 integer, not {_show(value)!r}")
         return int(value)
 
+    def get_value(self, path: str) -> FormValue | None:
+        """The value at ``path`` whatever its shape (a string, or nested lists and objects),
+        or None when absent; an ambiguous field raises `AmbiguousField`.
+
+        >>> parse_stripe_form(b"a[b]=1&a[c][]=2").get_value("a")
+        {'b': '1', 'c': ['2']}
+        """
+        node = self._find(path)
+        if node is None:
+            return None
+        if isinstance(node, _Ambiguous):
+            raise node.error()
+        return _plain(node)
+
     def get_list(self, path: str) -> list[FormValue]:
         """The items at ``path``: a ``name[]`` list, a ``name[0]``/``name[1]`` object in index
         order, a repeated plain field (Twilio's ``MediaUrl=a&MediaUrl=b``) in body order, or a

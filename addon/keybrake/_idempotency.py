@@ -8,7 +8,13 @@ from mitmproxy import http
 
 from keybrake.store import StoredResponse
 
-__all__ = ["HOP_BY_HOP", "body_fingerprint", "replay_response", "stored_from"]
+__all__ = [
+    "HOP_BY_HOP",
+    "body_fingerprint",
+    "replay_response",
+    "stored_from",
+    "vendor_idempotency_key",
+]
 
 HOP_BY_HOP = frozenset(
     {
@@ -36,6 +42,20 @@ def body_fingerprint(method: str, path: str, body: bytes) -> str:
     h.update(b"\0")
     h.update(body)
     return h.hexdigest()
+
+
+def vendor_idempotency_key(key_id: str | None, worker_key: str) -> str:
+    """The idempotency key forwarded to the vendor for a worker's key, namespaced by vault key.
+
+    Vendors scope idempotency keys to the account, which every vault key of the vendor
+    shares; this one depends on the vault key's id, so two keys never share it, and is
+    deterministic, so every replica forwards the same key for a retry.
+
+    >>> vendor_idempotency_key("key_a", "order-1") != vendor_idempotency_key("key_b", "order-1")
+    True
+    """
+    digest = hashlib.sha256(f"{key_id}\0{worker_key}".encode("utf-8", "surrogateescape"))
+    return f"kb_{digest.hexdigest()}"
 
 
 def stored_from(response: http.Response) -> StoredResponse:

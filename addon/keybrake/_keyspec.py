@@ -24,7 +24,10 @@ _FIELDS = {
     "expires_in",
     "agent_run_label",
     "max_requests_per_minute",
+    "allowed_accounts",
 }
+_ACCOUNT = re.compile(r"[A-Za-z0-9_]{1,64}")
+MAX_ACCOUNTS = 100
 
 
 class KeySpecError(ValueError):
@@ -93,6 +96,7 @@ class IssueKeyRequest:
     agent_run_label: str
     # None: no request-rate limit (neither the request nor the vendor policy set one).
     max_requests_per_minute: int | None = None
+    allowed_accounts: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any, policies: PolicySet) -> IssueKeyRequest:
@@ -148,10 +152,11 @@ class IssueKeyRequest:
                     )
                     continue
                 endpoints.append(str(pattern))
+        accounts = _accounts(data.get("allowed_accounts"), vendor, policies, errors)
         if errors:
             raise KeySpecError(errors)
         assert vendor is not None and daily is not None
-        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label, rpm)
+        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label, rpm, accounts)
 
     def new_key(self, now: dt.datetime) -> tuple[KeyRecord, str]:
         """A new key record and its vault key (the only time the vault key exists in clear).
@@ -170,8 +175,31 @@ class IssueKeyRequest:
             created_at=now,
             expires_at=now + self.expires_in,
             max_requests_per_minute=self.max_requests_per_minute,
+            allowed_accounts=self.allowed_accounts,
         )
         return record, vault_key
+
+
+def _accounts(
+    value: object, vendor: str | None, policies: PolicySet, errors: dict[str, str]
+) -> tuple[str, ...]:
+    """``allowed_accounts``: vendor account ids (``acct_…``) the key may name in the vendor's
+    account header; only for vendors whose policy has one."""
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_ACCOUNTS
+        or not all(isinstance(v, str) and _ACCOUNT.fullmatch(v) for v in value)
+    ):
+        errors["allowed_accounts"] = (
+            f"must be a list of at most {MAX_ACCOUNTS} account ids such as 'acct_1Nv0FG…'"
+        )
+        return ()
+    if value and vendor is not None and not policies.vendors[vendor].account_headers:
+        errors["allowed_accounts"] = f"the {vendor} policy names no account header"
+        return ()
+    return tuple(dict.fromkeys(value))
 
 
 def _priced(policies: PolicySet, vendor: str, pattern: EndpointPattern) -> bool:
@@ -215,9 +243,12 @@ def key_to_json(
         "usd_cap": format_usd(key.usd_cap_micros) if key.usd_cap_micros is not None else None,
         "allowed_endpoints": list(key.allowed_endpoints),
         "max_requests_per_minute": key.max_requests_per_minute,
+        "allowed_accounts": list(key.allowed_accounts),
         "created_at": _iso(key.created_at),
         "expires_at": _iso(key.expires_at),
         "revoked_at": _iso(key.revoked_at),
+        "suspended_at": _iso(key.suspended_at),
+        "suspended_reason": key.suspended_reason,
         "status": key.state(now),
     }
     if budgets:

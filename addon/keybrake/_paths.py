@@ -35,6 +35,7 @@ __all__ = [
     "match_any",
     "normalize_method",
     "normalize_path",
+    "split_base_url",
 ]
 
 MAX_PATH_BYTES: Final = 2048
@@ -111,6 +112,22 @@ class NormalizedPath:
     def target(self) -> str:
         """The request target to forward: canonical path plus the untouched query."""
         return f"{self.path}?{self.query}" if self.query else self.path
+
+
+def split_base_url(target: str) -> tuple[str, str]:
+    """The first path segment of a base-URL request and the target that follows it.
+
+    The admin listener routes ``/{vendor}/…`` to the vendor and everything else to the admin
+    API; both sides split with this one function, so no request is claimed by neither.
+
+    >>> split_base_url("/stripe/v1/charges?expand[]=x")
+    ('stripe', '/v1/charges?expand[]=x')
+    >>> split_base_url("/stripe?x")
+    ('stripe', '/?x')
+    """
+    path, sep, query = target.partition("?")
+    first, _, rest = path.lstrip("/").partition("/")
+    return first, "/" + rest + sep + query
 
 
 def normalize_method(method: str) -> str:

@@ -1,9 +1,12 @@
 """mitmproxy entry point: ``mitmdump -s addon/keybrake/addon.py`` (or ``keybrake run``).
 
-Loads Keybrake's addons in order: `Core` (options, policies, store), `AdminApi` (the admin
-listener: API, dashboard, metrics), `VaultGuard` (the checks on every vendor call),
-`AuditTrail` (one row per call), `Metrics` (Prometheus), `Dashboard` (served through
-`AdminApi`) and `FlowRedaction` (credentials out of mitmweb and flow files; flow comments).
+Loads Keybrake's addons in order: `Core` (options, policies, store), `Egress` (where the
+forward proxy may connect besides vendors: refuses the rest, pins what it allows, and gates
+every outgoing connection), `AdminApi` (the admin listener: API, dashboard, metrics),
+`VaultGuard` (the checks on every vendor call), `VendorPin` (an admitted call goes to one
+checked address of its vendor host), `AuditTrail` (one row per call), `Metrics`
+(Prometheus), `Dashboard` (served through `AdminApi`) and `FlowRedaction` (credentials out of
+mitmweb and flow files; flow comments).
 The order matters: later addons read what `VaultGuard` left in ``flow.metadata``.
 """
 
@@ -21,17 +24,21 @@ from keybrake.admin import AdminApi
 from keybrake.audit import AuditTrail
 from keybrake.core import Core, Runtime
 from keybrake.dashboard import Dashboard
+from keybrake.egress import Egress, VendorPin
 from keybrake.guard import VaultGuard
 from keybrake.metrics import Metrics
 from keybrake.redaction import FlowRedaction
 
 runtime = Runtime()
+egress = Egress(runtime)
 metrics = Metrics(runtime)
 dashboard = Dashboard(runtime)
 addons = [
     Core(runtime),
+    egress,
     AdminApi(runtime, dashboard=dashboard, metrics=metrics),
     VaultGuard(runtime),
+    VendorPin(egress),
     AuditTrail(runtime),
     metrics,
     dashboard,

@@ -5,6 +5,8 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
 - ``POST /vault/keys`` issue a key (the vault key is shown once, in this response only)
 - ``GET /vault/keys``, ``GET /vault/keys/{key_id}`` (never secrets)
 - ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless)
+- ``POST /vault/keys/{key_id}/suspend`` (``{"reason": …}``) / ``…/resume``: a suspended key is
+  refused until resumed; the proxy suspends a key itself after an estimate overrun
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows (`keybrake.reports`)
 - ``GET /healthz`` (no token) store reachability
@@ -30,6 +32,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from keybrake._audit_sinks import AuditSink
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
 from keybrake._limiter import source_of
+from keybrake._paths import split_base_url
 from keybrake.core import Runtime
 from keybrake.errors import Refusal, refusal_response
 from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
@@ -39,6 +42,7 @@ __all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path"]
 
 log = logging.getLogger("keybrake")
 MAX_ADMIN_BODY = 64 * 1024
+_KEY_ACTIONS = ("suspend", "resume")
 
 
 def _json(status: int, payload: Any) -> http.Response:
@@ -86,7 +90,7 @@ class AdminApi:
         if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
             return
         path = flow.request.path.split("?", 1)[0]
-        first = path.lstrip("/").split("/", 1)[0]
+        first, _ = split_base_url(flow.request.path)
         rt = self.runtime
         if rt.policies is not None and first in rt.policies.vendors:
             return  # base-URL mode: the guard takes it
@@ -160,6 +164,10 @@ class AdminApi:
             if method == "DELETE":
                 return await self._revoke(parts[2])
             raise Refusal("method_not_allowed", f"{method} not allowed on a key")
+        if len(parts) == 4 and parts[:2] == ["vault", "keys"] and parts[3] in _KEY_ACTIONS:
+            if method != "POST":
+                raise Refusal("method_not_allowed", f"{method} not allowed on {parts[3]}")
+            return await self._suspend_or_resume(flow, parts[2], parts[3])
         if parts == ["vault", "spend"] and method == "GET":
             return await self._spend(flow)
         if parts == ["vault", "audit"] and method == "GET":
@@ -232,6 +240,26 @@ class AdminApi:
         if key is None:
             raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
         log.info("keybrake: revoked %s", key.key_id)
+        return _json(200, key_to_json(key, now))
+
+    async def _suspend_or_resume(
+        self, flow: http.HTTPFlow, key_id: str, action: str
+    ) -> http.Response:
+        """``POST /vault/keys/{key_id}/suspend`` (``{"reason": "…"}``) and ``…/resume``."""
+        store = await self.runtime.open_store()
+        now = self.runtime.now()
+        if action == "suspend":
+            data = self._body(flow)
+            reason = data.get("reason") if isinstance(data, dict) else None
+            if reason is not None and not isinstance(reason, str):
+                raise Refusal("invalid_request", "reason must be a string")
+            reason = "".join(ch for ch in (reason or "by operator") if ch.isprintable())[:200]
+            key = await store.suspend_key(key_id, now, reason)
+        else:
+            key = await store.resume_key(key_id)
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        log.info("keybrake: %s %s", "suspended" if action == "suspend" else "resumed", key_id)
         return _json(200, key_to_json(key, now))
 
     def _report_sink(self) -> AuditSink:

@@ -3,7 +3,9 @@
 Refusals, replays, vendor errors and calls that never got an answer are all recorded, with
 the key, label, actor and message id, the estimated and actual cost, and the vendor's request
 and object ids. Never secrets, and no bodies unless ``keybrake_audit_bodies`` is set (then
-credentials are redacted).
+credentials are redacted). Destinations refused by `Egress` get a row too (vendor ``""``,
+code ``egress_denied``; a refused ``CONNECT`` has the method ``CONNECT`` and its authority as
+the path).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def audit_row(call: CallState, flow: http.HTTPFlow, runtime: Runtime) -> dict[st
         "vendor_request_id": call.vendor_request_id,
         "vendor_object_id": call.object_id,
         "idempotency_key": call.idempotency_key,
+        "vendor_idempotency_key": call.vendor_idempotency_key,
         "actor": call.actor,
         "message_id": call.message_id,
         "latency_ms": round(call.latency_ms, 3) if call.latency_ms is not None else None,
@@ -102,6 +105,10 @@ class AuditTrail:
         self._record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        # A CONNECT refused by Egress (403 egress_denied) gets this hook, not ``response``.
         self._record(flow)
 
     def _record(self, flow: http.HTTPFlow) -> None:

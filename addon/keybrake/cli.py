@@ -21,10 +21,19 @@ from typing import Annotated, Any
 import typer
 
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json
+from keybrake._passthrough import parse_passthrough
 from keybrake.ca import ensure_ca
 from keybrake.core import load_admin_token
 from keybrake.policy import PolicyError, load_policies
-from keybrake.store import KeyRecord, Store, StoreUnavailable, open_store
+from keybrake.store import (
+    PASSWORD_ENV,
+    KeyRecord,
+    Store,
+    StoreUnavailable,
+    open_store,
+    redact_url,
+    split_password,
+)
 
 __all__ = ["app", "main"]
 
@@ -53,17 +62,50 @@ StoreUrl = Annotated[
     typer.Option(
         "--store",
         envvar="KEYBRAKE_STORE",
-        help="sqlite:///path.db (default: <data dir>/keybrake.db) or redis://host:6379/0.",
+        help="sqlite:///path.db (default: <data dir>/keybrake.db), redis://[user@]host:6379/0 "
+        f"or rediss://… (TLS); the Redis password is best given in {PASSWORD_ENV}.",
     ),
 ]
 CertsDir = Annotated[
     Path,
     typer.Option("--certs-dir", envvar="KEYBRAKE_CERTS_DIR", help="Where the Keybrake CA lives."),
 ]
+Passthrough = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--passthrough",
+        metavar="PATTERN",
+        help="A non-vendor destination to tunnel untouched (repeatable): a host glob such as "
+        "*.googleapis.com or storage.googleapis.com:443. Everything else is refused (403 "
+        "egress_denied); loopback, private and link-local addresses always are. Default: "
+        "KEYBRAKE_PASSTHROUGH (comma-separated).",
+    ),
+]
 
 
 def _store_url(store: str, data_dir: Path) -> str:
     return store or f"sqlite:///{(data_dir / 'keybrake.db').resolve()}"
+
+
+def _password_note(url: str, from_url: str | None) -> str:
+    """Where the Redis password comes from, for the start banner (never the password)."""
+    if from_url is not None:
+        return " (password: from the store URL)"
+    if url.startswith("redis") and os.environ.get(PASSWORD_ENV):
+        return f" (password: from {PASSWORD_ENV})"
+    return ""
+
+
+def _passthrough_entries(flags: list[str] | None) -> list[str]:
+    """The effective passthrough list: the flags, else ``KEYBRAKE_PASSTHROUGH``; validated."""
+    raw = flags if flags else [os.environ.get("KEYBRAKE_PASSTHROUGH", "")]
+    entries = [e.strip() for item in raw for e in item.split(",") if e.strip()]
+    for e in entries:
+        try:
+            parse_passthrough(e)
+        except ValueError as err:
+            _fail(f"--passthrough: {err}", 2)
+    return entries
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -96,13 +138,14 @@ def run(
     web_port: Annotated[
         int, typer.Option(help="mitmweb UI port (with --web; loopback only).")
     ] = 8082,
+    passthrough: Passthrough = None,
     extra: Annotated[
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
 ) -> None:
     """Start the proxy: forward listener + admin listener in one mitmproxy process.
 
-    Example: ``keybrake run --store redis://127.0.0.1:6379/0``
+    Example: ``keybrake run --store redis://127.0.0.1:6379/0 --passthrough '*.googleapis.com'``
     """
     web_args: list[str] = []
     if web:
@@ -120,10 +163,17 @@ def run(
         load_policies(policies)
     except PolicyError as e:
         _fail(f"invalid policy:\n{e}")
+    tunnelled = _passthrough_entries(passthrough)
     data_dir.mkdir(parents=True, exist_ok=True)
     bundle = ensure_ca(certs_dir)
     _, token_where = load_admin_token(data_dir)
-    url = _store_url(store, data_dir)
+    # The Redis password reaches the proxy (this same process) by environment variable, never
+    # inside a mitmproxy option: mitmweb displays options and mitmproxy repeats bad values.
+    url, password = split_password(_store_url(store, data_dir))
+    if password is not None:
+        os.environ[PASSWORD_ENV] = password
+    if "KEYBRAKE_STORE" in os.environ:  # the keybrake_store option's default
+        os.environ["KEYBRAKE_STORE"] = split_password(os.environ["KEYBRAKE_STORE"])[0]
     script = Path(__file__).with_name("addon.py")
     args = [
         "--mode",
@@ -145,6 +195,7 @@ def run(
         "--set",
         f"keybrake_store={url}",
         *(["--set", f"keybrake_audit={audit}"] if audit else []),
+        *[arg for e in tunnelled for arg in ("--set", f"keybrake_passthrough={e}")],
         "-s",
         str(script),
         *web_args,
@@ -156,7 +207,10 @@ def run(
             [
                 f"Keybrake: forward proxy on {listen_host}:{proxy_port}, "
                 f"admin + base URL on {listen_host}:{admin_port}",
-                f"Store: {url.split('@')[-1]}",
+                f"Store: {redact_url(url)}{_password_note(url, password)}",
+                "Other destinations: "
+                + (f"tunnelled if {', '.join(tunnelled)}; " if tunnelled else "")
+                + "everything else refused (403 egress_denied)",
                 "Workers need:",
                 f"  export HTTPS_PROXY=http://{host}:{proxy_port}",
                 f"  export REQUESTS_CA_BUNDLE={bundle.resolve()}",
@@ -196,6 +250,7 @@ def web(
     policies: PoliciesDir = Path("policies"),
     store: StoreUrl = "",
     certs_dir: CertsDir = Path("certs"),
+    passthrough: Passthrough = None,
     extra: Annotated[
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
@@ -218,6 +273,7 @@ def web(
         certs_dir=certs_dir,
         web=True,
         web_port=web_port,
+        passthrough=passthrough,
         extra=extra,
     )
 
@@ -279,6 +335,13 @@ def keys_issue(
         int | None,
         typer.Option(help="Request-rate limit (any 60 s); default: the vendor policy's."),
     ] = None,
+    account: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A connected account the key may act on (Stripe-Account: acct_...), "
+            "repeatable; none by default."
+        ),
+    ] = None,
     data_dir: DataDir = Path(".keybrake"),
     policies: PoliciesDir = Path("policies"),
     store: StoreUrl = "",
@@ -296,6 +359,7 @@ def keys_issue(
                 "expires_in": expires_in,
                 "agent_run_label": label,
                 "max_requests_per_minute": max_requests_per_minute,
+                "allowed_accounts": account or None,
             },
             ps,
         )
@@ -358,6 +422,46 @@ def keys_revoke(
     if rec is None:
         _fail(f"no vault key {key_id!r}", 4)
     typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("suspend")
+def keys_suspend(
+    key_id: Annotated[str, typer.Argument(help="The key id (key_...), not the vault key.")],
+    reason: Annotated[str, typer.Option(help="Why, shown with every refusal.")] = "by operator",
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+) -> None:
+    """Suspend a vault key: refused (403 key_suspended) on every replica until resumed.
+
+    The proxy suspends a key by itself when a call cost more than its estimate.
+    Example: ``keybrake keys suspend key_123 --reason "investigating a refund loop"``
+    """
+    now = dt.datetime.now(dt.UTC)
+
+    async def suspend(s: Store) -> KeyRecord | None:
+        return await s.suspend_key(key_id, now, reason[:200])
+
+    rec = _run_store(_store_url(store, data_dir), suspend)
+    if rec is None:
+        _fail(f"no vault key {key_id!r}", 4)
+        return
+    typer.echo(f"suspended {key_id} ({rec.suspended_reason})")
+
+
+@keys_app.command("resume")
+def keys_resume(
+    key_id: Annotated[str, typer.Argument(help="The key id (key_...), not the vault key.")],
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+) -> None:
+    """Lift a suspension (harmless when the key is not suspended)."""
+
+    async def resume(s: Store) -> KeyRecord | None:
+        return await s.resume_key(key_id)
+
+    if _run_store(_store_url(store, data_dir), resume) is None:
+        _fail(f"no vault key {key_id!r}", 4)
+    typer.echo(f"resumed {key_id}")
 
 
 AuditUrl = Annotated[

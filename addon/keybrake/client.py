@@ -182,6 +182,9 @@ class VaultKey:
     revoked_at: dt.datetime | None
     status: str
     max_requests_per_minute: int | None = None
+    allowed_accounts: tuple[str, ...] = ()
+    suspended_at: dt.datetime | None = None
+    suspended_reason: str | None = None
     spent_today_usd: Decimal | None = None
     remaining_usd: Decimal | None = None
     budgets: tuple[Budget, ...] = ()
@@ -200,6 +203,9 @@ class VaultKey:
             "revoked_at": _time(data.get("revoked_at")),
             "status": str(data["status"]),
             "max_requests_per_minute": _int_or_none(data.get("max_requests_per_minute")),
+            "allowed_accounts": tuple(str(a) for a in data.get("allowed_accounts") or ()),
+            "suspended_at": _time(data.get("suspended_at")),
+            "suspended_reason": data.get("suspended_reason"),
             "spent_today_usd": _usd(data.get("spent_today_usd")),
             "remaining_usd": _usd(data.get("remaining_usd")),
             "budgets": tuple(Budget.from_json(b) for b in data.get("budgets") or ()),
@@ -358,6 +364,7 @@ def _issue_call(
     expires_in: str,
     usd_cap: Dollars | None,
     max_requests_per_minute: int | None = None,
+    allowed_accounts: Sequence[str] = (),
 ) -> _Call:
     if isinstance(allowed_endpoints, str):
         raise TypeError("allowed_endpoints must be a list of strings, not one string")
@@ -372,6 +379,8 @@ def _issue_call(
         body["usd_cap"] = _dollars(usd_cap)
     if max_requests_per_minute is not None:
         body["max_requests_per_minute"] = max_requests_per_minute
+    if allowed_accounts:
+        body["allowed_accounts"] = list(allowed_accounts)
     return _Call("POST", "/vault/keys", body=body)
 
 
@@ -381,6 +390,14 @@ def _int_or_none(value: Any) -> int | None:
 
 def _query(**values: str | int | None) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _suspend_call(key_id: str, reason: str) -> _Call:
+    return _Call("POST", f"/vault/keys/{_segment(key_id)}/suspend", body={"reason": reason})
+
+
+def _resume_call(key_id: str) -> _Call:
+    return _Call("POST", f"/vault/keys/{_segment(key_id)}/resume")
 
 
 def _segment(value: str) -> str:
@@ -496,10 +513,13 @@ class KeybrakeClient:
         expires_in: str = "1h",
         usd_cap: Dollars | None = None,
         max_requests_per_minute: int | None = None,
+        allowed_accounts: Sequence[str] = (),
     ) -> IssuedKey:
         """Issue a vault key; ``.vault_key`` is its secret, returned only this once.
 
         ``max_requests_per_minute`` defaults to the vendor policy's (None there: no limit).
+        ``allowed_accounts`` lists the connected accounts (Stripe ``acct_…``) the key may act
+        on through the vendor's account header; none by default.
 
         >>> key = kb.issue_key(vendor="stripe", daily_usd_cap=300,  # doctest: +SKIP
         ...     allowed_endpoints=["POST /v1/payment_intents"], expires_in="2h",
@@ -515,6 +535,7 @@ class KeybrakeClient:
             expires_in,
             usd_cap,
             max_requests_per_minute,
+            allowed_accounts,
         )
         return IssuedKey.from_json(self._send(call))
 
@@ -533,6 +554,18 @@ class KeybrakeClient:
     def revoke_key(self, key_id: str) -> VaultKey:
         """Revoke a key (effective on the next request; repeating it is harmless)."""
         return VaultKey.from_json(self._send(_Call("DELETE", f"/vault/keys/{_segment(key_id)}")))
+
+    def suspend_key(self, key_id: str, reason: str = "by operator") -> VaultKey:
+        """Suspend a key: refused (``key_suspended``) on every replica until resumed.
+
+        >>> kb.suspend_key(key.key_id, "refund loop").status  # doctest: +SKIP
+        'suspended'
+        """
+        return VaultKey.from_json(self._send(_suspend_call(key_id, reason)))
+
+    def resume_key(self, key_id: str) -> VaultKey:
+        """Lift a suspension (also one the proxy made after an estimate overrun)."""
+        return VaultKey.from_json(self._send(_resume_call(key_id)))
 
     def set_label_budget(self, label: str, daily_usd_cap: Dollars | None) -> LabelBudget:
         """Cap the spend of all keys with ``label`` per UTC day (``None`` removes the cap).
@@ -677,6 +710,7 @@ class AsyncKeybrakeClient:
         expires_in: str = "1h",
         usd_cap: Dollars | None = None,
         max_requests_per_minute: int | None = None,
+        allowed_accounts: Sequence[str] = (),
     ) -> IssuedKey:
         """See `KeybrakeClient.issue_key`."""
         call = _issue_call(
@@ -687,6 +721,7 @@ class AsyncKeybrakeClient:
             expires_in,
             usd_cap,
             max_requests_per_minute,
+            allowed_accounts,
         )
         return IssuedKey.from_json(await self._send(call))
 
@@ -704,6 +739,14 @@ class AsyncKeybrakeClient:
         return VaultKey.from_json(
             await self._send(_Call("DELETE", f"/vault/keys/{_segment(key_id)}"))
         )
+
+    async def suspend_key(self, key_id: str, reason: str = "by operator") -> VaultKey:
+        """See `KeybrakeClient.suspend_key`."""
+        return VaultKey.from_json(await self._send(_suspend_call(key_id, reason)))
+
+    async def resume_key(self, key_id: str) -> VaultKey:
+        """See `KeybrakeClient.resume_key`."""
+        return VaultKey.from_json(await self._send(_resume_call(key_id)))
 
     async def set_label_budget(self, label: str, daily_usd_cap: Dollars | None) -> LabelBudget:
         """See `KeybrakeClient.set_label_budget`."""

@@ -185,7 +185,9 @@ class Core:
             "keybrake_store",
             str,
             os.environ.get("KEYBRAKE_STORE", ""),
-            "Store URL: sqlite:///path/keybrake.db (default: under the data dir) or redis://host:6379/0.",
+            "Store URL: sqlite:///path/keybrake.db (default: under the data dir), "
+            "redis://[user@]host:6379/0 or rediss://… (TLS); put the Redis password in "
+            "KEYBRAKE_STORE_PASSWORD, not here (mitmproxy shows option values).",
         )
         add(
             "keybrake_idempotency_ttl",
@@ -203,7 +205,8 @@ class Core:
             "keybrake_intercept_only_vendors",
             bool,
             True,
-            "Decrypt only hosts named in vendor policies (sets allow_hosts); tunnel the rest.",
+            "Decrypt only hosts named in vendor policies (sets allow_hosts); other allowed "
+            "destinations (keybrake_passthrough) are tunnelled untouched.",
         )
 
     def configure(self, updated: set[str]) -> None:

@@ -131,6 +131,7 @@ class KeyRow:
     expires_at: dt.datetime
     revoked_at: dt.datetime | None
     allowed_endpoints: tuple[str, ...]
+    suspended_reason: str | None = None
 
 
 def _iso(t: dt.datetime) -> str:
@@ -258,6 +259,10 @@ class Dashboard:
                 return await self._issue(session, form)
             if len(parts) == 4 and parts[:2] == ["dashboard", "keys"] and parts[3] == "revoke":
                 return await self._revoke(session, parts[2])
+            if len(parts) == 4 and parts[:2] == ["dashboard", "keys"] and parts[3] == "resume":
+                return await self._resume(session, parts[2])
+            if len(parts) == 4 and parts[:2] == ["dashboard", "keys"] and parts[3] == "suspend":
+                return await self._suspend(session, parts[2])
             return self._text(405, "Method not allowed")
         if method not in ("GET", "HEAD"):
             return self._text(405, "Method not allowed")
@@ -352,6 +357,7 @@ class Dashboard:
                     expires_at=key.expires_at,
                     revoked_at=key.revoked_at,
                     allowed_endpoints=key.allowed_endpoints,
+                    suspended_reason=key.suspended_reason,
                 )
             )
         return rows
@@ -359,7 +365,7 @@ class Dashboard:
     async def _keys_page(self, session: Session) -> http.Response:
         now = self.runtime.now()
         rows = await self._key_rows(now)
-        order = {"active": 0, "expired": 1, "revoked": 2}
+        order = {"suspended": 0, "active": 1, "expired": 2, "revoked": 3}
         rows.sort(key=lambda r: (order.get(r.status, 3), -r.created_at.timestamp()))
         reveal, session.reveal = session.reveal, None
         flash, session.flash = session.flash, []
@@ -444,6 +450,26 @@ class Dashboard:
         else:
             log.info("keybrake: revoked %s (dashboard)", key.key_id)
             session.flash.append(f"Revoked {key.key_id} ({key.agent_run_label}).")
+        return _redirect("/dashboard/keys")
+
+    async def _suspend(self, session: Session, key_id: str) -> http.Response:
+        store = await self.runtime.open_store()
+        key = await store.suspend_key(key_id, self.runtime.now(), "by operator (dashboard)")
+        if key is None:
+            session.flash.append(f"No vault key {key_id[:64]}.")
+        else:
+            log.info("keybrake: suspended %s (dashboard)", key.key_id)
+            session.flash.append(f"Suspended {key.key_id} ({key.agent_run_label}).")
+        return _redirect("/dashboard/keys")
+
+    async def _resume(self, session: Session, key_id: str) -> http.Response:
+        store = await self.runtime.open_store()
+        key = await store.resume_key(key_id)
+        if key is None:
+            session.flash.append(f"No vault key {key_id[:64]}.")
+        else:
+            log.info("keybrake: resumed %s (dashboard)", key.key_id)
+            session.flash.append(f"Resumed {key.key_id} ({key.agent_run_label}).")
         return _redirect("/dashboard/keys")
 
     # -- overview --------------------------------------------------------------------------------

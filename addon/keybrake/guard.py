@@ -22,7 +22,12 @@ from urllib.parse import unquote_plus
 from mitmproxy import http, tcp
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from keybrake._idempotency import body_fingerprint, replay_response, stored_from
+from keybrake._idempotency import (
+    body_fingerprint,
+    replay_response,
+    stored_from,
+    vendor_idempotency_key,
+)
 from keybrake._limiter import FailureLimiter, source_of
 from keybrake._money import MoneyError, format_usd, minor_to_micro_usd
 from keybrake._paths import (
@@ -31,6 +36,7 @@ from keybrake._paths import (
     match_any,
     normalize_method,
     normalize_path,
+    split_base_url,
 )
 from keybrake.core import Runtime
 from keybrake.credentials import (
@@ -41,9 +47,17 @@ from keybrake.credentials import (
 )
 from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
-from keybrake.policy import EndpointPolicy, VendorPolicy, _parse_pattern
-from keybrake.pricing import Estimate, actual_cost, estimate_cost, parse_body
-from keybrake.store import BudgetState, KeyRecord, StoreUnavailable
+from keybrake.policy import EndpointPolicy, HoldRule, VendorPolicy, _parse_pattern
+from keybrake.pricing import (
+    Estimate,
+    actual_cost,
+    estimate_cost,
+    hold_amount,
+    parse_body,
+    releases_hold,
+    values_at,
+)
+from keybrake.store import BudgetState, KeyRecord, ReserveResult, Store, StoreUnavailable
 
 __all__ = ["CallState", "VaultGuard"]
 
@@ -62,6 +76,8 @@ _VENDOR_LINK = re.compile(
 # Vendor statuses that mean "refused, nothing charged": the reservation is released.
 VENDOR_REFUSED = frozenset({400, 401, 402, 403, 404, 409, 422, 429})
 REDACTED = "[redacted by keybrake]"
+# Methods that change nothing at the vendor.
+_READS = frozenset({"GET", "HEAD"})
 
 
 @dataclass
@@ -77,6 +93,12 @@ class CallState:
     outcome: str = "pending"
     code: str | None = None
     reservation_id: str | None = None
+    # Holds of the object this call acts on, used instead of a new reservation.
+    holds: tuple[str, ...] = ()
+    held_for: str | None = None
+    held_micros: int = 0
+    # What stays held for the object after the vendor's answer (None: nothing held).
+    kept_held: int | None = None
     estimate: Estimate | None = None
     endpoint: EndpointPolicy | None = None
     budgets: tuple[BudgetState, ...] = ()
@@ -86,6 +108,7 @@ class CallState:
     actor: str | None = None
     message_id: str | None = None
     idempotency_key: str | None = None
+    vendor_idempotency_key: str | None = None
     idem_scope: str | None = None
     vendor_request_id: str | None = None
     object_id: str | None = None
@@ -116,12 +139,11 @@ def _route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
     if rt.policies is None:
         return None
     if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-        target = flow.request.path
-        first, _, rest = target.lstrip("/").partition("/")
+        first, target = split_base_url(flow.request.path)
         policy = rt.policies.vendors.get(first)
         if policy is None:
             return None
-        return policy, "/" + rest
+        return policy, target
     policy = rt.policies.for_host(flow.request.host)
     if policy is not None:
         return policy, flow.request.path
@@ -131,6 +153,24 @@ def _route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
         if name and (claimed := rt.policies.for_host(_host_only(name))) is not None:
             return claimed, flow.request.path
     return None
+
+
+def _cap_refusal(result: ReserveResult, needed_micros: int) -> Refusal:
+    b = result.exceeded
+    assert b is not None
+    return Refusal(
+        "cap_exhausted",
+        f"spend cap reached for {b.scope} ({b.window}): this call needs "
+        f"${format_usd(needed_micros)}, ${format_usd(b.remaining_micros or 0)} remains",
+        extra={
+            "budget": b.scope,
+            "window": b.window,
+            "cap_usd": format_usd(b.cap_micros or 0),
+            "spent_usd": format_usd(b.spent_micros + b.reserved_micros),
+            "remaining_usd": format_usd(b.remaining_micros or 0),
+            "needed_usd": format_usd(needed_micros),
+        },
+    )
 
 
 def _header_text(value: str | None, limit: int = 200) -> str | None:
@@ -212,6 +252,12 @@ class VaultGuard:
             return
         route = _route(self.runtime, flow)
         if route is None:
+            if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+                # Claimed by neither the admin API nor a vendor route: the admin listener's
+                # placeholder upstream must never be reached.
+                flow.response = refusal_response(
+                    Refusal("not_found", "no such admin route or vendor")
+                )
             return
         policy, target = route
         call = CallState(vendor=policy.vendor)
@@ -265,19 +311,38 @@ class VaultGuard:
         call.message_id = _header_text(req.headers.get("x-keybrake-message-id"))
         if _mentions_vault_key(path.query) or _mentions_vault_key(req.path):
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
-        source = source_of(flow)
-        if self.key_failures.blocked(source):
-            raise Refusal(
-                "rate_limited",
-                "too many requests with invalid vault keys from this address; retry in a minute",
-            )
         try:
             key, presented = await self._authenticate(policy, req, call)
         except Refusal as r:
             if r.code in ("vault_key_unknown", "raw_secret_refused", "vault_key_missing"):
+                # Only requests whose key does not verify are limited: an address shared by
+                # many workers (NAT, a sidecar, a load balancer) keeps working for valid keys
+                # while a neighbour guesses.
+                source = source_of(flow)
+                if self.key_failures.blocked(source):
+                    raise Refusal(
+                        "rate_limited",
+                        "too many requests with invalid vault keys from this address; retry "
+                        "in a minute",
+                    ) from None
                 self.key_failures.record(source)
             raise
+        self._check_accounts(policy, key, req)
         await self._forward(flow, policy, key, presented, method, path, call)
+
+    @staticmethod
+    def _check_accounts(policy: VendorPolicy, key: KeyRecord, req: http.Request) -> None:
+        """Headers that switch the vendor account (Stripe Connect) only name accounts the
+        key lists; otherwise the key could act on every connected account."""
+        for name in policy.account_headers:
+            values = req.headers.get_all(name)
+            if not values:
+                continue
+            if len(values) > 1 or values[0].strip() not in key.allowed_accounts:
+                raise Refusal(
+                    "account_mismatch",
+                    f"{name} names an account vault key {key.key_id} may not act on",
+                )
 
     async def _authenticate(
         self, policy: VendorPolicy, req: http.Request, call: CallState
@@ -308,6 +373,12 @@ class VaultGuard:
             raise Refusal(
                 "vault_key_expired",
                 f"vault key {key.key_id} expired at {key.expires_at.isoformat()}",
+            )
+        if state == "suspended":
+            raise Refusal(
+                "key_suspended",
+                f"vault key {key.key_id} is suspended ({key.suspended_reason}); an operator "
+                "can resume it",
             )
         if key.vendor != policy.vendor:
             raise Refusal(
@@ -363,7 +434,16 @@ class VaultGuard:
                 f"the proxy has no real {policy.vendor} secret: set {', '.join(secrets_.missing)}",
             )
 
-        body = parse_body(policy, req.headers.get("content-type", ""), req.raw_content or b"")
+        if path.query and method not in _READS and not (endpoint is not None and endpoint.query):
+            # Stripe merges query parameters into the body's: a priced call's parameters are
+            # read from its body only, so anything in the query would be unpriced.
+            raise Refusal(
+                "unpriced_parameter",
+                f"{method} {path.path} takes its parameters in the body; the query string "
+                "is refused",
+            )
+        accepted = endpoint.body_types(policy) if endpoint is not None else policy.body
+        body = parse_body(accepted, req.headers.get_all("content-type"), req.raw_content or b"")
 
         async def recall(object_id: str) -> int | None:
             return await store.recall_amount(policy.vendor, object_id)
@@ -378,6 +458,11 @@ class VaultGuard:
         if await self._idempotency_begin(flow, policy, endpoint, key, method, path.path, call):
             return
 
+        if endpoint is not None and endpoint.hold is not None:
+            held_for = params.get(endpoint.hold.param)
+            if held_for and await self._adopt_holds(store, policy, key, held_for, call):
+                self._swap(flow, policy, presented, method, new_path, path.query, call)
+                return
         if estimate.basis == "free":
             # Free calls (reads) move no money: no reservation, no cap check.
             self._swap(flow, policy, presented, method, new_path, path.query, call)
@@ -386,23 +471,41 @@ class VaultGuard:
         result = await store.reserve(key, reservation_id, estimate.micros, now)
         call.budgets = result.budgets
         if not result.ok:
-            b = result.exceeded
-            assert b is not None
-            raise Refusal(
-                "cap_exhausted",
-                f"spend cap reached for {b.scope} ({b.window}): this call needs "
-                f"${format_usd(estimate.micros)}, ${format_usd(b.remaining_micros or 0)} remains",
-                extra={
-                    "budget": b.scope,
-                    "window": b.window,
-                    "cap_usd": format_usd(b.cap_micros or 0),
-                    "spent_usd": format_usd(b.spent_micros + b.reserved_micros),
-                    "remaining_usd": format_usd(b.remaining_micros or 0),
-                    "needed_usd": format_usd(estimate.micros),
-                },
-            )
+            raise _cap_refusal(result, estimate.micros)
         call.reservation_id = reservation_id
         self._swap(flow, policy, presented, method, new_path, path.query, call)
+
+    async def _adopt_holds(
+        self, store: Store, policy: VendorPolicy, key: KeyRecord, object_id: str, call: CallState
+    ) -> bool:
+        """Use the key's holds on ``object_id`` for this call instead of a new reservation.
+
+        The holds already reserve what the object can charge; a charging call on it (a
+        confirm, a capture, an update that raises its amount) only needs the difference,
+        checked against the cap in the budgets the hold lives in. False: no holds.
+        """
+        assert call.estimate is not None
+        holds = [h for h in await store.holds(policy.vendor, object_id) if h.key_id == key.key_id]
+        if not holds:
+            return False
+        held = sum(h.amount_micros for h in holds)
+        first = holds[0]
+        # Raised by what the call needs beyond the holds (often nothing: the answer then
+        # only carries the budgets for the spend headers).
+        result = await store.raise_hold(
+            first.reservation_id,
+            first.amount_micros + max(0, call.estimate.micros - held),
+            key,
+        )
+        call.budgets = result.budgets
+        if not result.ok:
+            if not result.budgets:  # finished meanwhile: start over with a reservation
+                return False
+            raise _cap_refusal(result, call.estimate.micros - held)
+        call.holds = tuple(h.reservation_id for h in holds)
+        call.held_for = object_id
+        call.held_micros = max(held, call.estimate.micros)
+        return True
 
     def _swap(
         self,
@@ -420,6 +523,13 @@ class VaultGuard:
         for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:
             del req.headers[name]
         req.headers["Authorization"] = authorization_for(presented, secrets_)
+        worker_idem = req.headers.get(policy.idempotency_header or "")
+        if policy.idempotency_header and worker_idem:
+            # Vendors scope idempotency keys to the whole account: namespaced per vault key, a
+            # worker can neither read another key's stored answer nor poison a key another
+            # worker is about to use. Deterministic, so the vendor still deduplicates retries.
+            call.vendor_idempotency_key = vendor_idempotency_key(call.key_id, worker_idem[:255])
+            req.headers[policy.idempotency_header] = call.vendor_idempotency_key
         # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
         req.method = method
         req.authority = ""
@@ -649,7 +759,19 @@ class VaultGuard:
         if data is not None and call.endpoint is not None and call.endpoint.object_id:
             oid = data.get(call.endpoint.object_id)
             call.object_id = oid if isinstance(oid, str) else None
-        if 200 <= status < 300:
+        if 200 <= status < 300 and call.endpoint is not None and call.endpoint.hold is not None:
+            if data is None:
+                # Nothing readable about the object: whatever was reserved stays spent.
+                call.note = "response body unreadable: estimate kept as spent"
+                if call.reservation_id is not None:
+                    await store.mark_unknown(call.reservation_id)
+                call.actual_micros, call.outcome = estimate.micros, "ok"
+            else:
+                await self._settle_object(
+                    store, policy, call.endpoint, call.endpoint.hold, data, call
+                )
+                await self._remember(data, policy, call.endpoint)
+        elif 200 <= status < 300:
             rule = call.endpoint.actual if call.endpoint else None
             # The body was parsed once above; only an unreadable one is handed over raw.
             actual = actual_cost(policy, rule, data if data is not None else content, estimate)
@@ -660,10 +782,13 @@ class VaultGuard:
             if call.reservation_id is not None:
                 await store.settle(call.reservation_id, micros)
             call.actual_micros, call.outcome = micros, "ok"
+            if micros > estimate.micros:
+                await self._overrun(store, call, micros, estimate.micros)
             if call.endpoint is not None and data is not None:
                 await self._remember(data, policy, call.endpoint)
         elif status in VENDOR_REFUSED:
-            # The vendor refused the call: it charged nothing.
+            # The vendor refused the call: it charged nothing. Holds the call used stay: the
+            # object can still charge what it could before.
             if call.reservation_id is not None:
                 await store.release(call.reservation_id)
             call.actual_micros, call.outcome = 0, "vendor_error"
@@ -672,9 +797,97 @@ class VaultGuard:
                 await store.mark_unknown(call.reservation_id)
             call.actual_micros, call.outcome = estimate.micros, "vendor_error"
             call.note = f"vendor answered {status}: estimate kept as spent"
-        delta = (call.actual_micros or 0) - estimate.micros
+        # What this call leaves counted (spent, or still held) against what it reserved.
+        counted = call.kept_held if call.kept_held is not None else (call.actual_micros or 0)
+        delta = counted - estimate.micros
         self._spend_headers(flow, call, delta)
         flow.comment = f"keybrake {call.key_id} [{call.label}] {call.outcome}"
+
+    async def _settle_object(
+        self,
+        store: Store,
+        policy: VendorPolicy,
+        endpoint: EndpointPolicy,
+        rule: HoldRule,
+        data: dict[str, Any],
+        call: CallState,
+    ) -> None:
+        """Settle a call on an object that can charge later (see `HoldRule`).
+
+        The call's reservation and the holds it used cover the same object: a charged answer
+        settles them (once), an answer proving nothing more can move releases them, any other
+        answer keeps them as one hold at what the object can still charge.
+        """
+        estimate = call.estimate or Estimate(0)
+        bound = max(estimate.micros, call.held_micros)
+        reservations = [*call.holds, *([call.reservation_id] if call.reservation_id else [])]
+        actual = actual_cost(policy, endpoint.actual, data, estimate) if endpoint.actual else None
+        oid = data.get(endpoint.object_id or "id")
+        object_id = oid if isinstance(oid, str) and oid else call.held_for
+        if actual is not None and actual.charged:
+            micros = actual.micros if actual.micros is not None else bound
+            call.note = actual.note
+            if actual.amount_minor is not None:
+                call.amount_minor, call.currency = actual.amount_minor, actual.currency
+            if reservations:
+                await store.settle(reservations[0], micros)
+                for extra in reservations[1:]:
+                    await store.release(extra)
+            if rule.releases:
+                await self._release_included(store, policy, rule.releases, data, call)
+            call.actual_micros, call.outcome = micros, "ok"
+            if micros > bound and reservations:
+                await self._overrun(store, call, micros, bound)
+            return
+        call.actual_micros, call.outcome = 0, "ok"
+        if not reservations:
+            return
+        if releases_hold(rule, data):
+            for reservation_id in reservations:
+                await store.release(reservation_id)
+            call.note = "released: nothing more can be charged"
+            return
+        if object_id is None:  # nothing to hold on to: keep it counted instead
+            await store.mark_unknown(reservations[0])
+            for extra in reservations[1:]:
+                await store.release(extra)
+            call.actual_micros, call.note = bound, "no object id in the answer: estimate kept"
+            return
+        amount = hold_amount(policy, rule, data, Estimate(bound))
+        await store.hold(reservations[0], policy.vendor, object_id, amount)
+        for extra in reservations[1:]:
+            await store.release(extra)
+        call.kept_held = amount
+        # "held" is the outcome of the call that made the hold; a call that only used it
+        # (a read, a confirm that needs a browser step) is ok, and the hold stays.
+        call.outcome = "held" if call.reservation_id else "ok"
+        call.note = f"${format_usd(amount)} held: {object_id[:64]} can still charge later"
+        if amount > bound:
+            await self._overrun(store, call, amount, bound)
+
+    @staticmethod
+    async def _release_included(
+        store: Store, policy: VendorPolicy, path: str, data: dict[str, Any], call: CallState
+    ) -> None:
+        """A charge that includes other held objects (an invoice paying pending invoice
+        items): their amounts are in this charge, so their holds are released."""
+        for object_id in {v for v in values_at(data, path) if isinstance(v, str)}:
+            for hold in await store.holds(policy.vendor, object_id):
+                if hold.key_id == call.key_id:
+                    await store.release(hold.reservation_id)
+
+    async def _overrun(self, store: Store, call: CallState, actual: int, bound: int) -> None:
+        """The vendor charged (or can charge) more than the estimate: booked as it is, and
+        the key is suspended so that a gap in pricing cannot be used twice."""
+        call.outcome = "overrun"
+        reason = (
+            f"estimate overrun: {call.method} {call.path} cost ${format_usd(actual)}, "
+            f"estimated ${format_usd(bound)}"
+        )
+        call.note = f"{reason}; {call.note}" if call.note else reason
+        log.warning("keybrake: %s on %s: key suspended", reason, call.key_id)
+        if call.key_id is not None:
+            await store.suspend_key(call.key_id, self.runtime.now(), reason)
 
     async def _finish_idempotency(self, flow: http.HTTPFlow, call: CallState) -> None:
         if call.idem_scope is None or flow.response is None:
@@ -701,18 +914,28 @@ class VaultGuard:
         if not endpoint.remember_amount:
             return
         object_id = data.get(endpoint.object_id or "id")
-        amount = data.get(endpoint.remember_amount)
-        currency = str(data.get("currency", "usd")).lower()
-        if (
-            not isinstance(object_id, str)
-            or not isinstance(amount, int)
-            or isinstance(amount, bool)
-        ):
+        if not isinstance(object_id, str):
             return
-        try:
-            micros = minor_to_micro_usd(amount, currency, policy.fx_to_usd)
-        except MoneyError:
-            return
+        # The amount in the object's currency and, where the object can be paid in others
+        # (Stripe prices' currency_options), in each of those: the dearest is remembered.
+        amounts = [(data.get(endpoint.remember_amount), data.get("currency", "usd"))]
+        options = data.get("currency_options")
+        if isinstance(options, dict):
+            amounts += [
+                (option.get(endpoint.remember_amount), code)
+                for code, option in options.items()
+                if isinstance(option, dict)
+            ]
+        micros = 0
+        for amount, currency in amounts:
+            if not isinstance(amount, int) or isinstance(amount, bool):
+                return  # an option without a plain amount (tiers, custom): nothing known
+            try:
+                micros = max(
+                    micros, minor_to_micro_usd(amount, str(currency).lower(), policy.fx_to_usd)
+                )
+            except MoneyError:
+                return  # a currency without a rate: better unknown than understated
         store = await self.runtime.open_store()
         await store.remember_amount(policy.vendor, object_id, micros)
 

@@ -38,7 +38,7 @@ __all__ = ["MAX_LABELS", "Metrics", "TimedStore"]
 MAX_LABELS = 500
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 VENDOR_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-SPENT_OUTCOMES = frozenset({"ok", "vendor_error", "unknown"})
+SPENT_OUTCOMES = frozenset({"ok", "overrun", "vendor_error", "unknown"})
 _DONE = "keybrake_metrics_counted"
 
 
@@ -111,8 +111,8 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "keybrake_requests",
-            "Vendor calls that reached Keybrake, by outcome (ok, refused, replayed, "
-            "vendor_error, unknown) and refusal code.",
+            "Vendor calls that reached Keybrake, by outcome (ok, held, overrun, refused, "
+            "replayed, vendor_error, unknown) and refusal code.",
             ["vendor", "outcome", "code"],
             registry=r,
         )
@@ -126,6 +126,13 @@ class Metrics:
             "keybrake_spend_micro_usd",
             "Micro-USD counted as spent: settled actual costs, and the estimate kept when "
             "the vendor's answer was an error or never came.",
+            ["vendor", "label"],
+            registry=r,
+        )
+        self.overruns = Counter(
+            "keybrake_estimate_overruns",
+            "Calls whose vendor charged (or can charge) more than their estimate: booked as "
+            "charged, and the key suspended.",
             ["vendor", "label"],
             registry=r,
         )
@@ -214,6 +221,9 @@ class Metrics:
     def error(self, flow: http.HTTPFlow) -> None:
         self._count(flow)
 
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)  # a CONNECT refused by Egress
+
     def _count(self, flow: http.HTTPFlow) -> None:
         call = flow.metadata.get(META)
         if not isinstance(call, CallState) or flow.metadata.get(_DONE):
@@ -226,13 +236,15 @@ class Metrics:
         self.requests.labels(call.vendor, outcome, call.code or "").inc()
         if outcome == "refused":
             self.refusals.labels(call.vendor, call.code or "").inc()
+        elif outcome == "overrun":
+            self.overruns.labels(call.vendor, self._label(call.label)).inc()
         if outcome in SPENT_OUTCOMES:
             spent = call.actual_micros
             if spent is None:
                 spent = call.estimate.micros if call.estimate else 0
             if spent:
                 self.spent.labels(call.vendor, self._label(call.label)).inc(spent)
-        if held is not None and call.latency_ms is not None:
+        if outcome not in ("refused", "replayed") and call.latency_ms is not None:
             self.vendor_latency.labels(call.vendor, outcome).observe(call.latency_ms / 1000)
 
     # -- exposition ------------------------------------------------------------------------------

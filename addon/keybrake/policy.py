@@ -37,11 +37,13 @@ __all__ = [
     "MAX_REQUESTS_PER_MINUTE",
     "AmountFieldCost",
     "AuthPolicy",
+    "BodyType",
     "CostRule",
     "DedupePolicy",
     "EndpointPolicy",
     "FixedCost",
     "FunctionCost",
+    "HoldRule",
     "KnownObjectCost",
     "PerUnitCost",
     "PolicyError",
@@ -359,6 +361,44 @@ class ActualRule(_Model):
         return self
 
 
+class HoldRule(_Model):
+    """What an object created or acted on by this call can still charge later, out of the
+    proxy's sight (a PaymentIntent confirmed in a browser with its ``client_secret``, a
+    Checkout session paid on Stripe's page, a trial that converts, a pending invoice item).
+
+    After a successful answer that is not a charge (the ``actual`` rule's ``charged_when``
+    does not match) and does not prove that nothing can move any more (``released_when``),
+    the call's reservation is kept as a *hold* on the object, at the amount read here (or the
+    estimate). Later answers about the object through the proxy settle the hold (charged)
+    or release it (``released_when``); a later charging call on the object uses the hold
+    rather than reserving again, so nothing is counted twice.
+    """
+
+    param: str = Field(
+        default="id",
+        description="Path placeholder naming the object on calls that act on it: its holds "
+        "are used by the call.",
+    )
+    amount: str | None = Field(
+        default=None,
+        description="Response field (minor units) of what the object can charge; unset: "
+        "the call's estimate.",
+    )
+    currency: str | None = Field(default="currency", description="Response currency field.")
+    released_when: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Field -> values that prove nothing more can be charged (e.g. status: "
+        "[canceled]; booleans read as 'true'/'false'): the hold is released.",
+    )
+    releases: str | None = Field(
+        default=None,
+        description="On a charged answer, also release this key's holds on the objects this "
+        "response field names (lists are walked: an invoice's "
+        "lines.data.parent.invoice_item_details.invoice_item); their amounts are in the "
+        "charge.",
+    )
+
+
 class DedupePolicy(_Model):
     """Content dedupe for vendors without idempotency keys (or SDKs sending random ones)."""
 
@@ -380,11 +420,48 @@ class DedupePolicy(_Model):
         return int(parse_duration(self.window).total_seconds())
 
 
+BodyType = Literal["form", "json"]
+"""How a request body is encoded: ``form`` (application/x-www-form-urlencoded) or ``json``
+(application/json). The media type of the request alone picks the parser."""
+
+
+def _body_types(value: object) -> tuple[str, ...]:
+    """``form``, ``json`` or a list of them (YAML ``body: [form, json]``)."""
+    items = value if isinstance(value, list | tuple) else [value]
+    if not items:
+        raise ValueError("name at least one body type: form or json")
+    out: list[str] = []
+    for item in items:
+        if item not in ("form", "json"):
+            raise ValueError(f"{item!r} is not a body type; use form or json")
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+BodyTypes = Annotated[tuple[BodyType, ...], BeforeValidator(_body_types)]
+
+
 class EndpointPolicy(_Model):
     """One allowlistable endpoint and how it is priced."""
 
     match: str = Field(description="Method and path pattern, e.g. 'POST /v1/payment_intents'.")
     free: bool = Field(default=False, description="Costs nothing (reads).")
+    body: BodyTypes | None = Field(
+        default=None,
+        description=(
+            "Body types the vendor accepts on this endpoint (form, json, or a list); unset: "
+            "the vendor's. A request with another media type is refused (415)."
+        ),
+    )
+    query: bool = Field(
+        default=False,
+        description=(
+            "Allow a query string on a state-changing call (POST, PUT, PATCH, DELETE). Off: "
+            "refused, since a vendor may read parameters from it that the proxy did not price "
+            "(Stripe merges the query into the body's parameters). Reads always take one."
+        ),
+    )
     cost: CostRule | None = None
     actual: ActualRule | None = None
     object_id: str | None = Field(
@@ -393,6 +470,10 @@ class EndpointPolicy(_Model):
     remember_amount: str | None = Field(
         default=None,
         description="Response field (minor units) to remember for later calls on the object.",
+    )
+    hold: HoldRule | None = Field(
+        default=None,
+        description="Keep the reservation while the object can still charge later (HoldRule).",
     )
     dedupe: DedupePolicy | None = Field(
         default=None, description="Replay identical calls within a window instead of resending."
@@ -416,6 +497,10 @@ class EndpointPolicy(_Model):
     def pattern(self) -> EndpointPattern:
         return _parse_pattern(self.match)
 
+    def body_types(self, vendor: VendorPolicy) -> tuple[str, ...]:
+        """The body types this endpoint accepts: its own, else the vendor's."""
+        return self.body if self.body is not None else vendor.body
+
 
 class VendorPolicy(_Model):
     """Everything Keybrake knows about one vendor."""
@@ -426,6 +511,14 @@ class VendorPolicy(_Model):
     auth: AuthPolicy
     request_id_header: str | None = Field(default=None, description="Vendor request id header.")
     idempotency_header: str | None = Field(default=None, description="Vendor idempotency header.")
+    account_headers: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Request headers that make the vendor act on another account (Stripe Connect: "
+            "Stripe-Account, Stripe-Context). A request carrying one is refused unless the "
+            "vault key lists that account in allowed_accounts."
+        ),
+    )
     idempotency_replay_statuses: tuple[int, ...] = Field(
         default=(),
         description=(
@@ -433,7 +526,13 @@ class VendorPolicy(_Model):
             "key (Stripe: 402 card errors). 2xx are always stored."
         ),
     )
-    body: Literal["form", "json"] = Field(default="form", description="Request body encoding.")
+    body: BodyTypes = Field(
+        default=("form",),
+        description=(
+            "Body types the vendor accepts (form, json, or a list): the request's media type "
+            "must be one of them, and picks the parser; endpoints may narrow it."
+        ),
+    )
     fx_to_usd: dict[CurrencyCode, FxRate] = Field(
         default_factory=lambda: {"usd": Decimal(1)},
         description="USD per unit of each accepted currency.",

@@ -40,6 +40,7 @@ from keybrake.policy import (
     EndpointPolicy,
     FixedCost,
     FunctionCost,
+    HoldRule,
     KnownObjectCost,
     PerUnitCost,
     VendorPolicy,
@@ -49,12 +50,17 @@ __all__ = [
     "ASYNC_COST_FUNCTIONS",
     "COST_FUNCTIONS",
     "COUNTERS",
+    "MEDIA_TYPES",
     "Actual",
     "Body",
     "Estimate",
     "actual_cost",
     "estimate_cost",
+    "hold_amount",
+    "media_type",
     "parse_body",
+    "releases_hold",
+    "values_at",
 ]
 
 
@@ -83,6 +89,13 @@ class Body:
             else:
                 return None
         return node
+
+    def get_node(self, path: str) -> Any:
+        """The value at ``path`` whatever its shape: a scalar, or nested lists and objects
+        (a form body's nested fields read as objects of strings), or None."""
+        if self.kind == "form":
+            return self._data.get_value(path)
+        return self.get(path)
 
     def get_int(self, path: str) -> int | None:
         """A non-negative integer field; anything else refuses rather than guessing."""
@@ -121,12 +134,62 @@ class Body:
         return [v]
 
 
-def parse_body(policy: VendorPolicy, content_type: str, raw: bytes) -> Body:
-    """Parse a request body the way the vendor would; malformed bodies refuse."""
+MEDIA_TYPES: dict[str, str] = {
+    "application/x-www-form-urlencoded": "form",
+    "application/json": "json",
+}
+"""Media type → body type. Nothing else is ever parsed: no sniffing, no ``+json`` suffixes."""
+_MEDIA_OF: dict[str, str] = {kind: media for media, kind in MEDIA_TYPES.items()}
+
+
+def media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """The lower-cased ``type/subtype`` of a Content-Type and its parameters.
+
+    >>> media_type("Application/X-WWW-Form-Urlencoded; charset=UTF-8; x=json")
+    ('application/x-www-form-urlencoded', {'charset': 'utf-8', 'x': 'json'})
+    """
+    head, *params = content_type.split(";")
+    out: dict[str, str] = {}
+    for param in params:
+        name, _, value = param.partition("=")
+        out[name.strip().lower()] = value.strip().strip('"').lower()
+    return head.strip().lower(), out
+
+
+def parse_body(accepted: tuple[str, ...], content_types: list[str], raw: bytes) -> Body:
+    """Parse a request body exactly as the vendor will, or refuse it.
+
+    The media type alone (type/subtype, case-insensitive, parameters ignored) picks the parser,
+    and it must be one of the ``accepted`` body types (the endpoint's policy). A body the
+    proxy would read one way and the vendor another is the cheapest way around a cap: a JSON
+    body sent as form data, a form body with a charset the vendor decodes differently, two
+    Content-Type headers. An empty body is an empty set of parameters whatever its type.
+    """
+    wanted = " or ".join(_MEDIA_OF[kind] for kind in accepted)
+    if len(content_types) > 1:
+        raise Refusal("unsupported_media_type", "a request may have only one Content-Type")
+    if not raw:
+        kind = accepted[0]
+        if content_types:
+            kind = MEDIA_TYPES.get(media_type(content_types[0])[0], "")
+            if kind not in accepted:
+                raise Refusal(
+                    "unsupported_media_type", f"this endpoint takes {wanted} request bodies"
+                )
+        return Body(kind, parse_json_body(b"{}") if kind == "json" else parse_stripe_form(b""))
+    if not content_types:
+        raise Refusal("unsupported_media_type", f"a request body needs Content-Type {wanted}")
+    media, params = media_type(content_types[0])
+    kind = MEDIA_TYPES.get(media, "")
+    if kind not in accepted:
+        raise Refusal(
+            "unsupported_media_type",
+            f"this endpoint takes {wanted} request bodies, not {media[:64] or 'an empty type'}",
+        )
+    if params.get("charset", "utf-8") not in ("utf-8", "utf8"):
+        raise Refusal("unsupported_media_type", "request bodies must be UTF-8")
     try:
-        if "json" in content_type or (policy.body == "json" and "form" not in content_type):
-            return Body("json", parse_json_body(raw) if raw.strip() else {})
-        return Body("form", parse_stripe_form(raw))
+        return Body(kind, parse_json_body(raw) if kind == "json" else parse_stripe_form(raw))
     except AmbiguousField as e:
         raise Refusal("ambiguous_amount", f"request body is ambiguous: {e}") from None
     except (FormError, ValueError) as e:
@@ -145,12 +208,17 @@ class Estimate:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Actual:
-    """What the vendor reports it charged; ``micros`` None means keep the estimate."""
+    """What the vendor reports it charged; ``micros`` None means keep the estimate.
+
+    ``charged`` is False when the answer says this call moved no money (the ``actual``
+    rule's ``charged_when`` did not match); the object may still charge later (`HoldRule`).
+    """
 
     micros: int | None
     amount_minor: int | None = None
     currency: str | None = None
     note: str = ""
+    charged: bool = True
 
 
 StoreLookup = Callable[[str], Awaitable[int | None]]
@@ -237,13 +305,24 @@ async def _estimate_amount_field(
         currency = currency.lower()
         micros = _minor_to_micros(amount, currency, policy)
         return Estimate(micros, amount, currency, "amount_field")
-    # No amount, or an amount without currency (a capture's amount_to_capture): the whole
-    # amount of the object the proxy saw earlier is a safe upper bound.
     object_ids = _named_objects(rule.known_object, rule.known_object_fields, body, params)
-    found = await _recall_largest(object_ids, recall)
-    if found is not None:
-        return Estimate(found[1], amount, None, f"known:{found[0]}")
+    if amount is not None and object_ids:
+        # An amount without currency is in the currency of the object it acts on (a
+        # capture's amount_to_capture, a refund's amount). Bounded both ways: by the whole
+        # amount the proxy saw for the object, and by the amount in the dearest currency the
+        # policy knows (it can exceed the object's amount: over-capture).
+        # The object must be known: its currency is then one the policy has a rate for.
+        found = await _recall_largest(object_ids, recall)
+        dearest = _dearest(amount, policy)
+        if found is not None and found[1] >= dearest:
+            return Estimate(found[1], amount, None, f"known:{found[0]}")
+        if found is not None:
+            return Estimate(dearest, amount, None, "amount in the dearest currency")
     if amount is None or object_ids or rule.known_object_fields:
+        # No amount: the whole amount of the object the proxy saw earlier bounds it.
+        found = await _recall_largest(object_ids, recall)
+        if found is not None:
+            return Estimate(found[1], None, None, f"known:{found[0]}")
         raise Refusal(
             "unpriced_endpoint",
             f"{endpoint.match} without {rule.amount!r} and its currency needs the amount of "
@@ -251,6 +330,11 @@ async def _estimate_amount_field(
             "proxy first",
         )
     raise Refusal("unknown_currency", "request names an amount but no currency")
+
+
+def _dearest(amount: int, policy: VendorPolicy) -> int:
+    """``amount`` minor units in whichever currency of the policy makes it worth the most."""
+    return max(_minor_to_micros(amount, currency, policy) for currency in policy.fx_to_usd)
 
 
 def _named_objects(
@@ -360,8 +444,8 @@ def actual_cost(
         return Actual(None, note="response body not an object: estimate kept")
     resp = Body("json", data)
     for field, values in rule.charged_when.items():
-        if str(resp.get(field)) not in values:
-            return Actual(0, note=f"{field}={resp.get(field)!r}: not charged")
+        if _text(resp.get(field)) not in values:
+            return Actual(0, note=f"{field}={resp.get(field)!r}: not charged", charged=False)
     if rule.price is not None:
         return _actual_price(policy, rule, rule.price, resp, estimate)
     if rule.amount is None:
@@ -398,6 +482,57 @@ def _actual_price(
     except (MoneyError, TypeError):
         return dataclasses.replace(kept, note=f"{path} unreadable in the response: estimate kept")
     return Actual(micros, None, currency.lower(), f"{path} read from the response")
+
+
+def _text(value: Any) -> str:
+    """A response value as policy files write it (JSON booleans as ``true``/``false``)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def releases_hold(rule: HoldRule, data: dict[str, Any]) -> bool:
+    """True when the answer proves the object cannot charge any more (``released_when``)."""
+    resp = Body("json", data)
+    return bool(rule.released_when) and all(
+        _text(resp.get(field)) in values for field, values in rule.released_when.items()
+    )
+
+
+def values_at(data: Any, path: str) -> list[Any]:
+    """Every value at a dotted ``path``, walking through lists on the way.
+
+    >>> values_at({"lines": {"data": [{"x": 1}, {"x": 2}, {}]}}, "lines.data.x")
+    [1, 2]
+    """
+    nodes = [data]
+    for part in path.split("."):
+        nxt: list[Any] = []
+        for node in nodes:
+            for item in node if isinstance(node, list) else [node]:
+                if isinstance(item, dict) and item.get(part) is not None:
+                    nxt.append(item[part])
+        nodes = nxt
+    return [v for node in nodes for v in (node if isinstance(node, list) else [node])]
+
+
+def hold_amount(
+    policy: VendorPolicy, rule: HoldRule, data: dict[str, Any], estimate: Estimate
+) -> int:
+    """What the object can still charge, in micro-USD: the answer's amount when the rule names
+    one and it is readable (the vendor's word on the object), else the estimate."""
+    if rule.amount is None:
+        return estimate.micros
+    resp = Body("json", data)
+    try:
+        amount = resp.get_int(rule.amount)
+    except ValueError:
+        return estimate.micros
+    currency = resp.get(rule.currency) if rule.currency else estimate.currency
+    if amount is None or not isinstance(currency, str):
+        return estimate.micros
+    try:
+        return minor_to_micro_usd(amount, currency.lower(), policy.fx_to_usd)
+    except MoneyError:
+        return estimate.micros
 
 
 # Vendor counters and cost functions register themselves on import.

@@ -80,7 +80,15 @@ CASES = [
     Case("encoded-dotdot-back-in", "POST", "/v1/x/%2E%2E/payment_intents", "/v1/payment_intents"),
     Case("matrix-params", "POST", "/v1/payment_intents;jsessionid=1", "/v1/payment_intents"),
     Case("encoded-letter", "POST", "/v1/%70ayment_intents", "/v1/payment_intents"),
-    Case("query-kept", "POST", "/v1/payment_intents?expand[]=x", "/v1/payment_intents?expand[]=x"),
+    # A paid call's parameters come from its body only (Stripe would merge the query in).
+    Case("query-on-paid-call", "POST", "/v1/payment_intents?amount=1", "unpriced_parameter"),
+    Case(
+        "query-kept-on-read",
+        "GET",
+        f"/v1/payment_intents/{PI}?expand[]=x",
+        f"/v1/payment_intents/{PI}?expand[]=x",
+        b"",
+    ),
     Case("fragment-dropped", "POST", "/v1/payment_intents#frag", "/v1/payment_intents"),
     Case("lowercase-method", "post", "/v1/payment_intents", "/v1/payment_intents"),
     Case(

@@ -25,6 +25,8 @@ import stripe
 from tests.conftest import KEYBRAKE, KeybrakeProcess, audit_query, postgres_schema
 from tests.fakes import FakeStripe, FakeTLS
 
+from keybrake._idempotency import vendor_idempotency_key
+
 pytestmark = pytest.mark.e2e
 
 PI = "https://api.stripe.com/v1/payment_intents"
@@ -174,7 +176,7 @@ def test_every_call_gets_exactly_one_row(
 
     expect = {
         "m-sdk": ("ok", None, 200),
-        "m-auth": ("ok", None, 200),
+        "m-auth": ("held", None, 200),  # not confirmed: a browser may still confirm it
         "m-replay": ("replayed", None, 200),
         "m-mismatch": ("refused", "idempotency_mismatch", 422),
         "m-refund": ("refused", "endpoint_not_allowed", 403),
@@ -206,10 +208,13 @@ def test_every_call_gets_exactly_one_row(
     assert (sdk_row["amount_minor"], sdk_row["currency"]) == (1234, "usd")
     assert sdk_row["vendor_object_id"] == pi.id
     assert sdk_row["idempotency_key"] == ik == by_msg["m-replay"]["idempotency_key"]
+    # Stripe saw the key namespaced by vault key; the row keeps both.
+    assert sdk_row["vendor_idempotency_key"] == vendor_idempotency_key(key["key_id"], ik)
+    assert stripe_fake.ledger[ledger_before].idempotency_key == (sdk_row["vendor_idempotency_key"])
     assert pi.last_response is not None
     assert sdk_row["vendor_request_id"] == pi.last_response.headers["Request-Id"]
     assert sdk_row["latency_ms"] > 0
-    assert by_msg["m-auth"]["actual_micros"] == 0  # authorised, not charged
+    assert by_msg["m-auth"]["actual_micros"] == 0  # not charged (yet): held
     assert by_msg["m-auth"]["estimate_micros"] == 25_000_000
     assert by_msg["m-replay"]["actual_micros"] == 0
     assert by_msg["m-replay"]["vendor_object_id"] in (None, pi.id)
@@ -220,9 +225,10 @@ def test_every_call_gets_exactly_one_row(
     for msg in ("m-cap", "m-refund", "m-unknown-key", "m-mismatch"):
         assert by_msg[msg]["actual_micros"] in (None, 0), msg
 
-    # Every vendor request id the fake issued for a charge it answered is in exactly one ok row.
+    # Every vendor request id the fake issued for a call it answered is in exactly one ok (or
+    # held) row.
     new_entries = stripe_fake.ledger[ledger_before:]
-    ok_ids = [r["vendor_request_id"] for r in rows if r["outcome"] == "ok"]
+    ok_ids = [r["vendor_request_id"] for r in rows if r["outcome"] in ("ok", "held")]
     answered = [e.request_id for e in new_entries if 200 <= e.status < 300 and e.fault is None]
     assert sorted(answered) == sorted(ok_ids)
     assert len(set(ok_ids)) == len(ok_ids)
@@ -236,9 +242,14 @@ def test_every_call_gets_exactly_one_row(
     # The key's ledger equals the audit's sum; and it holds what the vendor charged.
     detail = kb.admin("GET", f"/vault/keys/{key['key_id']}").json()
     key_rows = [r for r in rows if r["key_id"] == key["key_id"]]
-    assert sum(r["actual_micros"] or 0 for r in key_rows) == micros(detail["spent_today_usd"])
+    assert sum(r["actual_micros"] or 0 for r in key_rows) == micros(
+        detail["budgets"][0]["spent_usd"]
+    )
+    # What is counted today adds the hold of the intent that was not confirmed.
+    held = by_msg["m-auth"]["estimate_micros"]
+    assert micros(detail["spent_today_usd"]) == micros(detail["budgets"][0]["spent_usd"]) + held
     charged = sum(e.charged_usd_micros or 0 for e in new_entries)
-    assert micros(detail["spent_today_usd"]) >= charged == 12_340_000
+    assert micros(detail["budgets"][0]["spent_usd"]) >= charged == 12_340_000
 
     # Actor and message id are for the log only: the vendor never sees them.
     for e in new_entries:

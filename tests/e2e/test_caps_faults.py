@@ -13,11 +13,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 import stripe
-from tests.conftest import KeybrakeProcess, free_port
+from tests._redis import PrivateRedis
+from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS
 
 pytestmark = pytest.mark.e2e
@@ -183,66 +180,24 @@ def test_kill_9_mid_request_keeps_the_budget_conservative_and_consistent(
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[int]:
+def own_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A throw-away redis-server on a free port (nothing persisted), stopped afterwards."""
-    port = free_port()
-    pidfile = tmp_path / f"redis-{port}.pid"
-    start_redis(port, pidfile)
+    r = PrivateRedis(tmp_path / "redis").start()
     try:
-        yield port
+        yield r
     finally:
-        subprocess.run(
-            ["redis-cli", "-p", str(port), "shutdown", "nosave"],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
-        # If it was already down or did not answer, end it by its own pid.
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
-
-
-def start_redis(port: int, pidfile: Path) -> None:
-    subprocess.run(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-            "--pidfile",
-            str(pidfile),
-            "--dir",
-            str(pidfile.parent),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
-    wait_for(lambda: _port_open(port), 10, f"redis-server on port {port}")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        r.kill()
 
 
 @pytest.mark.redis
 def test_redis_outage_fails_closed_and_recovers_without_restart(
     keybrake_factory: Any,
     fake_stripe: FakeStripe,
-    own_redis: int,
+    own_redis: PrivateRedis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    port = own_redis
+    port = own_redis.port
     kb: KeybrakeProcess = keybrake_factory(
         {"stripe": fake_stripe}, store=f"redis://127.0.0.1:{port}/0"
     )
@@ -251,8 +206,7 @@ def test_redis_outage_fails_closed_and_recovers_without_restart(
     assert ok.status_code == 200, ok.text
     assert len(fake_stripe.ledger) == 1
 
-    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=True, timeout=10)
-    wait_for(lambda: not _port_open(port), 10, "redis to stop")
+    own_redis.stop()
 
     # Raw HTTP: fail closed, quickly, the vendor is not contacted.
     started = time.monotonic()
@@ -280,7 +234,7 @@ def test_redis_outage_fails_closed_and_recovers_without_restart(
     assert refusal_code(issue) == "store_unavailable"
 
     # Redis comes back (empty: nothing was persisted); the same proxy process recovers.
-    start_redis(port, tmp_path / f"redis-{port}.pid")
+    own_redis.start()
     wait_for(
         lambda: httpx.get(f"{kb.admin_url}/healthz", timeout=10).status_code == 200,
         10,
@@ -382,43 +336,45 @@ def test_confirm_and_capture_without_amount_use_the_remembered_amount(
         ],
     )
     vk = key["vault_key"]
-    # Create without confirming: nothing moves, nothing is spent, the $20 is remembered.
+    # Create without confirming: nothing moves yet, but a browser could confirm it with its
+    # client_secret: the $20 is held (counted) and remembered.
     created = charge(kb, vk, 2000, confirm=None, payment_method=None)
     assert created.status_code == 200, created.text
     assert created.json()["status"] == "requires_payment_method"
-    assert created.headers["X-Keybrake-Spent-Usd"] == "0.00"
+    assert created.headers["X-Keybrake-Spent-Usd"] == "20.00"
+    assert key_budget(kb, key["key_id"])["spent_usd"] == "0.00"
     confirm = charge(
         kb, vk, "", path=f"/v1/payment_intents/{created.json()['id']}/confirm",
         payment_method="pm_card_visa",
     )  # fmt: skip
     assert confirm.status_code == 200, confirm.text
     assert confirm.json()["status"] == "succeeded"
+    # The confirm used the intent's hold: counted once.
     assert confirm.headers["X-Keybrake-Spent-Usd"] == "20.00"
     assert confirm.headers["X-Keybrake-Remaining-Usd"] == "5.00"
+    assert key_budget(kb, key["key_id"])["spent_usd"] == "20.00"
 
-    # Authorise $4 twice (manual capture): each reserves $4 up front and settles at $0.
-    auths = []
-    for _ in range(2):
-        auth = charge(kb, vk, 400, capture_method="manual")
-        assert auth.status_code == 200, auth.text
-        assert auth.json()["status"] == "requires_capture"
-        assert auth.headers["X-Keybrake-Spent-Usd"] == "20.00"
-        auths.append(auth.json()["id"])
-    # Capture without an amount: priced at the remembered $4, settled at what was received.
-    captured = charge(kb, vk, "", path=f"/v1/payment_intents/{auths[0]}/capture")
+    # Authorise $4 (manual capture): held until captured.
+    auth = charge(kb, vk, 400, capture_method="manual")
+    assert auth.status_code == 200, auth.text
+    assert auth.json()["status"] == "requires_capture"
+    assert auth.headers["X-Keybrake-Spent-Usd"] == "24.00"
+    # Capture without an amount: priced at the remembered $4 (its hold), settled at what was
+    # received.
+    captured = charge(kb, vk, "", path=f"/v1/payment_intents/{auth.json()['id']}/capture")
     assert captured.status_code == 200, captured.text
     assert captured.json()["status"] == "succeeded"
     assert captured.headers["X-Keybrake-Spent-Usd"] == "24.00"
     assert fake_stripe.charged_usd_micros() == 24 * USD
-    # The second capture needs $4 of the $1 left: the remembered amount prices it, and it is
-    # refused before Stripe sees it.
-    refused = charge(kb, vk, "", path=f"/v1/payment_intents/{auths[1]}/capture")
+    assert key_budget(kb, key["key_id"])["spent_usd"] == "24.00"
+    # Another $4 authorisation needs $4 of the $1 left: refused before Stripe sees it.
+    before = len(fake_stripe.ledger)
+    refused = charge(kb, vk, 400, capture_method="manual")
     assert refused.status_code == 429
     assert refused.headers["X-Keybrake-Cap-Hit"] == "true"
     assert refusal_code(refused) == "cap_exhausted"
     assert refused.json()["error"]["needed_usd"] == "4.00"
-    auth2_id = auths[1]
-    assert not any(e.route.endswith(f"{auth2_id}/capture") for e in fake_stripe.ledger)
+    assert len(fake_stripe.ledger) == before
 
 
 def test_confirm_of_an_unseen_intent_is_unpriced(

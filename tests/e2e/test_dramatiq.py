@@ -30,6 +30,7 @@ import stripe
 from tests.conftest import KEYBRAKE, REDIS_URL, ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe
 
+from keybrake._idempotency import vendor_idempotency_key
 from keybrake.integrations import BudgetExhausted as SharedBudgetExhausted
 from keybrake.integrations import call_context, is_cap_hit, is_retryable
 from keybrake.integrations.dramatiq import BudgetExhausted, retry_when
@@ -285,7 +286,10 @@ def test_group_of_400_charges_stops_at_the_300_dollar_cap(
     charges = [e for e in fake_stripe.ledger if e.amount_charged_minor > 0]
     assert len(charges) == by_outcome["ok"]
     assert len({c.idempotency_key for c in charges}) == len(charges)
-    assert {c.idempotency_key for c in charges} == {m for m, o in final.items() if o == "ok"}
+    # Forwarded namespaced by vault key (vendors scope idempotency keys account-wide).
+    assert {c.idempotency_key for c in charges} == {
+        vendor_idempotency_key(key["key_id"], m) for m, o in final.items() if o == "ok"
+    }
 
     # Every attempt that reached the proxy is in the audit log with its actor and message id.
     rows = audit_rows(kb, key["key_id"], len(entries))

@@ -27,6 +27,8 @@ import yaml
 from tests.conftest import ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS, FakeTwilio
 
+from keybrake._idempotency import vendor_idempotency_key
+
 pytestmark = pytest.mark.e2e
 
 PI = "https://api.stripe.com/v1/payment_intents"
@@ -128,8 +130,11 @@ def spent_micros(kb: KeybrakeProcess, key: dict[str, Any]) -> int:
     return int(Decimal(detail["spent_today_usd"]) * 1_000_000)
 
 
-def with_ik(fake: FakeStripe, ik: str) -> list[Any]:
-    return [e for e in fake.ledger if e.idempotency_key == ik]
+def with_ik(fake: FakeStripe, key: dict[str, Any], ik: str) -> list[Any]:
+    """Ledger entries of the worker's idempotency key ``ik`` as the vendor received it:
+    namespaced per vault key."""
+    forwarded = vendor_idempotency_key(key["key_id"], ik)
+    return [e for e in fake.ledger if e.idempotency_key == forwarded]
 
 
 def refusal_code(r: httpx.Response) -> str:
@@ -158,7 +163,7 @@ def test_sdk_retry_is_replayed_without_vendor_or_budget(
     # Spend headers describe the first call; a replay must not pretend to have spent again.
     assert "X-Keybrake-Spent-Usd" not in again.last_response.headers
 
-    (entry,) = with_ik(stripe_fake, ik)
+    (entry,) = with_ik(stripe_fake, key, ik)
     assert entry.status == 200 and not entry.replayed
     assert spent_micros(kb, key) == 12_340_000
 
@@ -170,7 +175,7 @@ def test_sdk_retry_is_replayed_without_vendor_or_budget(
     assert e.value.json_body["error"]["code"] == "idempotency_mismatch"
     assert e.value.headers is not None
     assert e.value.headers.get("X-Keybrake-Error") == "idempotency_mismatch"
-    assert len(with_ik(stripe_fake, ik)) == 1
+    assert len(with_ik(stripe_fake, key, ik)) == 1
     assert spent_micros(kb, key) == 12_340_000
 
 
@@ -208,7 +213,7 @@ def test_same_key_in_flight_is_409(
     assert replay.id == first["r"].json()["id"]
     assert replay.last_response is not None
     assert replay.last_response.headers["X-Keybrake-Replayed"] == "true"
-    assert len(with_ik(stripe_fake, ik)) == 1
+    assert len(with_ik(stripe_fake, key, ik)) == 1
     assert spent_micros(kb, key) == 5_000_000
 
 
@@ -229,7 +234,7 @@ def test_declined_402_is_replayed_like_stripe(
     assert again.value.code == "card_declined"
     assert again.value.headers is not None
     assert again.value.headers.get("X-Keybrake-Replayed") == "true"
-    (entry,) = with_ik(stripe_fake, ik)
+    (entry,) = with_ik(stripe_fake, key, ik)
     assert entry.status == 402
     assert spent_micros(kb, key) == 0  # a decline charges nothing and releases the reservation
 
@@ -246,12 +251,12 @@ def test_400_is_not_replayed_and_a_fixed_retry_goes_through(
         assert e.value.code == "amount_too_small"
         assert e.value.headers is not None
         assert "X-Keybrake-Replayed" not in e.value.headers
-    entries = with_ik(stripe_fake, ik)
+    entries = with_ik(stripe_fake, key, ik)
     assert [(x.status, x.replayed) for x in entries] == [(400, False), (400, False)]
     # Stripe keeps no result for a validation error: the same key with fixed params works.
     fixed = sc.v1.payment_intents.create(params=charge(100), options={"idempotency_key": ik})
     assert fixed.status == "succeeded"
-    assert len(with_ik(stripe_fake, ik)) == 3
+    assert len(with_ik(stripe_fake, key, ik)) == 3
     assert spent_micros(kb, key) == 1_000_000
 
 
@@ -266,7 +271,7 @@ def test_replays_consume_no_budget(kb: KeybrakeProcess, stripe_fake: FakeStripe)
         assert again.status_code == 200, again.text
         assert again.headers["X-Keybrake-Replayed"] == "true"
         assert again.json()["id"] == r.json()["id"]
-    assert len(with_ik(stripe_fake, ik)) == 1
+    assert len(with_ik(stripe_fake, key, ik)) == 1
     detail = kb.admin("GET", f"/vault/keys/{key['key_id']}").json()
     assert detail["spent_today_usd"] == "15.00"
     assert detail["remaining_usd"] == "5.00"

@@ -1,9 +1,11 @@
 """End to end: Stripe's money endpoints through the real stripe SDK, a real ``keybrake run`` and
-the fake Stripe. The key's spend must equal the money the fake moved.
+the fake Stripe. The key's spend must equal the money the fake moved, and what is counted
+(spent + held) must cover everything that can still move later out of the proxy's sight.
 
 What counts (policies/stripe.yaml): money moved, read from Stripe's answer — captures, not
-authorizations; refunds (by default); Checkout Sessions at creation (the customer pays out of
-the proxy's sight); a subscription's first invoice.
+authorizations; refunds (by default); a subscription's first invoice. Held until an answer
+settles or releases them: intents not yet succeeded, Checkout Sessions (the customer pays out
+of the proxy's sight), trialing or incomplete subscriptions, pending invoice items.
 """
 
 from __future__ import annotations
@@ -72,9 +74,16 @@ def client(kb: KeybrakeProcess, key: dict[str, Any]) -> stripe.StripeClient:
     return stripe.StripeClient(key["vault_key"], proxy=kb.proxy_url, max_network_retries=0)
 
 
-def spent(kb: KeybrakeProcess, key: dict[str, Any]) -> str:
+def counted(kb: KeybrakeProcess, key: dict[str, Any]) -> str:
+    """Today's spend of the key including what is reserved or held."""
     detail: dict[str, Any] = kb.admin("GET", f"/vault/keys/{key['key_id']}").json()
     return str(detail["spent_today_usd"])
+
+
+def spent(kb: KeybrakeProcess, key: dict[str, Any]) -> str:
+    """Today's settled spend of the key: money the vendor said it moved."""
+    detail: dict[str, Any] = kb.admin("GET", f"/vault/keys/{key['key_id']}").json()
+    return str(detail["budgets"][0]["spent_usd"])
 
 
 def moved(fake: FakeStripe, *, refunds: bool = True) -> str:
@@ -121,14 +130,18 @@ def test_payment_intents_count_captures_not_authorizations(
     assert done.status == "succeeded"
     assert spent(kb, key) == moved(fake) == "25.00"
 
-    # Manual capture: the confirm only authorizes (settles at $0), the capture is counted.
+    # Manual capture: the confirm only authorizes (nothing spent yet, but the intent stays
+    # held: it can still be captured), the capture is counted and the rest released.
     manual = pis.create(params={"amount": 5000, "currency": "usd", "capture_method": "manual"})
+    assert spent(kb, key) == moved(fake) == "25.00"
+    assert counted(kb, key) == "75.00"
     auth = pis.confirm(manual.id, params={"payment_method": "pm_card_visa"})
     assert auth.status == "requires_capture"
     assert spent(kb, key) == moved(fake) == "25.00"
+    assert counted(kb, key) == "75.00"
     captured = pis.capture(manual.id, params={"amount_to_capture": 3000})
     assert captured.amount_received == 3000
-    assert spent(kb, key) == moved(fake) == "55.00"
+    assert spent(kb, key) == counted(kb, key) == moved(fake) == "55.00"
 
     # An incremented authorization is captured at its new amount, counted once.
     inc = pis.create(
@@ -141,11 +154,13 @@ def test_payment_intents_count_captures_not_authorizations(
         }
     )
     assert inc.status == "requires_capture"
+    assert counted(kb, key) == "75.00"
     bigger = pis.increment_authorization(inc.id, params={"amount": 3500})
     assert bigger.amount == 3500 and bigger.status == "requires_capture"
     assert spent(kb, key) == "55.00"
+    assert counted(kb, key) == "90.00"  # the hold follows the authorization
     pis.capture(inc.id)
-    assert spent(kb, key) == moved(fake) == "90.00"
+    assert spent(kb, key) == counted(kb, key) == moved(fake) == "90.00"
 
 
 def test_charges_and_refunds(kb: KeybrakeProcess, fake: FakeStripe) -> None:
@@ -249,13 +264,16 @@ def test_invoice_pay_uses_the_amount_due_the_proxy_saw(
         }
     )
     sc.v1.invoice_items.create(params={"customer": cus.id, "amount": 4200, "currency": "usd"})
+    # A pending item is held: Stripe could sweep it into an invoice it collects by itself.
+    assert spent(kb, key) == "0.00" and counted(kb, key) == "42.00"
     inv = sc.v1.invoices.create(
         params={"customer": cus.id, "pending_invoice_items_behavior": "include"}
     )
     assert inv.amount_due == 4200 and spent(kb, key) == "0.00"
     paid = sc.v1.invoices.pay(inv.id)
     assert paid.status == "paid" and paid.amount_paid == 4200
-    assert spent(kb, key) == moved(fake) == "42.00"
+    # The payment includes the item: its hold is released, nothing is counted twice.
+    assert spent(kb, key) == counted(kb, key) == moved(fake) == "42.00"
 
     # An invoice made out of the proxy's sight is refused until the proxy has read it.
     other = direct(fake, "/v1/invoices", {"customer": cus.id})
@@ -311,9 +329,9 @@ def test_checkout_sessions_count_their_total_when_created(
         }
     )
     assert session.amount_total == 3500
-    # Counted at creation, at amount_total: the customer pays on Stripe's page, which the
-    # proxy never sees (the fake has moved nothing yet).
-    assert spent(kb, key) == "35.00"
+    # Held from creation: the customer pays on Stripe's page, which the proxy never sees
+    # (the fake has moved nothing yet).
+    assert counted(kb, key) == "35.00" and spent(kb, key) == "0.00"
     assert fake.charged_usd_micros() == 0
 
     price = sc.v1.prices.create(
@@ -330,7 +348,7 @@ def test_checkout_sessions_count_their_total_when_created(
         e.extra.get("amount_total") for e in fake.ledger if e.route == "/v1/checkout/sessions"
     ]
     assert totals == [3500, 2100]
-    assert spent(kb, key) == "56.00"
+    assert counted(kb, key) == "56.00"
 
     # A price the proxy has never seen cannot be priced: refused, Stripe not contacted.
     unseen = direct(
@@ -370,37 +388,41 @@ def test_subscriptions_count_their_first_invoice(kb: KeybrakeProcess, fake: Fake
             "quantity": quantity,
         }
 
-    sub = sc.v1.subscriptions.create(params={"customer": cus.id, "items": [item(999, 2)]})
+    def create(**params: Any) -> Any:
+        # One period only: renewals would be charged by Stripe out of the proxy's sight.
+        return sc.v1.subscriptions.create(
+            params={"customer": cus.id, "cancel_at_period_end": True, **params}
+        )
+
+    sub = create(items=[item(999, 2)])
     assert sub.status == "active"
-    assert spent(kb, key) == moved(fake) == "19.98"
+    assert spent(kb, key) == counted(kb, key) == moved(fake) == "19.98"
     # With latest_invoice expanded the settled cost is read from the invoice itself.
-    expanded = sc.v1.subscriptions.create(
-        params={"customer": cus.id, "items": [item(500)], "expand": ["latest_invoice"]}
-    )
+    expanded = create(items=[item(500)], expand=["latest_invoice"])
     assert expanded.status == "active"
-    assert spent(kb, key) == moved(fake) == "24.98"
-    # A trial charges nothing now (later invoices are out of the proxy's sight).
-    trial = sc.v1.subscriptions.create(
-        params={"customer": cus.id, "items": [item(2000)], "trial_period_days": 14}
-    )
+    assert spent(kb, key) == counted(kb, key) == moved(fake) == "24.98"
+    # A trial charges nothing now, but Stripe charges when it ends, out of the proxy's sight:
+    # held at the period it would charge.
+    trial = create(items=[item(2000)], trial_period_days=14)
     assert trial.status == "trialing"
     assert spent(kb, key) == moved(fake) == "24.98"
+    assert counted(kb, key) == "44.98"
     # default_incomplete: the customer may still pay the first invoice out of the proxy's
-    # sight, so it is counted now although the fake has not moved the money yet.
-    pending = sc.v1.subscriptions.create(
-        params={
-            "customer": cus.id,
-            "items": [item(300)],
-            "payment_behavior": "default_incomplete",
-        }
-    )
+    # sight: held, although the fake has not moved the money yet.
+    pending = create(items=[item(300)], payment_behavior="default_incomplete")
     assert pending.status == "incomplete"
-    assert moved(fake) == "24.98"
-    assert spent(kb, key) == "27.98"
+    assert spent(kb, key) == moved(fake) == "24.98"
+    assert counted(kb, key) == "47.98"
 
     with pytest.raises(stripe.PermissionError) as e:
-        sc.v1.subscriptions.create(params={"customer": cus.id, "items": [{"price": "price_nope"}]})
+        create(items=[{"price": "price_nope"}])
     assert code_of(e) == "unpriced_endpoint"
+    # A subscription that renews has no bound the proxy could reserve: refused.
+    before = len(fake.ledger)
+    with pytest.raises(stripe.PermissionError) as e:
+        sc.v1.subscriptions.create(params={"customer": cus.id, "items": [item(100)]})
+    assert code_of(e) == "unpriced_endpoint"
+    assert len(fake.ledger) == before
 
 
 def test_ambiguous_amounts_are_refused_not_guessed(kb: KeybrakeProcess, fake: FakeStripe) -> None:
@@ -436,17 +458,19 @@ def test_cap_refuses_money_calls_without_contacting_stripe(
 ) -> None:
     key = issue(kb, ["POST /v1/transfers", "POST /v1/payouts", *PI], cap="10")
     sc = client(kb, key)
-    pi = sc.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})  # settles $0
-    sc.v1.transfers.create(params={"amount": 900, "currency": "usd", "destination": "acct_1X"})
-    assert spent(kb, key) == "9.00"
+    pi = sc.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})  # held $5
+    sc.v1.transfers.create(params={"amount": 400, "currency": "usd", "destination": "acct_1X"})
+    assert spent(kb, key) == "4.00" and counted(kb, key) == "9.00"
     before = len(fake.ledger)
     with pytest.raises(stripe.RateLimitError) as e:
         sc.v1.payouts.create(params={"amount": 200, "currency": "usd"})
     assert code_of(e) == "cap_exhausted"
     assert e.value.headers is not None and e.value.headers.get("X-Keybrake-Cap-Hit") == "true"
-    # The confirm carries no amount: it is priced at the $5.00 the proxy remembered.
     with pytest.raises(stripe.RateLimitError) as e:
-        sc.v1.payment_intents.confirm(pi.id, params={"payment_method": "pm_card_visa"})
+        sc.v1.payment_intents.create(params={"amount": 200, "currency": "usd"})
     assert code_of(e) == "cap_exhausted"
     assert len(fake.ledger) == before
-    assert spent(kb, key) == moved(fake) == "9.00"
+    # The confirm is priced at the $5.00 the intent holds already: it needs no more room.
+    done = sc.v1.payment_intents.confirm(pi.id, params={"payment_method": "pm_card_visa"})
+    assert done.status == "succeeded"
+    assert spent(kb, key) == counted(kb, key) == moved(fake) == "9.00"

@@ -109,4 +109,4 @@ def test_policy_settings(shipped: PolicySet) -> None:
     assert resend.auth.schemes == ("bearer",)
     assert resend.auth.secret_env == "RESEND_API_KEY"
     assert resend.idempotency_header == "Idempotency-Key"
-    assert resend.body == "json"
+    assert resend.body == ("json",)

@@ -48,8 +48,24 @@ SUBSCRIPTION = ("POST", "/v1/subscriptions")
             20_000_000,  # confirm takes no amount: a body amount cannot lower the price
         ),
         ("POST", "/v1/payment_intents/pi_1/capture", b"", {"pi_1": 9}, 9),
-        ("POST", "/v1/payment_intents/pi_1/capture", b"amount_to_capture=5", {"pi_1": 9}, 9),
-        ("POST", "/v1/payment_intents/pi_1/increment_authorization", b"amount=900", {"pi_1": 4}, 4),
+        # amount_to_capture is in the intent's currency: bounded by the dearest one (GBP)
+        # when that is more than the intent's amount (over-capture)
+        ("POST", "/v1/payment_intents/pi_1/capture", b"amount_to_capture=5", {"pi_1": 9}, 70_000),
+        (
+            "POST",
+            "/v1/payment_intents/pi_1/capture",
+            b"amount_to_capture=5",
+            {"pi_1": 90_000},
+            90_000,
+        ),
+        # the new authorized amount, in the intent's currency: the dearest one bounds it
+        (
+            "POST",
+            "/v1/payment_intents/pi_1/increment_authorization",
+            b"amount=900",
+            {"pi_1": 4},
+            12_600_000,
+        ),
         ("POST", "/v1/charges", b"amount=1500&currency=eur&source=tok_visa", {}, 18_000_000),
         ("POST", "/v1/charges/ch_1/capture", b"", {"ch_1": 15_000_000}, 15_000_000),
         ("POST", "/v1/charges/ch_1/capture", b"amount=100", {"ch_1": 15_000_000}, 15_000_000),
@@ -62,10 +78,30 @@ SUBSCRIPTION = ("POST", "/v1/subscriptions")
         ("POST", "/v1/invoices/in_1/pay", b"", {"in_1": 12_340_000}, 12_340_000),
         ("POST", "/v1/invoices", b"customer=cus_1", {}, 0),
         ("POST", "/v1/invoices", b"customer=cus_1&auto_advance=false", {}, 0),
-        ("POST", "/v1/invoiceitems", b"customer=cus_1&amount=500&currency=usd", {}, 0),
+        # a pending invoice item is priced (and held): Stripe may collect it out of sight
+        ("POST", "/v1/invoiceitems", b"customer=cus_1&amount=500&currency=usd", {}, 5_000_000),
+        (
+            "POST",
+            "/v1/invoiceitems",
+            b"customer=cus_1&price_data[unit_amount]=250&price_data[currency]=eur"
+            b"&price_data[product]=prod_1&quantity=2",
+            {},
+            6_000_000,
+        ),
+        (
+            "POST",
+            "/v1/invoiceitems",
+            b"customer=cus_1&price=price_1&quantity=3",
+            {"price_1": 7},
+            21,
+        ),
         ("POST", "/v1/customers", b"email=a%40example.com", {}, 0),
         ("POST", "/v1/prices", b"unit_amount=500&currency=usd&product=prod_1", {}, 0),
-        ("POST", "/v1/payment_intents/pi_1", b"amount=700", {}, 0),
+        # an update sets what a later confirm charges: priced at the new amount, in the
+        # intent's currency (the dearest one bounds it), or free when it names no amount
+        ("POST", "/v1/payment_intents/pi_1", b"amount=700", {"pi_1": 1}, 9_800_000),
+        ("POST", "/v1/payment_intents/pi_1", b"amount=700&currency=usd", {}, 7_000_000),
+        ("POST", "/v1/payment_intents/pi_1", b"description=x", {}, 0),
         ("GET", "/v1/payment_intents/pi_1", b"", {}, 0),
         ("GET", "/v1/invoices/in_1", b"", {}, 0),
         ("GET", "/v1/balance", b"", {}, 0),
@@ -126,6 +162,9 @@ async def test_stripe_endpoint_estimates(
         ("POST", "/v1/invoices", b"customer=c&auto_advance=true", "unpriced_endpoint", "auto_adv"),
         ("POST", "/v1/invoices", b"customer=c&auto_advance=True", "unpriced_endpoint", "auto_adv"),
         ("POST", "/v1/invoiceitems", b"customer=c&invoice=in_1", "unpriced_endpoint", "pending"),
+        ("POST", "/v1/invoiceitems", b"customer=c", "unpriced_endpoint", "an amount or a price"),
+        ("POST", "/v1/payment_intents/pi_x", b"amount=700", "unpriced_endpoint", "currency"),
+        ("POST", "/v1/payment_intents/pi_1", b"currency=gbp", "unpriced_endpoint", "no upper"),
     ],
 )
 async def test_stripe_endpoint_refusals(
@@ -173,7 +212,7 @@ async def test_stripe_endpoint_refusals(
             5_000_000,
         ),
         (items(pd(100, quantity=2, **{"adjustable_quantity.enabled": "false"})), {}, 2_000_000),
-        (form(mode="setup", currency="usd"), {}, 0),
+        (form(currency="usd"), {}, 0),
         (items(pd(100, quantity=0)), {}, 0),
         (items(pd(0, quantity=5)), {}, 0),
     ],
@@ -230,6 +269,61 @@ async def test_checkout_session_refusals(
     assert message in r.message
 
 
+def shipping(i: int, amount: object, currency: str = "usd", **more: object) -> bytes:
+    fields = {"amount": amount, "currency": currency, **more}
+    return form(
+        **{
+            f"shipping_options[{i}][shipping_rate_data][fixed_amount][{k}]": v
+            for k, v in fields.items()
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "micros"),
+    [
+        # the customer picks a shipping option on Stripe's page: the dearest one counts
+        (shipping(0, 500), 15_000_000),
+        (shipping(0, 500) + b"&" + shipping(1, 2500), 35_000_000),
+        (shipping(0, 1000, "eur"), 22_000_000),
+        # in any of the option's currencies
+        (
+            shipping(0, 500, **{"currency_options][gbp][amount": 1000}),
+            24_000_000,
+        ),
+    ],
+)
+async def test_checkout_session_counts_the_dearest_shipping(
+    shipped: PolicySet, extra: bytes, micros: int
+) -> None:
+    raw = items(pd(1000)) + b"&" + extra + b"&mode=payment"
+    e = await price_call(shipped, "stripe", *CHECKOUT, raw)
+    assert e.micros == micros
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (b"&mode=payment&automatic_tax[enabled]=true", "automatic tax"),
+        (b"&mode=payment&line_items[0][tax_rates][0]=txr_1", "tax rates"),
+        (b"&mode=payment&line_items[0][dynamic_tax_rates][0]=txr_1", "tax rates"),
+        (b"&mode=payment&shipping_options[0][shipping_rate]=shr_1", "shipping_rate"),
+        (b"&mode=subscription", "subscription"),
+    ],
+)
+async def test_unbounded_checkout_sessions_are_refused(
+    shipped: PolicySet, extra: bytes, message: str
+) -> None:
+    r = await refusal_of(shipped, "stripe", *CHECKOUT, items(pd(1000)) + extra)
+    assert r.code == "unpriced_endpoint"
+    assert message in r.message
+
+
+async def test_checkout_session_in_setup_mode_costs_nothing(shipped: PolicySet) -> None:
+    e = await price_call(shipped, "stripe", *CHECKOUT, form(mode="setup", currency="usd"))
+    assert e.micros == 0
+
+
 # -- subscriptions --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("raw", "known", "micros"),
@@ -265,7 +359,13 @@ async def test_checkout_session_refusals(
 async def test_subscription_first_invoice(
     shipped: PolicySet, raw: bytes, known: dict[str, int], micros: int
 ) -> None:
-    e = await price_call(shipped, "stripe", *SUBSCRIPTION, raw + b"&customer=cus_1", known=known)
+    e = await price_call(
+        shipped,
+        "stripe",
+        *SUBSCRIPTION,
+        raw + b"&customer=cus_1&cancel_at_period_end=true",
+        known=known,
+    )
     assert e.micros == micros
 
 
@@ -282,7 +382,30 @@ async def test_subscription_first_invoice(
     ],
 )
 async def test_subscription_refusals(shipped: PolicySet, raw: bytes, message: str) -> None:
-    r = await refusal_of(shipped, "stripe", *SUBSCRIPTION, raw + b"&customer=cus_1")
+    r = await refusal_of(
+        shipped, "stripe", *SUBSCRIPTION, raw + b"&customer=cus_1&cancel_at_period_end=true"
+    )
+    assert r.code == "unpriced_endpoint"
+    assert message in r.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # Stripe charges every renewal by itself, out of the proxy's sight: no upper bound.
+        (b"", "cancel_at_period_end=true"),
+        (b"&cancel_at_period_end=false", "cancel_at_period_end=true"),
+        (b"&cancel_at_period_end=true&backdate_start_date=1600000000", "backdate"),
+        (b"&cancel_at_period_end=true&automatic_tax[enabled]=true", "automatic tax"),
+        (b"&cancel_at_period_end=true&default_tax_rates[0]=txr_1", "default_tax_rates"),
+        (b"&cancel_at_period_end=true&items[0][tax_rates][0]=txr_1", "tax rates"),
+    ],
+)
+async def test_unbounded_subscriptions_are_refused(
+    shipped: PolicySet, extra: bytes, message: str
+) -> None:
+    raw = items(pd(100), field="items") + b"&customer=cus_1" + extra
+    r = await refusal_of(shipped, "stripe", *SUBSCRIPTION, raw)
     assert r.code == "unpriced_endpoint"
     assert message in r.message
 
@@ -305,8 +428,23 @@ def test_every_money_endpoint_has_an_actual_rule(shipped: PolicySet) -> None:
         "POST /v1/topups",
         "POST /v1/invoices/{id}/pay",
         "POST /v1/checkout/sessions",
+        "GET /v1/checkout/sessions/{id}",
         "POST /v1/subscriptions",
+        "GET /v1/subscriptions/{id}",
+        "GET /v1/payment_intents/{id}",
     } == actual
+    # What can charge later, out of the proxy's sight, is held (and the calls that act on it
+    # use the hold): intents, Checkout sessions, subscriptions, pending invoice items.
+    held = {ep.match for ep in stripe.endpoints if ep.hold is not None}
+    assert {
+        "POST /v1/payment_intents",
+        "POST /v1/payment_intents/{id}",
+        "POST /v1/payment_intents/{id}/confirm",
+        "POST /v1/payment_intents/{id}/capture",
+        "POST /v1/checkout/sessions",
+        "POST /v1/subscriptions",
+        "POST /v1/invoiceitems",
+    } <= held
     remembered = {ep.match: ep.remember_amount for ep in stripe.endpoints if ep.remember_amount}
     assert remembered["GET /v1/invoices/{id}"] == "amount_due"
     assert remembered["POST /v1/invoices"] == "amount_due"

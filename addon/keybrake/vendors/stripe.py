@@ -16,9 +16,13 @@ Named from ``policies/stripe.yaml``:
 A line item is priced from ``price_data`` (``unit_amount`` or ``unit_amount_decimal``, in
 the ``currency`` minor unit, converted with the policy's FX table) or from a ``price`` id
 (``plan`` for subscriptions) whose ``unit_amount`` the proxy remembered from an earlier
-``POST /v1/prices`` or ``GET /v1/prices/{id}``; anything else is refused. Tax, shipping and
-discounts are not in the estimate: the settled cost is read back from the response where
-Stripe reports it.
+``POST /v1/prices`` or ``GET /v1/prices/{id}`` (the largest of its ``currency_options``);
+anything else is refused.
+
+Every estimate is the most the call can make Stripe charge, now or later out of the proxy's
+sight: discounts are ignored, the dearest shipping option counts, and what cannot be bounded
+is refused (automatic tax and tax rates added on top, Checkout in subscription mode, a
+subscription that renews without end, a backdated one).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "invoice_cost",
     "invoice_item_cost",
     "line_items_cost",
+    "payment_intent_update_cost",
     "subscription_cost",
 ]
 
@@ -158,6 +163,69 @@ async def line_items_cost(
     return total
 
 
+def _unbounded(what: str, how: str) -> Refusal:
+    return Refusal("unpriced_endpoint", f"{what} has no upper bound the proxy can price: {how}")
+
+
+def _refuse_added_tax(body: Body, field: str) -> None:
+    """Tax computed by Stripe on top of the prices has no bound in the request."""
+    automatic = body.get_node("automatic_tax")
+    if isinstance(automatic, Mapping) and _is_true(automatic.get("enabled")):
+        raise _unbounded(
+            "automatic tax", "Stripe adds it on top of the prices; use tax-inclusive prices"
+        )
+    for i, item in enumerate(body.get_list(field)):
+        if isinstance(item, Mapping) and (item.get("tax_rates") or item.get("dynamic_tax_rates")):
+            raise _unbounded(f"{field}.{i} tax rates", "use tax-inclusive prices")
+    if body.get_node("default_tax_rates"):
+        raise _unbounded("default_tax_rates", "use tax-inclusive prices")
+
+
+def _amount_micros(amount: Any, currency: Any, where: str, policy: VendorPolicy) -> int:
+    if not isinstance(currency, str) or not currency:
+        raise Refusal("unknown_currency", f"{where}.currency is missing")
+    try:
+        return minor_to_micro_usd(
+            _integer(amount, f"{where}.amount"), currency.lower(), policy.fx_to_usd
+        )
+    except UnknownCurrency:
+        raise Refusal(
+            "unknown_currency",
+            f"currency {currency!r} has no USD rate in the {policy.vendor} policy",
+        ) from None
+    except MoneyError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _shipping_cost(body: Body, policy: VendorPolicy) -> int:
+    """The dearest shipping option (the customer picks one on Stripe's page), in any of its
+    currencies; a shipping rate given by id is refused (its amount is not in the request)."""
+    dearest = 0
+    for i, option in enumerate(body.get_list("shipping_options")):
+        where = f"shipping_options.{i}"
+        if not isinstance(option, Mapping):
+            raise ValueError(f"{where} must be an object")
+        data = option.get("shipping_rate_data")
+        if not isinstance(data, Mapping):
+            raise _unbounded(f"{where}.shipping_rate", "give shipping_rate_data[fixed_amount]")
+        fixed = data.get("fixed_amount")
+        if not isinstance(fixed, Mapping):
+            raise _unbounded(f"{where}.shipping_rate_data", "give a fixed_amount")
+        if data.get("tax_behavior") == "exclusive":
+            raise _unbounded(f"{where} exclusive tax", "use inclusive or unspecified")
+        where = f"{where}.shipping_rate_data.fixed_amount"
+        amounts = [_amount_micros(fixed.get("amount"), fixed.get("currency"), where, policy)]
+        options = fixed.get("currency_options")
+        if isinstance(options, Mapping):
+            for code, opt in options.items():
+                if isinstance(opt, Mapping):
+                    amounts.append(
+                        _amount_micros(opt.get("amount"), code, f"{where}.{code}", policy)
+                    )
+        dearest = max(dearest, *amounts)
+    return dearest
+
+
 async def checkout_session_cost(
     body: Body,
     params: Mapping[str, str],
@@ -165,8 +233,18 @@ async def checkout_session_cost(
     policy: VendorPolicy,
     recall: StoreLookup,
 ) -> int:
-    """``POST /v1/checkout/sessions``: what the session can collect (see the module doc)."""
-    return await line_items_cost(body, "line_items", policy, recall, adjustable=True)
+    """``POST /v1/checkout/sessions``: the most the session can collect (module doc)."""
+    mode = body.get_node("mode") or "payment"
+    if mode == "setup":
+        return 0
+    if mode != "payment":
+        raise _unbounded(
+            f"a Checkout session in {str(mode)[:20]!r} mode",
+            "the subscription it starts renews out of the proxy's sight; use mode=payment",
+        )
+    _refuse_added_tax(body, "line_items")
+    items = await line_items_cost(body, "line_items", policy, recall, adjustable=True)
+    return items + _shipping_cost(body, policy)
 
 
 async def subscription_cost(
@@ -176,10 +254,57 @@ async def subscription_cost(
     policy: VendorPolicy,
     recall: StoreLookup,
 ) -> int:
-    """``POST /v1/subscriptions``: the first invoice (recurring items + one-off items)."""
+    """``POST /v1/subscriptions``: its first period (recurring items + one-off items).
+
+    Only a subscription that ends after that period is bounded (``cancel_at_period_end``:
+    after a trial, it ends without charging); every later renewal would be charged by Stripe
+    out of the proxy's sight. A backdated start bills the periods already past at once.
+    """
+    if not _is_true(body.get("cancel_at_period_end")):
+        raise _unbounded(
+            "a subscription that renews",
+            "Stripe charges every renewal out of the proxy's sight; create it with "
+            "cancel_at_period_end=true",
+        )
+    if body.get("backdate_start_date") not in (None, ""):
+        raise _unbounded("backdate_start_date", "it bills every period since that date at once")
+    _refuse_added_tax(body, "items")
     recurring = await line_items_cost(body, "items", policy, recall, price_keys=("price", "plan"))
     one_off = await line_items_cost(body, "add_invoice_items", policy, recall)
     return recurring + one_off
+
+
+async def payment_intent_update_cost(
+    body: Body,
+    params: Mapping[str, str],
+    rule: FunctionCost,
+    policy: VendorPolicy,
+    recall: StoreLookup,
+) -> int:
+    """``POST /v1/payment_intents/{id}``: what the intent can charge after the update.
+
+    No amount: the update changes nothing a confirm would charge (0). An amount with its
+    currency is priced as it is; an amount alone is in the intent's own currency, so the
+    intent must be known and the dearest currency of the policy bounds it. A new currency
+    without an amount changes what the old amount is worth: refused.
+    """
+    amount, currency = body.get_int("amount"), body.get("currency")
+    if amount is None:
+        if currency not in (None, ""):
+            raise _unbounded("a new currency without an amount", "send the amount with it")
+        return 0
+    if currency not in (None, ""):
+        return _amount_micros(amount, currency, "payment_intent", policy)
+    known = await recall(params.get("id", ""))
+    if known is None:
+        raise Refusal(
+            "unpriced_endpoint",
+            "an amount without currency needs the intent's currency: create or retrieve the "
+            "intent through the proxy first, or send currency",
+        )
+    return max(
+        known, *(minor_to_micro_usd(amount, code, policy.fx_to_usd) for code in policy.fx_to_usd)
+    )
 
 
 def invoice_cost(
@@ -196,10 +321,18 @@ def invoice_cost(
     return 0
 
 
-def invoice_item_cost(
-    body: Body, params: Mapping[str, str], rule: FunctionCost, policy: VendorPolicy
+async def invoice_item_cost(
+    body: Body,
+    params: Mapping[str, str],
+    rule: FunctionCost,
+    policy: VendorPolicy,
+    recall: StoreLookup,
 ) -> int:
-    """``POST /v1/invoiceitems``: free, unless added straight to an existing invoice."""
+    """``POST /v1/invoiceitems``: the item's amount. A pending item is swept into the
+    customer's next invoice, which Stripe may collect out of the proxy's sight (a renewal):
+    it is held until an invoice paid through the proxy includes it, or it is deleted. Added
+    straight to an existing invoice it is refused (the amount the proxy remembered for that
+    invoice would be stale when it is paid)."""
     if body.get("invoice") not in (None, ""):
         raise Refusal(
             "unpriced_endpoint",
@@ -207,10 +340,30 @@ def invoice_item_cost(
             "priced it: create pending items, then the invoice with "
             "pending_invoice_items_behavior=include",
         )
-    return 0
+    if body.get("amount") not in (None, ""):
+        return _amount_micros(body.get("amount"), body.get("currency"), "invoice item", policy)
+    pricing = body.get_node("pricing")
+    price_id = body.get_node("price") or (
+        pricing.get("price") if isinstance(pricing, Mapping) else None
+    )
+    item: dict[str, Any] = {"quantity": body.get_node("quantity")}
+    if isinstance(body.get_node("price_data"), Mapping):
+        item["price_data"] = body.get_node("price_data")
+    elif isinstance(price_id, str) and price_id:
+        item["price"] = price_id
+    elif body.get("unit_amount") not in (None, "") or body.get("unit_amount_decimal"):
+        item["price_data"] = {
+            "currency": body.get("currency"),
+            "unit_amount": body.get("unit_amount"),
+            "unit_amount_decimal": body.get("unit_amount_decimal"),
+        }
+    else:
+        raise Refusal("unpriced_endpoint", "an invoice item needs an amount or a price")
+    return await line_items_cost(Body("json", {"items": [item]}), "items", policy, recall)
 
 
 ASYNC_COST_FUNCTIONS["stripe_checkout_session"] = checkout_session_cost
 ASYNC_COST_FUNCTIONS["stripe_subscription"] = subscription_cost
+ASYNC_COST_FUNCTIONS["stripe_payment_intent_update"] = payment_intent_update_cost
+ASYNC_COST_FUNCTIONS["stripe_invoice_item"] = invoice_item_cost
 COST_FUNCTIONS["stripe_invoice"] = invoice_cost
-COST_FUNCTIONS["stripe_invoice_item"] = invoice_item_cost
