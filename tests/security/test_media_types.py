@@ -34,7 +34,11 @@ def test_a_json_looking_form_body_is_priced_as_the_form_the_vendor_reads(
 ) -> None:
     key = issue(kb)
     smuggled = json.dumps(
-        {"amount": 100, "currency": "usd", "x": "&amount=100000&currency=usd&confirm=true&y="}
+        {
+            "amount": 100,
+            "currency": "usd",
+            "x": "&amount=100000&currency=usd&confirm=true&payment_method=pm_card_visa&y=",
+        }
     ).encode()
     r = raw_post(kb, key, PI, smuggled, {"Content-Type": f"{FORM}; x=json"})
     # Read as Stripe reads it: a $1,000 charge on a $10 key.
