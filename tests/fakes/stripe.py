@@ -1961,6 +1961,21 @@ class FakeStripe(FakeVendor):
             "unit_amount": unit,
             "unit_amount_decimal": str(unit),
         }
+        options = d.get("currency_options")
+        if isinstance(options, dict):
+            # Prices in other currencies: Checkout charges the customer's one of them.
+            price["currency_options"] = {
+                str(code).lower(): {
+                    "custom_unit_amount": None,
+                    "tax_behavior": "unspecified",
+                    "unit_amount": self._int(
+                        opt, "unit_amount", required=True, label=f"currency_options[{code}]"
+                    ),
+                    "unit_amount_decimal": str(opt.get("unit_amount")),
+                }
+                for code, opt in options.items()
+                if isinstance(opt, dict)
+            }
         return self._store(price)
 
     def _price_create(self, req: FakeRequest, p: dict[str, Any]) -> _Outcome:

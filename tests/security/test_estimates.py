@@ -63,6 +63,35 @@ def test_the_dearest_shipping_option_is_in_a_checkout_estimate(
     assert counted_usd(kb, key) == "8.00"
 
 
+def test_a_price_is_remembered_at_its_dearest_currency_option(
+    kb: KeybrakeProcess, stripe_fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = kb.issue_key(
+        daily_usd_cap="10", allowed_endpoints=["POST /v1/prices", "POST /v1/checkout/sessions"]
+    )
+    client = sdk(kb, key, monkeypatch)
+    # $1.00, or £10.00 for a customer who pays in pounds on Stripe's page.
+    price = client.v1.prices.create(
+        params={
+            "currency": "usd",
+            "unit_amount": 100,
+            "product_data": {"name": "Poster"},
+            "currency_options": {"gbp": {"unit_amount": 1000}},
+        }
+    )
+    with pytest.raises(stripe.RateLimitError) as e:
+        client.v1.checkout.sessions.create(
+            params={
+                "mode": "payment",
+                "success_url": "https://example.com/ok",
+                "line_items": [{"price": price.id, "quantity": 1}],
+            }
+        )
+    assert e.value.json_body is not None
+    assert e.value.json_body["error"]["needed_usd"] == "14.00"
+    assert [x.route for x in stripe_fake.ledger] == ["/v1/prices"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
