@@ -56,7 +56,7 @@ async def measure(store: Store, n: int) -> dict[str, float]:
         t2 = time.thread_time()
         await store.settle(rid, 1_000_000)
         t3 = time.thread_time()
-        await store.remember_amount("stripe", f"pi_{i}", 1_000_000)
+        await store.remember_amount(key.key_id, "stripe", f"pi_{i}", 1_000_000)
         t4 = time.thread_time()
         spent["get_key_by_secret_hash"] += t1 - t0
         spent["reserve"] += t2 - t1

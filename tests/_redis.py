@@ -43,7 +43,8 @@ REDIS_ACL_PASSWORD = "kb-test-redis-acl-" + "5e3a9d17b06c42f8"
 KEYBRAKE_ACL_COMMANDS = (
     "-@all +ping +time +select +get +set +del +exists +expire +pexpire "
     "+hget +hgetall +hmget +hset +hsetnx +hdel +hincrby +zadd +zrem +zrevrange "
-    "+zrangebyscore +sadd +srem +smembers +multi +exec +evalsha +script|load"
+    "+zrangebyscore +zrange +zcard +zremrangebyscore +pexpireat +pttl +scan "
+    "+sadd +srem +smembers +multi +exec +evalsha +script|load"
 )
 
 

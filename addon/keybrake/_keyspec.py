@@ -25,7 +25,9 @@ _FIELDS = {
     "agent_run_label",
     "max_requests_per_minute",
     "allowed_accounts",
+    "share_objects",
 }
+SHARE_OBJECTS = ("none", "label")
 _ACCOUNT = re.compile(r"[A-Za-z0-9_]{1,64}")
 MAX_ACCOUNTS = 100
 
@@ -97,6 +99,7 @@ class IssueKeyRequest:
     # None: no request-rate limit (neither the request nor the vendor policy set one).
     max_requests_per_minute: int | None = None
     allowed_accounts: tuple[str, ...] = ()
+    share_objects: str = "none"
 
     @classmethod
     def from_json(cls, data: Any, policies: PolicySet) -> IssueKeyRequest:
@@ -153,10 +156,13 @@ class IssueKeyRequest:
                     continue
                 endpoints.append(str(pattern))
         accounts = _accounts(data.get("allowed_accounts"), vendor, policies, errors)
+        share = data.get("share_objects") or "none"
+        if share not in SHARE_OBJECTS:
+            errors["share_objects"] = "must be 'none' (default) or 'label'"
         if errors:
             raise KeySpecError(errors)
         assert vendor is not None and daily is not None
-        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label, rpm, accounts)
+        return cls(vendor, daily, usd_cap, tuple(endpoints), expires, label, rpm, accounts, share)
 
     def new_key(self, now: dt.datetime) -> tuple[KeyRecord, str]:
         """A new key record and its vault key (the only time the vault key exists in clear).
@@ -176,6 +182,7 @@ class IssueKeyRequest:
             expires_at=now + self.expires_in,
             max_requests_per_minute=self.max_requests_per_minute,
             allowed_accounts=self.allowed_accounts,
+            share_objects=self.share_objects,
         )
         return record, vault_key
 
@@ -244,6 +251,7 @@ def key_to_json(
         "allowed_endpoints": list(key.allowed_endpoints),
         "max_requests_per_minute": key.max_requests_per_minute,
         "allowed_accounts": list(key.allowed_accounts),
+        "share_objects": key.share_objects,
         "created_at": _iso(key.created_at),
         "expires_at": _iso(key.expires_at),
         "revoked_at": _iso(key.revoked_at),

@@ -43,6 +43,10 @@ MAX_CLOCK_SKEW_SECONDS = 30.0
 CLOCK_CHECK_SECONDS = 15.0
 # Shorter admin tokens get a warning at start (the generated ones have 43 characters).
 MIN_ADMIN_TOKEN_CHARS = 32
+DEFAULT_MAX_IDEMPOTENCY_ENTRIES = 10_000
+DEFAULT_MAX_OBJECTS_PER_KEY = 100_000
+# How often what the store keeps for expired keys is dropped.
+HOUSEKEEPING_SECONDS = 600.0
 # Largest body mitmproxy may buffer (requests and responses) when the operator set no limit.
 DEFAULT_BODY_SIZE_LIMIT = "16m"
 
@@ -95,6 +99,9 @@ class Runtime:
         self.admin_token = ""
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.idempotency_ttl_seconds = 24 * 3600
+        # Per-key bounds on what one key can make the shared store keep.
+        self.max_idempotency_entries = DEFAULT_MAX_IDEMPOTENCY_ENTRIES
+        self.max_objects_per_key = DEFAULT_MAX_OBJECTS_PER_KEY
         # Vendor calls admitted and not yet audited: shutdown waits for them (bounded). Weak,
         # so a flow mitmproxy dropped without a response or error cannot hold shutdown up.
         self.inflight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
@@ -166,6 +173,7 @@ class Core:
         self._upstream_bundle: Path | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._clock_watch: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -194,6 +202,20 @@ class Core:
             str,
             "24h",
             "How long a response is kept for idempotent replay (e.g. 24h, 30m).",
+        )
+        add(
+            "keybrake_max_idempotency_entries",
+            int,
+            DEFAULT_MAX_IDEMPOTENCY_ENTRIES,
+            "Most responses one vault key may keep for idempotent replay at once; past it "
+            "its new idempotency keys are refused (429 quota_exceeded).",
+        )
+        add(
+            "keybrake_max_objects",
+            int,
+            DEFAULT_MAX_OBJECTS_PER_KEY,
+            "Most vendor objects one vault key may own (remembered for 90 days); past it its "
+            "creating calls are refused (429 quota_exceeded).",
         )
         add(
             "keybrake_shutdown_grace",
@@ -229,6 +251,14 @@ class Core:
                     where,
                     MIN_ADMIN_TOKEN_CHARS,
                 )
+        for name, attr in (
+            ("keybrake_max_idempotency_entries", "max_idempotency_entries"),
+            ("keybrake_max_objects", "max_objects_per_key"),
+        ):
+            if name in updated:
+                if getattr(opts, name) < 1:
+                    raise exceptions.OptionsError(f"{name} must be at least 1")
+                setattr(rt, attr, getattr(opts, name))
         if "keybrake_idempotency_ttl" in updated:
             try:
                 ttl = parse_duration(opts.keybrake_idempotency_ttl)
@@ -335,6 +365,7 @@ class Core:
             # once they are older than any request can be, even if no replica restarts.
             self._recovery = asyncio.create_task(self._recover_periodically())
             self._clock_watch = asyncio.create_task(self._watch_clock())
+        self._housekeeping = asyncio.create_task(self._forget_expired_periodically())
         try:
             store = await rt.open_store()
             await rt.check_clock()
@@ -363,6 +394,16 @@ class Core:
             except Exception as e:
                 log.warning("keybrake: periodic reservation recovery failed: %s", e)
 
+    async def _forget_expired_periodically(self) -> None:
+        """Expired keys can make no more calls: what the store keeps for them goes."""
+        while True:
+            try:
+                store = await self.runtime.open_store()
+                await store.forget_expired_keys(self.runtime.now())
+            except Exception as e:
+                log.warning("keybrake: could not forget expired keys: %s", e)
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
     async def _watch_clock(self) -> None:
         while True:
             await asyncio.sleep(CLOCK_CHECK_SECONDS)
@@ -376,6 +417,8 @@ class Core:
             self._recovery.cancel()
         if self._clock_watch is not None:
             self._clock_watch.cancel()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         # mitmproxy calls done while connections are still being served: let calls already
         # admitted settle their reservations and write their audit rows first.
         loop = asyncio.get_running_loop()

@@ -31,6 +31,7 @@ from keybrake._idempotency import (
 from keybrake._limiter import FailureLimiter, source_of
 from keybrake._money import MoneyError, format_usd, minor_to_micro_usd
 from keybrake._paths import (
+    EndpointPattern,
     NormalizedPath,
     PathRejected,
     match_any,
@@ -49,6 +50,7 @@ from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
 from keybrake.policy import EndpointPolicy, HoldRule, VendorPolicy, _parse_pattern
 from keybrake.pricing import (
+    Body,
     Estimate,
     actual_cost,
     estimate_cost,
@@ -57,7 +59,14 @@ from keybrake.pricing import (
     releases_hold,
     values_at,
 )
-from keybrake.store import BudgetState, KeyRecord, ReserveResult, Store, StoreUnavailable
+from keybrake.store import (
+    BudgetState,
+    KeyRecord,
+    ObjectOwner,
+    ReserveResult,
+    Store,
+    StoreUnavailable,
+)
 
 __all__ = ["CallState", "VaultGuard"]
 
@@ -65,6 +74,9 @@ log = logging.getLogger("keybrake")
 
 META = "keybrake"
 IN_FLIGHT_SECONDS = 300
+# Larger answers are not kept for replay (the vendor's own idempotency still applies): what
+# one key can make the store hold is bounded by this times keybrake_max_idempotency_entries.
+MAX_STORED_RESPONSE = 256 * 1024
 MAX_VENDOR_BODY = 1024 * 1024
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
@@ -90,6 +102,7 @@ class CallState:
     path: str = ""
     key_id: str | None = None
     label: str | None = None
+    key: KeyRecord | None = None
     outcome: str = "pending"
     code: str | None = None
     reservation_id: str | None = None
@@ -170,6 +183,28 @@ def _cap_refusal(result: ReserveResult, needed_micros: int) -> Refusal:
             "remaining_usd": format_usd(b.remaining_micros or 0),
             "needed_usd": format_usd(needed_micros),
         },
+    )
+
+
+def _may_use(owner: ObjectOwner | None, key: KeyRecord) -> bool:
+    """Whether ``key`` may act on an object ``owner`` created (None: never seen made)."""
+    if owner is None:
+        return False
+    if owner.key_id == key.key_id:
+        return True
+    return (
+        key.share_objects == "label"
+        and bool(key.agent_run_label)
+        and owner.label == key.agent_run_label
+    )
+
+
+def _not_owned(key: KeyRecord, object_id: str) -> Refusal:
+    return Refusal(
+        "object_not_owned",
+        f"{object_id[:64]} was not created through the proxy by vault key {key.key_id}; "
+        "another key's objects (or ones the proxy never saw made) need their id, or '*', in "
+        "the key's allowed_endpoints",
     )
 
 
@@ -365,7 +400,7 @@ class VaultGuard:
         key = await store.get_key_by_secret_hash(hash_vault_key(presented.credential))
         if key is None:
             raise Refusal("vault_key_unknown", "unknown vault key")
-        call.key_id, call.label = key.key_id, key.agent_run_label
+        call.key_id, call.label, call.key = key.key_id, key.agent_run_label, key
         state = key.state(rt.now())
         if state == "revoked":
             raise Refusal("vault_key_revoked", f"vault key {key.key_id} was revoked")
@@ -417,13 +452,16 @@ class VaultGuard:
                     headers={"Retry-After": str(wait)},
                 )
         allowed = [_parse_pattern(p) for p in key.allowed_endpoints]
-        if match_any(allowed, method, path) is None:
+        granted = match_any(allowed, method, path)
+        if granted is None:
             raise Refusal(
                 "endpoint_not_allowed",
                 f"{method} {path.path} is not in the allowlist of vault key {key.key_id}",
             )
         endpoint, params = self._endpoint_for(policy, method, path.segments)
         call.endpoint = endpoint
+        if endpoint is not None:
+            await self._check_path_owner(store, policy, endpoint, key, granted, params)
 
         new_path = self._rewrite_account(
             policy, path.segments, presented.username, secrets_.account
@@ -444,9 +482,22 @@ class VaultGuard:
             )
         accepted = endpoint.body_types(policy) if endpoint is not None else policy.body
         body = parse_body(accepted, req.headers.get_all("content-type"), req.raw_content or b"")
+        if endpoint is not None:
+            await self._check_field_owners(store, policy, endpoint, key, body)
+            # One key must not fill the store every key shares with objects it owns.
+            if (
+                endpoint.creates
+                and method not in _READS
+                and await store.count_objects(key.key_id) >= self.runtime.max_objects_per_key
+            ):
+                raise Refusal(
+                    "quota_exceeded",
+                    f"vault key {key.key_id} owns {self.runtime.max_objects_per_key} "
+                    "objects already; issue a new key for more",
+                )
 
         async def recall(object_id: str) -> int | None:
-            return await store.recall_amount(policy.vendor, object_id)
+            return await store.recall_amount(key.key_id, policy.vendor, object_id)
 
         if endpoint is None:
             estimate = Estimate(0, basis="free")
@@ -474,6 +525,42 @@ class VaultGuard:
             raise _cap_refusal(result, estimate.micros)
         call.reservation_id = reservation_id
         self._swap(flow, policy, presented, method, new_path, path.query, call)
+
+    async def _check_path_owner(
+        self,
+        store: Store,
+        policy: VendorPolicy,
+        endpoint: EndpointPolicy,
+        key: KeyRecord,
+        granted: EndpointPattern,
+        params: dict[str, str],
+    ) -> None:
+        """A call naming an object in its path acts on it: it must be the key's own (or its
+        label's, when the key shares by label), or named in the key's allowlist by its id, or
+        reached through an allowlist entry that marks the segment shared (``*``)."""
+        owned = endpoint.owned_segment(policy)
+        if owned is None or not (object_id := params.get(owned[0])):
+            return
+        segment = granted.segments[owned[1]]
+        if segment == "*" or not segment.startswith("{"):
+            return  # shared, or this very object named by the operator
+        if not _may_use(await store.object_owner(policy.vendor, object_id), key):
+            raise _not_owned(key, object_id)
+
+    @staticmethod
+    async def _check_field_owners(
+        store: Store, policy: VendorPolicy, endpoint: EndpointPolicy, key: KeyRecord, body: Body
+    ) -> None:
+        """Objects named in the body (a refund's charge, a payment's customer) must not be
+        another key's; objects the proxy never saw made (existing customers) may be used."""
+        for name in endpoint.owned_fields:
+            value = body.get_node(name)
+            for object_id in value if isinstance(value, list) else [value]:
+                if not isinstance(object_id, str) or not object_id:
+                    continue
+                owner = await store.object_owner(policy.vendor, object_id)
+                if owner is not None and not _may_use(owner, key):
+                    raise _not_owned(key, object_id)
 
     async def _adopt_holds(
         self, store: Store, policy: VendorPolicy, key: KeyRecord, object_id: str, call: CallState
@@ -564,6 +651,8 @@ class VaultGuard:
         ``X-Keybrake-Idempotency-Key``, else the body itself for endpoints with ``dedupe``.
         """
         rt = self.runtime
+        if method in _READS:
+            return False  # reads change nothing: the vendor replays nothing, neither do we
         headers = flow.request.headers
         idem = None
         if policy.idempotency_header:
@@ -576,14 +665,18 @@ class VaultGuard:
             call.idempotency_key = idem[:255]
         if endpoint is not None and endpoint.dedupe is not None:
             # Content dedupe wins over a header: some SDKs send a random key per call.
-            scope = f"dedupe:{key.key_id}:{fingerprint}"
+            scope = f"dedupe:{fingerprint}"
             ttl = endpoint.dedupe.seconds
         elif call.idempotency_key:
-            scope = f"idem:{key.key_id}:{call.idempotency_key}"
+            scope = f"idem:{call.idempotency_key}"
         else:
             return False
         store = await rt.open_store()
-        begin = await store.idempotency_begin(scope, fingerprint, ttl, IN_FLIGHT_SECONDS)
+        # An entry is of no use once its key has expired: it goes with the key.
+        ttl = max(1, min(ttl, int((key.expires_at - rt.now()).total_seconds()) + 1))
+        begin = await store.idempotency_begin(
+            key.key_id, scope, fingerprint, ttl, IN_FLIGHT_SECONDS, rt.max_idempotency_entries
+        )
         if begin.status == "started":
             call.idem_scope = scope
             return False
@@ -596,6 +689,12 @@ class VaultGuard:
             raise Refusal(
                 "idempotency_mismatch",
                 "this idempotency key was used with a different request body",
+            )
+        if begin.status == "full":
+            raise Refusal(
+                "quota_exceeded",
+                f"vault key {key.key_id} keeps {rt.max_idempotency_entries} responses for "
+                "idempotent replay already; retry when older ones expire",
             )
         assert begin.response is not None
         flow.response = replay_response(begin.response)
@@ -617,7 +716,7 @@ class VaultGuard:
         scope, call.idem_scope = call.idem_scope, None
         try:
             store = await self.runtime.open_store()
-            await store.idempotency_abandon(scope)
+            await store.idempotency_abandon(call.key_id or "", scope)
         except Exception:
             # The claim expires after IN_FLIGHT_SECONDS; a retry then proceeds.
             log.exception("keybrake: could not release idempotency claim")
@@ -770,7 +869,7 @@ class VaultGuard:
                 await self._settle_object(
                     store, policy, call.endpoint, call.endpoint.hold, data, call
                 )
-                await self._remember(data, policy, call.endpoint)
+                await self._remember(data, policy, call.endpoint, call.key_id or "")
         elif 200 <= status < 300:
             rule = call.endpoint.actual if call.endpoint else None
             # The body was parsed once above; only an unreadable one is handed over raw.
@@ -785,7 +884,7 @@ class VaultGuard:
             if micros > estimate.micros:
                 await self._overrun(store, call, micros, estimate.micros)
             if call.endpoint is not None and data is not None:
-                await self._remember(data, policy, call.endpoint)
+                await self._remember(data, policy, call.endpoint, call.key_id or "")
         elif status in VENDOR_REFUSED:
             # The vendor refused the call: it charged nothing. Holds the call used stay: the
             # object can still charge what it could before.
@@ -797,6 +896,8 @@ class VaultGuard:
                 await store.mark_unknown(call.reservation_id)
             call.actual_micros, call.outcome = estimate.micros, "vendor_error"
             call.note = f"vendor answered {status}: estimate kept as spent"
+        if 200 <= status < 300 and data is not None:
+            await self._record_created(store, policy, data, call)
         # What this call leaves counted (spent, or still held) against what it reserved.
         counted = call.kept_held if call.kept_held is not None else (call.actual_micros or 0)
         delta = counted - estimate.micros
@@ -876,6 +977,17 @@ class VaultGuard:
                 if hold.key_id == call.key_id:
                     await store.release(hold.reservation_id)
 
+    async def _record_created(
+        self, store: Store, policy: VendorPolicy, data: dict[str, Any], call: CallState
+    ) -> None:
+        """The objects this call created belong to its key (and, for sharing, its label)."""
+        endpoint = call.endpoint
+        if endpoint is None or not endpoint.creates or call.key is None:
+            return
+        ids = [v for v in values_at(data, endpoint.creates) if isinstance(v, str) and v]
+        if ids:
+            await store.record_objects(call.key, policy.vendor, ids[:1000], self.runtime.now())
+
     async def _overrun(self, store: Store, call: CallState, actual: int, bound: int) -> None:
         """The vendor charged (or can charge) more than the estimate: booked as it is, and
         the key is suspended so that a gap in pricing cannot be used twice."""
@@ -895,12 +1007,14 @@ class VaultGuard:
         assert self.runtime.policies is not None
         policy = self.runtime.policies.vendors[call.vendor]
         status = flow.response.status_code
-        if 200 <= status < 300 or status in policy.idempotency_replay_statuses:
+        stored = stored_from(flow.response)
+        replayable = 200 <= status < 300 or status in policy.idempotency_replay_statuses
+        if replayable and len(stored.body) <= MAX_STORED_RESPONSE:
             scope, call.idem_scope = call.idem_scope, None
             try:
                 store = await self.runtime.open_store()
                 await store.idempotency_complete(
-                    scope, stored_from(flow.response), self.runtime.idempotency_ttl_seconds
+                    call.key_id or "", scope, stored, self.runtime.idempotency_ttl_seconds
                 )
             except Exception:
                 log.exception("keybrake: could not store the response for replay")
@@ -908,7 +1022,7 @@ class VaultGuard:
             await self._abandon(call)
 
     async def _remember(
-        self, data: dict[str, Any], policy: VendorPolicy, endpoint: EndpointPolicy
+        self, data: dict[str, Any], policy: VendorPolicy, endpoint: EndpointPolicy, key_id: str
     ) -> None:
         """Keep the object's amount so later amount-less calls on it can be priced."""
         if not endpoint.remember_amount:
@@ -937,7 +1051,7 @@ class VaultGuard:
             except MoneyError:
                 return  # a currency without a rate: better unknown than understated
         store = await self.runtime.open_store()
-        await store.remember_amount(policy.vendor, object_id, micros)
+        await store.remember_amount(key_id, policy.vendor, object_id, micros)
 
     @staticmethod
     def _spend_headers(flow: http.HTTPFlow, call: CallState, delta: int) -> None:

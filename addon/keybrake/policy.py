@@ -475,6 +475,21 @@ class EndpointPolicy(_Model):
         default=None,
         description="Keep the reservation while the object can still charge later (HoldRule).",
     )
+    creates: str | None = Field(
+        default=None,
+        description="Response field naming the object(s) this call creates (lists are walked: "
+        "data.id): the key is recorded as their owner.",
+    )
+    owned: str | None = Field(
+        default=None,
+        description="Path placeholder naming the object the call acts on, which must belong "
+        "to the key (unset: the last placeholder that is not the vendor account; '' for none).",
+    )
+    owned_fields: tuple[str, ...] = Field(
+        default=(),
+        description="Body fields naming objects the call acts on: refused when another key "
+        "created them (objects the proxy never saw made are allowed here).",
+    )
     dedupe: DedupePolicy | None = Field(
         default=None, description="Replay identical calls within a window instead of resending."
     )
@@ -496,6 +511,23 @@ class EndpointPolicy(_Model):
     @property
     def pattern(self) -> EndpointPattern:
         return _parse_pattern(self.match)
+
+    def owned_segment(self, vendor: VendorPolicy) -> tuple[str, int] | None:
+        """The placeholder naming the object this call acts on, and its segment index."""
+        if self.owned == "":
+            return None
+        segments = self.pattern.segments
+        account = None
+        if vendor.auth.account_path_after in segments:
+            account = segments.index(vendor.auth.account_path_after) + 1
+        for index in range(len(segments) - 1, -1, -1):
+            segment = segments[index]
+            if not segment.startswith("{") or index == account:
+                continue
+            name = segment[1:].partition("}")[0]
+            if self.owned is None or name == self.owned:
+                return name, index
+        return None
 
     def body_types(self, vendor: VendorPolicy) -> tuple[str, ...]:
         """The body types this endpoint accepts: its own, else the vendor's."""
@@ -658,6 +690,15 @@ def load_policy_file(path: Path) -> VendorPolicy:
                 f"{path}: endpoints.{i}.match: {ep.match!r} repeats endpoints.{seen[ep.match]}"
             )
         seen[ep.match] = i
+        if ep.owned and ep.owned_segment(policy) is None:
+            raise PolicyError(
+                f"{path}: endpoints.{i}.owned: {ep.match!r} has no placeholder {{{ep.owned}}}"
+            )
+        if ep.hold is not None and f"{{{ep.hold.param}}}" not in ep.match and ep.hold.param != "id":
+            raise PolicyError(
+                f"{path}: endpoints.{i}.hold.param: {ep.match!r} has no placeholder "
+                f"{{{ep.hold.param}}}"
+            )
         for rule in (ep.cost, ep.actual):
             if (
                 isinstance(rule, AmountFieldCost)

@@ -377,7 +377,7 @@ def test_confirm_and_capture_without_amount_use_the_remembered_amount(
     assert len(fake_stripe.ledger) == before
 
 
-def test_confirm_of_an_unseen_intent_is_unpriced(
+def test_confirm_of_an_unseen_intent_is_refused(
     keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe, fake_tls: FakeTLS
 ) -> None:
     kb = keybrake_stripe
@@ -396,9 +396,19 @@ def test_confirm_of_an_unseen_intent_is_unpriced(
     before = len(fake_stripe.ledger)
     r = charge(kb, key["vault_key"], "", path=f"/v1/payment_intents/{pid}/confirm",
                payment_method="pm_card_visa")  # fmt: skip
+    # It is no object of this key's: refused before it could even be priced.
+    assert r.status_code == 403
+    assert refusal_code(r) == "object_not_owned"
+    assert len(fake_stripe.ledger) == before  # not forwarded
+    # A key that may confirm any intent ("*") still cannot: the proxy never saw its amount.
+    shared = kb.issue_key(
+        daily_usd_cap=25, allowed_endpoints=["POST /v1/payment_intents/*/confirm"]
+    )
+    r = charge(kb, shared["vault_key"], "", path=f"/v1/payment_intents/{pid}/confirm",
+               payment_method="pm_card_visa")  # fmt: skip
     assert r.status_code == 403
     assert refusal_code(r) == "unpriced_endpoint"
-    assert len(fake_stripe.ledger) == before  # not forwarded
+    assert len(fake_stripe.ledger) == before
     assert key_budget(kb, key["key_id"])["spent_usd"] == "0.00"
 
 

@@ -275,7 +275,7 @@ def test_invoice_pay_uses_the_amount_due_the_proxy_saw(
     # The payment includes the item: its hold is released, nothing is counted twice.
     assert spent(kb, key) == counted(kb, key) == moved(fake) == "42.00"
 
-    # An invoice made out of the proxy's sight is refused until the proxy has read it.
+    # An invoice made out of the proxy's sight is no object of this key's: refused.
     other = direct(fake, "/v1/invoices", {"customer": cus.id})
     direct(
         fake,
@@ -284,10 +284,17 @@ def test_invoice_pay_uses_the_amount_due_the_proxy_saw(
     )
     with pytest.raises(stripe.PermissionError) as e:
         sc.v1.invoices.pay(other["id"])
+    assert code_of(e) == "object_not_owned"
+    # A key that may pay any invoice ("*") is refused until the proxy has read it.
+    anyone = issue(kb, ["GET /v1/invoices/*", "POST /v1/invoices/*/pay"])
+    sa = client(kb, anyone)
+    with pytest.raises(stripe.PermissionError) as e:
+        sa.v1.invoices.pay(other["id"])
     assert code_of(e) == "unpriced_endpoint"
-    assert sc.v1.invoices.retrieve(other["id"]).amount_due == 1500
-    sc.v1.invoices.pay(other["id"])
-    assert spent(kb, key) == moved(fake) == "57.00"
+    assert sa.v1.invoices.retrieve(other["id"]).amount_due == 1500
+    sa.v1.invoices.pay(other["id"])
+    assert spent(kb, anyone) == "15.00"
+    assert spent(kb, key) == "42.00" and moved(fake) == "57.00"
 
     # What would let money move later, out of sight, is refused.
     with pytest.raises(stripe.PermissionError) as e:

@@ -40,6 +40,7 @@ fx_to_usd: {usd: 1, eur: 1.20}
 endpoints:
   - match: POST /v1/renders
     cost: {kind: fixed_usd, usd: 0.25}
+    creates: id   # the render belongs to the key that made it: GET /v1/renders/{id} is its own
   - match: GET /v1/renders/{id}
     free: true
   - match: POST /v1/notify

@@ -420,14 +420,14 @@ async def test_recover_reservations_marks_old_open_ones_unknown(store: Store) ->
 
 
 async def test_remember_and_recall_amounts(store: Store) -> None:
-    assert await store.recall_amount("stripe", "pi_1") is None
-    await store.remember_amount("stripe", "pi_1", 1_234_567)
-    await store.remember_amount("stripe", "pi_2", 1)
-    await store.remember_amount("stripe", "pi_2", 2)
+    assert await store.recall_amount("kb_a", "stripe", "pi_1") is None
+    await store.remember_amount("kb_a", "stripe", "pi_1", 1_234_567)
+    await store.remember_amount("kb_a", "stripe", "pi_2", 1)
+    await store.remember_amount("kb_a", "stripe", "pi_2", 2)
 
-    assert await store.recall_amount("stripe", "pi_1") == 1_234_567
-    assert await store.recall_amount("stripe", "pi_2") == 2
-    assert await store.recall_amount("twilio", "pi_1") is None
+    assert await store.recall_amount("kb_a", "stripe", "pi_1") == 1_234_567
+    assert await store.recall_amount("kb_a", "stripe", "pi_2") == 2
+    assert await store.recall_amount("kb_a", "twilio", "pi_1") is None
 
 
 # -- idempotency -----------------------------------------------------------------------------------
@@ -440,64 +440,78 @@ RESPONSE = StoredResponse(
 
 
 async def test_idempotency_begin_states(store: Store) -> None:
-    assert await store.idempotency_begin("kb_a:k1", "h1", 60, 30) == IdempotencyBegin("started")
-    assert await store.idempotency_begin("kb_a:k1", "h1", 60, 30) == IdempotencyBegin("in_flight")
-    assert await store.idempotency_begin("kb_a:k1", "h2", 60, 30) == IdempotencyBegin("mismatch")
+    assert await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100) == IdempotencyBegin(
+        "started"
+    )
+    assert await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100) == IdempotencyBegin(
+        "in_flight"
+    )
+    assert await store.idempotency_begin("kb_a", "k1", "h2", 60, 30, 100) == IdempotencyBegin(
+        "mismatch"
+    )
 
-    await store.idempotency_complete("kb_a:k1", RESPONSE, 60)
+    await store.idempotency_complete("kb_a", "k1", RESPONSE, 60)
 
-    assert await store.idempotency_begin("kb_a:k1", "h1", 60, 30) == IdempotencyBegin(
+    assert await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100) == IdempotencyBegin(
         "replay", RESPONSE
     )
-    assert await store.idempotency_begin("kb_a:k1", "h2", 60, 30) == IdempotencyBegin("mismatch")
-    assert await store.idempotency_begin("kb_b:k1", "h1", 60, 30) == IdempotencyBegin("started")
+    assert await store.idempotency_begin("kb_a", "k1", "h2", 60, 30, 100) == IdempotencyBegin(
+        "mismatch"
+    )
+    assert await store.idempotency_begin("kb_b", "k1", "h1", 60, 30, 100) == IdempotencyBegin(
+        "started"
+    )
 
 
 async def test_idempotent_replay_survives_a_restart(store: Store, make_store: StoreFactory) -> None:
-    assert (await store.idempotency_begin("kb_a:k1", "h1", 60, 30)).status == "started"
-    await store.idempotency_complete("kb_a:k1", RESPONSE, 60)
+    assert (await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100)).status == "started"
+    await store.idempotency_complete("kb_a", "k1", RESPONSE, 60)
     await store.close()
 
     restarted = make_store()
     await restarted.open()
     try:
-        assert await restarted.idempotency_begin("kb_a:k1", "h1", 60, 30) == IdempotencyBegin(
-            "replay", RESPONSE
-        )
+        assert await restarted.idempotency_begin(
+            "kb_a", "k1", "h1", 60, 30, 100
+        ) == IdempotencyBegin("replay", RESPONSE)
     finally:
         await restarted.close()
 
 
 async def test_idempotency_abandon_frees_the_claim(store: Store) -> None:
-    assert (await store.idempotency_begin("kb_a:k1", "h1", 60, 30)).status == "started"
-    await store.idempotency_abandon("kb_a:k1")
-    await store.idempotency_complete("kb_a:k1", RESPONSE, 60)  # no claim: nothing stored
+    assert (await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100)).status == "started"
+    await store.idempotency_abandon("kb_a", "k1")
+    await store.idempotency_complete("kb_a", "k1", RESPONSE, 60)  # no claim: nothing stored
 
-    assert (await store.idempotency_begin("kb_a:k1", "h2", 60, 30)).status == "started"
+    assert (await store.idempotency_begin("kb_a", "k1", "h2", 60, 30, 100)).status == "started"
 
 
 async def test_idempotency_abandon_keeps_a_completed_response(store: Store) -> None:
-    assert (await store.idempotency_begin("kb_a:k1", "h1", 60, 30)).status == "started"
-    await store.idempotency_complete("kb_a:k1", RESPONSE, 60)
-    await store.idempotency_abandon("kb_a:k1")
+    assert (await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100)).status == "started"
+    await store.idempotency_complete("kb_a", "k1", RESPONSE, 60)
+    await store.idempotency_abandon("kb_a", "k1")
 
-    assert (await store.idempotency_begin("kb_a:k1", "h1", 60, 30)).status == "replay"
+    assert (await store.idempotency_begin("kb_a", "k1", "h1", 60, 30, 100)).status == "replay"
 
 
 async def test_idempotency_stale_claims_and_expired_responses(store: Store) -> None:
-    assert (await store.idempotency_begin("crashed", "h1", 60, 1)).status == "started"
-    assert (await store.idempotency_begin("crashed", "h1", 60, 1)).status == "in_flight"
-    assert (await store.idempotency_begin("short", "h1", 60, 30)).status == "started"
-    await store.idempotency_complete("short", RESPONSE, 1)
-    assert (await store.idempotency_begin("short", "h1", 60, 30)).status == "replay"
+    assert (await store.idempotency_begin("kb_a", "crashed", "h1", 60, 1, 100)).status == "started"
+    assert (
+        await store.idempotency_begin("kb_a", "crashed", "h1", 60, 1, 100)
+    ).status == "in_flight"
+    assert (await store.idempotency_begin("kb_a", "short", "h1", 60, 30, 100)).status == "started"
+    await store.idempotency_complete("kb_a", "short", RESPONSE, 1)
+    assert (await store.idempotency_begin("kb_a", "short", "h1", 60, 30, 100)).status == "replay"
 
     await asyncio.sleep(1.3)
 
     # In flight for longer than in_flight_seconds: the crashed request's claim is taken over.
-    assert (await store.idempotency_begin("crashed", "h2", 60, 1)).status == "started"
-    assert (await store.idempotency_begin("crashed", "h2", 60, 1)).status == "in_flight"
+    assert (await store.idempotency_begin("kb_a", "crashed", "h2", 60, 1, 100)).status == "started"
+    assert (
+        await store.idempotency_begin("kb_a", "crashed", "h2", 60, 1, 100)
+    ).status == "in_flight"
     # Stored for ttl_seconds only.
-    assert (await store.idempotency_begin("short", "h1", 60, 30)).status == "started"
+    assert (await store.idempotency_begin("kb_a", "short", "h1", 60, 30, 100)).status == "started"
 
 
 # -- request rate ----------------------------------------------------------------------------

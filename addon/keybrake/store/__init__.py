@@ -8,10 +8,12 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from keybrake.store._base import (
+    OBJECT_TTL,
     BudgetState,
     Hold,
     IdempotencyBegin,
     KeyRecord,
+    ObjectOwner,
     RateResult,
     ReserveResult,
     Store,
@@ -26,11 +28,13 @@ if TYPE_CHECKING:
     from keybrake.store.redis import RedisStore
 
 __all__ = [
+    "OBJECT_TTL",
     "PASSWORD_ENV",
     "BudgetState",
     "Hold",
     "IdempotencyBegin",
     "KeyRecord",
+    "ObjectOwner",
     "RateResult",
     "RedisStore",
     "ReserveResult",

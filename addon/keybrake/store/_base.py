@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Final, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "OBJECT_TTL",
     "BudgetState",
     "Hold",
     "IdempotencyBegin",
     "KeyRecord",
+    "ObjectOwner",
     "RateResult",
     "ReserveResult",
     "Store",
@@ -24,6 +27,10 @@ __all__ = [
     "StoredResponse",
     "utc_day",
 ]
+
+
+OBJECT_TTL: Final = dt.timedelta(days=90)
+"""How long the owner of a vendor object is remembered."""
 
 
 class StoreUnavailable(Exception):
@@ -60,6 +67,9 @@ class KeyRecord:
     # proxy suspends a key by itself when a call cost more than its estimate.
     suspended_at: dt.datetime | None = None
     suspended_reason: str | None = None
+    # Whose objects the key may act on besides its own: "none", or "label" (every key with
+    # the same agent_run_label; issued so by an operator).
+    share_objects: str = "none"
 
     def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired", "suspended"]:
         if self.revoked_at is not None:
@@ -109,6 +119,14 @@ class Hold:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ObjectOwner:
+    """The vault key that created a vendor object through the proxy, and its label."""
+
+    key_id: str
+    label: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RateResult:
     """Outcome of `Store.count_request`.
 
@@ -138,9 +156,10 @@ class IdempotencyBegin:
     - ``replay``: a stored response exists for the same body hash (``response`` set).
     - ``in_flight``: another request with this key has not finished.
     - ``mismatch``: the key was used with a different body hash.
+    - ``full``: the vault key keeps as many entries as it may; nothing was claimed.
     """
 
-    status: Literal["started", "replay", "in_flight", "mismatch"]
+    status: Literal["started", "replay", "in_flight", "mismatch", "full"]
     response: StoredResponse | None = None
 
 
@@ -174,7 +193,8 @@ class Store(Protocol):
         """All keys, newest first."""
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
-        """Mark revoked (keeps the first revocation time when repeated); None if unknown."""
+        """Mark revoked (keeps the first revocation time when repeated) and `forget_key` what
+        the store keeps for it; None if unknown."""
 
     async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
         """Suspend the key (keeps the first time and reason when repeated); None if unknown.
@@ -253,23 +273,54 @@ class Store(Protocol):
         amount lowers it. Unknown or finished reservations answer ``ok=False`` with no
         budgets."""
 
-    # -- amounts the vendor told us about (capture/confirm without an amount) ------------------
-    async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
-        """Remember the USD cost of a vendor object (e.g. a PaymentIntent) for 30 days."""
+    # -- objects: who created them, and what they are worth to that key ---------------------
+    async def record_objects(
+        self, key: KeyRecord, vendor: str, object_ids: Sequence[str], now: dt.datetime
+    ) -> None:
+        """Record ``key`` (and its label) as the owner of vendor objects it created. The first
+        owner stays: an object never changes hands. Kept `OBJECT_TTL` (90 days)."""
 
-    async def recall_amount(self, vendor: str, object_id: str) -> int | None: ...
+    async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
+        """Who created ``object_id`` through the proxy; None for objects it never saw made."""
+
+    async def count_objects(self, key_id: str) -> int:
+        """How many objects ``key_id`` owns (still remembered): its share of the store."""
+
+    async def remember_amount(
+        self, key_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> None:
+        """Remember, for ``key_id`` only, the USD cost of a vendor object (a PaymentIntent, a
+        price) for 30 days: another key's calls can never change what this key is charged."""
+
+    async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None: ...
+
+    async def forget_expired_keys(self, now: dt.datetime) -> int:
+        """`forget_key` for every key expired by ``now`` (run periodically)."""
+
+    async def forget_key(self, key_id: str) -> int:
+        """Drop what the store keeps for a key that can make no more calls (revoked or
+        expired): its remembered amounts, idempotency entries and object records. The ledger,
+        budgets and holds stay (they are money). Returns how many entries went."""
 
     # -- idempotency cache ---------------------------------------------------------------------
     async def idempotency_begin(
-        self, scope: str, body_sha256: str, ttl_seconds: int, in_flight_seconds: int
+        self,
+        key_id: str,
+        scope: str,
+        body_sha256: str,
+        ttl_seconds: int,
+        in_flight_seconds: int,
+        max_entries: int,
     ) -> IdempotencyBegin:
-        """Atomically claim ``scope`` (e.g. ``"<key_id>:<idempotency key>"``). A claim left
-        in flight longer than ``in_flight_seconds`` (a crashed request) may be taken over."""
+        """Atomically claim ``scope`` (e.g. ``"idem:<idempotency key>"``) for ``key_id``. A
+        claim left in flight longer than ``in_flight_seconds`` (a crashed request) may be taken
+        over. A new claim when the key already keeps ``max_entries`` live entries is refused
+        (``full``): one key cannot fill the store that every key shares."""
 
     async def idempotency_complete(
-        self, scope: str, response: StoredResponse, ttl_seconds: int
+        self, key_id: str, scope: str, response: StoredResponse, ttl_seconds: int
     ) -> None:
         """Store the response for replay for ``ttl_seconds``."""
 
-    async def idempotency_abandon(self, scope: str) -> None:
+    async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Forget an in-flight claim (the response is not to be replayed)."""

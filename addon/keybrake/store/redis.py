@@ -18,7 +18,10 @@ a later call. All keys live under ``prefix``:
 - ``usage:<scope>:<window>`` hash ``spent``/``reserved`` (daily windows expire after a few
   days, ``lifetime`` never does)
 - ``res:<id>`` reservation hash, ``open-reservations`` sorted set by creation time
-- ``amount:<vendor>:<object_id>`` micro-USD, 30 days; ``idem:<scope>`` idempotency hash
+- ``amount:<key_id>:<vendor>:<object_id>`` micro-USD remembered for one key, 30 days
+- ``obj:<vendor>:<object_id>`` hash: the key that created the object and its label, 90 days;
+  ``objs:<key_id>`` sorted set of the key's object hashes (by expiry)
+- ``idem:<key_id>:<scope>`` idempotency hash; ``idem-index:<key_id>`` the key's entries
 - ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
 """
 
@@ -29,6 +32,7 @@ import datetime as dt
 import importlib.resources
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -41,10 +45,12 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from keybrake.store._base import (
+    OBJECT_TTL,
     BudgetState,
     Hold,
     IdempotencyBegin,
     KeyRecord,
+    ObjectOwner,
     RateResult,
     ReserveResult,
     StoredResponse,
@@ -84,6 +90,7 @@ _SCRIPTS = (
     "finish",
     "hold",
     "raise_hold",
+    "record_objects",
     "idempotency_begin",
     "idempotency_finish",
     "count_request",
@@ -124,6 +131,8 @@ def _key_fields(record: KeyRecord) -> list[str]:
         fields["max_requests_per_minute"] = str(record.max_requests_per_minute)
     if record.allowed_accounts:
         fields["allowed_accounts"] = json.dumps(list(record.allowed_accounts))
+    if record.share_objects != "none":
+        fields["share_objects"] = record.share_objects
     if record.suspended_at is not None:
         fields["suspended_at"] = str(epoch_micros(record.suspended_at))
         fields["suspended_reason"] = record.suspended_reason or ""
@@ -152,6 +161,7 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
         allowed_accounts=tuple(json.loads(f.get("allowed_accounts", "[]"))),
         suspended_at=_moment(f["suspended_at"]) if "suspended_at" in f else None,
         suspended_reason=f.get("suspended_reason"),
+        share_objects=f.get("share_objects", "none"),
     )
 
 
@@ -168,6 +178,11 @@ class _TLSConnection(redis.asyncio.Connection):
 
     def _connection_arguments(self) -> Mapping[str, Any]:
         return {**super()._connection_arguments(), "ssl": self.tls_context}
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (SCAN MATCH)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 class RedisStore:
@@ -315,8 +330,14 @@ class RedisStore:
                 self._k("key", record.key_id),
                 self._k("secret", record.secret_sha256),
                 self._k("keys"),
+                self._k("keys-expiring"),
             ],
-            [record.key_id, str(created), *_key_fields(record)],
+            [
+                record.key_id,
+                str(created),
+                str(epoch_micros(record.expires_at)),
+                *_key_fields(record),
+            ],
         )
         if inserted == 0:
             raise ValueError(f"vault key {record.key_id!r} already exists")
@@ -348,7 +369,10 @@ class RedisStore:
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
         flat = await self._script("revoke", [self._k("key", key_id)], [str(epoch_micros(now))])
-        return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+        record = _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+        if record is not None:
+            await self.forget_key(key_id)
+        return record
 
     async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
         flat = await self._script(
@@ -603,22 +627,87 @@ class RedisStore:
                 states.append(state)
         return ReserveResult(status == 1, reservation_id, tuple(states), exceeded=exceeded)
 
-    # -- amounts -------------------------------------------------------------------------------
-    async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
+    # -- objects and remembered amounts -----------------------------------------------------
+    async def record_objects(
+        self, key: KeyRecord, vendor: str, object_ids: Sequence[str], now: dt.datetime
+    ) -> None:
+        if not object_ids:
+            return
+        await self._script(
+            "record_objects",
+            [self._k("objs", key.key_id), *(self._k("obj", vendor, oid) for oid in object_ids)],
+            [key.key_id, key.agent_run_label, str(int(OBJECT_TTL.total_seconds()))],
+        )
+
+    async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
+        async with self._guard() as client:
+            owner, label = await client.hmget(self._k("obj", vendor, object_id), ["key", "label"])
+        return None if owner is None else ObjectOwner(_text(owner), _text(label or b""))
+
+    async def count_objects(self, key_id: str) -> int:
+        index = self._k("objs", key_id)
+        async with self._guard() as client:
+            pipe = client.pipeline(transaction=True)
+            pipe.zremrangebyscore(index, "-inf", int(time.time() * 1000))
+            pipe.zcard(index)
+            _, count = await pipe.execute()
+        return int(count)
+
+    async def remember_amount(
+        self, key_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> None:
         check_micros("amount_micros", amount_micros)
         async with self._guard() as client:
             await client.set(
-                self._k("amount", vendor, object_id), str(amount_micros), ex=_AMOUNT_TTL_SECONDS
+                self._k("amount", key_id, vendor, object_id),
+                str(amount_micros),
+                ex=_AMOUNT_TTL_SECONDS,
             )
 
-    async def recall_amount(self, vendor: str, object_id: str) -> int | None:
+    async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
         async with self._guard() as client:
-            value = await client.get(self._k("amount", vendor, object_id))
+            value = await client.get(self._k("amount", key_id, vendor, object_id))
         return None if value is None else int(value)
+
+    async def forget_expired_keys(self, now: dt.datetime) -> int:
+        async with self._guard() as client:
+            expired = await client.zrangebyscore(
+                self._k("keys-expiring"), "-inf", epoch_micros(now)
+            )
+        gone = 0
+        for raw in expired:
+            key_id = _text(raw)
+            gone += await self.forget_key(key_id)
+            async with self._guard() as client:
+                await client.zrem(self._k("keys-expiring"), key_id)
+        return gone
+
+    async def forget_key(self, key_id: str) -> int:
+        """Deletes the key's indexed entries and its remembered amounts (found with SCAN on
+        the key's own prefix: revocation is rare, never on a call's path)."""
+        gone = 0
+        async with self._guard() as client:
+            names: list[str] = []
+            for index in (self._k("idem-index", key_id), self._k("objs", key_id)):
+                names += [_text(n) for n in await client.zrange(index, 0, -1)]
+                names.append(index)
+            async for name in client.scan_iter(
+                match=_glob_escape(self._k("amount", key_id, "")) + "*", count=500
+            ):
+                names.append(_text(name))
+            for start in range(0, len(names), 500):
+                gone += int(await client.delete(*names[start : start + 500]))
+        return gone
 
     # -- idempotency cache ---------------------------------------------------------------------
     async def idempotency_begin(
-        self, scope: str, body_sha256: str, ttl_seconds: int, in_flight_seconds: int
+        self,
+        key_id: str,
+        scope: str,
+        body_sha256: str,
+        ttl_seconds: int,
+        in_flight_seconds: int,
+        max_entries: int,
     ) -> IdempotencyBegin:
         """Claim ``scope``; see `Store.idempotency_begin` and ``idempotency_begin.lua``.
 
@@ -629,8 +718,8 @@ class RedisStore:
         check_idempotency_times(ttl_seconds, in_flight_seconds)
         reply = await self._script(
             "idempotency_begin",
-            [self._k("idem", scope)],
-            [body_sha256, str(ttl_seconds), str(in_flight_seconds)],
+            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
+            [body_sha256, str(ttl_seconds), str(in_flight_seconds), str(max_entries)],
         )
         status = _text(reply[0])
         if status == "replay":
@@ -644,17 +733,19 @@ class RedisStore:
             return IdempotencyBegin("started")
         if status == "in_flight":
             return IdempotencyBegin("in_flight")
+        if status == "full":
+            return IdempotencyBegin("full")
         return IdempotencyBegin("mismatch")
 
     async def idempotency_complete(
-        self, scope: str, response: StoredResponse, ttl_seconds: int
+        self, key_id: str, scope: str, response: StoredResponse, ttl_seconds: int
     ) -> None:
         """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
         (abandoned, expired or already complete), since its body hash would be unknown."""
         check_idempotency_times(ttl_seconds, 0)
         await self._script(
             "idempotency_finish",
-            [self._k("idem", scope)],
+            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
             [
                 "complete",
                 str(ttl_seconds),
@@ -664,6 +755,10 @@ class RedisStore:
             ],
         )
 
-    async def idempotency_abandon(self, scope: str) -> None:
+    async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Drop the in-flight claim of ``scope``; a completed response is kept."""
-        await self._script("idempotency_finish", [self._k("idem", scope)], ["abandon"])
+        await self._script(
+            "idempotency_finish",
+            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
+            ["abandon"],
+        )

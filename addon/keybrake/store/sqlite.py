@@ -20,13 +20,15 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from keybrake.store._base import (
+    OBJECT_TTL,
     BudgetState,
     Hold,
     IdempotencyBegin,
     KeyRecord,
+    ObjectOwner,
     RateResult,
     ReserveResult,
     StoredResponse,
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS keys (
     max_requests_per_minute INTEGER,
     allowed_accounts TEXT NOT NULL DEFAULT '[]',
     suspended_at INTEGER,
-    suspended_reason TEXT
+    suspended_reason TEXT,
+    share_objects TEXT NOT NULL DEFAULT 'none'
 );
 CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);
 CREATE TABLE IF NOT EXISTS label_budgets (
@@ -101,28 +104,40 @@ CREATE TABLE IF NOT EXISTS holds (
     key_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_by_object ON holds (vendor, object_id);
-CREATE TABLE IF NOT EXISTS amounts (
+CREATE TABLE IF NOT EXISTS key_amounts (
+    key_id TEXT NOT NULL,
     vendor TEXT NOT NULL,
     object_id TEXT NOT NULL,
     micros INTEGER NOT NULL,
     expires_at REAL NOT NULL,
+    PRIMARY KEY (key_id, vendor, object_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS objects (
+    vendor TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    expires_at REAL NOT NULL,
     PRIMARY KEY (vendor, object_id)
-);
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS objects_by_key ON objects (key_id, expires_at);
 CREATE TABLE IF NOT EXISTS request_counts (
     key_id TEXT NOT NULL,
     bucket INTEGER NOT NULL,  -- 5-second buckets since the epoch
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, bucket)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS idempotency (
-    scope TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS idempotency_entries (
+    key_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
     body_sha256 TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
     status_code INTEGER,
     headers TEXT,
     body BLOB,
     started_at REAL NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key_id, scope)
 );
 COMMIT;
 """
@@ -134,6 +149,7 @@ _ADDED_COLUMNS = (
     ("keys", "allowed_accounts", "TEXT NOT NULL DEFAULT '[]'"),
     ("keys", "suspended_at", "INTEGER"),
     ("keys", "suspended_reason", "TEXT"),
+    ("keys", "share_objects", "TEXT NOT NULL DEFAULT 'none'"),
 )
 
 
@@ -170,6 +186,7 @@ def _row_to_key(row: sqlite3.Row) -> KeyRecord:
         allowed_accounts=tuple(json.loads(row["allowed_accounts"])),
         suspended_at=None if row["suspended_at"] is None else _moment(row["suspended_at"]),
         suspended_reason=row["suspended_reason"],
+        share_objects=row["share_objects"],
     )
 
 
@@ -310,8 +327,9 @@ class SQLiteStore:
         """Create the directory, the file and the tables; purge expired cache rows."""
         with self._transaction() as conn:
             now = time.time()
-            conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-            conn.execute("DELETE FROM amounts WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM idempotency_entries WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM key_amounts WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM objects WHERE expires_at <= ?", (now,))
 
     async def close(self) -> None:
         with self._lock:
@@ -351,6 +369,7 @@ class SQLiteStore:
             json.dumps(list(record.allowed_accounts)),
             None if record.suspended_at is None else epoch_micros(record.suspended_at),
             record.suspended_reason,
+            record.share_objects,
         )
         with self._transaction() as conn:
             try:
@@ -358,8 +377,8 @@ class SQLiteStore:
                     "INSERT INTO keys (key_id, secret_sha256, vendor, agent_run_label, "
                     "daily_cap_micros, usd_cap_micros, allowed_endpoints, vendor_account, "
                     "created_at, expires_at, revoked_at, max_requests_per_minute, "
-                    "allowed_accounts, suspended_at, suspended_reason) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "allowed_accounts, suspended_at, suspended_reason, share_objects) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     values,
                 )
             except sqlite3.IntegrityError as exc:
@@ -395,6 +414,8 @@ class SQLiteStore:
                 (revoked_at, key_id),
             )
             row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is not None:
+                self._forget(conn, key_id)
         return None if row is None else _row_to_key(row)
 
     async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
@@ -661,47 +682,119 @@ class SQLiteStore:
         day = next((w for scope, w in rows if scope.startswith("key:")), "")
         return usage_plan(key, day, self._label_cap(conn, key.agent_run_label))
 
-    # -- amounts -------------------------------------------------------------------------------
-    async def remember_amount(self, vendor: str, object_id: str, amount_micros: int) -> None:
+    # -- objects and remembered amounts -----------------------------------------------------
+    async def record_objects(
+        self, key: KeyRecord, vendor: str, object_ids: Sequence[str], now: dt.datetime
+    ) -> None:
+        expires = now.timestamp() + OBJECT_TTL.total_seconds()
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO objects VALUES (?, ?, ?, ?, ?) ON CONFLICT (vendor, object_id) "
+                "DO UPDATE SET expires_at = excluded.expires_at WHERE key_id = excluded.key_id",
+                [(vendor, oid, key.key_id, key.agent_run_label, expires) for oid in object_ids],
+            )
+
+    async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
+        with self._session() as conn:
+            row = conn.execute(
+                "SELECT key_id, label FROM objects WHERE vendor = ? AND object_id = ? "
+                "AND expires_at > ?",
+                (vendor, object_id, time.time()),
+            ).fetchone()
+        return None if row is None else ObjectOwner(row[0], row[1])
+
+    async def count_objects(self, key_id: str) -> int:
+        with self._session() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM objects WHERE key_id = ? AND expires_at > ?",
+                (key_id, time.time()),
+            ).fetchone()
+        return int(row[0])
+
+    async def remember_amount(
+        self, key_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> None:
         check_micros("amount_micros", amount_micros)
         with self._transaction() as conn:
             conn.execute(
-                "INSERT INTO amounts VALUES (?, ?, ?, ?) ON CONFLICT (vendor, object_id) "
+                "INSERT INTO key_amounts VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (key_id, vendor, object_id) "
                 "DO UPDATE SET micros = excluded.micros, expires_at = excluded.expires_at",
-                (vendor, object_id, amount_micros, time.time() + _AMOUNT_TTL_SECONDS),
+                (key_id, vendor, object_id, amount_micros, time.time() + _AMOUNT_TTL_SECONDS),
             )
 
-    async def recall_amount(self, vendor: str, object_id: str) -> int | None:
+    async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
         with self._session() as conn:
             row = conn.execute(
-                "SELECT micros FROM amounts WHERE vendor = ? AND object_id = ? AND expires_at > ?",
-                (vendor, object_id, time.time()),
+                "SELECT micros FROM key_amounts WHERE key_id = ? AND vendor = ? "
+                "AND object_id = ? AND expires_at > ?",
+                (key_id, vendor, object_id, time.time()),
             ).fetchone()
         return None if row is None else int(row[0])
 
+    async def forget_expired_keys(self, now: dt.datetime) -> int:
+        with self._transaction() as conn:
+            return sum(
+                conn.execute(
+                    f"DELETE FROM {table} WHERE key_id IN "  # noqa: S608
+                    "(SELECT key_id FROM keys WHERE expires_at <= ?)",
+                    (epoch_micros(now),),
+                ).rowcount
+                for table in ("key_amounts", "idempotency_entries", "objects")
+            )
+
+    async def forget_key(self, key_id: str) -> int:
+        with self._transaction() as conn:
+            return self._forget(conn, key_id)
+
+    @staticmethod
+    def _forget(conn: sqlite3.Connection, key_id: str) -> int:
+        return sum(
+            conn.execute(f"DELETE FROM {table} WHERE key_id = ?", (key_id,)).rowcount  # noqa: S608
+            for table in ("key_amounts", "idempotency_entries", "objects")
+        )
+
     # -- idempotency cache ---------------------------------------------------------------------
     async def idempotency_begin(
-        self, scope: str, body_sha256: str, ttl_seconds: int, in_flight_seconds: int
+        self,
+        key_id: str,
+        scope: str,
+        body_sha256: str,
+        ttl_seconds: int,
+        in_flight_seconds: int,
+        max_entries: int,
     ) -> IdempotencyBegin:
         """Claim ``scope``; see `Store.idempotency_begin`.
 
         Order of the checks: an expired entry or a stale claim (in flight for more than
         ``in_flight_seconds``) is replaced (``started``); otherwise a different body hash is
-        ``mismatch``; otherwise ``in_flight`` or ``replay``.
+        ``mismatch``; otherwise ``in_flight`` or ``replay``. A new claim when the key already
+        has ``max_entries`` live entries is ``full``.
         """
         check_idempotency_times(ttl_seconds, in_flight_seconds)
         now = time.time()
         with self._transaction() as conn:
-            row = conn.execute("SELECT * FROM idempotency WHERE scope = ?", (scope,)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM idempotency_entries WHERE key_id = ? AND scope = ?",
+                (key_id, scope),
+            ).fetchone()
             stale = row is not None and (
                 row["expires_at"] <= now
                 or (row["state"] == "in_flight" and now - row["started_at"] > in_flight_seconds)
             )
             if row is None or stale:
+                if row is None:
+                    (live,) = conn.execute(
+                        "SELECT COUNT(*) FROM idempotency_entries WHERE key_id = ? "
+                        "AND expires_at > ?",
+                        (key_id, now),
+                    ).fetchone()
+                    if live >= max_entries:
+                        return IdempotencyBegin("full")
                 conn.execute(
-                    "INSERT OR REPLACE INTO idempotency (scope, body_sha256, state, started_at,"
-                    " expires_at) VALUES (?, ?, 'in_flight', ?, ?)",
-                    (scope, body_sha256, now, now + ttl_seconds),
+                    "INSERT OR REPLACE INTO idempotency_entries (key_id, scope, body_sha256, "
+                    "state, started_at, expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?)",
+                    (key_id, scope, body_sha256, now, now + ttl_seconds),
                 )
                 return IdempotencyBegin("started")
             if row["body_sha256"] != body_sha256:
@@ -716,27 +809,30 @@ class SQLiteStore:
             return IdempotencyBegin("replay", response)
 
     async def idempotency_complete(
-        self, scope: str, response: StoredResponse, ttl_seconds: int
+        self, key_id: str, scope: str, response: StoredResponse, ttl_seconds: int
     ) -> None:
         """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
         (abandoned, expired or already complete), since its body hash would be unknown."""
         check_idempotency_times(ttl_seconds, 0)
         with self._transaction() as conn:
             conn.execute(
-                "UPDATE idempotency SET state = 'done', status_code = ?, headers = ?, body = ?,"
-                " expires_at = ? WHERE scope = ? AND state = 'in_flight'",
+                "UPDATE idempotency_entries SET state = 'done', status_code = ?, headers = ?, "
+                "body = ?, expires_at = ? WHERE key_id = ? AND scope = ? AND state = 'in_flight'",
                 (
                     response.status_code,
                     json.dumps([list(pair) for pair in response.headers]),
                     response.body,
                     time.time() + ttl_seconds,
+                    key_id,
                     scope,
                 ),
             )
 
-    async def idempotency_abandon(self, scope: str) -> None:
+    async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Drop the in-flight claim of ``scope``; a completed response is kept."""
         with self._transaction() as conn:
             conn.execute(
-                "DELETE FROM idempotency WHERE scope = ? AND state = 'in_flight'", (scope,)
+                "DELETE FROM idempotency_entries WHERE key_id = ? AND scope = ? "
+                "AND state = 'in_flight'",
+                (key_id, scope),
             )
