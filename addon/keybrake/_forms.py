@@ -333,6 +333,28 @@ class FormTree:
         """
         return [(key, _plain(node)) for key, node in self._root.items()]
 
+    def leaf_paths(self) -> list[str]:
+        """The dotted path of every value in the body (list items by index), a field given
+        twice counted once, in body order.
+
+        >>> parse_stripe_form(b"a=1&b[c][]=2&b[c][]=3&d=4&d=5").leaf_paths()
+        ['a', 'b.c.0', 'b.c.1', 'd']
+        """
+        out: list[str] = []
+
+        def walk(node: _Node, path: str) -> None:
+            if isinstance(node, str | _Ambiguous):
+                out.append(path)
+            elif isinstance(node, list):
+                for i, item in enumerate(node):
+                    walk(item, f"{path}.{i}")
+            else:
+                for key, child in node.items():
+                    walk(child, f"{path}.{key}" if path else key)
+
+        walk(self._root, "")
+        return out
+
     @property
     def ambiguous_paths(self) -> tuple[str, ...]:
         """Dotted paths of every ambiguous field, sorted.

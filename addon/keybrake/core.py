@@ -102,6 +102,10 @@ class Runtime:
         # Per-key bounds on what one key can make the shared store keep.
         self.max_idempotency_entries = DEFAULT_MAX_IDEMPOTENCY_ENTRIES
         self.max_objects_per_key = DEFAULT_MAX_OBJECTS_PER_KEY
+        # Extra CA bundle for policies' upstream overrides (None: the system's roots).
+        self.upstream_ca_bundle: Path | None = None
+        # Seconds before each read of a held object whose charge its answer did not state.
+        self.followup_delays: tuple[float, ...] = (30.0, 120.0, 600.0, 3600.0)
         # Vendor calls admitted and not yet audited: shutdown waits for them (bounded). Weak,
         # so a flow mitmproxy dropped without a response or error cannot hold shutdown up.
         self.inflight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
@@ -218,6 +222,13 @@ class Core:
             "creating calls are refused (429 quota_exceeded).",
         )
         add(
+            "keybrake_followup_delays",
+            str,
+            "30,120,600,3600",
+            "Seconds before each read of a held object whose answer did not state its charge "
+            "(Twilio prices a message after sending it).",
+        )
+        add(
             "keybrake_shutdown_grace",
             float,
             SHUTDOWN_GRACE_SECONDS,
@@ -259,6 +270,17 @@ class Core:
                 if getattr(opts, name) < 1:
                     raise exceptions.OptionsError(f"{name} must be at least 1")
                 setattr(rt, attr, getattr(opts, name))
+        if "keybrake_followup_delays" in updated:
+            try:
+                rt.followup_delays = tuple(
+                    float(part) for part in opts.keybrake_followup_delays.split(",") if part
+                )
+            except ValueError:
+                rt.followup_delays = ()
+            if not rt.followup_delays or min(rt.followup_delays) <= 0:
+                raise exceptions.OptionsError(
+                    "keybrake_followup_delays: give positive numbers of seconds, e.g. 30,120,600"
+                )
         if "keybrake_idempotency_ttl" in updated:
             try:
                 ttl = parse_duration(opts.keybrake_idempotency_ttl)
@@ -344,7 +366,7 @@ class Core:
             if p.upstream and p.upstream.ca_file
         ]
         if not extra:
-            self._upstream_bundle = None
+            self._upstream_bundle = rt.upstream_ca_bundle = None
             return
         bundle = rt.data_dir / "upstream-ca-bundle.pem"
         parts = [Path(certifi.where()).read_text()]
@@ -354,7 +376,7 @@ class Core:
             except OSError as e:
                 raise exceptions.OptionsError(f"upstream ca_file {f}: {e.strerror}") from None
         bundle.write_text("\n".join(parts))
-        self._upstream_bundle = bundle
+        self._upstream_bundle = rt.upstream_ca_bundle = bundle
 
     async def running(self) -> None:
         rt = self.runtime

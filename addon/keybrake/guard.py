@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 from mitmproxy import http, tcp
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from keybrake._followup import PriceFollowup
 from keybrake._idempotency import (
     body_fingerprint,
     replay_response,
@@ -48,11 +49,12 @@ from keybrake.credentials import (
 )
 from keybrake.errors import Refusal, refusal_response
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
-from keybrake.policy import EndpointPolicy, HoldRule, VendorPolicy, _parse_pattern
+from keybrake.policy import EndpointPolicy, FixedCost, HoldRule, VendorPolicy, _parse_pattern
 from keybrake.pricing import (
     Body,
     Estimate,
     actual_cost,
+    check_parameters,
     estimate_cost,
     hold_amount,
     parse_body,
@@ -122,6 +124,9 @@ class CallState:
     message_id: str | None = None
     idempotency_key: str | None = None
     vendor_idempotency_key: str | None = None
+    # Expansions the worker asked for in its body, and those the proxy added.
+    body_expand: tuple[str, ...] = ()
+    expanded: tuple[str, ...] = ()
     idem_scope: str | None = None
     vendor_request_id: str | None = None
     object_id: str | None = None
@@ -251,6 +256,10 @@ class VaultGuard:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.key_failures = FailureLimiter()
+        self.followup = PriceFollowup(runtime, self._settle_read)
+
+    def done(self) -> None:
+        self.followup.close()
 
     # -- request -----------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -482,6 +491,8 @@ class VaultGuard:
             )
         accepted = endpoint.body_types(policy) if endpoint is not None else policy.body
         body = parse_body(accepted, req.headers.get_all("content-type"), req.raw_content or b"")
+        if endpoint is not None and endpoint.expand and body.kind == "form":
+            call.body_expand = tuple(str(v) for v in body.get_list("expand"))
         if endpoint is not None:
             await self._check_field_owners(store, policy, endpoint, key, body)
             # One key must not fill the store every key shares with objects it owns.
@@ -503,6 +514,8 @@ class VaultGuard:
             estimate = Estimate(0, basis="free")
         else:
             estimate = await estimate_cost(policy, endpoint, body, params, recall)
+            # After pricing, so a body of the wrong shape is refused as such first.
+            check_parameters(endpoint, body)
         call.estimate = estimate
         call.amount_minor, call.currency = estimate.amount_minor, estimate.currency
 
@@ -617,6 +630,7 @@ class VaultGuard:
             # worker is about to use. Deterministic, so the vendor still deduplicates retries.
             call.vendor_idempotency_key = vendor_idempotency_key(call.key_id, worker_idem[:255])
             req.headers[policy.idempotency_header] = call.vendor_idempotency_key
+        query = self._ask_for_expansions(req, method, query, call)
         # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
         req.method = method
         req.authority = ""
@@ -634,6 +648,28 @@ class VaultGuard:
             req.scheme, req.port = "https", 443
         call.outcome = "forwarded"
         flow.metadata[META] = call
+
+    @staticmethod
+    def _ask_for_expansions(req: http.Request, method: str, query: str, call: CallState) -> str:
+        """Ask the vendor to expand what states the charge (a subscription's latest_invoice)
+        when the worker did not: the answer is collapsed back before the worker sees it.
+        Returns the query string to forward."""
+        endpoint = call.endpoint
+        if endpoint is None or not endpoint.expand:
+            return query
+        asked = {v for k, v in parse_qsl(query) if k.startswith("expand")}
+        if method not in _READS:
+            asked |= set(call.body_expand)
+        added = tuple(f for f in endpoint.expand if f not in asked)
+        if not added:
+            return query
+        call.expanded = added
+        extra = urlencode([("expand[]", f) for f in added])
+        if method in _READS:
+            return f"{query}&{extra}" if query else extra
+        body = req.raw_content or b""
+        req.content = body + (b"&" if body else b"") + extra.encode()
+        return query
 
     async def _idempotency_begin(
         self,
@@ -817,9 +853,27 @@ class VaultGuard:
                 "keybrake: internal error settling %s (kept reserved)", call.reservation_id
             )
         finally:
+            self._collapse_expansions(flow, call)
             await self._finish_idempotency(flow, call)
         # After storing for replay, so the stored response stays vendor-shaped.
         self._rewrite_links(flow, call)
+
+    @staticmethod
+    def _collapse_expansions(flow: http.HTTPFlow, call: CallState) -> None:
+        """What the proxy expanded for itself goes back to an id, as the worker asked."""
+        if not call.expanded or flow.response is None:
+            return
+        try:
+            data = json.loads(flow.response.content or b"")
+        except ValueError:
+            return
+        if not isinstance(data, dict):
+            return
+        for name in call.expanded:
+            value = data.get(name)
+            if isinstance(value, dict) and isinstance(value.get("id"), str):
+                data[name] = value["id"]
+        flow.response.content = json.dumps(data).encode()
 
     def _rewrite_links(self, flow: http.HTTPFlow, call: CallState) -> None:
         """Base-URL mode: absolute vendor links in JSON (``next_page_url``) point back at
@@ -878,9 +932,24 @@ class VaultGuard:
             call.note = actual.note
             if actual.amount_minor is not None:
                 call.amount_minor, call.currency = actual.amount_minor, actual.currency
+            unstated = actual.micros is None and estimate.micros > 0
+            if unstated and call.endpoint is not None and isinstance(call.endpoint.cost, FixedCost):
+                unstated = False  # a fixed price is the charge by definition
             if call.reservation_id is not None:
-                await store.settle(call.reservation_id, micros)
-            call.actual_micros, call.outcome = micros, "ok"
+                if unstated:
+                    await store.mark_unknown(call.reservation_id)
+                else:
+                    await store.settle(call.reservation_id, micros)
+            call.actual_micros, call.outcome = micros, "unknown" if unstated else "ok"
+            if unstated:
+                # Never "estimate kept" silently: counted, audited as unknown, and logged.
+                call.note = "the answer does not state what was charged: estimate counted"
+                log.warning(
+                    "keybrake: %s %s on %s: the vendor's answer does not state the charge",
+                    call.method,
+                    call.path,
+                    call.key_id,
+                )
             if micros > estimate.micros:
                 await self._overrun(store, call, micros, estimate.micros)
             if call.endpoint is not None and data is not None:
@@ -925,7 +994,8 @@ class VaultGuard:
         actual = actual_cost(policy, endpoint.actual, data, estimate) if endpoint.actual else None
         oid = data.get(endpoint.object_id or "id")
         object_id = oid if isinstance(oid, str) and oid else call.held_for
-        if actual is not None and actual.charged:
+        unstated = actual is not None and actual.charged and actual.micros is None
+        if actual is not None and actual.charged and not unstated:
             micros = actual.micros if actual.micros is not None else bound
             call.note = actual.note
             if actual.amount_minor is not None:
@@ -956,6 +1026,8 @@ class VaultGuard:
             return
         amount = hold_amount(policy, rule, data, Estimate(bound))
         await store.hold(reservations[0], policy.vendor, object_id, amount)
+        if endpoint.followup and call.reservation_id:
+            self._follow_up(policy, endpoint.followup, object_id)
         for extra in reservations[1:]:
             await store.release(extra)
         call.kept_held = amount
@@ -963,8 +1035,66 @@ class VaultGuard:
         # (a read, a confirm that needs a browser step) is ok, and the hold stays.
         call.outcome = "held" if call.reservation_id else "ok"
         call.note = f"${format_usd(amount)} held: {object_id[:64]} can still charge later"
+        if unstated:
+            call.note = f"${format_usd(amount)} held: the answer does not state the charge yet"
         if amount > bound:
             await self._overrun(store, call, amount, bound)
+
+    def _follow_up(self, policy: VendorPolicy, template: str, object_id: str) -> None:
+        self.followup.schedule(policy, template, object_id)
+
+    async def _settle_read(
+        self, policy: VendorPolicy, path: str, object_id: str, data: dict[str, Any]
+    ) -> bool:
+        """Finish the holds of ``object_id`` from the proxy's own read of it; True when done.
+
+        The read is audited like a vendor call, under the key whose hold it finished."""
+        try:
+            read = self._endpoint_for(policy, "GET", normalize_path(path).segments)[0]
+        except (Refusal, PathRejected):
+            return True  # nothing to read it with: stop trying
+        if read is None or read.hold is None:
+            return True
+        store = await self.runtime.open_store()
+        holds = await store.holds(policy.vendor, object_id)
+        if not holds:
+            return True
+        held = sum(h.amount_micros for h in holds)
+        actual = actual_cost(policy, read.actual, data, Estimate(held)) if read.actual else None
+        if actual is not None and actual.charged and actual.micros is not None:
+            outcome, spent = "ok", actual.micros
+            await store.settle(holds[0].reservation_id, spent)
+            note = f"read by the proxy: the hold of {object_id[:64]} settled at the charge stated"
+        elif releases_hold(read.hold, data):
+            outcome, spent = "ok", 0
+            await store.release(holds[0].reservation_id)
+            note = f"read by the proxy: {object_id[:64]} was not charged; its hold released"
+        else:
+            return False
+        for extra in holds[1:]:
+            await store.release(extra.reservation_id)
+        key = await store.get_key(holds[0].key_id)
+        writer = self.runtime.audit_writer
+        if writer is not None:
+            writer.submit(
+                {
+                    "ts": self.runtime.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "key_id": holds[0].key_id,
+                    "label": key.agent_run_label if key else None,
+                    "vendor": policy.vendor,
+                    "method": "GET",
+                    "path": path,
+                    "status": 200,
+                    "outcome": outcome,
+                    "estimate_micros": held,
+                    "actual_micros": spent,
+                    "vendor_object_id": object_id,
+                    "actor": "keybrake",
+                    "instance": self.runtime.instance_id,
+                    "note": note,
+                }
+            )
+        return True
 
     @staticmethod
     async def _release_included(

@@ -345,6 +345,11 @@ class ActualRule(_Model):
         default_factory=dict,
         description="Field -> values for which the amount was charged; otherwise cost is 0.",
     )
+    price_list: bool = Field(
+        default=False,
+        description="The vendor never states a charge per call (it bills by a price list or "
+        "plan): the estimate, a closed-world price, is the charge.",
+    )
     price: str | None = Field(
         default=None,
         description=(
@@ -377,7 +382,7 @@ class HoldRule(_Model):
     param: str = Field(
         default="id",
         description="Path placeholder naming the object on calls that act on it: its holds "
-        "are used by the call.",
+        "are used by the call (a create names none: it makes the hold).",
     )
     amount: str | None = Field(
         default=None,
@@ -475,6 +480,18 @@ class EndpointPolicy(_Model):
         default=None,
         description="Keep the reservation while the object can still charge later (HoldRule).",
     )
+    expand: tuple[str, ...] = Field(
+        default=(),
+        description="Response fields the proxy asks the vendor to expand (Stripe expand[]) so "
+        "that the answer states what was charged; collapsed back to their id for a worker that "
+        "did not ask for them.",
+    )
+    followup: str | None = Field(
+        default=None,
+        description="Path the proxy reads, with the real secret, until a held object's answer "
+        "states its charge ({account}: the real account id, {id}: the object): for vendors "
+        "that price a call after answering it (Twilio messages).",
+    )
     creates: str | None = Field(
         default=None,
         description="Response field naming the object(s) this call creates (lists are walked: "
@@ -484,6 +501,17 @@ class EndpointPolicy(_Model):
         default=None,
         description="Path placeholder naming the object the call acts on, which must belong "
         "to the key (unset: the last placeholder that is not the vendor account; '' for none).",
+    )
+    params: tuple[str, ...] | None = Field(
+        default=None,
+        description="The request parameters this endpoint's rule understands, as dotted "
+        "patterns ('amount', 'metadata.**', 'line_items.*.quantity'): priced ones and ones "
+        "known not to change the cost. Any other is refused (unpriced_parameter). Required "
+        "on every endpoint that is not a read.",
+    )
+    refused: dict[str, str] = Field(
+        default_factory=dict,
+        description="Parameters refused on purpose, each with the reason the refusal gives.",
     )
     owned_fields: tuple[str, ...] = Field(
         default=(),
@@ -690,14 +718,14 @@ def load_policy_file(path: Path) -> VendorPolicy:
                 f"{path}: endpoints.{i}.match: {ep.match!r} repeats endpoints.{seen[ep.match]}"
             )
         seen[ep.match] = i
+        if ep.params is None and ep.pattern.method not in ("GET", "HEAD"):
+            raise PolicyError(
+                f"{path}: endpoints.{i}.params: {ep.match!r} changes state: list the request "
+                "parameters its rule understands (pricing is a closed world; [] for none)"
+            )
         if ep.owned and ep.owned_segment(policy) is None:
             raise PolicyError(
                 f"{path}: endpoints.{i}.owned: {ep.match!r} has no placeholder {{{ep.owned}}}"
-            )
-        if ep.hold is not None and f"{{{ep.hold.param}}}" not in ep.match and ep.hold.param != "id":
-            raise PolicyError(
-                f"{path}: endpoints.{i}.hold.param: {ep.match!r} has no placeholder "
-                f"{{{ep.hold.param}}}"
             )
         for rule in (ep.cost, ep.actual):
             if (

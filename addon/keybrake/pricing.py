@@ -55,6 +55,7 @@ __all__ = [
     "Body",
     "Estimate",
     "actual_cost",
+    "check_parameters",
     "estimate_cost",
     "hold_amount",
     "media_type",
@@ -89,6 +90,25 @@ class Body:
             else:
                 return None
         return node
+
+    def leaf_paths(self) -> list[str]:
+        """The dotted path of every value the body carries (``line_items.0.quantity``)."""
+        if self.kind == "form":
+            return list(self._data.leaf_paths())
+        out: list[str] = []
+
+        def walk(node: Any, path: str) -> None:
+            if isinstance(node, dict) and node:
+                for key, child in node.items():
+                    walk(child, f"{path}.{key}" if path else str(key))
+            elif isinstance(node, list) and node:
+                for i, item in enumerate(node):
+                    walk(item, f"{path}.{i}" if path else str(i))
+            elif path:
+                out.append(path)
+
+        walk(self._data, "")
+        return out
 
     def get_node(self, path: str) -> Any:
         """The value at ``path`` whatever its shape: a scalar, or nested lists and objects
@@ -434,6 +454,8 @@ def actual_cost(
     """
     if rule is None:
         return Actual(None, estimate.amount_minor, estimate.currency, "estimate kept")
+    if rule.price_list:
+        return Actual(estimate.micros, estimate.amount_minor, estimate.currency, "price list")
     data: Any = body
     if isinstance(body, bytes):
         try:
@@ -487,6 +509,38 @@ def _actual_price(
 def _text(value: Any) -> str:
     """A response value as policy files write it (JSON booleans as ``true``/``false``)."""
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _covers(pattern: str, path: list[str]) -> bool:
+    """``*`` matches one segment, a final ``**`` any number (none included)."""
+    parts = pattern.split(".")
+    for i, part in enumerate(parts):
+        if part == "**" and i == len(parts) - 1:
+            return True
+        if i >= len(path) or (part != "*" and part != path[i]):
+            return False
+    return len(parts) == len(path)
+
+
+def check_parameters(endpoint: EndpointPolicy, body: Body) -> None:
+    """Pricing is a closed world: every parameter the request carries must be one the
+    endpoint's rule understands (``params``: priced, or known not to change the cost).
+    Anything else is refused (``unpriced_parameter``, naming it), never forwarded at the
+    plain price; ``refused`` names parameters refused on purpose, with the reason."""
+    if endpoint.params is None:
+        return
+    for path in body.leaf_paths():
+        segments = path.split(".")
+        top = segments[0]
+        reason = endpoint.refused.get(top) or endpoint.refused.get(path)
+        if reason is not None:
+            raise Refusal("unpriced_parameter", f"{path[:100]} is refused: {reason}")
+        if not any(_covers(pattern, segments) for pattern in endpoint.params):
+            raise Refusal(
+                "unpriced_parameter",
+                f"{path[:100]} is a parameter {endpoint.match} is not priced with; the "
+                "policy can list it under params if it does not change the cost",
+            )
 
 
 def releases_hold(rule: HoldRule, data: dict[str, Any]) -> bool:

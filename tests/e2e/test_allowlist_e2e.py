@@ -43,6 +43,7 @@ ALLOW = [
     "GET /v1/payment_intents/{id}",
 ]
 CREATE_BODY = b"amount=100&currency=usd"
+CONFIRM_BODY = b"payment_method=pm_card_visa"  # a confirm takes no amount
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,18 @@ CASES = [
     Case("fragment-dropped", "POST", "/v1/payment_intents#frag", "/v1/payment_intents"),
     Case("lowercase-method", "post", "/v1/payment_intents", "/v1/payment_intents"),
     Case(
-        "confirm", "POST", f"/v1/payment_intents/{PI}/confirm", f"/v1/payment_intents/{PI}/confirm"
+        "confirm",
+        "POST",
+        f"/v1/payment_intents/{PI}/confirm",
+        f"/v1/payment_intents/{PI}/confirm",
+        CONFIRM_BODY,
     ),
     Case(
         "confirm-dots-and-params",
         "POST",
         f"/v1/payment_intents/./{PI}/confirm;x=1/",
         f"/v1/payment_intents/{PI}/confirm",
+        CONFIRM_BODY,
     ),
     Case("retrieve", "GET", f"/v1/payment_intents/{PI}", f"/v1/payment_intents/{PI}", b""),
     Case(

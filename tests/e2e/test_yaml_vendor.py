@@ -41,14 +41,18 @@ endpoints:
   - match: POST /v1/renders
     cost: {kind: fixed_usd, usd: 0.25}
     creates: id   # the render belongs to the key that made it: GET /v1/renders/{id} is its own
+    params: [scene]   # pricing is a closed world: every parameter the price understands
   - match: GET /v1/renders/{id}
     free: true
   - match: POST /v1/notify
     cost: {kind: per_unit, counter: list_items, fields: [to, cc], unit_usd: 0.01}
+    actual: {price_list: true}
+    params: ['to', 'to.*', 'cc', 'cc.*']
   - match: POST /v1/credits
     # The request names an amount; Acme answers what it really charged (after discounts).
     cost: {kind: amount_field, amount: amount, currency: currency}
     actual: {amount: charged.amount, currency: charged.currency}
+    params: [amount, currency]
 """
 
 

@@ -120,11 +120,13 @@ class FakeTwilio(FakeVendor):
         self.mms_price_usd_micros = mms_price_usd_micros
         self._messages: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []  # oldest first
+        self._prices: dict[str, int] = {}  # micro-USD each message costs once sent
 
     def env(self) -> dict[str, str]:
         return {"TWILIO_ACCOUNT_SID": self.account_sid, "TWILIO_AUTH_TOKEN": self.auth_token}
 
     def reset_state(self) -> None:
+        self._prices.clear()
         self._messages.clear()
         self._order.clear()
 
@@ -294,6 +296,7 @@ class FakeTwilio(FakeVendor):
         self._messages[sid] = msg
         self._order.append(sid)
         micros = self.mms_price_usd_micros if mms else segments * self.price_per_segment_usd_micros
+        self._prices[sid] = micros
         return self._json(
             201,
             msg,
@@ -307,6 +310,20 @@ class FakeTwilio(FakeVendor):
                 "messaging_service_sid": service or None,
             },
         )
+
+    def deliver(self, sid: str | None = None) -> list[dict[str, Any]]:
+        """The messages are sent (all queued ones, or ``sid``): Twilio then states their price
+        (negative, in ``price_unit``), as it does a few seconds after accepting a message."""
+        done = []
+        with self._lock:
+            for msg_sid in [sid] if sid else list(self._order):
+                msg = self._messages[msg_sid]
+                if msg["price"] is None:
+                    msg["status"] = "delivered"
+                    msg["date_sent"] = msg["date_updated"] = _rfc2822(time.time())
+                    msg["price"] = f"-{self._prices.get(msg_sid, 0) / 1_000_000:.5f}"
+                    done.append(dict(msg))
+        return done
 
     def _list(self, req: FakeRequest) -> FakeResponse:
         q = parse_qs(req.query, keep_blank_values=True)

@@ -41,7 +41,14 @@ def test_a_json_looking_form_body_is_priced_as_the_form_the_vendor_reads(
         }
     ).encode()
     r = raw_post(kb, key, PI, smuggled, {"Content-Type": f"{FORM}; x=json"})
-    # Read as Stripe reads it: a $1,000 charge on a $10 key.
+    # Read as Stripe reads it: a $1,000 charge on a $10 key, carrying a parameter no price
+    # knows (the JSON text before the first "&" is a field name to a form parser).
+    assert error_code(r) == "unpriced_parameter", r.text
+    assert r.json()["error"]["message"].startswith('{"amount"')
+    # Without the junk field, the same form body is priced at what Stripe would charge.
+    r = raw_post(
+        kb, key, PI, b"amount=100000&currency=usd&confirm=true", {"Content-Type": f"{FORM}; x=json"}
+    )
     assert r.status_code == 429, r.text
     assert error_code(r) == "cap_exhausted"
     assert r.json()["error"]["needed_usd"] == "1000.00"

@@ -10,7 +10,7 @@ import pytest
 from keybrake._paths import normalize_path
 from keybrake.errors import Refusal
 from keybrake.policy import PolicySet, load_policies
-from keybrake.pricing import MEDIA_TYPES, Estimate, estimate_cost, parse_body
+from keybrake.pricing import MEDIA_TYPES, Estimate, check_parameters, estimate_cost, parse_body
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,9 @@ async def price_call(
     # No content type given: the one the vendor's SDK sends for this endpoint.
     media = content_type or next(m for m, kind in MEDIA_TYPES.items() if kind == accepted[0])
     body = parse_body(accepted, [media], raw)
-    return await estimate_cost(policy, endpoint, body, params, recall)
+    estimate = await estimate_cost(policy, endpoint, body, params, recall)
+    check_parameters(endpoint, body)
+    return estimate
 
 
 async def refusal_of(policies: PolicySet, *args: object, **kw: object) -> Refusal:

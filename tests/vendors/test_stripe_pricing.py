@@ -43,9 +43,9 @@ SUBSCRIPTION = ("POST", "/v1/subscriptions")
         (
             "POST",
             "/v1/payment_intents/pi_1/confirm",
-            b"amount=1&currency=usd&payment_method=pm_card_visa",
+            b"payment_method=pm_card_visa",
             {"pi_1": 20_000_000},
-            20_000_000,  # confirm takes no amount: a body amount cannot lower the price
+            20_000_000,  # confirm takes no amount: the intent's own is the price
         ),
         ("POST", "/v1/payment_intents/pi_1/capture", b"", {"pi_1": 9}, 9),
         # amount_to_capture is in the intent's currency: bounded by the dearest one (GBP)
@@ -450,3 +450,16 @@ def test_every_money_endpoint_has_an_actual_rule(shipped: PolicySet) -> None:
     assert remembered["POST /v1/invoices"] == "amount_due"
     assert remembered["GET /v1/prices/{id}"] == "unit_amount"
     assert remembered["POST /v1/payment_intents/{id}/increment_authorization"] == "amount"
+
+
+async def test_a_confirm_with_an_amount_is_refused(shipped: PolicySet) -> None:
+    """Confirm takes no amount: one in the body would not be the price, so it is refused."""
+    r = await refusal_of(
+        shipped,
+        "stripe",
+        "POST",
+        "/v1/payment_intents/pi_1/confirm",
+        b"amount=1&currency=usd",
+        known={"pi_1": 20_000_000},
+    )
+    assert r.code == "unpriced_parameter" and r.message.startswith("amount is a parameter")
