@@ -15,13 +15,17 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "OBJECT_TTL",
+    "Admission",
+    "AdmissionRequest",
     "BudgetState",
     "Hold",
     "IdempotencyBegin",
+    "IdempotencyClaim",
     "KeyRecord",
     "ObjectOwner",
     "RateResult",
     "ReserveResult",
+    "Settlement",
     "Store",
     "StoreUnavailable",
     "StoredResponse",
@@ -163,6 +167,86 @@ class IdempotencyBegin:
     response: StoredResponse | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """What `Store.admit` claims for a call with an idempotency key (see `idempotency_begin`)."""
+
+    scope: str
+    body_sha256: str
+    ttl_seconds: int
+    in_flight_seconds: int
+    max_entries: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """Everything one vendor call needs from the store before it is forwarded."""
+
+    key_id: str
+    now: dt.datetime
+    # A paid call reserves its estimate over every budget under this id; None: a free call.
+    reservation_id: str | None = None
+    estimate_micros: int = 0
+    rate_limit: int | None = None
+    idempotency: IdempotencyClaim | None = None
+    # The call creates objects: refused when the key owns this many already.
+    max_objects: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer of `Store.admit`.
+
+    - ``admitted``: counted, claimed and reserved as asked; ``key`` is the key as stored now.
+    - ``replay``: the idempotency claim found a stored ``response`` (nothing reserved).
+    - ``refused``: ``code`` says why (``vault_key_unknown``, ``vault_key_revoked``,
+      ``vault_key_expired``, ``key_suspended``, ``rate_limited`` with
+      ``retry_after_seconds``, ``quota_exceeded`` with ``detail`` ``objects`` or
+      ``idempotency``, ``idempotency_in_flight``, ``idempotency_mismatch``,
+      ``cap_exhausted`` with ``exceeded``). Nothing was claimed or reserved; a refusal after
+      the key check has the request counted against the rate limit, as every request is.
+    """
+
+    status: Literal["admitted", "replay", "refused"]
+    key: KeyRecord | None = None
+    code: str | None = None
+    detail: str = ""
+    budgets: tuple[BudgetState, ...] = ()
+    exceeded: BudgetState | None = None
+    retry_after_seconds: int = 0
+    response: StoredResponse | None = None
+    # The usage rows the reservation was made in, as (scope, window): hand them to `settle_call`.
+    ledger_rows: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settlement:
+    """Everything one vendor call changes in the store once it is answered, in one step.
+
+    ``finish`` ends the call's reservation: ``settled`` at ``actual_micros``, ``released``,
+    ``unknown`` (the estimate stays spent) or ``held`` (kept for ``hold``: vendor, object,
+    amount). ``created`` objects become the key's; ``remember`` keeps an amount for the key;
+    the idempotency claim is completed with ``idempotency_response`` or, when that is None,
+    abandoned; ``audit`` is appended to the audit outbox in the same step.
+    """
+
+    key_id: str
+    label: str
+    vendor: str
+    now: dt.datetime
+    reservation_id: str | None = None
+    ledger_rows: tuple[tuple[str, str], ...] = ()
+    finish: Literal["settled", "released", "unknown", "held"] | None = None
+    actual_micros: int = 0
+    hold: tuple[str, int] | None = None
+    created: tuple[str, ...] = ()
+    remember: tuple[str, int] | None = None
+    idempotency_scope: str | None = None
+    idempotency_response: StoredResponse | None = None
+    idempotency_ttl_seconds: int = 1
+    audit: dict[str, object] | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """The state every proxy replica shares. Every method may raise `StoreUnavailable`."""
@@ -202,6 +286,33 @@ class Store(Protocol):
 
     async def resume_key(self, key_id: str) -> KeyRecord | None:
         """Lift a suspension (harmless when there is none); None if unknown."""
+
+    # -- one call, two steps -------------------------------------------------------------------
+    async def admit(self, request: AdmissionRequest) -> Admission:
+        """In ONE atomic step, everything a call needs before it is forwarded: the key's
+        state (revocation and suspension are immediate on every replica), the request-rate
+        count, the key's object quota, the idempotency claim or replay, and the reservation
+        over every budget (with the caps as stored now). See `Admission`."""
+
+    async def settle_call(self, settlement: Settlement) -> bool:
+        """In ONE atomic step, everything an answered call changes, its audit row included
+        (appended to the audit outbox). Returns whether the reservation was finished now
+        (False: unknown, or finished before; the rest is applied all the same)."""
+
+    # -- the audit outbox: rows committed with the ledger, moved to the audit sink ------------
+    async def append_audit(self, row: dict[str, object]) -> None:
+        """Append one audit row (a refusal, an egress decision) to the outbox."""
+
+    async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
+        """Up to ``limit`` rows not yet moved to the sink, as ``(id, row)``, claimed by
+        ``consumer`` (a replica). Rows another consumer claimed and left unacknowledged for
+        long (a replica that died) are claimed again."""
+
+    async def audit_ack(self, ids: Sequence[str]) -> None:
+        """The rows ``ids`` are committed to the sink: drop them from the outbox."""
+
+    async def audit_backlog(self) -> int:
+        """Rows in the outbox, claimed or not."""
 
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:

@@ -46,6 +46,8 @@ from redis.commands.core import AsyncScript
 
 from keybrake.store._base import (
     OBJECT_TTL,
+    Admission,
+    AdmissionRequest,
     BudgetState,
     Hold,
     IdempotencyBegin,
@@ -53,6 +55,7 @@ from keybrake.store._base import (
     ObjectOwner,
     RateResult,
     ReserveResult,
+    Settlement,
     StoredResponse,
     StoreUnavailable,
     utc_day,
@@ -82,6 +85,10 @@ _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
 _FINISHED_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+_AUDIT_GROUP = "audit"
+# An outbox row another replica claimed and left unacknowledged this long is claimed again.
+_AUDIT_CLAIM_IDLE_MS = 30_000
+_STATE_FIELDS = ("revoked_at", "suspended_at")
 _SCRIPTS = (
     "create_key",
     "revoke",
@@ -91,6 +98,8 @@ _SCRIPTS = (
     "hold",
     "raise_hold",
     "record_objects",
+    "admit",
+    "settle_call",
     "idempotency_begin",
     "idempotency_finish",
     "count_request",
@@ -207,6 +216,8 @@ class RedisStore:
         self.prefix = self._target.prefix if prefix is None else prefix
         self._tls_context = self._target.ssl_context()
         self._client: redis.asyncio.Redis | None = None
+        # Labels never change: the usage hashes of a key's reservations are named from it.
+        self._labels: dict[str, str] = {}
         self._scripts: dict[str, AsyncScript] = {}
         self._warned_unverified = False
 
@@ -283,7 +294,15 @@ class RedisStore:
             await client.ping()
             for script in self._scripts.values():
                 script.sha = await client.script_load(script.script)
+            await self._ensure_audit_group(client)
             await self._warn_on_eviction(client)
+
+    async def _ensure_audit_group(self, client: redis.asyncio.Redis) -> None:
+        try:
+            await client.xgroup_create(self._k("audit"), _AUDIT_GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     @staticmethod
     async def _warn_on_eviction(client: redis.asyncio.Redis) -> None:
@@ -548,6 +567,192 @@ class RedisStore:
         for reservation_id in ids:
             count += await self._finish(_text(reservation_id), "unknown", 0)
         return count
+
+    # -- one call, two steps -------------------------------------------------------------------
+    async def admit(self, request: AdmissionRequest) -> Admission:
+        """See `Store.admit`: one ``admit.lua`` call.
+
+        The usage hashes are named from the key as this process knows it (its id and label
+        never change); the caps, the state and everything else are read inside the script.
+        """
+        r = request
+        check_micros("estimate_micros", r.estimate_micros)
+        if r.rate_limit is not None:
+            check_rate_limit(r.rate_limit)
+        claim = r.idempotency
+        if claim is not None:
+            check_idempotency_times(claim.ttl_seconds, claim.in_flight_seconds)
+        day = utc_day(r.now)
+        usage: list[str] = []
+        if r.reservation_id is not None:
+            label = self._labels.get(r.key_id)
+            if label is None:
+                async with self._guard() as client:
+                    raw = await client.hget(self._k("key", r.key_id), "agent_run_label")
+                label = _text(raw) if raw is not None else ""
+                self._labels[r.key_id] = label
+            stub = KeyRecord(r.key_id, "", "", label, 0, (), EPOCH, EPOCH)
+            usage = [
+                self._usage_key(scope, window) for scope, window, _ in usage_plan(stub, day, None)
+            ]
+        reply = await self._script(
+            "admit",
+            [
+                self._k("key", r.key_id),
+                self._k("rate", r.key_id),
+                self._k("objs", r.key_id),
+                self._k("idem", r.key_id, claim.scope if claim else ""),
+                self._k("idem-index", r.key_id),
+                self._k("res", r.reservation_id or ""),
+                self._k("open-reservations"),
+                self._k("label-budgets"),
+                *usage,
+            ],
+            [
+                str(epoch_micros(r.now)),
+                "" if r.rate_limit is None else str(r.rate_limit),
+                str(rate_bucket(r.now)),
+                str(RATE_BUCKETS),
+                str((RATE_BUCKETS + 1) * RATE_BUCKET_MS),
+                "" if r.max_objects is None else str(r.max_objects),
+                claim.body_sha256 if claim else "",
+                str(claim.ttl_seconds) if claim else "0",
+                str(claim.in_flight_seconds) if claim else "0",
+                str(claim.max_entries) if claim else "0",
+                r.reservation_id or "",
+                str(r.estimate_micros),
+                str(_DAILY_USAGE_TTL_SECONDS),
+                day,
+                r.key_id,
+            ],
+        )
+        status, code, detail, extra = _text(reply[0]), _text(reply[1]), _text(reply[2]), reply[3]
+        key = _key_record(dict(zip(reply[4][::2], reply[4][1::2], strict=True)))
+        if status == "replay":
+            response = StoredResponse(
+                status_code=int(reply[5]),
+                headers=tuple((str(k), str(v)) for k, v in json.loads(reply[6])),
+                body=bytes(reply[7]),
+            )
+            return Admission("replay", key, response=response)
+        if code == "rate_limited":
+            assert r.rate_limit is not None
+            counts = {int(b): int(c) for b, c in zip(extra[::2], extra[1::2], strict=True)}
+            verdict = rate_verdict(r.rate_limit, counts, rate_bucket(r.now), r.now)
+            return Admission(
+                "refused", key, code=code, retry_after_seconds=verdict.retry_after_seconds
+            )
+        if status == "refused" and code != "cap_exhausted":
+            return Admission("refused", key, code=code, detail=detail)
+        budgets: list[BudgetState] = []
+        exceeded: BudgetState | None = None
+        rows: tuple[tuple[str, str], ...] = ()
+        if r.reservation_id is not None and key is not None:
+            label_cap = _text(reply[5])
+            plan = usage_plan(key, day, int(label_cap) if label_cap else None)
+            rows = tuple((scope, window) for scope, window, _ in plan)
+            for index, (scope, window, cap) in enumerate(plan):
+                state = BudgetState(
+                    scope, window, cap, int(reply[6 + 2 * index]), int(reply[7 + 2 * index])
+                )
+                if code == "cap_exhausted" and index + 1 == int(extra[0]):
+                    exceeded = state
+                if cap is not None:
+                    budgets.append(state)
+        if status == "refused":
+            return Admission("refused", key, code=code, budgets=tuple(budgets), exceeded=exceeded)
+        return Admission("admitted", key, budgets=tuple(budgets), ledger_rows=rows)
+
+    async def settle_call(self, settlement: Settlement) -> bool:
+        """See `Store.settle_call`: one ``settle_call.lua`` call, ``XADD`` to the audit stream
+        included."""
+        s = settlement
+        finish = s.finish if s.reservation_id is not None and s.finish is not None else ""
+        usage = (
+            [self._usage_key(scope, window) for scope, window in s.ledger_rows] if finish else []
+        )
+        remember_key = self._k("amount", s.key_id, s.vendor, s.remember[0] if s.remember else "")
+        idem = ""
+        if s.idempotency_scope is not None:
+            idem = "complete" if s.idempotency_response is not None else "abandon"
+        response = s.idempotency_response
+        finished = await self._script(
+            "settle_call",
+            [
+                self._k("res", s.reservation_id or ""),
+                self._k("open-reservations"),
+                self._k("hold", s.vendor, s.hold[0] if s.hold else ""),
+                self._k("objs", s.key_id),
+                remember_key,
+                self._k("idem", s.key_id, s.idempotency_scope or ""),
+                self._k("idem-index", s.key_id),
+                self._k("audit"),
+                *usage,
+                *(self._k("obj", s.vendor, oid) for oid in s.created),
+            ],
+            [
+                finish,
+                str(s.actual_micros),
+                str(s.hold[1]) if s.hold else "0",
+                s.reservation_id or "",
+                str(_DAILY_USAGE_TTL_SECONDS),
+                str(_FINISHED_RESERVATION_TTL_SECONDS),
+                s.key_id,
+                s.label,
+                str(int(OBJECT_TTL.total_seconds())),
+                str(s.remember[1]) if s.remember else "",
+                str(_AMOUNT_TTL_SECONDS),
+                idem,
+                str(s.idempotency_ttl_seconds),
+                str(response.status_code) if response else "",
+                json.dumps([list(pair) for pair in response.headers]) if response else "",
+                response.body if response else b"",
+                json.dumps(s.audit) if s.audit is not None else "",
+                str(len(usage)),
+                str(int(time.time() * 1000)),
+            ],
+        )
+        return bool(finished)
+
+    # -- the audit outbox: a stream read by a consumer group ----------------------------------
+    async def append_audit(self, row: dict[str, object]) -> None:
+        async with self._guard() as client:
+            await client.xadd(self._k("audit"), {"row": json.dumps(row)})
+
+    async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
+        """This consumer's own unacknowledged rows first (a sink that failed), then rows
+        another consumer left unacknowledged for 30 s (a replica that died), then new ones."""
+        stream = self._k("audit")
+        async with self._guard() as client:
+            await self._ensure_audit_group(client)
+            group: Any = client  # redis-py's stream replies are not typed usefully
+            got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
+            entries: list[Any] = got[0][1] if got else []
+            if not entries:
+                claimed = await group.xautoclaim(
+                    stream, _AUDIT_GROUP, consumer, _AUDIT_CLAIM_IDLE_MS, "0", count=limit
+                )
+                entries = claimed[1]
+            if not entries:
+                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: ">"}, count=limit)
+                entries = got[0][1] if got else []
+        out: list[tuple[str, dict[str, object]]] = []
+        for entry_id, fields in entries:
+            if fields:  # a deleted entry comes back without fields
+                out.append((_text(entry_id), json.loads(fields[b"row"])))
+        return out
+
+    async def audit_ack(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        stream = self._k("audit")
+        async with self._guard() as client:
+            await client.xack(stream, _AUDIT_GROUP, *ids)
+            await client.xdel(stream, *ids)
+
+    async def audit_backlog(self) -> int:
+        async with self._guard() as client:
+            return int(await client.xlen(self._k("audit")))
 
     # -- holds ---------------------------------------------------------------------------------
     async def hold(

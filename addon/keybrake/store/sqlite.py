@@ -24,13 +24,17 @@ from collections.abc import Iterator, Sequence
 
 from keybrake.store._base import (
     OBJECT_TTL,
+    Admission,
+    AdmissionRequest,
     BudgetState,
     Hold,
     IdempotencyBegin,
+    IdempotencyClaim,
     KeyRecord,
     ObjectOwner,
     RateResult,
     ReserveResult,
+    Settlement,
     StoredResponse,
     StoreUnavailable,
     utc_day,
@@ -51,6 +55,12 @@ __all__ = ["SQLiteStore"]
 
 
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+# A key that may make no call, and the refusal code that says so.
+_STATE_CODES = {
+    "revoked": "vault_key_revoked",
+    "expired": "vault_key_expired",
+    "suspended": "key_suspended",
+}
 
 # Timestamps the caller passes (``now``, key times) are integer epoch microseconds so they
 # round-trip exactly and sort; wall-clock timestamps of the cache are REAL epoch seconds.
@@ -127,6 +137,10 @@ CREATE TABLE IF NOT EXISTS request_counts (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, bucket)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    row TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency_entries (
     key_id TEXT NOT NULL,
     scope TEXT NOT NULL,
@@ -440,24 +454,28 @@ class SQLiteStore:
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         check_rate_limit(limit)
-        bucket = rate_bucket(now)
-        oldest = bucket - RATE_BUCKETS + 1
         with self._transaction() as conn:
+            return self._count(conn, key_id, limit, now)
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection, key_id: str, limit: int, now: dt.datetime) -> RateResult:
+        bucket = rate_bucket(now)
+        conn.execute(
+            "DELETE FROM request_counts WHERE key_id = ? AND bucket < ?",
+            (key_id, bucket - RATE_BUCKETS + 1),
+        )
+        counts = dict(
             conn.execute(
-                "DELETE FROM request_counts WHERE key_id = ? AND bucket < ?", (key_id, oldest)
+                "SELECT bucket, count FROM request_counts WHERE key_id = ?", (key_id,)
+            ).fetchall()
+        )
+        verdict = rate_verdict(limit, counts, bucket, now)
+        if verdict.ok:
+            conn.execute(
+                "INSERT INTO request_counts VALUES (?, ?, 1) ON CONFLICT (key_id, bucket) "
+                "DO UPDATE SET count = count + 1",
+                (key_id, bucket),
             )
-            counts = dict(
-                conn.execute(
-                    "SELECT bucket, count FROM request_counts WHERE key_id = ?", (key_id,)
-                ).fetchall()
-            )
-            verdict = rate_verdict(limit, counts, bucket, now)
-            if verdict.ok:
-                conn.execute(
-                    "INSERT INTO request_counts VALUES (?, ?, 1) ON CONFLICT (key_id, bucket) "
-                    "DO UPDATE SET count = count + 1",
-                    (key_id, bucket),
-                )
         return verdict
 
     # -- budgets and the reservation ledger ----------------------------------------------------
@@ -491,40 +509,49 @@ class SQLiteStore:
         nothing and answers ``ok=True`` with the current budgets, so a retry is harmless.
         """
         check_micros("estimate_micros", estimate_micros)
-        created_at = epoch_micros(now)
         with self._transaction() as conn:
-            plan, states = self._budget_states(conn, key, now)
-            if conn.execute(
-                "SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)
-            ).fetchone():
-                return ReserveResult(True, reservation_id, tuple(states))
-            for state in states:
-                assert state.cap_micros is not None  # only capped budgets are reported
-                if state.spent_micros + state.reserved_micros + estimate_micros > state.cap_micros:
-                    return ReserveResult(False, reservation_id, tuple(states), exceeded=state)
-            for scope, window, _cap in plan:
-                conn.execute(
-                    'INSERT INTO budget_usage (scope, "window", reserved_micros) VALUES (?, ?, ?) '
-                    'ON CONFLICT (scope, "window") '
-                    "DO UPDATE SET reserved_micros = reserved_micros + excluded.reserved_micros",
-                    (scope, window, estimate_micros),
-                )
+            return self._reserve(conn, key, reservation_id, estimate_micros, now)[0]
+
+    def _reserve(
+        self,
+        conn: sqlite3.Connection,
+        key: KeyRecord,
+        reservation_id: str,
+        estimate_micros: int,
+        now: dt.datetime,
+    ) -> tuple[ReserveResult, tuple[tuple[str, str], ...]]:
+        """`reserve` inside a transaction; also the usage rows reserved in."""
+        plan, states = self._budget_states(conn, key, now)
+        rows = tuple((scope, window) for scope, window, _cap in plan)
+        if conn.execute("SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)).fetchone():
+            return ReserveResult(True, reservation_id, tuple(states)), rows
+        for state in states:
+            assert state.cap_micros is not None  # only capped budgets are reported
+            if state.spent_micros + state.reserved_micros + estimate_micros > state.cap_micros:
+                return ReserveResult(False, reservation_id, tuple(states), exceeded=state), rows
+        for scope, window in rows:
             conn.execute(
-                "INSERT INTO reservations (id, key_id, budgets, estimate_micros, state, created_at)"
-                " VALUES (?, ?, ?, ?, 'reserved', ?)",
-                (
-                    reservation_id,
-                    key.key_id,
-                    json.dumps([[scope, window] for scope, window, _cap in plan]),
-                    estimate_micros,
-                    created_at,
-                ),
+                'INSERT INTO budget_usage (scope, "window", reserved_micros) VALUES (?, ?, ?) '
+                'ON CONFLICT (scope, "window") '
+                "DO UPDATE SET reserved_micros = reserved_micros + excluded.reserved_micros",
+                (scope, window, estimate_micros),
             )
+        conn.execute(
+            "INSERT INTO reservations (id, key_id, budgets, estimate_micros, state, created_at)"
+            " VALUES (?, ?, ?, ?, 'reserved', ?)",
+            (
+                reservation_id,
+                key.key_id,
+                json.dumps([list(r) for r in rows]),
+                estimate_micros,
+                epoch_micros(now),
+            ),
+        )
         after = tuple(
             dataclasses.replace(state, reserved_micros=state.reserved_micros + estimate_micros)
             for state in states
         )
-        return ReserveResult(True, reservation_id, after)
+        return ReserveResult(True, reservation_id, after), rows
 
     @staticmethod
     def _open_reservation(conn: sqlite3.Connection, reservation_id: str) -> sqlite3.Row | None:
@@ -616,19 +643,29 @@ class SQLiteStore:
     ) -> bool:
         check_micros("amount_micros", amount_micros)
         with self._transaction() as conn:
-            row = self._open_reservation(conn, reservation_id)
-            if row is None:
-                return False
-            self._move_reserved(conn, row["budgets"], amount_micros - row["estimate_micros"])
-            conn.execute(
-                "UPDATE reservations SET estimate_micros = ? WHERE id = ?",
-                (amount_micros, reservation_id),
-            )
-            conn.execute(
-                "INSERT INTO holds VALUES (?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE "
-                "SET vendor = excluded.vendor, object_id = excluded.object_id",
-                (reservation_id, vendor, object_id, row["key_id"]),
-            )
+            return self._hold(conn, reservation_id, vendor, object_id, amount_micros)
+
+    def _hold(
+        self,
+        conn: sqlite3.Connection,
+        reservation_id: str,
+        vendor: str,
+        object_id: str,
+        amount_micros: int,
+    ) -> bool:
+        row = self._open_reservation(conn, reservation_id)
+        if row is None:
+            return False
+        self._move_reserved(conn, row["budgets"], amount_micros - row["estimate_micros"])
+        conn.execute(
+            "UPDATE reservations SET estimate_micros = ? WHERE id = ?",
+            (amount_micros, reservation_id),
+        )
+        conn.execute(
+            "INSERT INTO holds VALUES (?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE "
+            "SET vendor = excluded.vendor, object_id = excluded.object_id",
+            (reservation_id, vendor, object_id, row["key_id"]),
+        )
         return True
 
     async def holds(self, vendor: str, object_id: str) -> tuple[Hold, ...]:
@@ -686,13 +723,24 @@ class SQLiteStore:
     async def record_objects(
         self, key: KeyRecord, vendor: str, object_ids: Sequence[str], now: dt.datetime
     ) -> None:
-        expires = now.timestamp() + OBJECT_TTL.total_seconds()
         with self._transaction() as conn:
-            conn.executemany(
-                "INSERT INTO objects VALUES (?, ?, ?, ?, ?) ON CONFLICT (vendor, object_id) "
-                "DO UPDATE SET expires_at = excluded.expires_at WHERE key_id = excluded.key_id",
-                [(vendor, oid, key.key_id, key.agent_run_label, expires) for oid in object_ids],
-            )
+            self._record(conn, key.key_id, key.agent_run_label, vendor, object_ids, now)
+
+    @staticmethod
+    def _record(
+        conn: sqlite3.Connection,
+        key_id: str,
+        label: str,
+        vendor: str,
+        object_ids: Sequence[str],
+        now: dt.datetime,
+    ) -> None:
+        expires = now.timestamp() + OBJECT_TTL.total_seconds()
+        conn.executemany(
+            "INSERT INTO objects VALUES (?, ?, ?, ?, ?) ON CONFLICT (vendor, object_id) "
+            "DO UPDATE SET expires_at = excluded.expires_at WHERE key_id = excluded.key_id",
+            [(vendor, oid, key_id, label, expires) for oid in object_ids],
+        )
 
     async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
         with self._session() as conn:
@@ -716,12 +764,18 @@ class SQLiteStore:
     ) -> None:
         check_micros("amount_micros", amount_micros)
         with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO key_amounts VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (key_id, vendor, object_id) "
-                "DO UPDATE SET micros = excluded.micros, expires_at = excluded.expires_at",
-                (key_id, vendor, object_id, amount_micros, time.time() + _AMOUNT_TTL_SECONDS),
-            )
+            self._remember(conn, key_id, vendor, object_id, amount_micros)
+
+    @staticmethod
+    def _remember(
+        conn: sqlite3.Connection, key_id: str, vendor: str, object_id: str, amount_micros: int
+    ) -> None:
+        conn.execute(
+            "INSERT INTO key_amounts VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (key_id, vendor, object_id) "
+            "DO UPDATE SET micros = excluded.micros, expires_at = excluded.expires_at",
+            (key_id, vendor, object_id, amount_micros, time.time() + _AMOUNT_TTL_SECONDS),
+        )
 
     async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
         with self._session() as conn:
@@ -772,41 +826,83 @@ class SQLiteStore:
         has ``max_entries`` live entries is ``full``.
         """
         check_idempotency_times(ttl_seconds, in_flight_seconds)
-        now = time.time()
+        claim = IdempotencyClaim(scope, body_sha256, ttl_seconds, in_flight_seconds, max_entries)
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT * FROM idempotency_entries WHERE key_id = ? AND scope = ?",
-                (key_id, scope),
+            found = self._idem_check(conn, key_id, claim)
+            if found.status == "started":
+                self._idem_claim(conn, key_id, claim)
+            return found
+
+    @staticmethod
+    def _idem_check(
+        conn: sqlite3.Connection, key_id: str, claim: IdempotencyClaim
+    ) -> IdempotencyBegin:
+        """What claiming ``claim`` would find; ``started`` means it may be claimed."""
+        now = time.time()
+        row = conn.execute(
+            "SELECT * FROM idempotency_entries WHERE key_id = ? AND scope = ?",
+            (key_id, claim.scope),
+        ).fetchone()
+        stale = row is not None and (
+            row["expires_at"] <= now
+            or (row["state"] == "in_flight" and now - row["started_at"] > claim.in_flight_seconds)
+        )
+        if row is None:
+            (live,) = conn.execute(
+                "SELECT COUNT(*) FROM idempotency_entries WHERE key_id = ? AND expires_at > ?",
+                (key_id, now),
             ).fetchone()
-            stale = row is not None and (
-                row["expires_at"] <= now
-                or (row["state"] == "in_flight" and now - row["started_at"] > in_flight_seconds)
+            return IdempotencyBegin("full" if live >= claim.max_entries else "started")
+        if stale:
+            return IdempotencyBegin("started")
+        if row["body_sha256"] != claim.body_sha256:
+            return IdempotencyBegin("mismatch")
+        if row["state"] == "in_flight":
+            return IdempotencyBegin("in_flight")
+        response = StoredResponse(
+            status_code=int(row["status_code"]),
+            headers=tuple((str(k), str(v)) for k, v in json.loads(row["headers"])),
+            body=bytes(row["body"]),
+        )
+        return IdempotencyBegin("replay", response)
+
+    @staticmethod
+    def _idem_claim(conn: sqlite3.Connection, key_id: str, claim: IdempotencyClaim) -> None:
+        now = time.time()
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency_entries (key_id, scope, body_sha256, "
+            "state, started_at, expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?)",
+            (key_id, claim.scope, claim.body_sha256, now, now + claim.ttl_seconds),
+        )
+
+    @staticmethod
+    def _idem_finish(
+        conn: sqlite3.Connection,
+        key_id: str,
+        scope: str,
+        response: StoredResponse | None,
+        ttl_seconds: int,
+    ) -> None:
+        """Complete the in-flight claim with ``response``, or drop it when None."""
+        if response is None:
+            conn.execute(
+                "DELETE FROM idempotency_entries WHERE key_id = ? AND scope = ? "
+                "AND state = 'in_flight'",
+                (key_id, scope),
             )
-            if row is None or stale:
-                if row is None:
-                    (live,) = conn.execute(
-                        "SELECT COUNT(*) FROM idempotency_entries WHERE key_id = ? "
-                        "AND expires_at > ?",
-                        (key_id, now),
-                    ).fetchone()
-                    if live >= max_entries:
-                        return IdempotencyBegin("full")
-                conn.execute(
-                    "INSERT OR REPLACE INTO idempotency_entries (key_id, scope, body_sha256, "
-                    "state, started_at, expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?)",
-                    (key_id, scope, body_sha256, now, now + ttl_seconds),
-                )
-                return IdempotencyBegin("started")
-            if row["body_sha256"] != body_sha256:
-                return IdempotencyBegin("mismatch")
-            if row["state"] == "in_flight":
-                return IdempotencyBegin("in_flight")
-            response = StoredResponse(
-                status_code=int(row["status_code"]),
-                headers=tuple((str(k), str(v)) for k, v in json.loads(row["headers"])),
-                body=bytes(row["body"]),
-            )
-            return IdempotencyBegin("replay", response)
+            return
+        conn.execute(
+            "UPDATE idempotency_entries SET state = 'done', status_code = ?, headers = ?, "
+            "body = ?, expires_at = ? WHERE key_id = ? AND scope = ? AND state = 'in_flight'",
+            (
+                response.status_code,
+                json.dumps([list(pair) for pair in response.headers]),
+                response.body,
+                time.time() + ttl_seconds,
+                key_id,
+                scope,
+            ),
+        )
 
     async def idempotency_complete(
         self, key_id: str, scope: str, response: StoredResponse, ttl_seconds: int
@@ -815,24 +911,126 @@ class SQLiteStore:
         (abandoned, expired or already complete), since its body hash would be unknown."""
         check_idempotency_times(ttl_seconds, 0)
         with self._transaction() as conn:
-            conn.execute(
-                "UPDATE idempotency_entries SET state = 'done', status_code = ?, headers = ?, "
-                "body = ?, expires_at = ? WHERE key_id = ? AND scope = ? AND state = 'in_flight'",
-                (
-                    response.status_code,
-                    json.dumps([list(pair) for pair in response.headers]),
-                    response.body,
-                    time.time() + ttl_seconds,
-                    key_id,
-                    scope,
-                ),
-            )
+            self._idem_finish(conn, key_id, scope, response, ttl_seconds)
 
     async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Drop the in-flight claim of ``scope``; a completed response is kept."""
         with self._transaction() as conn:
-            conn.execute(
-                "DELETE FROM idempotency_entries WHERE key_id = ? AND scope = ? "
-                "AND state = 'in_flight'",
-                (key_id, scope),
+            self._idem_finish(conn, key_id, scope, None, 1)
+
+    # -- one call, two steps -------------------------------------------------------------------
+    async def admit(self, request: AdmissionRequest) -> Admission:
+        """See `Store.admit`: one ``BEGIN IMMEDIATE`` transaction."""
+        check_micros("estimate_micros", request.estimate_micros)
+        if request.rate_limit is not None:
+            check_rate_limit(request.rate_limit)
+        if request.idempotency is not None:
+            check_idempotency_times(
+                request.idempotency.ttl_seconds, request.idempotency.in_flight_seconds
             )
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (request.key_id,)).fetchone()
+            if row is None:
+                return Admission("refused", code="vault_key_unknown")
+            key = _row_to_key(row)
+            state = key.state(request.now)
+            if state != "active":
+                return Admission("refused", key, code=_STATE_CODES[state])
+            if request.rate_limit is not None:
+                rate = self._count(conn, key.key_id, request.rate_limit, request.now)
+                if not rate.ok:
+                    return Admission(
+                        "refused",
+                        key,
+                        code="rate_limited",
+                        retry_after_seconds=rate.retry_after_seconds,
+                    )
+            if request.max_objects is not None:
+                (owned,) = conn.execute(
+                    "SELECT COUNT(*) FROM objects WHERE key_id = ? AND expires_at > ?",
+                    (key.key_id, time.time()),
+                ).fetchone()
+                if owned >= request.max_objects:
+                    return Admission("refused", key, code="quota_exceeded", detail="objects")
+            claim = request.idempotency
+            if claim is not None:
+                found = self._idem_check(conn, key.key_id, claim)
+                if found.status == "replay":
+                    return Admission("replay", key, response=found.response)
+                if found.status != "started":
+                    code = (
+                        "quota_exceeded"
+                        if found.status == "full"
+                        else f"idempotency_{found.status}"
+                    )
+                    return Admission("refused", key, code=code, detail="idempotency")
+            budgets: tuple[BudgetState, ...] = ()
+            rows: tuple[tuple[str, str], ...] = ()
+            if request.reservation_id is not None:
+                reserved, rows = self._reserve(
+                    conn, key, request.reservation_id, request.estimate_micros, request.now
+                )
+                budgets = reserved.budgets
+                if not reserved.ok:
+                    return Admission(
+                        "refused",
+                        key,
+                        code="cap_exhausted",
+                        budgets=budgets,
+                        exceeded=reserved.exceeded,
+                    )
+            if claim is not None:
+                self._idem_claim(conn, key.key_id, claim)
+            return Admission("admitted", key, budgets=budgets, ledger_rows=rows)
+
+    async def settle_call(self, settlement: Settlement) -> bool:
+        """See `Store.settle_call`: one ``BEGIN IMMEDIATE`` transaction, audit row included."""
+        s = settlement
+        finished = False
+        with self._transaction() as conn:
+            if s.reservation_id is not None and s.finish is not None:
+                if s.finish == "held":
+                    assert s.hold is not None
+                    finished = self._hold(conn, s.reservation_id, s.vendor, *s.hold)
+                else:
+                    actual = {"settled": s.actual_micros, "released": 0, "unknown": None}
+                    finished = self._finish(conn, s.reservation_id, s.finish, actual[s.finish])
+            if s.created:
+                self._record(conn, s.key_id, s.label, s.vendor, s.created, s.now)
+            if s.remember is not None:
+                self._remember(conn, s.key_id, s.vendor, *s.remember)
+            if s.idempotency_scope is not None:
+                self._idem_finish(
+                    conn,
+                    s.key_id,
+                    s.idempotency_scope,
+                    s.idempotency_response,
+                    s.idempotency_ttl_seconds,
+                )
+            if s.audit is not None:
+                conn.execute("INSERT INTO audit_outbox (row) VALUES (?)", (json.dumps(s.audit),))
+        return finished
+
+    # -- the audit outbox ----------------------------------------------------------------------
+    async def append_audit(self, row: dict[str, object]) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO audit_outbox (row) VALUES (?)", (json.dumps(row),))
+
+    async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
+        """One process uses a store file: every row in the outbox is this consumer's."""
+        with self._session() as conn:
+            rows = conn.execute(
+                "SELECT id, row FROM audit_outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(str(i), json.loads(r)) for i, r in rows]
+
+    async def audit_ack(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM audit_outbox WHERE id = ?", [(int(i),) for i in ids])
+
+    async def audit_backlog(self) -> int:
+        with self._session() as conn:
+            (n,) = conn.execute("SELECT COUNT(*) FROM audit_outbox").fetchone()
+        return int(n)
