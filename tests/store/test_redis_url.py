@@ -235,7 +235,10 @@ async def test_acl_user_may_not_touch_other_keys(acl_redis: PrivateRedis) -> Non
     url = f"redis://{REDIS_ACL_USER}:{REDIS_ACL_PASSWORD}@127.0.0.1:{acl_redis.port}/0"
     store = open_store(f"{url}?prefix=elsewhere:")
     assert isinstance(store, RedisStore)
-    await store.open()  # PING, SCRIPT LOAD: no key
+    # open() creates the audit stream's consumer group under the prefix: refused at start,
+    # with the same clear message, rather than at the first vendor call.
+    with pytest.raises(StoreUnavailable, match=r"NoPermissionError: .* see README"):
+        await store.open()
     with pytest.raises(StoreUnavailable, match=r"NoPermissionError: .* see README"):
         await store.get_key("kb_a")
     await store.close()
