@@ -44,7 +44,7 @@ KEYBRAKE_ACL_COMMANDS = (
     "-@all +ping +time +select +get +set +del +exists +expire +pexpire "
     "+hget +hgetall +hmget +hset +hsetnx +hdel +hincrby +zadd +zrem +zrevrange "
     "+zrangebyscore +zrange +zcard +zremrangebyscore +pexpireat +pttl +scan "
-    "+sadd +srem +smembers +xadd +xreadgroup +xautoclaim +xack +xdel +xlen +xgroup|create "
+    "+sadd +srem +smembers +xadd +xrange +xreadgroup +xautoclaim +xack +xdel +xlen +xgroup|create "
     "+multi +exec +evalsha +script|load"
 )
 

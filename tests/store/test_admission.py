@@ -270,3 +270,32 @@ async def test_concurrent_admissions_never_exceed_the_cap(store: Store) -> None:
     )
     assert sum(r.status == "admitted" for r in results) == 3
     assert usage(await store.budgets(key, NOON)) == [(0, 9 * USD)]
+
+
+async def test_peek_sees_every_row_whoever_claimed_it_and_any_consumer_may_ack(
+    store: Store, make_store: StoreFactory
+) -> None:
+    for i in range(4):
+        await store.append_audit({"n": i})
+    claimed = await store.audit_batch("replica-1", 2)  # replica-1 claims two and stalls
+    assert [r["n"] for _, r in claimed] == [0, 1]
+
+    peeked = await store.audit_peek(10)
+    assert [r["n"] for _, r in peeked] == [0, 1, 2, 3]  # claimed or not, oldest first
+    assert [r["n"] for _, r in await store.audit_peek(3)] == [0, 1, 2]
+    assert await store.audit_peek(10) == peeked  # peeking claims nothing
+
+    other = make_store()  # another replica flushes everything it sees
+    await other.open()
+    try:
+        await other.audit_ack([i for i, _ in peeked])
+    finally:
+        await other.close()
+    assert await store.audit_peek(10) == []
+    assert await store.audit_backlog() == 0
+    await store.audit_ack([i for i, _ in claimed])  # the owner's late ack: a no-op
+    assert await store.audit_batch("replica-1", 10) == []
+    assert await store.audit_batch("replica-2", 10) == []
+
+    await store.append_audit({"n": 4})
+    assert [r["n"] for _, r in await store.audit_batch("replica-1", 10)] == [4]

@@ -308,8 +308,14 @@ class Store(Protocol):
         ``consumer`` (a replica). Rows another consumer claimed and left unacknowledged for
         long (a replica that died) are claimed again."""
 
+    async def audit_peek(self, limit: int) -> list[tuple[str, dict[str, object]]]:
+        """Up to ``limit`` of the oldest rows in the outbox, as ``(id, row)``, whoever claimed
+        them (nothing is claimed). For a read-your-writes flush by any replica: it writes them
+        to the sink (which skips rows whose ``event_id`` it has) and acknowledges them."""
+
     async def audit_ack(self, ids: Sequence[str]) -> None:
-        """The rows ``ids`` are committed to the sink: drop them from the outbox."""
+        """The rows ``ids`` are committed to the sink: drop them from the outbox (by any
+        consumer; ids already dropped are ignored)."""
 
     async def audit_backlog(self) -> int:
         """Rows in the outbox, claimed or not."""

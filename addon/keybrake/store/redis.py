@@ -200,6 +200,8 @@ class RedisStore:
     ``url`` is a store URL (see `parse_redis_url`: user, password, TLS options and
     ``?prefix=``); ``password`` is used when the URL has none, and ``prefix`` wins over the
     URL's. ``self.url`` is the URL as messages show it: without password or prefix.
+    ``audit_claim_idle_ms`` is how long an outbox row another consumer claimed stays its own
+    before `audit_batch` claims it again (tests shorten it).
 
     Example::
 
@@ -210,8 +212,16 @@ class RedisStore:
         result = await store.reserve(key, "res_1", 2_000_000, now)
     """
 
-    def __init__(self, url: str, prefix: str | None = None, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str | None = None,
+        *,
+        password: str | None = None,
+        audit_claim_idle_ms: int = _AUDIT_CLAIM_IDLE_MS,
+    ) -> None:
         self._target: RedisTarget = parse_redis_url(url, password)
+        self._audit_claim_idle_ms = audit_claim_idle_ms
         self.url = self._target.url
         self.prefix = self._target.prefix if prefix is None else prefix
         self._tls_context = self._target.ssl_context()
@@ -721,7 +731,8 @@ class RedisStore:
 
     async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
         """This consumer's own unacknowledged rows first (a sink that failed), then rows
-        another consumer left unacknowledged for 30 s (a replica that died), then new ones."""
+        another consumer left unacknowledged for 30 s (``audit_claim_idle_ms``: a replica
+        that died), then new ones."""
         stream = self._k("audit")
         async with self._guard() as client:
             await self._ensure_audit_group(client)
@@ -730,17 +741,28 @@ class RedisStore:
             entries: list[Any] = got[0][1] if got else []
             if not entries:
                 claimed = await group.xautoclaim(
-                    stream, _AUDIT_GROUP, consumer, _AUDIT_CLAIM_IDLE_MS, "0", count=limit
+                    stream, _AUDIT_GROUP, consumer, self._audit_claim_idle_ms, "0", count=limit
                 )
                 entries = claimed[1]
             if not entries:
                 got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: ">"}, count=limit)
                 entries = got[0][1] if got else []
+            gone = [entry_id for entry_id, fields in entries if not fields]
+            if gone:
+                # Deleted yet still pending: left pending, they would come back first forever.
+                await client.xack(stream, _AUDIT_GROUP, *gone)
         out: list[tuple[str, dict[str, object]]] = []
         for entry_id, fields in entries:
             if fields:  # a deleted entry comes back without fields
                 out.append((_text(entry_id), json.loads(fields[b"row"])))
         return out
+
+    async def audit_peek(self, limit: int) -> list[tuple[str, dict[str, object]]]:
+        """The oldest entries of the stream (``XRANGE``), claimed by a consumer or not."""
+        async with self._guard() as client:
+            stream: Any = client  # redis-py's stream replies are not typed usefully
+            entries: list[Any] = await stream.xrange(self._k("audit"), "-", "+", count=limit)
+        return [(_text(i), json.loads(fields[b"row"])) for i, fields in entries]
 
     async def audit_ack(self, ids: Sequence[str]) -> None:
         if not ids:

@@ -1024,6 +1024,10 @@ class SQLiteStore:
             ).fetchall()
         return [(str(i), json.loads(r)) for i, r in rows]
 
+    async def audit_peek(self, limit: int) -> list[tuple[str, dict[str, object]]]:
+        """Nothing is claimed in SQLite: the same rows as `audit_batch`."""
+        return await self.audit_batch("", limit)
+
     async def audit_ack(self, ids: Sequence[str]) -> None:
         if not ids:
             return
