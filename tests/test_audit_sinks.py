@@ -1,17 +1,16 @@
-"""The audit sinks (embedded SQLite, shared PostgreSQL) and the batching `AuditWriter`.
+"""The audit sinks (embedded SQLite, shared PostgreSQL): schema, migration, idempotent writes.
 
 Everything runs against the real databases: a temporary ``audit.db`` and a schema of its own
 on the PostgreSQL at 127.0.0.1:5432. Sink failures are made for real too: a trigger (SQLite)
 or a ``NOT VALID`` check constraint (PostgreSQL) added from another connection makes inserts
-fail until it is dropped; a terminated backend makes the PostgreSQL connection die.
+fail until it is dropped (`Backend.block`, also used by ``tests/test_audit_pump.py``).
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from tests.conftest import audit_query, postgres_schema
 from keybrake._audit_sinks import (
     COLUMNS,
     AuditSink,
-    AuditWriter,
     PostgresAuditSink,
     SQLiteAuditSink,
     open_audit_sink,
@@ -31,10 +29,12 @@ from keybrake._audit_sinks import (
 
 
 def rows(n: int, start: int = 0, **extra: Any) -> list[dict[str, Any]]:
-    """Rows numbered by ``message_id`` (to check order and duplicates)."""
+    """Rows numbered by ``message_id`` (to check order and duplicates), each with its own
+    ``event_id``."""
     return [
         dict.fromkeys(COLUMNS)
         | {
+            "event_id": uuid.uuid4().hex,
             "ts": f"2026-11-25T10:00:00.{i:06d}Z",
             "key_id": "key_a",
             "label": "billing/nightly",
@@ -52,14 +52,6 @@ def seqs(source: Path | str) -> list[int]:
     return [int(r["message_id"]) for r in audit_query(source, "SELECT * FROM audit ORDER BY id")]
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
 @dataclass
 class Backend:
     """A sink factory plus what a test needs to read it and to break it from the outside."""
@@ -71,7 +63,7 @@ class Backend:
     unblock: Callable[[], None]
 
 
-def _sqlite_backend(tmp_path: Path) -> Backend:
+def sqlite_backend(tmp_path: Path) -> Backend:
     path = tmp_path / "audit.db"
 
     def block(note: str) -> None:
@@ -89,7 +81,7 @@ def _sqlite_backend(tmp_path: Path) -> Backend:
     return Backend("sqlite", path, lambda: SQLiteAuditSink(path), block, unblock)
 
 
-def _pg_backend(url: str) -> Backend:
+def pg_backend(url: str) -> Backend:
     def block(note: str) -> None:
         check = f"note IS DISTINCT FROM '{note}'" if note else "false"
         with psycopg.connect(url, autocommit=True) as c:
@@ -105,31 +97,10 @@ def _pg_backend(url: str) -> Backend:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
-        yield _sqlite_backend(tmp_path)
+        yield sqlite_backend(tmp_path)
         return
     with postgres_schema() as url:
-        yield _pg_backend(url)
-
-
-class Recording:
-    """Wraps a real sink to see the batches the writer hands it (writes still go through)."""
-
-    def __init__(self, sink: AuditSink) -> None:
-        self.sink = sink
-        self.placeholder = sink.placeholder
-        self.batches: list[int] = []
-        self.pause_after_write = 0.0
-
-    def write(self, batch: Sequence[dict[str, Any]]) -> None:
-        self.sink.write(batch)
-        self.batches.append(len(batch))
-        time.sleep(self.pause_after_write)
-
-    def query(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        return self.sink.query(sql, params)
-
-    def close(self) -> None:
-        self.sink.close()
+        yield pg_backend(url)
 
 
 # -- sinks -----------------------------------------------------------------------------------------
@@ -206,7 +177,7 @@ def test_unreachable_postgresql_fails_at_open() -> None:
 )
 def test_a_failed_batch_leaves_nothing_behind(kind: str, tmp_path: Path) -> None:
     with postgres_schema() as url:
-        backend = _sqlite_backend(tmp_path) if kind == "sqlite" else _pg_backend(url)
+        backend = sqlite_backend(tmp_path) if kind == "sqlite" else pg_backend(url)
         sink = backend.make()
         backend.block("poison")
         batch = rows(100)
@@ -220,119 +191,64 @@ def test_a_failed_batch_leaves_nothing_behind(kind: str, tmp_path: Path) -> None
         assert seqs(backend.source) == list(range(100))
 
 
-# -- the writer ------------------------------------------------------------------------------------
-def test_writer_batches_and_keeps_order(backend: Backend) -> None:
-    sink = Recording(backend.make())
-    writer = AuditWriter(sink, batch_size=200, flush_interval=0.2)
-    for r in rows(1000):
-        writer.submit(r)
-    wait_until(lambda: writer.written == 1000)
-    assert sum(sink.batches) == 1000
-    assert max(sink.batches) <= 200
-    assert len(sink.batches) >= 5
-    assert seqs(backend.source) == list(range(1000))
-    writer.close()
-    assert writer.failures == 0 and writer.dropped == 0
+def test_a_row_written_twice_is_kept_once(backend: Backend) -> None:
+    """What happens when a replica wrote a batch and died before acknowledging it, or two
+    replicas flushed the same rows: the second write of an event_id is skipped."""
+    sink = backend.make()
+    batch = rows(3)
+    sink.write(batch)
+    sink.write(batch[1:] + rows(1, start=3))  # two again, one new
+    sink.write([batch[0], batch[0]])  # twice in one batch
+    sink.close()
+    assert seqs(backend.source) == [0, 1, 2, 3]
 
 
-def test_writer_flushes_a_lone_row_within_the_interval(backend: Backend) -> None:
-    writer = AuditWriter(backend.make(), batch_size=200, flush_interval=0.2)
-    try:
-        started = time.monotonic()
-        writer.submit(rows(1)[0])
-        wait_until(lambda: seqs(backend.source) == [0], timeout=3)
-        assert time.monotonic() - started < 1.5
-    finally:
-        writer.close()
+def test_rows_without_an_event_id_are_all_kept(backend: Backend) -> None:
+    """Rows from callers that set no event_id (NULL) are never taken for duplicates."""
+    sink = backend.make()
+    old = rows(2, event_id=None)
+    sink.write(old)
+    sink.write(old)
+    sink.close()
+    assert seqs(backend.source) == [0, 1, 0, 1]
 
 
-def test_close_flushes_every_pending_row(backend: Backend) -> None:
-    writer = AuditWriter(backend.make(), batch_size=200, flush_interval=0.2)
-    for r in rows(3000):
-        writer.submit(r)
-    writer.close()  # no waiting before: close itself must drain the queue
-    assert writer.written == 3000
-    assert seqs(backend.source) == list(range(3000))
-
-
-def test_failing_sink_is_retried_without_losing_rows(backend: Backend) -> None:
-    writer = AuditWriter(backend.make(), batch_size=50, flush_interval=0.05)
-    try:
-        for r in rows(20):
-            writer.submit(r)
-        wait_until(lambda: writer.written == 20)
-        backend.block("")
-        for r in rows(120, start=20):
-            writer.submit(r)
-        wait_until(lambda: writer.failures >= 2)
-        assert seqs(backend.source) == list(range(20))  # nothing got through meanwhile
-        backend.unblock()
-        wait_until(lambda: writer.written == 140, timeout=15)
-        assert seqs(backend.source) == list(range(140))  # all of them, once, in order
-        assert writer.dropped == 0
-    finally:
-        writer.close()
-
-
-def test_postgres_sink_reconnects_after_losing_its_connection() -> None:
-    with postgres_schema() as url:
-        sink = PostgresAuditSink(url)
-        writer = AuditWriter(sink, batch_size=50, flush_interval=0.05)
-        try:
-            for r in rows(10):
-                writer.submit(r)
-            wait_until(lambda: writer.written == 10)
-            pid = sink.conn.info.backend_pid
-            with psycopg.connect(url, autocommit=True) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", [pid])
-            for r in rows(30, start=10):
-                writer.submit(r)
-            wait_until(lambda: writer.written == 40, timeout=15)
-            assert seqs(url) == list(range(40))
-            assert sink.conn.info.backend_pid != pid
-        finally:
-            writer.close()
-
-
-def test_close_with_a_dead_sink_returns_and_says_so(
-    backend: Backend, caplog: pytest.LogCaptureFixture
-) -> None:
-    writer = AuditWriter(backend.make(), batch_size=50, flush_interval=0.05)
-    backend.block("")
-    writer.submit(rows(1)[0])
-    started = time.monotonic()
-    writer.close(timeout=30)
-    assert time.monotonic() - started < 10
-    assert writer.written == 0
-    assert "giving up on 1 audit rows" in caplog.text
-
-
-def test_a_sink_back_during_shutdown_gets_the_rows(backend: Backend) -> None:
-    writer = AuditWriter(backend.make(), batch_size=50, flush_interval=0.05)
-    backend.block("")
-    writer.submit(rows(1)[0])
-    wait_until(lambda: writer.failures >= 1)
-    threading.Timer(0.3, backend.unblock).start()
-    writer.close()
+def test_keys_outside_the_schema_are_ignored(backend: Backend) -> None:
+    sink = backend.make()
+    sink.write([rows(1)[0] | {"no_such_column": "x"}])
+    sink.close()
     assert seqs(backend.source) == [0]
 
 
-def test_old_transient_failures_do_not_shorten_the_shutdown_retries(tmp_path: Path) -> None:
-    backend = _sqlite_backend(tmp_path)
-    sink = Recording(backend.make())
-    writer = AuditWriter(sink, batch_size=50, flush_interval=0.05)
-    backend.block("")
-    writer.submit(rows(1)[0])
-    wait_until(lambda: writer.failures >= 4)
-    backend.unblock()
-    wait_until(lambda: writer.written == 1)  # recovered, long before shutdown
-    # Row 1 is written, then the writer is held in `write` for 1 s; meanwhile the sink breaks
-    # again for 1.5 s, row 2 is submitted and shutdown starts: a short blip during shutdown.
-    sink.pause_after_write = 1.0
-    writer.submit(rows(1, start=1)[0])
-    wait_until(lambda: writer.written == 2)
-    backend.block("")
-    writer.submit(rows(1, start=2)[0])
-    threading.Timer(1.5, backend.unblock).start()
-    writer.close()
+OLD_COLUMNS = [c for c in COLUMNS if c != "event_id"]
+
+
+def test_a_database_without_event_ids_is_migrated(backend: Backend) -> None:
+    """An audit table made before event_id existed gets the column and its unique index;
+    its rows stay, and new writes are deduplicated."""
+    if backend.kind == "sqlite":
+        with sqlite3.connect(backend.source) as c:
+            c.execute(f"CREATE TABLE audit (id INTEGER PRIMARY KEY, {', '.join(OLD_COLUMNS)})")
+            c.execute("INSERT INTO audit (message_id, outcome) VALUES ('0', 'ok')")
+    else:
+        with psycopg.connect(str(backend.source), autocommit=True) as c:
+            cols = ", ".join(f"{col} TEXT" for col in OLD_COLUMNS)
+            c.execute(f"CREATE TABLE audit (id BIGINT GENERATED ALWAYS AS IDENTITY, {cols})")
+            c.execute("INSERT INTO audit (message_id, outcome) VALUES ('0', 'ok')")
+    sink = backend.make()
+    batch = rows(2, start=1)
+    sink.write(batch)
+    sink.write(batch)
+    sink.close()
     assert seqs(backend.source) == [0, 1, 2]
+    reopened = backend.make()  # a second start: nothing left to migrate
+    reopened.write(batch)
+    reopened.close()
+    assert seqs(backend.source) == [0, 1, 2]
+    if backend.kind == "sqlite":
+        idx = audit_query(backend.source, "SELECT sql FROM sqlite_master WHERE type = 'index'")
+    else:
+        idx = audit_query(
+            backend.source, "SELECT indexdef AS sql FROM pg_indexes WHERE tablename = 'audit'"
+        )
+    assert any("UNIQUE" in str(r["sql"]) and "(event_id)" in str(r["sql"]) for r in idx), idx

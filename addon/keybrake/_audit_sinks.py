@@ -1,16 +1,17 @@
 """Where audit rows go: an embedded SQLite database (sqlite-utils) or a shared PostgreSQL table.
 
-Both sinks have the same schema (`COLUMNS`) so reports and `datasette` work on either. The
-`AuditWriter` takes rows from the event loop and writes them in batches on its own thread.
+Both sinks have the same schema (`COLUMNS`) so reports and `datasette` work on either. Writes
+are idempotent: a row whose ``event_id`` the sink already has is skipped, so a batch written
+twice (a replica that died between writing and acknowledging, or two replicas flushing the
+same rows) is recorded once. `keybrake._audit_pump.AuditPump` moves rows from the store's
+outbox here.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,6 @@ from typing import Any, Protocol
 __all__ = [
     "COLUMNS",
     "AuditSink",
-    "AuditWriter",
     "PostgresAuditSink",
     "SQLiteAuditSink",
     "open_audit_sink",
@@ -54,6 +54,9 @@ COLUMNS: dict[str, str] = {
     "note": "TEXT",
     "request_body": "TEXT",
     "response_body": "TEXT",
+    # uuid4 hex given when the row is made; unique, so a row written twice is kept once.
+    # Rows without one (written by earlier versions) are not deduplicated.
+    "event_id": "TEXT",
 }
 INDEXES: list[tuple[str, ...]] = [
     ("label", "ts"),
@@ -61,10 +64,13 @@ INDEXES: list[tuple[str, ...]] = [
     ("vendor_request_id",),
     ("ts",),
 ]
+# UNIQUE allows any number of NULLs (both databases): old rows without an event_id stay.
+EVENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_event_id ON {TABLE} (event_id)"
 
 
 class AuditSink(Protocol):
-    """Writes batches of audit rows; raises on failure (the writer retries)."""
+    """Writes batches of audit rows, all or none, skipping rows whose ``event_id`` it already
+    has; raises on failure (the pump retries)."""
 
     placeholder: str
 
@@ -86,7 +92,7 @@ class SQLiteAuditSink:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        # Created on the event loop, written from the writer thread (serialised by the lock).
+        # Created on the event loop, written from the pump's threads (serialised by the lock).
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db = sqlite_utils.Database(conn)
         self.db.conn.execute("PRAGMA journal_mode=WAL")
@@ -99,17 +105,29 @@ class SQLiteAuditSink:
         # A database made by an earlier version gets the columns added since.
         for column, sql_type in COLUMNS.items():
             if column not in table.columns_dict:
-                table.add_column(column, _py(sql_type))
+                try:
+                    table.add_column(column, _py(sql_type))
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):  # another process was first
+                        raise
         for cols in INDEXES:
             table.create_index(list(cols), if_not_exists=True)
+        self.db.conn.execute(EVENT_INDEX)
+        names = list(COLUMNS)
+        self._insert = (
+            f"INSERT OR IGNORE INTO {TABLE} ({', '.join(names)}) "  # noqa: S608 (constant names)
+            f"VALUES ({', '.join(['?'] * len(names))})"
+        )
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """All rows or none: a failed batch is retried whole, never half-written twice."""
+        """All rows or none: a failed batch is retried whole, never half-written twice. Rows
+        whose ``event_id`` is already here are skipped; keys not in `COLUMNS` are ignored."""
+        values = [[r.get(n) for n in COLUMNS] for r in rows]
         with self._lock:
             conn = self.db.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                self.db.table(TABLE).insert_all(rows, batch_size=500)
+                conn.executemany(self._insert, values)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -160,10 +178,16 @@ class PostgresAuditSink:
                 self.conn.execute(
                     f"CREATE INDEX IF NOT EXISTS {name} ON {TABLE} ({', '.join(idx)})"
                 )
+            self.conn.execute(EVENT_INDEX)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """All rows or none (one transaction); rows whose ``event_id`` is already here are
+        skipped, keys not in `COLUMNS` are ignored."""
         names = list(COLUMNS)
-        sql = f"INSERT INTO {TABLE} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})"  # noqa: S608 (constant names)
+        sql = (
+            f"INSERT INTO {TABLE} ({', '.join(names)}) "  # noqa: S608 (constant names)
+            f"VALUES ({', '.join(['%s'] * len(names))}) ON CONFLICT (event_id) DO NOTHING"
+        )
         with self._lock:
             if self.conn is None or self.conn.closed:
                 self._connect()
@@ -199,106 +223,3 @@ def open_audit_sink(url: str, data_dir: Path) -> AuditSink:
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresAuditSink(url)
     raise ValueError(f"audit URL must be sqlite:///path or postgresql://..., not {url[:40]!r}")
-
-
-_STOP = object()
-
-
-class AuditWriter:
-    """Batches rows onto a sink from a background thread; `close` flushes everything.
-
-    A failing sink is retried (rows are kept, in order) and reported loudly; rows are only
-    dropped past ``max_pending`` (and every drop is logged with its count).
-    """
-
-    def __init__(
-        self,
-        sink: AuditSink,
-        batch_size: int = 200,
-        flush_interval: float = 0.2,
-        max_pending: int = 200_000,
-    ) -> None:
-        self.sink = sink
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
-        self.max_pending = max_pending
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self.written = 0
-        self.dropped = 0
-        self.failures = 0  # consecutive
-        self.closed = False
-        self._thread = threading.Thread(target=self._run, name="keybrake-audit", daemon=True)
-        self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize()
-
-    def submit(self, row: dict[str, Any]) -> None:
-        if self.closed:
-            # After shutdown began: write through, so late answers are still recorded.
-            try:
-                self.sink.write([row])
-                self.written += 1
-            except Exception as e:
-                self.dropped += 1
-                log.error("keybrake: audit row lost at shutdown: %s", e)
-            return
-        if self._queue.qsize() >= self.max_pending:
-            self.dropped += 1
-            log.error("keybrake: audit backlog full (%d rows); row dropped", self.max_pending)
-            return
-        self._queue.put(row)
-
-    def close(self, timeout: float = 30) -> None:
-        """Flush everything queued and stop the thread; later rows are written through."""
-        if self.closed:
-            return
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error(
-                "keybrake: audit writer did not finish in %ss; %d rows pending", timeout, self.depth
-            )
-        self.closed = True
-
-    def _run(self) -> None:
-        pending: list[dict[str, Any]] = []
-        stopping = False
-        while not (stopping and not pending):
-            if not stopping:
-                try:
-                    item = self._queue.get(timeout=self.flush_interval)
-                except queue.Empty:
-                    item = None
-                # Collect for up to flush_interval after the first row: one transaction
-                # per batch, not per row, under load.
-                deadline = time.monotonic() + self.flush_interval
-                while item is not None:
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    pending.append(item)
-                    if len(pending) >= self.batch_size:
-                        break
-                    left = deadline - time.monotonic()
-                    try:
-                        item = self._queue.get(timeout=left) if left > 0 else None
-                    except queue.Empty:
-                        item = None
-            if not pending:
-                continue
-            try:
-                self.sink.write(pending)
-                self.written += len(pending)
-                pending = []
-                self.failures = 0
-            except Exception as e:
-                self.failures += 1
-                log.error(
-                    "keybrake: audit write failed (%s); %d rows kept, retrying", e, len(pending)
-                )
-                time.sleep(min(2.0, 0.2 * self.failures))
-                if stopping and self.failures > 6:  # about 4 s of retries at shutdown
-                    log.error("keybrake: giving up on %d audit rows at shutdown", len(pending))
-                    return

@@ -171,7 +171,7 @@ class AdminApi:
         if parts == ["vault", "spend"] and method == "GET":
             return await self._spend(flow)
         if parts == ["vault", "audit"] and method == "GET":
-            return self._audit(flow)
+            return await self._audit(flow)
         if len(parts) >= 3 and parts[:2] == ["vault", "budgets"]:
             # Labels contain "/" (dramatiq/nightly-billing): the rest of the path is the label.
             label = unquote(path[len("/vault/budgets/") :])
@@ -262,8 +262,9 @@ class AdminApi:
         log.info("keybrake: %s %s", "suspended" if action == "suspend" else "resumed", key_id)
         return _json(200, key_to_json(key, now))
 
-    def _report_sink(self) -> AuditSink:
-        sink = self.runtime.audit_sink
+    async def _report_sink(self) -> AuditSink:
+        """The audit sink with the outbox moved to it: every call answered so far is in it."""
+        sink = await self.runtime.flushed_audit_sink()
         if sink is None:
             raise Refusal("store_unavailable", "the audit log is not configured")
         return sink
@@ -271,9 +272,10 @@ class AdminApi:
     async def _spend(self, flow: http.HTTPFlow) -> http.Response:
         """``GET /vault/spend?label=&key=&vendor=&since=24h&until=&group_by=label``."""
         now = self.runtime.now()
+        sink = await self._report_sink()
         try:
             rows = spend_summary(
-                self._report_sink(),
+                sink,
                 group_by=_query(flow, "group_by") or "label",  # type: ignore[arg-type]
                 label=_query(flow, "label"),
                 key_id=_query(flow, "key"),
@@ -286,14 +288,15 @@ class AdminApi:
         await add_caps(rows, await self.runtime.open_store(), now)
         return _json(200, {"object": "list", "data": rows})
 
-    def _audit(self, flow: http.HTTPFlow) -> http.Response:
+    async def _audit(self, flow: http.HTTPFlow) -> http.Response:
         """``GET /vault/audit?label=&key=&vendor=&outcome=&since=&until=&limit=&before=``."""
         now = self.runtime.now()
+        sink = await self._report_sink()
         try:
             limit = int(_query(flow, "limit") or 50)
             before = int(b) if (b := _query(flow, "before")) else None
             rows = audit_rows(
-                self._report_sink(),
+                sink,
                 label=_query(flow, "label"),
                 key_id=_query(flow, "key"),
                 vendor=_query(flow, "vendor"),

@@ -6,69 +6,51 @@ and object ids. Never secrets, and no bodies unless ``keybrake_audit_bodies`` is
 credentials are redacted). Destinations refused by `Egress` get a row too (vendor ``""``,
 code ``egress_denied``; a refused ``CONNECT`` has the method ``CONNECT`` and its authority as
 the path).
+
+Rows go to the store's audit outbox: most with the call's settlement, in the same store step;
+this addon appends the rows of calls nothing settled. Its `AuditPump` moves them from there to
+the audit sink (``keybrake_audit``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 from mitmproxy import ctx, exceptions, http
 
-from keybrake._audit_sinks import AuditWriter, open_audit_sink
+from keybrake._audit_pump import AuditPump
+from keybrake._audit_sinks import open_audit_sink
+from keybrake.calls import BREADCRUMB, CallState, audit_row, call_of
 from keybrake.core import Runtime
-from keybrake.guard import META, CallState
 
-__all__ = ["AuditTrail", "audit_row"]
+__all__ = ["AuditTrail"]
 
 log = logging.getLogger("keybrake")
-BODY_LIMIT = 4096
 
 
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def audit_row(call: CallState, flow: http.HTTPFlow, runtime: Runtime) -> dict[str, Any]:
-    """The audit row of a finished call (see `keybrake._audit_sinks.COLUMNS`)."""
-    return {
-        "ts": _iso(runtime.now()),
-        "key_id": call.key_id,
-        "label": call.label,
-        "vendor": call.vendor,
-        "method": call.method or flow.request.method[:16],
-        "path": call.path or None,
-        "status": call.status,
-        "outcome": call.outcome if call.outcome != "forwarded" else "unknown",
-        "code": call.code,
-        "estimate_micros": call.estimate.micros if call.estimate else None,
-        "actual_micros": call.actual_micros,
-        "amount_minor": call.amount_minor,
-        "currency": call.currency,
-        "vendor_request_id": call.vendor_request_id,
-        "vendor_object_id": call.object_id,
-        "idempotency_key": call.idempotency_key,
-        "vendor_idempotency_key": call.vendor_idempotency_key,
-        "actor": call.actor,
-        "message_id": call.message_id,
-        "latency_ms": round(call.latency_ms, 3) if call.latency_ms is not None else None,
-        "instance": runtime.instance_id,
-        "note": call.note or None,
-        "request_body": None,
-        "response_body": None,
-    }
+def _call(flow: http.HTTPFlow) -> CallState | None:
+    call = call_of(flow)
+    if call is None:
+        # A record an addon still keeps in ``flow.metadata`` itself (not a plain breadcrumb).
+        legacy = flow.metadata.get(BREADCRUMB)
+        if hasattr(legacy, "audited") and hasattr(legacy, "outcome"):
+            return cast(CallState, legacy)
+    return call
 
 
 class AuditTrail:
-    """Writes the audit row of every vendor call, off the event loop, in batches."""
+    """Appends the audit row of every call nothing else audited; runs the `AuditPump`."""
 
     name = "keybrake_audit"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.writer: AuditWriter | None = None
+        self.pump: AuditPump | None = None
+        self._running = False
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -86,8 +68,10 @@ class AuditTrail:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "keybrake_audit_bodies" in updated:
+            self.runtime.audit_bodies = ctx.options.keybrake_audit_bodies
         if "keybrake_audit" in updated or "keybrake_data_dir" in updated:
-            old = self.writer
+            old = self.pump
             try:
                 sink = open_audit_sink(ctx.options.keybrake_audit, self.runtime.data_dir)
             except Exception as e:
@@ -95,51 +79,71 @@ class AuditTrail:
                 raise exceptions.OptionsError(
                     f"keybrake_audit: cannot open audit sink: {e}"
                 ) from None
-            self.writer = AuditWriter(sink)
-            self.runtime.audit_writer = self.writer
+            self.pump = AuditPump(self.runtime.open_store, sink, self.runtime.instance_id)
+            self.runtime.audit_pump = self.pump
             self.runtime.audit_sink = sink
+            if self._running:
+                self.pump.start()
             if old is not None:
-                old.close()
+                self._retire(old, self.pump)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+    def _retire(self, old: AuditPump, new: AuditPump) -> None:
+        """Stop a replaced pump and close its sink; the new pump takes over the outbox."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # configured before the event loop runs: nothing started
+            old.sink.close()
+            return
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+        async def retire() -> None:
+            for row in await old.stop():
+                new.keep(row)
+            await asyncio.to_thread(old.sink.close)
 
-    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        task = loop.create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def running(self) -> None:
+        self._running = True
+        if self.pump is not None:
+            self.pump.start()
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow)
+
+    async def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # A CONNECT refused by Egress (403 egress_denied) gets this hook, not ``response``.
-        self._record(flow)
+        await self._record(flow)
 
-    def _record(self, flow: http.HTTPFlow) -> None:
-        call = flow.metadata.get(META)
-        if not isinstance(call, CallState) or call.audited or self.writer is None:
+    async def _record(self, flow: http.HTTPFlow) -> None:
+        call = _call(flow)
+        if call is None or call.audited or self.pump is None:
             return
         call.audited = True
-        self.runtime.inflight.discard(flow)
         try:
             row = audit_row(call, flow, self.runtime)
-            if ctx.options.keybrake_audit_bodies:
-                row["request_body"] = self._redacted(flow.request.get_text(strict=False))
-                if flow.response is not None:
-                    row["response_body"] = self._redacted(flow.response.get_text(strict=False))
-            self.writer.submit(row)
         except Exception:
             log.exception("keybrake: could not build audit row")
+            self.runtime.inflight.discard(flow)
+            return
+        try:
+            store = await self.runtime.open_store()
+            await store.append_audit(row)
+        except Exception as e:
+            # Kept by the pump and appended once the store is back (it says so, loudly).
+            log.warning("keybrake: audit row kept in memory: the store did not take it: %s", e)
+            self.pump.keep(row)
+        finally:
+            # Shutdown waits for in-flight calls: this one is recorded (or kept) now.
+            self.runtime.inflight.discard(flow)
 
-    def _redacted(self, text: str | None) -> str | None:
-        if not text:
-            return None
-        text = text[:BODY_LIMIT]
-        for s in self.runtime.secrets.values():
-            for value in (s.secret, s.username, s.account):
-                if value:
-                    text = text.replace(value, "[redacted]")
-        return text
-
-    def done(self) -> None:
-        # Core.done has already waited for in-flight calls; rows that still arrive after
-        # this are written through by the closed writer, not dropped.
-        if self.writer is not None:
-            self.writer.close()
-            log.info("keybrake: audit flushed (%d rows written)", self.writer.written)
+    async def done(self) -> None:
+        # `Core.done` has normally closed the pump already (before closing the store); rows
+        # that still arrive after this wait in the store's outbox for the next start.
+        if self.pump is not None:
+            await self.pump.close()
+            log.info("keybrake: audit flushed (%d rows written)", self.pump.written)

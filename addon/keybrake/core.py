@@ -24,7 +24,8 @@ import certifi
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
-from keybrake._audit_sinks import AuditSink, AuditWriter
+from keybrake._audit_pump import AuditPump
+from keybrake._audit_sinks import AuditSink
 from keybrake._limiter import FailureLimiter
 from keybrake.credentials import VendorSecrets
 from keybrake.keys import parse_duration
@@ -109,7 +110,7 @@ class Runtime:
         # Vendor calls admitted and not yet audited: shutdown waits for them (bounded). Weak,
         # so a flow mitmproxy dropped without a response or error cannot hold shutdown up.
         self.inflight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-        self.audit_writer: AuditWriter | None = None
+        self.audit_pump: AuditPump | None = None
         self.audit_sink: AuditSink | None = None
         # Wrong admin tokens per source address (admin API and dashboard sign-in together).
         self.admin_failures = FailureLimiter(limit=ADMIN_FAILURES_PER_MINUTE)
@@ -155,6 +156,13 @@ class Runtime:
 
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
+
+    async def flushed_audit_sink(self) -> AuditSink | None:
+        """The audit sink, once every row in the store's outbox is in it (read-your-writes:
+        what any replica answered before this call is in what the caller reads next)."""
+        if self.audit_pump is not None:
+            await self.audit_pump.flush()
+        return self.audit_sink
 
     async def open_store(self) -> Store:
         """The opened store; opening is retried on every call until it works."""
@@ -449,6 +457,10 @@ class Core:
             await asyncio.sleep(0.05)
         if len(self.runtime.inflight) > 0:
             log.warning("keybrake: stopping with %d call(s) in flight", len(self.runtime.inflight))
+        if self.runtime.audit_pump is not None:
+            # Move the outbox to the audit sink while the store is still open (rows that
+            # stay there are moved by another replica or at the next start).
+            await self.runtime.audit_pump.close()
         if self.runtime.store is not None:
             with contextlib.suppress(StoreUnavailable):
                 await self.runtime.store.close()

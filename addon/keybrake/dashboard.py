@@ -498,6 +498,7 @@ class Dashboard:
     async def _overview(self) -> dict[str, Any]:
         now = self.runtime.now()
         health = await self._store_health()
+        await self.runtime.flushed_audit_sink()
         keys: list[KeyRow] = []
         if health["ok"]:
             keys = await self._key_rows(now)
@@ -525,7 +526,7 @@ class Dashboard:
             f"AND ts >= {p} ORDER BY id DESC LIMIT 10",
             [day],
         )
-        writer = self.runtime.audit_writer
+        writer = self.runtime.audit_pump
         t = totals[0] if totals else {}
         return {
             "now": now,
@@ -594,7 +595,8 @@ class Dashboard:
             )
             step, width = dt.timedelta(days=1), 10
             buckets = [(start + i * step).strftime("%Y-%m-%d") for i in range(n)]
-        p = self.runtime.audit_sink.placeholder if self.runtime.audit_sink else "?"
+        sink = await self.runtime.flushed_audit_sink()
+        p = sink.placeholder if sink else "?"
         rows = await self._query(
             f"SELECT label, substr(ts, 1, {width}) AS bucket, {SPENT_SQL} AS spent, "  # noqa: S608
             "COUNT(*) AS calls, SUM(CASE WHEN outcome = 'refused' THEN 1 ELSE 0 END) AS refusals "
@@ -614,7 +616,7 @@ class Dashboard:
             "outcome": q.get("outcome") if q.get("outcome") in OUTCOMES else None,
         }
         rows: list[dict[str, Any]] = []
-        sink = self.runtime.audit_sink
+        sink = await self.runtime.flushed_audit_sink()
         if sink is not None:
             rows = await asyncio.to_thread(
                 lambda: audit_rows(

@@ -73,21 +73,23 @@ class TimedStore:
 
 
 class _AuditCollector(Collector):
-    """The audit writer's queue and totals, read at scrape time."""
+    """The audit pump's backlog and totals, read at scrape time."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
-        writer = self.runtime.audit_writer
+        writer = self.runtime.audit_pump
         depth = GaugeMetricFamily(
-            "keybrake_audit_queue_depth", "Audit rows waiting to be written to the sink."
+            "keybrake_audit_queue_depth",
+            "Audit rows waiting to be written to the sink (the store's outbox, last seen).",
         )
         written = CounterMetricFamily(
-            "keybrake_audit_rows_written", "Audit rows written to the sink."
+            "keybrake_audit_rows_written", "Audit rows this replica moved to the sink."
         )
         dropped = CounterMetricFamily(
-            "keybrake_audit_rows_dropped", "Audit rows dropped because the backlog was full."
+            "keybrake_audit_rows_dropped",
+            "Audit rows lost because the store was unavailable for too long.",
         )
         failures = CounterMetricFamily(
             "keybrake_audit_write_failures", "Failed (retried) writes to the audit sink."

@@ -143,7 +143,7 @@ def test_kill_9_under_load_then_restart_is_consistent(
     first = charge(kb, vk, 700, idem="reliability-idem-1")
     assert first.status_code == 200, first.text
     fake_stripe.delay_seconds = 0.3
-    with Hammer(kb, vk, threads=4):
+    with Hammer(kb, vk, threads=4) as h:
         wait_for(lambda: len(fake_stripe.ledger) >= 8, 30, "load on the vendor")
         assert kb.stop(signal.SIGKILL) == -signal.SIGKILL
     time.sleep(1.0)  # the vendor finishes what it had started
@@ -156,6 +156,12 @@ def test_kill_9_under_load_then_restart_is_consistent(
     # Conservative: at least what the vendor charged; consistent: the crash counted once
     # (at most one $1 per client thread that was between reserve and the vendor).
     assert charged <= spent <= charged + 4 * USD, (spent, charged)
+    # Every answer a client got before the crash has its audit row: it was committed to the
+    # store's outbox before the answer left, and the restarted proxy moves it to the sink.
+    answered = 1 + h.statuses.count(200)
+    rows = [r for r in wait_audit(kb2, answered) if r["outcome"] == "ok"]
+    assert len(rows) >= answered, (len(rows), answered)
+    assert len({r["event_id"] for r in rows}) == len(rows)
     # Idempotency survives the crash: the pre-crash charge replays, the vendor is not called.
     n = len(fake_stripe.ledger)
     again = charge(kb2, vk, 700, idem="reliability-idem-1")
