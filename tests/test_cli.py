@@ -1,24 +1,32 @@
-"""The ``keybrake`` command line: ``keys issue|list|revoke`` and ``ca``.
+"""The ``keybrake`` command line: ``keys issue|list|revoke``, ``ca``, and how ``audit`` and
+``spend`` read the audit log.
 
 The key commands work directly on the store; here they share the data dir of a running
-``keybrake run``, and a key issued by the CLI is used through that proxy.
+``keybrake run``, and a key issued by the CLI is used through that proxy. ``audit`` and
+``spend`` first move the rows still in the store's audit outbox to the audit log (a real
+SQLite store and ``audit.db`` here; the reports themselves: ``tests/e2e/test_reports.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
 import certifi
 import httpx
 import pytest
-from tests.conftest import KEYBRAKE, ROOT, KeybrakeProcess
+from tests._redis import free_port
+from tests.conftest import KEYBRAKE, ROOT, KeybrakeProcess, audit_query
 from tests.fakes import FakeStripe
 from typer.testing import CliRunner, Result
 
+from keybrake._audit_sinks import COLUMNS, SQLiteAuditSink
 from keybrake.cli import app
+from keybrake.store import SQLiteStore
 
 runner = CliRunner()
 
@@ -310,3 +318,80 @@ def test_ca_bundle_survives_concurrent_writers(keybrake_certs: Path) -> None:
     assert bundle.read_text().endswith(ca_cert)
     assert oct(bundle.stat().st_mode & 0o777) == oct(0o644)
     assert not [p.name for p in keybrake_certs.iterdir() if p.name.startswith(".keybrake")]
+
+
+# -- audit and spend: the outbox first ---------------------------------------------------------
+def audit_row(message_id: str, ts: str) -> dict[str, Any]:
+    return dict.fromkeys(COLUMNS) | {
+        "event_id": uuid.uuid4().hex,
+        "ts": ts,
+        "key_id": "key_a",
+        "label": "cli/test",
+        "vendor": "stripe",
+        "outcome": "ok",
+        "actual_micros": 2_000_000,
+        "message_id": message_id,
+    }
+
+
+def outbox(data_dir: Path, *rows: dict[str, Any]) -> int:
+    """Append ``rows`` to the outbox of the data dir's SQLite store; the backlog after."""
+
+    async def run() -> int:
+        store = SQLiteStore(data_dir / "keybrake.db")
+        await store.open()
+        try:
+            for row in rows:
+                await store.append_audit(row)
+            return await store.audit_backlog()
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def test_audit_and_spend_move_the_outbox_to_the_audit_log_first(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    now = "2026-01-01T00:00:00.000000Z"
+    sink = SQLiteAuditSink(data / "audit.db")
+    sink.write([audit_row("in-the-log", now)])
+    sink.close()
+    assert outbox(data, audit_row("in-the-outbox", now)) == 1
+
+    shown = cli("audit", "--data-dir", str(data), "--since", "2025-12-31", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert [r["message_id"] for r in json.loads(shown.stdout)] == ["in-the-outbox", "in-the-log"]
+    assert outbox(data) == 0
+    assert len(audit_query(data / "audit.db")) == 2
+
+    outbox(data, audit_row("later", now))
+    spent = cli("spend", "--data-dir", str(data), "--since", "2025-12-31", "--json")
+    assert spent.exit_code == 0, spent.output
+    (row,) = json.loads(spent.stdout)
+    assert (row["group"], row["calls"], row["spent_micros"]) == ("key_a", 3, 6_000_000)
+    assert outbox(data) == 0
+
+
+def test_audit_and_spend_without_the_store_warn_and_show_the_log(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    sink = SQLiteAuditSink(data / "audit.db")
+    sink.write([audit_row("in-the-log", "2026-01-01T00:00:00.000000Z")])
+    sink.close()
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    since = ["--since", "2025-12-31", "--json"]
+
+    shown = cli("audit", "--data-dir", str(data), "--store", down, *since)
+    assert shown.exit_code == 0, shown.output
+    assert [r["message_id"] for r in json.loads(shown.stdout)] == ["in-the-log"]
+    assert "store unavailable" in shown.stderr
+    assert "the most recent calls may be missing" in shown.stderr
+
+    spent = cli("spend", "--data-dir", str(data), "--store", down, *since)
+    assert spent.exit_code == 0, spent.output
+    (row,) = json.loads(spent.stdout)
+    assert (row["spent_micros"], row["daily_cap_usd"], row["remaining_usd"]) == (
+        2_000_000,
+        None,
+        None,
+    )
+    assert "the most recent calls may be missing" in spent.stderr

@@ -15,8 +15,9 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -34,6 +35,9 @@ from keybrake.store import (
     redact_url,
     split_password,
 )
+
+if TYPE_CHECKING:
+    from keybrake._audit_sinks import AuditSink
 
 __all__ = ["app", "main"]
 
@@ -474,6 +478,46 @@ AuditUrl = Annotated[
 ]
 
 
+def _open_sink(url: str, data_dir: Path) -> AuditSink:
+    from keybrake._audit_sinks import open_audit_sink
+
+    try:
+        return open_audit_sink(url, data_dir)
+    except Exception as e:
+        _fail(f"cannot open the audit log: {type(e).__name__}: {e}", 3)
+        raise  # unreachable: _fail exits
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"Warning: {message}; the most recent calls may be missing", err=True)
+
+
+async def _read_audit(
+    store_url: str, sink: AuditSink, read: Callable[[Store | None], Awaitable[Any]]
+) -> Any:
+    """``await read(store)`` once the rows still in the store's outbox (calls the proxy
+    answered and has not moved yet) are in ``sink``. A store that cannot be opened is said
+    so on stderr and ``read`` gets None: what the sink holds is still worth showing."""
+    from keybrake._audit_pump import drain_outbox
+
+    store: Store = open_store(store_url)
+    try:
+        try:
+            await store.open()
+        except StoreUnavailable as e:
+            _warn(f"store unavailable ({e})")
+            return await read(None)
+        try:
+            await drain_outbox(store, sink)
+        except StoreUnavailable as e:
+            _warn(f"store unavailable ({e})")
+        except Exception as e:  # the sink refused them: still show what it holds
+            _warn(f"could not move recent rows to the audit log ({type(e).__name__}: {e})")
+        return await read(store)
+    finally:
+        await store.close()
+
+
 @app.command()
 def spend(
     label: Annotated[str | None, typer.Option(help="Only this agent_run_label.")] = None,
@@ -491,32 +535,47 @@ def spend(
 ) -> None:
     """Spend per key (or label, vendor, hour, day): calls, refusals, dollars, cap, remaining.
 
+    Rows the proxy has not yet moved from the store to the audit log are moved first.
     Example: ``keybrake spend --label dramatiq/nightly-billing --since 24h``
     """
-    from keybrake._audit_sinks import open_audit_sink
     from keybrake.reports import ReportError, add_caps, format_table, parse_time, spend_summary
 
     now = dt.datetime.now(dt.UTC)
     try:
-        sink = open_audit_sink(audit, data_dir)
+        start = parse_time(since, now)
+        end = parse_time(until, now, "until") if until else None
+    except ReportError as e:
+        _fail(str(e), 2)
+        return
+
+    async def report(s: Store | None) -> list[dict[str, Any]]:
         rows = spend_summary(
             sink,
             group_by=group_by,  # type: ignore[arg-type]
             label=label,
             key_id=key,
             vendor=vendor,
-            since=parse_time(since, now),
-            until=parse_time(until, now, "until") if until else None,
+            since=start,
+            until=end,
         )
-        sink.close()
+        try:
+            if s is not None:
+                await add_caps(rows, s, now)
+                return rows
+        except StoreUnavailable as e:
+            _warn(f"store unavailable ({e})")
+        for row in rows:  # caps and what remains come from the store
+            row["daily_cap_usd"] = row["remaining_usd"] = None
+        return rows
+
+    sink = _open_sink(audit, data_dir)
+    try:
+        rows = asyncio.run(_read_audit(_store_url(store, data_dir), sink, report))
     except ReportError as e:
         _fail(str(e), 2)
         return
-
-    async def caps(s: Store) -> None:
-        await add_caps(rows, s, now)
-
-    _run_store(_store_url(store, data_dir), caps)
+    finally:
+        sink.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -543,33 +602,45 @@ def audit_cmd(
     until: Annotated[str | None, typer.Option(help="End of the window.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows (newest first).")] = 50,
     data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
     audit: AuditUrl = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Recent audit rows, newest first.
 
+    Rows the proxy has not yet moved from the store to the audit log are moved first.
     Example: ``keybrake audit --label dramatiq/nightly-billing --outcome refused --limit 50``
     """
-    from keybrake._audit_sinks import open_audit_sink
     from keybrake.reports import ReportError, audit_rows, format_table, parse_time
 
     now = dt.datetime.now(dt.UTC)
     try:
-        sink = open_audit_sink(audit, data_dir)
-        rows = audit_rows(
+        start = parse_time(since, now)
+        end = parse_time(until, now, "until") if until else None
+    except ReportError as e:
+        _fail(str(e), 2)
+        return
+
+    async def query(_: Store | None) -> list[dict[str, Any]]:
+        return audit_rows(
             sink,
             label=label,
             key_id=key,
             vendor=vendor,
             outcome=outcome,
-            since=parse_time(since, now),
-            until=parse_time(until, now, "until") if until else None,
+            since=start,
+            until=end,
             limit=limit,
         )
-        sink.close()
+
+    sink = _open_sink(audit, data_dir)
+    try:
+        rows = asyncio.run(_read_audit(_store_url(store, data_dir), sink, query))
     except ReportError as e:
         _fail(str(e), 2)
         return
+    finally:
+        sink.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
