@@ -166,6 +166,26 @@ def test_spend_by_key_counts_what_the_ledger_counts(sink: AuditSink) -> None:
     }
 
 
+def test_an_overrun_is_spent_and_a_hold_is_not_yet(tmp_path: Path) -> None:
+    """As the ledger (and `keybrake.metrics`) count them: an overrun's actual was charged;
+    a held call's amount can still be charged, so it is not spent yet."""
+    sink = SQLiteAuditSink(tmp_path / "audit.db")
+    sink.write(
+        [
+            row(30, "overrun", estimate=2 * USD, actual=5 * USD),
+            row(20, "held", estimate=3 * USD, actual=0),
+            row(10, "overrun", estimate=USD, actual=0),  # a hold raised past its estimate
+        ]
+    )
+    try:
+        (a,) = spend_summary(sink, group_by="key", since=parse_time("24h", NOW))
+        assert (a["calls"], a["spent_micros"]) == (3, 5 * USD)
+        assert len(audit_rows(sink, outcome="overrun", since=parse_time("24h", NOW))) == 2
+        assert len(audit_rows(sink, outcome="held", since=parse_time("24h", NOW))) == 1
+    finally:
+        sink.close()
+
+
 def test_spend_groups_and_filters(sink: AuditSink) -> None:
     since = parse_time("24h", NOW)
     by_label = groups(spend_summary(sink, group_by="label", since=since))

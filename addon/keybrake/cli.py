@@ -596,7 +596,8 @@ def audit_cmd(
     key: Annotated[str | None, typer.Option("--key", help="Only this key id.")] = None,
     vendor: Annotated[str | None, typer.Option(help="Only this vendor.")] = None,
     outcome: Annotated[
-        str | None, typer.Option(help="ok, refused, replayed, vendor_error or unknown.")
+        str | None,
+        typer.Option(help="ok, held, overrun, refused, replayed, vendor_error or unknown."),
     ] = None,
     since: Annotated[str, typer.Option(help="24h, 7d, 30m or an ISO date/time.")] = "24h",
     until: Annotated[str | None, typer.Option(help="End of the window.")] = None,

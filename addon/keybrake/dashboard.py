@@ -36,7 +36,7 @@ from keybrake._keyspec import IssueKeyRequest, KeySpecError
 from keybrake._limiter import source_of
 from keybrake._money import format_usd
 from keybrake.core import Runtime
-from keybrake.reports import OUTCOMES, audit_rows
+from keybrake.reports import OUTCOMES, SPENT_OUTCOMES_SQL, audit_rows
 from keybrake.store import StoreUnavailable
 
 __all__ = ["Dashboard", "Sessions"]
@@ -57,7 +57,7 @@ CSP = (
 )
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 SPENT_SQL = (
-    "SUM(CASE WHEN outcome IN ('ok', 'vendor_error', 'unknown') "
+    f"SUM(CASE WHEN outcome IN {SPENT_OUTCOMES_SQL} "
     "THEN COALESCE(actual_micros, estimate_micros, 0) ELSE 0 END)"
 )
 

@@ -1,8 +1,9 @@
 """Spend summaries and audit queries over the audit sink (SQLite or PostgreSQL).
 
 Used by ``keybrake spend`` / ``keybrake audit`` and by ``GET /vault/spend`` /
-``GET /vault/audit``. Spend counts what the ledger counts: settled actual costs of ``ok``
-calls plus the estimates kept for ``vendor_error``/``unknown`` calls that may have charged.
+``GET /vault/audit``. Spend counts what the ledger counts: settled actual costs of ``ok`` and
+``overrun`` calls plus the estimates kept for ``vendor_error``/``unknown`` calls that may have
+charged (amounts still held are not spent yet).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from keybrake.store import Store
 __all__ = [
     "GROUPS",
     "OUTCOMES",
+    "SPENT_OUTCOMES_SQL",
     "ReportError",
     "add_caps",
     "audit_rows",
@@ -28,7 +30,10 @@ __all__ = [
 ]
 
 GROUPS = ("label", "key", "vendor", "hour", "day")
-OUTCOMES = ("ok", "refused", "replayed", "vendor_error", "unknown")
+OUTCOMES = ("ok", "held", "overrun", "refused", "replayed", "vendor_error", "unknown")
+# Money that moved: what `keybrake.metrics` counts as spent too. An overrun was charged (its
+# actual is booked); a held call's amount has not moved yet (actual 0).
+SPENT_OUTCOMES_SQL = "('ok', 'overrun', 'vendor_error', 'unknown')"
 _REL = re.compile(r"^(\d{1,6})([mhdw])$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -130,7 +135,7 @@ def spend_summary(
         "SUM(CASE WHEN outcome = 'refused' THEN 1 ELSE 0 END) AS refusals, "
         "SUM(CASE WHEN outcome = 'replayed' THEN 1 ELSE 0 END) AS replays, "
         "SUM(CASE WHEN code = 'cap_exhausted' THEN 1 ELSE 0 END) AS cap_hits, "
-        "SUM(CASE WHEN outcome IN ('ok', 'vendor_error', 'unknown') "
+        f"SUM(CASE WHEN outcome IN {SPENT_OUTCOMES_SQL} "
         "THEN COALESCE(actual_micros, estimate_micros, 0) ELSE 0 END) AS spent_micros, "
         "MIN(ts) AS first_ts, MAX(ts) AS last_ts "
         f"FROM audit{where} GROUP BY {expr} ORDER BY {expr}"
