@@ -31,9 +31,11 @@ from mitmproxy.test import taddons, tflow, tutils
 from tests.conftest import ROOT
 
 from keybrake.admin import AdminApi
+from keybrake.calls import CallState, call_of
 from keybrake.core import Core, Runtime
+from keybrake.credentials import REDACTED
 from keybrake.egress import Egress, VendorPin
-from keybrake.guard import REDACTED, CallState, VaultGuard
+from keybrake.guard import VaultGuard
 from keybrake.keys import generate_vault_key, hash_vault_key
 from keybrake.store import KeyRecord, Store
 
@@ -189,7 +191,7 @@ def refusal(f: http.HTTPFlow, status: int, code: str) -> dict[str, Any]:
 
 def forwarded(f: http.HTTPFlow) -> CallState:
     assert f.response is None, f.response and f.response.text
-    call = f.metadata["keybrake"]
+    call = call_of(f)
     assert isinstance(call, CallState) and call.outcome == "forwarded"
     return call
 
@@ -397,8 +399,8 @@ async def test_unknown_vault_key_is_401(proxy: Proxy) -> None:
     f = await proxy.send(vendor_flow(auth=bearer("kbv_stripe_" + "A" * 43)))
     error = refusal(f, 401, "vault_key_unknown")
     assert "kbv_stripe_" not in error["message"]
-    assert f.metadata["keybrake"].outcome == "refused"
-    assert f.metadata["keybrake"].code == "vault_key_unknown"
+    assert call_of(f).outcome == "refused"
+    assert call_of(f).code == "vault_key_unknown"
 
 
 @pytest.mark.parametrize(
@@ -487,7 +489,7 @@ async def test_valid_key_swaps_secret_strips_headers_and_canonicalises_path(
     # stays counted (held) until an answer shows it succeeded or was canceled.
     assert f.response.headers["X-Keybrake-Spent-Usd"] == "1.00"
     assert f.response.headers["X-Keybrake-Remaining-Usd"] == "299.00"
-    assert f.metadata["keybrake"].outcome == "held"
+    assert call_of(f).outcome == "held"
 
 
 @pytest.mark.parametrize(("scheme", "port"), [("http", 80), ("http", 443)])
@@ -640,7 +642,7 @@ async def test_store_unavailable_from_the_start_is_503(
         await tctx.master.addons.invoke_addon(core, hooks.RunningHook())  # logs, never raises
         f = await p.send(vendor_flow(auth=bearer("kbv_stripe_" + "A" * 43)))
         refusal(f, 503, "store_unavailable")
-        assert f.metadata["keybrake"].reservation_id is None
+        assert call_of(f).reservation_id is None
         health = await p.admin_call("GET", "/healthz", token=None)
         assert health.status_code == 503
         issue = await p.admin_call(
@@ -691,13 +693,13 @@ async def test_vendor_error_releases_and_no_response_keeps_the_reservation(proxy
     )
     forwarded(declined)
     await proxy.respond(declined, http.Response.make(402, b'{"error": {"type": "card_error"}}'))
-    assert declined.metadata["keybrake"].outcome == "vendor_error"
+    assert call_of(declined).outcome == "vendor_error"
     lost = await proxy.send(
         vendor_flow(auth=bearer(key["vault_key"]), body=b"amount=400&currency=usd")
     )
     forwarded(lost)
     await proxy.fail(lost, "connection reset by peer")
-    assert lost.metadata["keybrake"].outcome == "unknown"
+    assert call_of(lost).outcome == "unknown"
     assert lost.request.headers["Authorization"] == REDACTED
     detail = json.loads((await proxy.admin_call("GET", f"/vault/keys/{key['key_id']}")).content)
     assert detail["spent_today_usd"] == "4.00"  # the 402 released, the lost call counted
@@ -723,7 +725,7 @@ async def test_hooks_never_raise_on_odd_flows(proxy: Proxy) -> None:
     ]
     for f in odd:
         await proxy.send(f)
-        assert f.response is not None or f.metadata["keybrake"].outcome == "forwarded"
+        assert f.response is not None or call_of(f).outcome == "forwarded"
         if f.response is not None and f.response.status_code >= 500:
             assert f.response.status_code == 503
         await proxy.respond(f, f.response or http.Response.make(500, b"vendor down"))

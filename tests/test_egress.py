@@ -30,9 +30,9 @@ from keybrake._addresses import (
     why_forbidden,
 )
 from keybrake._resolver import NameServerResolver, ResolveError, SystemResolver, parse_name_server
+from keybrake.calls import CallState, call_of, track
 from keybrake.core import Core, Runtime
 from keybrake.egress import Egress, PassthroughRule, VendorPin, parse_passthrough
-from keybrake.guard import CallState
 
 # (address, reachable?) — the whole rule in one table.
 ADDRESSES: list[tuple[str, bool]] = [
@@ -371,7 +371,7 @@ def egress_denied(f: http.HTTPFlow) -> CallState:
     assert (f.response.status_code, body["error"]["code"]) == (403, "egress_denied"), body
     assert body["error"]["type"] == "keybrake_error" and body["error"]["message"]
     assert f.response.headers["X-Keybrake-Error"] == "egress_denied"
-    call = f.metadata["keybrake"]
+    call = call_of(f)
     assert isinstance(call, CallState)
     assert (call.vendor, call.outcome, call.code, call.status) == (
         "",
@@ -538,7 +538,7 @@ def vendor_call(host: str, client: connection.Client | None = None) -> http.HTTP
     if client is not None:
         f.client_conn = client
     f.client_conn.proxy_mode = ProxyMode.parse("regular")
-    f.metadata["keybrake"] = CallState(vendor="stripe", outcome="forwarded")
+    track(f, CallState(vendor="stripe", outcome="forwarded"))
     return f
 
 
@@ -584,7 +584,7 @@ async def test_two_vendor_hosts_on_one_address_never_share_a_connection(egress: 
 
 async def test_calls_the_guard_did_not_forward_are_not_pinned(egress: Egress) -> None:
     f = vendor_call("api.stripe.com")
-    f.metadata["keybrake"] = CallState(vendor="stripe", outcome="refused")
+    track(f, CallState(vendor="stripe", outcome="refused"))
     await VendorPin(egress).request(f)
     assert f.request.host == "api.stripe.com"
     assert egress.resolver.asked == []  # type: ignore[attr-defined]

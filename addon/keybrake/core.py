@@ -112,6 +112,8 @@ class Runtime:
         self.inflight: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self.audit_pump: AuditPump | None = None
         self.audit_sink: AuditSink | None = None
+        # keybrake_audit_bodies (set by the audit addon): debug bodies in audit rows.
+        self.audit_bodies = False
         # Wrong admin tokens per source address (admin API and dashboard sign-in together).
         self.admin_failures = FailureLimiter(limit=ADMIN_FAILURES_PER_MINUTE)
         # This process's clock minus the shared store's, last measured (0.0: none measured).

@@ -18,12 +18,17 @@ from keybrake.errors import Refusal
 from keybrake.policy import AuthPolicy, VendorPolicy
 
 __all__ = [
+    "REDACTED",
     "Presented",
     "VendorSecrets",
     "authorization_for",
     "extract_credential",
     "matches_raw_secret",
 ]
+
+
+REDACTED = "[redacted by keybrake]"
+"""What stands in for a credential header in flows that mitmweb or flow files can show."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -56,9 +56,9 @@ from keybrake._resolver import (
     SystemResolver,
     parse_name_server,
 )
+from keybrake.calls import BREADCRUMB, CallState, call_of, track
 from keybrake.core import Runtime
 from keybrake.errors import Refusal, refusal_response
-from keybrake.guard import META, CallState
 
 __all__ = ["Egress", "PassthroughRule", "VendorPin", "parse_passthrough"]
 
@@ -177,7 +177,8 @@ class Egress:
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal, method: str, target: str) -> None:
         call = CallState(vendor="", method=method, path=target, outcome="refused")
         call.code, call.status, call.latency_ms = refusal.code, refusal.status, 0.0
-        flow.metadata[META] = call
+        track(flow, call)
+        flow.metadata[BREADCRUMB] = call.breadcrumb()
         flow.response = refusal_response(refusal)
         flow.comment = f"keybrake refused: {refusal.code}"
         flow.marked = ":no_entry:"
@@ -325,8 +326,8 @@ class VendorPin:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        call = flow.metadata.get(META)
-        if not isinstance(call, CallState) or call.outcome != "forwarded":
+        call = call_of(flow)
+        if call is None or call.outcome != "forwarded":
             return
         try:
             await self.egress.pin_vendor(flow)

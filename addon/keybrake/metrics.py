@@ -27,8 +27,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from keybrake.calls import call_of
 from keybrake.core import Runtime
-from keybrake.guard import META, CallState
 from keybrake.store import Store, StoreUnavailable
 
 __all__ = ["MAX_LABELS", "Metrics", "TimedStore"]
@@ -206,8 +206,8 @@ class Metrics:
         return "_other"
 
     def request(self, flow: http.HTTPFlow) -> None:
-        call = flow.metadata.get(META)
-        if not isinstance(call, CallState) or call.reservation_id is None:
+        call = call_of(flow)
+        if call is None or call.reservation_id is None:
             return
         if call.outcome != "forwarded" or flow.id in self._in_flight:
             return
@@ -227,8 +227,8 @@ class Metrics:
         self._count(flow)  # a CONNECT refused by Egress
 
     def _count(self, flow: http.HTTPFlow) -> None:
-        call = flow.metadata.get(META)
-        if not isinstance(call, CallState) or flow.metadata.get(_DONE):
+        call = call_of(flow)
+        if call is None or flow.metadata.get(_DONE):
             return
         flow.metadata[_DONE] = True
         held = self._in_flight.pop(flow.id, None)

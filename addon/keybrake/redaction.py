@@ -12,7 +12,7 @@ So credentials are redacted where flows leave the process: in
 ``mitmproxy.tools.web.app.flow_to_json`` (mitmweb's REST and WebSocket API) and in the
 flow-file writers (``mitmproxy.io.FlowWriter``, ``FilteredFlowWriter``). Both are patched
 once per process and only ever remove data. Flow files also get a plain-data copy of
-``flow.metadata`` (the guard keeps a `CallState` object there, which flow files cannot store).
+``flow.metadata`` (only plain data: the call's breadcrumb, never its record).
 
 The addon also comments and marks each vendor flow with its vault key id, label and outcome,
 and lets no one hold an admitted vendor request with mitmproxy's intercept (``intercept``
@@ -35,8 +35,9 @@ from mitmproxy.io import tnetstring
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake._money import format_usd
+from keybrake.calls import CallState, call_of
 from keybrake.core import Runtime
-from keybrake.guard import META, REDACTED, CallState
+from keybrake.credentials import REDACTED
 
 __all__ = ["FlowRedaction", "describe", "redact_flow_json", "redacted_state"]
 
@@ -94,7 +95,7 @@ def redact_flow_json(flow: mflow.Flow, data: dict[str, Any]) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     """``value`` if flow files can store it, else a plain-data stand-in."""
     if isinstance(value, CallState):
-        value = value.breadcrumb() | {"status": value.status, "latency_ms": value.latency_ms}
+        value = value.breadcrumb()
     try:
         tnetstring.dumps(value)
     except ValueError:
@@ -197,7 +198,7 @@ class FlowRedaction:
         # mitmproxy runs "update" after every hook and waits for an intercepted flow only
         # after that: resuming here means an admitted vendor request is never held.
         for f in flows:
-            call = f.metadata.get(META)
+            call = call_of(f) if isinstance(f, http.HTTPFlow) else None
             if (
                 isinstance(f, http.HTTPFlow)
                 and f.intercepted
@@ -215,8 +216,8 @@ class FlowRedaction:
 
     @staticmethod
     def _annotate(flow: http.HTTPFlow, finished: bool = True) -> None:
-        call = flow.metadata.get(META)
-        if not isinstance(call, CallState):
+        call = call_of(flow)
+        if call is None:
             return
         flow.comment = describe(call, finished)
         marker = MARKERS.get(call.outcome)

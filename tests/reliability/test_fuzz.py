@@ -32,12 +32,14 @@ from mitmproxy.test import taddons, tflow, tutils
 from tests.conftest import ROOT
 
 from keybrake._forms import AmbiguousField, BadField, FormError, parse_json_body, parse_stripe_form
+from keybrake._limiter import FailureLimiter
 from keybrake._paths import EndpointPattern, match_any, normalize_path
 from keybrake.admin import AdminApi
 from keybrake.audit import AuditTrail
+from keybrake.calls import CallState, call_of
 from keybrake.core import Core, Runtime
 from keybrake.errors import Refusal
-from keybrake.guard import CallState, FailureLimiter, VaultGuard
+from keybrake.guard import VaultGuard
 from keybrake.policy import (
     AmountFieldCost,
     EndpointPolicy,
@@ -726,10 +728,10 @@ async def test_addons_on_random_vendor_requests(
 ) -> None:
     method, path = target
     guard = next(a for a in addons.chain if isinstance(a, VaultGuard))
-    guard.key_failures = FailureLimiter()  # random bad keys must not block later examples
+    guard.admitter.key_failures = FailureLimiter()  # random bad keys must not block later examples
     f = _flow(method, path, [*_auth(auth_kind, addons.vault_key, junk), *headers], body)
     await addons.invoke(HttpRequestHook(f))
-    call = f.metadata.get("keybrake")
+    call = call_of(f)
     replayed = f.response is not None and f.response.headers.get("X-Keybrake-Replayed") == "true"
     if f.response is None:
         event("forwarded")
