@@ -236,7 +236,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> None:
 
     if profiler and args.self_time:
         stats = pstats.Stats(profiler).sort_stats("tottime")
-        stats.print_stats(args.profile)
+        stats.print_stats(*([args.only] if args.only else []), args.profile)
     print(f"store: {args.store}; {args.n} calls through the real addon chain (no sockets)")
     print(f"{'addon':<22}{'CPU ms/call':>13}{'wall ms/call':>14}")
     for name in sorted(cpu, key=lambda k: -cpu[k]):
@@ -255,7 +255,9 @@ async def run(args: argparse.Namespace, data_dir: Path) -> None:
         print(f"  {op:<26}{1000 * inner[op] / args.n:>8.3f} ms/call")
     if profiler:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.profile)
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(
+            *([args.only] if args.only else []), args.profile
+        )
         print(out.getvalue())
 
     t0 = time.perf_counter()
@@ -276,6 +278,9 @@ def main() -> None:
     ap.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
     ap.add_argument("--profile", type=int, default=0, metavar="N")
     ap.add_argument("--self-time", action="store_true", help="sort the profile by self time")
+    ap.add_argument(
+        "--only", metavar="REGEX", help="profile rows of matching files only (e.g. addon/keybrake)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         asyncio.run(run(args, Path(d)))

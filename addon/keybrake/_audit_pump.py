@@ -31,7 +31,7 @@ __all__ = ["AuditPump", "drain_outbox", "with_event_id"]
 log = logging.getLogger("keybrake")
 
 BATCH_SIZE = 200
-IDLE_INTERVAL = 0.05
+IDLE_INTERVAL = 0.1
 MAX_BACKOFF = 5.0
 # Rows the store refused to take (it was down): kept in memory until it is back.
 MAX_KEPT = 100_000
@@ -94,9 +94,9 @@ class AuditPump:
     """One replica's mover of audit rows from the outbox to the sink, on the event loop.
 
     ``start`` runs the loop: a batch claimed by ``consumer`` (`Store.audit_batch`) is written
-    to the sink in a thread and acknowledged once written; empty batches are followed by
-    ``idle_interval`` of sleep. Failures (store or sink) are logged, counted in ``failures``
-    (consecutive) and retried with backoff; the rows stay in the outbox meanwhile.
+    to the sink in a thread and acknowledged once written; batches that are not full are
+    followed by ``idle_interval`` of sleep. Failures (store or sink) are logged, counted in
+    ``failures`` (consecutive) and retried with backoff; the rows stay in the outbox meanwhile.
 
     Example::
 
@@ -225,7 +225,9 @@ class AuditPump:
                 await asyncio.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(self.failures, 6)))
                 continue
             self.failures = 0
-            if not moved:
+            if moved < self.batch_size:
+                # Rows wait in the outbox (committed, and read through by every reader's
+                # flush): moving them in batches costs a few store steps per batch, not per row.
                 await asyncio.sleep(self.idle_interval)
 
     async def _append_kept(self, store: Store) -> None:

@@ -69,6 +69,7 @@ class TimedStore:
             finally:
                 self._observe(name, time.perf_counter() - start, failed)
 
+        self.__dict__[name] = timed  # made once per method, not on every call
         return timed
 
 

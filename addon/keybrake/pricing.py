@@ -19,6 +19,7 @@ estimate stands and the note says why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
@@ -522,6 +523,12 @@ def _covers(pattern: str, path: list[str]) -> bool:
     return len(parts) == len(path)
 
 
+@functools.lru_cache(maxsize=1024)
+def _literal_params(params: tuple[str, ...]) -> frozenset[str]:
+    """The ``params`` entries without wildcards (policies are loaded once: cached)."""
+    return frozenset(p for p in params if "*" not in p)
+
+
 def check_parameters(endpoint: EndpointPolicy, body: Body) -> None:
     """Pricing is a closed world: every parameter the request carries must be one the
     endpoint's rule understands (``params``: priced, or known not to change the cost).
@@ -529,13 +536,16 @@ def check_parameters(endpoint: EndpointPolicy, body: Body) -> None:
     plain price; ``refused`` names parameters refused on purpose, with the reason."""
     if endpoint.params is None:
         return
+    literal = _literal_params(tuple(endpoint.params))
     for path in body.leaf_paths():
         segments = path.split(".")
         top = segments[0]
         reason = endpoint.refused.get(top) or endpoint.refused.get(path)
         if reason is not None:
             raise Refusal("unpriced_parameter", f"{path[:100]} is refused: {reason}")
-        if not any(_covers(pattern, segments) for pattern in endpoint.params):
+        if path not in literal and not any(
+            _covers(pattern, segments) for pattern in endpoint.params
+        ):
             raise Refusal(
                 "unpriced_parameter",
                 f"{path[:100]} is a parameter {endpoint.match} is not priced with; the "
