@@ -12,6 +12,7 @@ admission itself, so a revocation is refused on the very next call on every repl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections import OrderedDict
@@ -176,6 +177,19 @@ def cap_refusal(exceeded: BudgetState | None, needed_micros: int) -> Refusal:
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Checked:
+    """A vendor call once its caller is known: what pricing and admission work from."""
+
+    flow: http.HTTPFlow
+    policy: VendorPolicy
+    key: KeyRecord
+    presented: Presented
+    method: str
+    path: NormalizedPath
+    call: CallState
+
+
 class Admitter:
     """Runs the checks of one vendor call and makes its one atomic store admission."""
 
@@ -224,7 +238,9 @@ class Admitter:
                 self.key_failures.record(source)
             raise
         self._check_accounts(policy, key, req)
-        return await self._price_and_admit(flow, policy, key, presented, method, path, call)
+        return await self._price_and_admit(
+            _Checked(flow, policy, key, presented, method, path, call)
+        )
 
     # -- who is calling ------------------------------------------------------------------------
     async def _authenticate(
@@ -303,16 +319,8 @@ class Admitter:
                 )
 
     # -- what it may do, and what it costs -----------------------------------------------------
-    async def _price_and_admit(
-        self,
-        flow: http.HTTPFlow,
-        policy: VendorPolicy,
-        key: KeyRecord,
-        presented: Presented,
-        method: str,
-        path: NormalizedPath,
-        call: CallState,
-    ) -> StoredResponse | None:
+    async def _price_and_admit(self, c: _Checked) -> StoredResponse | None:
+        flow, policy, key, method, path, call = c.flow, c.policy, c.key, c.method, c.path, c.call
         rt = self.runtime
         req = flow.request
         secrets_ = rt.secrets[policy.vendor]
@@ -326,8 +334,8 @@ class Admitter:
         endpoint, params = endpoint_for(policy, method, path.segments)
         call.endpoint = endpoint
         if endpoint is not None:
-            await self._check_path_owner(store, policy, endpoint, key, granted, params)
-        new_path = _rewrite_account(policy, path.segments, presented.username, secrets_.account)
+            await self._check_path_owner(store, c, endpoint, granted, params)
+        new_path = _rewrite_account(policy, path.segments, c.presented.username, secrets_.account)
         if secrets_.missing:
             raise Refusal(
                 "secret_unavailable",
@@ -358,7 +366,7 @@ class Admitter:
         call.estimate = estimate
         call.amount_minor, call.currency = estimate.amount_minor, estimate.currency
 
-        claim = self._idempotency_claim(flow, policy, endpoint, key, method, path.path, call)
+        claim = self._idempotency_claim(c, endpoint)
         holds: tuple[Hold, ...] = ()
         if endpoint is not None and endpoint.hold is not None:
             held_for = params.get(endpoint.hold.param)
@@ -405,7 +413,7 @@ class Admitter:
                 call.reservation_id = None
                 raise cap_refusal(reserved.exceeded, estimate.micros)
             call.budgets, call.held_for = reserved.budgets, None
-        self._swap(flow, policy, presented, method, new_path, path.query, call)
+        self._swap(c, new_path)
         return None
 
     def _refusal(self, admission: Admission, key: KeyRecord, estimate: Estimate) -> Refusal:
@@ -445,18 +453,13 @@ class Admitter:
         return Refusal(code, "unknown vault key")
 
     def _idempotency_claim(
-        self,
-        flow: http.HTTPFlow,
-        policy: VendorPolicy,
-        endpoint: EndpointPolicy | None,
-        key: KeyRecord,
-        method: str,
-        path: str,
-        call: CallState,
+        self, c: _Checked, endpoint: EndpointPolicy | None
     ) -> IdempotencyClaim | None:
         """The idempotency scope a state-changing call claims: the vendor's idempotency header
         (Stripe/Resend ``Idempotency-Key``), else ``X-Keybrake-Idempotency-Key``, else the
         body itself for endpoints with ``dedupe``. Reads claim nothing (nothing to replay)."""
+        flow, policy, key, method, call = c.flow, c.policy, c.key, c.method, c.call
+        path = c.path.path
         if method in READS:
             return None
         rt = self.runtime
@@ -480,18 +483,18 @@ class Admitter:
             scope, fingerprint, ttl, IN_FLIGHT_SECONDS, rt.max_idempotency_entries
         )
 
+    @staticmethod
     async def _check_path_owner(
-        self,
         store: Store,
-        policy: VendorPolicy,
+        c: _Checked,
         endpoint: EndpointPolicy,
-        key: KeyRecord,
         granted: EndpointPattern,
         params: dict[str, str],
     ) -> None:
         """A call naming an object in its path acts on it: it must be the key's own (or its
         label's, when the key shares by label), or named in the key's allowlist by its id, or
         reached through an allowlist entry that marks the segment shared (``*``)."""
+        policy, key = c.policy, c.key
         owned = endpoint.owned_segment(policy)
         if owned is None or not (object_id := params.get(owned[0])):
             return
@@ -543,17 +546,10 @@ class Admitter:
         return True
 
     # -- forwarding ----------------------------------------------------------------------------
-    def _swap(
-        self,
-        flow: http.HTTPFlow,
-        policy: VendorPolicy,
-        presented: Presented,
-        method: str,
-        new_path: str,
-        query: str,
-        call: CallState,
-    ) -> None:
+    def _swap(self, c: _Checked, new_path: str) -> None:
         """The real secret goes in, every Keybrake header comes out, the checked path goes out."""
+        flow, policy, presented, method, call = c.flow, c.policy, c.presented, c.method, c.call
+        query = c.path.query
         req = flow.request
         secrets_ = self.runtime.secrets[policy.vendor]
         for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:

@@ -32,7 +32,7 @@ from keybrake.admission import endpoint_for, json_object
 from keybrake.calls import CallState, audit_row
 from keybrake.core import Runtime
 from keybrake.errors import Refusal
-from keybrake.policy import EndpointPolicy, FixedCost, HoldRule, VendorPolicy
+from keybrake.policy import EndpointPolicy, FixedCost, VendorPolicy
 from keybrake.pricing import Estimate, actual_cost, hold_amount, releases_hold, values_at
 from keybrake.store import Settlement, Store, StoredResponse
 
@@ -52,6 +52,15 @@ _VENDOR_LINK = re.compile(
     rb'(?P<path>/[^"\\]*)"'
 )
 _Finish = Literal["settled", "released", "unknown", "held"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answer:
+    """The vendor's answer, parsed once: ``data`` is its JSON object, if it is one."""
+
+    status: int
+    data: dict[str, Any] | None
+    content: bytes
 
 
 class Settler:
@@ -85,7 +94,7 @@ class Settler:
         try:
             store = await rt.open_store()
             plan = await self._outcome(
-                store, policy, response.status_code, data, content, call, plan
+                store, policy, _Answer(response.status_code, data, content), call, plan
             )
         except Exception as e:
             # Whatever was reserved stays counted (the conservative booking).
@@ -105,9 +114,10 @@ class Settler:
         # After storing for replay, so the stored response stays vendor-shaped.
         self.rewrite_links(flow, call)
 
-    async def unanswered(self, flow: http.HTTPFlow, call: CallState) -> None:
-        """No answer came back: the estimate stays spent (it may have been charged)."""
-        call.outcome, call.note = "unknown", "no vendor response: estimate kept as spent"
+    async def unanswered(self, flow: http.HTTPFlow, call: CallState, why: str) -> None:
+        """Sent, but no answer came back (``why``): the estimate stays spent (it may have
+        been charged)."""
+        call.outcome, call.note = "unknown", f"no vendor response ({why}): estimate kept as spent"
         call.latency_ms = (time.monotonic() - call.started) * 1000
         call.actual_micros = call.estimate.micros if call.estimate else None
         plan = dataclasses.replace(self._plan(call, self.runtime.now()), finish="unknown")
@@ -117,6 +127,13 @@ class Settler:
         except Exception as e:
             log.error("keybrake: store unavailable settling %s: %s", call.reservation_id, e)
         await self._commit(store, flow, call, plan)
+
+    async def unsent(self, flow: http.HTTPFlow, call: CallState, why: str) -> None:
+        """Never sent (``why``: the vendor could not be reached): nothing can have been
+        charged, so the reservation is released with the audit row, in one step."""
+        call.outcome, call.actual_micros = "refused", 0
+        call.note = f"never sent ({why}): reservation released"
+        await self.refused(flow, call)
 
     async def refused(self, flow: http.HTTPFlow, call: CallState) -> None:
         """A refusal or a replay: give back what the admission took (if it got that far:
@@ -181,16 +198,10 @@ class Settler:
         return stored if len(stored.body) <= MAX_STORED_RESPONSE else None
 
     async def _outcome(
-        self,
-        store: Store,
-        policy: VendorPolicy,
-        status: int,
-        data: dict[str, Any] | None,
-        content: bytes,
-        call: CallState,
-        plan: Settlement,
+        self, store: Store, policy: VendorPolicy, answer: _Answer, call: CallState, plan: Settlement
     ) -> Settlement:
         """What the answer means for the ledger; sets the call's outcome and money."""
+        status, data, content = answer.status, answer.data, answer.content
         estimate = call.estimate or Estimate(0)
         endpoint = call.endpoint
         ok = 200 <= status < 300
@@ -200,9 +211,7 @@ class Settler:
                 call.note = "response body unreadable: estimate kept as spent"
                 call.actual_micros, call.outcome = estimate.micros, "ok"
                 return await self._finish(store, call, plan, "unknown")
-            plan = await self._settle_object(
-                store, policy, endpoint, endpoint.hold, data, call, plan
-            )
+            plan = await self._settle_object(store, policy, endpoint, data, call, plan)
         elif ok:
             rule = endpoint.actual if endpoint else None
             # The body was parsed once; only an unreadable one is handed over raw.
@@ -275,7 +284,6 @@ class Settler:
         store: Store,
         policy: VendorPolicy,
         endpoint: EndpointPolicy,
-        rule: HoldRule,
         data: dict[str, Any],
         call: CallState,
         plan: Settlement,
@@ -286,6 +294,8 @@ class Settler:
         settles them (once), an answer proving nothing more can move releases them, any other
         answer keeps them as one hold at what the object can still charge.
         """
+        rule = endpoint.hold
+        assert rule is not None
         estimate = call.estimate or Estimate(0)
         bound = max(estimate.micros, call.held_micros)
         reserved = bool(call.holds or call.reservation_id)
