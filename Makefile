@@ -6,27 +6,41 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: venv run web test lint fmt bench soak clean
 
-$(BIN)/keybrake: pyproject.toml
+# Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
+# Debian's chromium and faketime).
+$(VENV)/.run-installed: pyproject.toml
+	test -x $(BIN)/python || $(PY312) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[proxy]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY312) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(BIN)/keybrake
+	touch $@ $(VENV)/.run-installed
 
-venv: $(BIN)/keybrake
+venv: $(VENV)/.dev-installed
 	command -v chromium >/dev/null && command -v faketime >/dev/null || (apt-get update && apt-get install -y chromium faketime)
 
 ## Start the proxy on the embedded SQLite store (forward :8080, admin :8081).
-run: venv
+run: $(VENV)/.run-installed
 	$(BIN)/keybrake ca
 	$(BIN)/keybrake run
 
 ## The same with mitmweb's live flow UI.
-web: venv
+web: $(VENV)/.run-installed
 	$(BIN)/keybrake ca
 	$(BIN)/keybrake run --web
 
+# Wheels of everything `pip install 'keybrake[proxy]'` needs, so the install tests build and
+# install the package in fresh venvs without reaching an index.
+$(VENV)/wheelhouse/.done: pyproject.toml
+	$(BIN)/python -m pip wheel --quiet -w $(VENV)/wheelhouse '.[proxy]' setuptools wheel
+	touch $@
+
 ## The whole test suite (unit, addon, store contract, end to end).
-test: venv
+test: venv $(VENV)/wheelhouse/.done
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q
 
 lint: venv
