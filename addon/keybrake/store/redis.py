@@ -735,9 +735,15 @@ class RedisStore:
         that died), then new ones."""
         stream = self._k("audit")
         async with self._guard() as client:
-            await self._ensure_audit_group(client)
             group: Any = client  # redis-py's stream replies are not typed usefully
-            got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
+            try:
+                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
+            except redis.exceptions.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # The stream was deleted (FLUSHDB, a prefix cleanup) since `open`.
+                await self._ensure_audit_group(client)
+                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
             entries: list[Any] = got[0][1] if got else []
             if not entries:
                 claimed = await group.xautoclaim(
