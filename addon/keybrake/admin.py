@@ -10,13 +10,17 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows (`keybrake.reports`)
 - ``GET /healthz`` (no token) store reachability
-- ``GET /metrics`` Prometheus metrics (`keybrake.metrics`), admin token required
+- ``GET /metrics`` Prometheus metrics (`keybrake.metrics`): the metrics token, or none on a
+  loopback listener when no metrics token is set
 - ``/``, ``/login``, ``/logout``, ``/dashboard/...``, ``/static/...`` the web dashboard
   (`keybrake.dashboard`, its own login and session cookie)
 
-Every ``/vault`` and ``/metrics`` call needs ``Authorization: Bearer <admin token>``, compared
-in constant time (see `Runtime.admin_token_matches`). Thirty wrong tokens from one address
-in a minute block that address (``429 rate_limited``) for the rest of the minute.
+Every ``/vault`` call needs ``Authorization: Bearer <admin token>``, compared in constant time
+(see `Runtime.admin_token_matches`). ``/metrics`` takes the read-only metrics token (or the
+admin token); the metrics token opens nothing else. Without a metrics token ``/metrics`` is
+open when the admin listener is bound to loopback only, and refused on any other address, so
+an exposed listener never publishes its metrics by accident. Thirty wrong tokens from one
+address in a minute block that address (``429 rate_limited``) for the rest of the minute.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import logging
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from keybrake._addresses import parse_ip_host
 from keybrake._audit_sinks import AuditSink
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
 from keybrake._limiter import source_of
@@ -38,7 +43,7 @@ from keybrake.errors import Refusal, refusal_response
 from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
 from keybrake.store import StoreUnavailable
 
-__all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path"]
+__all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path", "is_loopback_host"]
 
 log = logging.getLogger("keybrake")
 MAX_ADMIN_BODY = 64 * 1024
@@ -67,6 +72,25 @@ class MetricsPage(Protocol):
 
 def is_dashboard_path(path: str) -> bool:
     return path in ("/", "/login", "/logout") or path.startswith(("/dashboard/", "/static/"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listener bound to ``host`` is reachable from this machine only.
+
+    ``""`` (mitmproxy's default) is every interface; names other than ``localhost`` may
+    resolve anywhere.
+
+    >>> [is_loopback_host(h) for h in ("127.0.0.1", "[::1]", "localhost", "", "0.0.0.0")]
+    [True, True, True, False, False]
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    ip = parse_ip_host(host)
+    if ip is None:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 class AdminApi:
@@ -102,7 +126,7 @@ class AdminApi:
                 self._authorize(flow)
                 flow.response = await self._route(flow, path)
             elif path == "/metrics" and self.metrics is not None:
-                self._authorize(flow)
+                self._authorize_scrape(flow)
                 flow.response = await self.metrics.exposition()
             elif self.dashboard is not None and is_dashboard_path(path):
                 flow.response = await self.dashboard.serve(flow, path)
@@ -136,6 +160,39 @@ class AdminApi:
             if token.strip():  # a guess, not a forgotten header
                 rt.admin_failures.record(source)
             raise Refusal("admin_token_invalid", "missing or wrong admin token")
+
+    def _authorize_scrape(self, flow: http.HTTPFlow) -> None:
+        """``/metrics``: the metrics or admin token; nothing on loopback without a metrics token."""
+        rt = self.runtime
+        mode = flow.client_conn.proxy_mode
+        if not rt.metrics_token and is_loopback_host(mode.listen_host(ctx.options.listen_host)):
+            return
+        source = source_of(flow)
+        if rt.admin_failures.blocked(source):
+            raise Refusal(
+                "rate_limited",
+                "too many wrong admin tokens from this address; retry in a minute",
+            )
+        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        # Both compared (`|`, not `or`) whatever the scheme: the answer takes as long either way.
+        known = rt.metrics_token_matches(token) | rt.admin_token_matches(token)
+        if known and scheme.lower() == "bearer":
+            return
+        if token:  # a guess, not a forgotten header
+            rt.admin_failures.record(source)
+        if rt.metrics_token:
+            raise Refusal(
+                "metrics_token_invalid",
+                "missing or wrong metrics token: send Authorization: Bearer <the metrics "
+                "token> (KEYBRAKE_METRICS_TOKEN or the keybrake_metrics_token_file option)",
+            )
+        raise Refusal(
+            "metrics_token_invalid",
+            "this admin listener is not bound to loopback, so /metrics needs a token: set "
+            "KEYBRAKE_METRICS_TOKEN (or the keybrake_metrics_token_file option) and give the "
+            "scraper Authorization: Bearer <that token>",
+        )
 
     async def _health(self) -> http.Response:
         rt = self.runtime

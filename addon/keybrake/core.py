@@ -70,6 +70,22 @@ def load_admin_token(data_dir: Path) -> tuple[str, str]:
     return path.read_text().strip(), str(path)
 
 
+def _same_secret(given: str, real: str) -> bool:
+    """Whether a presented token is ``real``, in constant time; never for an empty ``real``.
+
+    Both sides are hashed first, so neither the length nor any prefix of the real token
+    changes how long the comparison takes.
+
+    >>> _same_secret("kba_x", "kba_x"), _same_secret("kba_", "kba_x"), _same_secret("", "")
+    (True, False, False)
+    """
+    if not real:
+        return False
+    given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    real_digest = hashlib.sha256(real.encode()).digest()
+    return hmac.compare_digest(given_digest, real_digest)
+
+
 def _reverse_targets(modes: list[str]) -> list[str]:
     """allow_hosts entries for reverse listeners' own upstreams.
 
@@ -98,6 +114,8 @@ class Runtime:
         self.store_url = ""
         self.data_dir = Path(".keybrake")
         self.admin_token = ""
+        # The read-only token for GET /metrics ("" for none; set by `keybrake.metrics`).
+        self.metrics_token = ""
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.idempotency_ttl_seconds = 24 * 3600
         # Per-key bounds on what one key can make the shared store keep.
@@ -145,16 +163,12 @@ class Runtime:
             log.warning("keybrake: clock back in sync with the store (%.1fs)", skew or 0.0)
 
     def admin_token_matches(self, given: str) -> bool:
-        """Constant-time check of a presented admin token.
+        """Constant-time check of a presented admin token (see `_same_secret`)."""
+        return _same_secret(given, self.admin_token)
 
-        Both sides are hashed first, so neither the length nor any prefix of the real token
-        changes how long the comparison takes.
-        """
-        if not self.admin_token:
-            return False
-        given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
-        real_digest = hashlib.sha256(self.admin_token.encode()).digest()
-        return hmac.compare_digest(given_digest, real_digest)
+    def metrics_token_matches(self, given: str) -> bool:
+        """Constant-time check of a presented metrics token; ``False`` when none is set."""
+        return _same_secret(given, self.metrics_token)
 
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)

@@ -20,6 +20,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "vault_key_revoked": 401,
     "vault_key_expired": 401,
     "admin_token_invalid": 401,
+    "metrics_token_invalid": 401,
     "raw_secret_refused": 403,
     "endpoint_not_allowed": 403,
     "unpriced_endpoint": 403,

@@ -3,18 +3,26 @@
 Counted in this process (sum over replicas in PromQL): vendor calls by outcome and refusal
 code, refusals, micro-USD spent and reserved per label, vendor latency, store latency (the
 runtime's store is wrapped in a timing proxy when it is opened) and the audit writer's queue.
-``/metrics`` needs the admin token (``Authorization: Bearer ...``, see `keybrake.admin`).
+
+Scraping has its own read-only token, so a Prometheus server never holds the admin token:
+``KEYBRAKE_METRICS_TOKEN``, or the file named by ``keybrake_metrics_token_file`` (the file
+Prometheus's ``credentials_file`` reads may be the same one). With one set, ``/metrics`` asks
+for ``Authorization: Bearer <metrics token>`` (the admin token is accepted too) and the token
+opens nothing else; with none, ``/metrics`` is open on an admin listener bound to loopback and
+refused on any other (see `keybrake.admin`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -31,7 +39,7 @@ from keybrake.calls import call_of
 from keybrake.core import Runtime
 from keybrake.store import Store, StoreUnavailable
 
-__all__ = ["MAX_LABELS", "Metrics", "TimedStore"]
+__all__ = ["MAX_LABELS", "Metrics", "TimedStore", "load_metrics_token"]
 
 # agent_run_label is chosen by whoever issues keys; past this many distinct values per process
 # new ones are counted under "_other" so a label per run cannot blow up Prometheus.
@@ -40,6 +48,39 @@ STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 VENDOR_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SPENT_OUTCOMES = frozenset({"ok", "overrun", "vendor_error", "unknown"})
 _DONE = "keybrake_metrics_counted"
+METRICS_TOKEN_ENV = "KEYBRAKE_METRICS_TOKEN"
+
+
+def load_metrics_token(token_file: str, admin_token: str) -> str:
+    """The token ``GET /metrics`` asks for, ``""`` when none is set.
+
+    ``$KEYBRAKE_METRICS_TOKEN`` or the first line of ``token_file``, not both. Raises
+    `exceptions.OptionsError` for an unreadable or empty file, or a token that is the admin
+    token (the scraper would hold the admin token after all).
+    """
+    env = os.environ.get(METRICS_TOKEN_ENV, "")
+    if env and token_file:
+        raise exceptions.OptionsError(
+            f"keybrake_metrics_token_file: set it or {METRICS_TOKEN_ENV}, not both"
+        )
+    token = env.strip()
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not text"
+            raise exceptions.OptionsError(
+                f"keybrake_metrics_token_file {path}: cannot read it: {why}"
+            ) from None
+        if not token:
+            raise exceptions.OptionsError(f"keybrake_metrics_token_file {path} is empty")
+    if token and token == admin_token:
+        raise exceptions.OptionsError(
+            "the metrics token must differ from the admin token: give the scraper a token "
+            "of its own (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return token
 
 
 class TimedStore:
@@ -179,10 +220,23 @@ class Metrics:
         self._labels: set[str] = set()
         self._in_flight: dict[str, tuple[str, str, int]] = {}
 
-    # -- store timing ----------------------------------------------------------------------------
+    def load(self, loader: object) -> None:
+        loader.add_option(  # type: ignore[attr-defined]
+            "keybrake_metrics_token_file",
+            str,
+            os.environ.get("KEYBRAKE_METRICS_TOKEN_FILE", ""),
+            f"File holding the bearer token GET /metrics asks for (or set {METRICS_TOKEN_ENV}); "
+            "without one, /metrics is open on a loopback admin listener and refused on others.",
+        )
+
+    # -- options, the scrape token and store timing ------------------------------------------------
     def configure(self, updated: set[str]) -> None:
-        # Core (earlier in the chain) has just opened the store for the new options.
+        # Core (earlier in the chain) has just opened the store and read the admin token.
         rt = self.runtime
+        if {"keybrake_metrics_token_file", "keybrake_data_dir"} & updated:
+            rt.metrics_token = load_metrics_token(
+                ctx.options.keybrake_metrics_token_file, rt.admin_token
+            )
         if rt.store is not None and not isinstance(rt.store, TimedStore):
             rt.store = cast(Store, TimedStore(rt.store, self._observe_store))
 
@@ -252,7 +306,7 @@ class Metrics:
 
     # -- exposition ------------------------------------------------------------------------------
     async def exposition(self) -> http.Response:
-        """The ``/metrics`` response (the caller checked the admin token)."""
+        """The ``/metrics`` response (the caller checked who is asking)."""
         up = 0
         try:
             store = await self.runtime.open_store()
