@@ -1,7 +1,9 @@
 """The web dashboard on the admin listener: ``/``, ``/login``, ``/dashboard/...``.
 
 Server-rendered HTML (Jinja2, autoescaped: labels and paths are user input) with one small
-vendored script that refreshes the live parts of a page every few seconds. No CDN.
+vendored script that refreshes the live parts of a page every few seconds, shows a banner and
+greys them out as soon as a refresh fails (the page is served by the proxy it watches), and
+asks before a revoke. No CDN.
 
 - Sign in with the admin token (``POST /login``); the session lives in memory (idle timeout
   `SESSION_IDLE`, absolute `SESSION_MAX`) behind an ``HttpOnly; SameSite=Strict`` cookie,
@@ -34,12 +36,12 @@ from mitmproxy import http
 
 from keybrake._keyspec import IssueKeyRequest, KeySpecError
 from keybrake._limiter import source_of
-from keybrake._money import format_usd
+from keybrake._money import MICROS_PER_USD, format_usd
 from keybrake.core import Runtime
 from keybrake.reports import OUTCOMES, SPENT_OUTCOMES_SQL, audit_rows
 from keybrake.store import StoreUnavailable
 
-__all__ = ["Dashboard", "Sessions"]
+__all__ = ["Dashboard", "Sessions", "axis_ticks", "spend_chart", "tick_label"]
 
 log = logging.getLogger("keybrake")
 
@@ -681,6 +683,48 @@ class Dashboard:
         )
 
 
+def axis_ticks(peak: int, most: int = 5) -> list[int]:
+    """Round ticks for an axis from 0 to at least ``peak`` micro-USD, at most ``most`` steps.
+
+    A step is 1, 2 or 5 times a power of ten (of micro-USD), the smallest that covers
+    ``peak`` in ``most`` steps; an empty chart gets one step of $1.
+
+    >>> [t / 1_000_000 for t in axis_ticks(31_000_000)]
+    [0.0, 10.0, 20.0, 30.0, 40.0]
+    >>> [t / 1_000_000 for t in axis_ticks(2_300_000)]
+    [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    >>> axis_ticks(0)
+    [0, 1000000]
+    """
+    if peak <= 0:
+        return [0, MICROS_PER_USD]
+    power = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            step = mantissa * power
+            n = -(-peak // step)  # ceiling division
+            if n <= most:
+                return [i * step for i in range(n + 1)]
+        power *= 10
+
+
+def tick_label(micros: int, step: int) -> str:
+    """A tick's dollar amount with the decimals its axis needs: ``10``, ``0.50``, ``0.005``.
+
+    >>> tick_label(20_000_000, 10_000_000), tick_label(1_500_000, 500_000)
+    ('20', '1.50')
+    >>> tick_label(4_000, 2_000), tick_label(2_000_000_000, 1_000_000_000)
+    ('0.004', '2,000')
+    """
+    if step % MICROS_PER_USD == 0:
+        return f"{micros // MICROS_PER_USD:,}"
+    decimals = 2
+    while step % 10 ** (6 - decimals):
+        decimals += 1
+    whole, fraction = divmod(micros, MICROS_PER_USD)
+    return f"{whole:,}." + f"{fraction:06d}"[:decimals]
+
+
 def spend_chart(rows: list[dict[str, Any]], buckets: list[str]) -> dict[str, Any]:
     """Stacked bars of spend per label per bucket, laid out for an inline SVG.
 
@@ -699,7 +743,8 @@ def spend_chart(rows: list[dict[str, Any]], buckets: list[str]) -> dict[str, Any
         name = label if label in top else "other"
         cell[(name, r["bucket"])] = cell.get((name, r["bucket"]), 0) + int(r["spent"] or 0)
     per_bucket = [sum(cell.get((s, b), 0) for s in series) for b in buckets]
-    peak = max(per_bucket, default=0) or 1
+    ticks = axis_ticks(max(per_bucket, default=0))
+    ceiling = ticks[-1]
     w, h, left, bottom, top_pad = 900, 260, 70, 30, 10
     plot_h = h - bottom - top_pad
     slot = (w - left - 10) / max(1, len(buckets))
@@ -710,7 +755,7 @@ def spend_chart(rows: list[dict[str, Any]], buckets: list[str]) -> dict[str, Any
             v = cell.get((s, b), 0)
             if not v:
                 continue
-            bh = max(1.0, v / peak * plot_h)
+            bh = max(1.0, v / ceiling * plot_h)
             y -= bh
             bars.append(
                 {
@@ -722,10 +767,6 @@ def spend_chart(rows: list[dict[str, Any]], buckets: list[str]) -> dict[str, Any
                     "title": f"{s} {b}: ${format_usd(v)}",
                 }
             )
-    ticks = [
-        {"y": round(h - bottom - plot_h * f, 1), "label": format_usd(int(peak * f))}
-        for f in (0, 0.25, 0.5, 0.75, 1)
-    ]
     every = max(1, len(buckets) // 8)
     xlabels = [
         {"x": round(left + i * slot + slot / 2, 1), "label": b[11:13] + "h" if "T" in b else b[5:]}
@@ -751,7 +792,10 @@ def spend_chart(rows: list[dict[str, Any]], buckets: list[str]) -> dict[str, Any
     ]
     return {
         "chart": {"w": w, "h": h, "left": left, "base": h - bottom, "bars": bars},
-        "ticks": ticks,
+        "ticks": [
+            {"y": round(h - bottom - plot_h * t / ceiling, 1), "label": tick_label(t, ticks[1])}
+            for t in ticks
+        ],
         "xlabels": xlabels,
         "legend": legend,
         "per_label": per_label,

@@ -9,9 +9,12 @@ test is skipped only when it is not installed. ``UPDATE_SCREENSHOTS=1`` refreshe
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,16 @@ def sdk(kb: KeybrakeProcess, vault_key: str) -> stripe.StripeClient:
     return stripe.StripeClient(vault_key, proxy=kb.proxy_url, max_network_retries=0)
 
 
+def assert_round_ticks(ticks: list[float]) -> None:
+    """Axis ticks from 0 in equal steps of 1, 2 or 5 times a power of ten."""
+    assert len(ticks) >= 2 and ticks[0] == 0, ticks
+    step = ticks[1] - ticks[0]
+    for a, b in itertools.pairwise(ticks):
+        assert b - a == pytest.approx(step), ticks
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert any(mantissa == pytest.approx(m) for m in (1, 2, 5)), ticks
+
+
 def test_sign_in_issue_spend_revoke_in_the_browser(
     page: Any,
     keybrake_stripe: KeybrakeProcess,
@@ -124,7 +137,8 @@ def test_sign_in_issue_spend_revoke_in_the_browser(
     expect(row.locator(".spent")).to_have_text("20.00", timeout=15_000)
     expect(row.locator(".remaining")).to_have_text("30.00")
 
-    # Revoke with the button; the next SDK call is refused.
+    # Revoke with the button (the page asks first); the next SDK call is refused.
+    page.once("dialog", lambda dialog: dialog.accept())
     row.locator("button", has_text="Revoke").click()
     page.wait_for_url(f"{kb.admin_url}/dashboard/keys")
     expect(page.locator(".flash")).to_contain_text(f"Revoked {key_id}")
@@ -164,6 +178,11 @@ def test_sign_in_issue_spend_revoke_in_the_browser(
     page.click("nav >> text=Spend")
     expect(page.locator("svg.chart rect").first).to_be_visible()
     expect(page.locator("#spend")).to_contain_text("e2e/dashboard")
+    # $20 and $11 spent: the y axis reads $0, $10, $20, ... whatever the peak.
+    labels = page.locator("svg.chart text.y-tick").all_text_contents()
+    ticks = [float(t.strip("$").replace(",", "")) for t in labels]
+    assert_round_ticks(ticks)
+    assert ticks[-1] >= 20
 
     page.click("nav >> text=Overview")
     expect(refusals).to_contain_text("cap_exhausted")
@@ -243,3 +262,154 @@ def test_login_csrf_origin_and_escaping(
     assert r.status_code == 200  # the other session is still valid
     page.goto(f"{base}/dashboard/keys")
     assert page.url.endswith("/login")
+
+
+# One poll of the live regions (dashboard.js INTERVAL_MS), plus its time limit (FETCH_TIMEOUT_MS).
+POLL_MS = 5_000
+
+
+def test_the_page_says_at_once_when_the_proxy_stops_answering(
+    page: Any, keybrake_stripe: KeybrakeProcess
+) -> None:
+    from playwright.sync_api import expect
+
+    kb = keybrake_stripe
+    sign_in(page, kb)
+    banner = page.locator("#offline")
+    live = page.locator("#live-status")
+    expect(page.locator("#tile-store .big")).to_have_text("up")
+    expect(banner).to_be_hidden()
+    expect(live).to_contain_text("live ·", timeout=POLL_MS * 2)
+
+    # Hung (SIGSTOP: connections are accepted, never answered): the poll gives up in time.
+    assert kb.proc is not None
+    kb.proc.send_signal(signal.SIGSTOP)
+    try:
+        expect(banner).to_be_visible(timeout=POLL_MS * 3)
+        expect(banner).to_contain_text("not answering")
+        expect(live).to_contain_text("offline")
+        # The numbers stay for reference, visibly stale: greyed out, marked as such.
+        expect(page.locator("body")).to_have_class(re.compile(r"\boffline\b"))
+        overview = page.locator("#overview")
+        expect(overview).to_have_attribute("aria-busy", "true")
+        assert float(overview.evaluate("e => getComputedStyle(e).opacity")) < 0.7
+        assert "grayscale" in overview.evaluate("e => getComputedStyle(e).filter")
+    finally:
+        kb.proc.send_signal(signal.SIGCONT)
+    # Back: the next poll clears it, in place.
+    expect(banner).to_be_hidden(timeout=POLL_MS * 3)
+    expect(page.locator("body")).not_to_have_class(re.compile(r"\boffline\b"))
+    expect(live).to_contain_text("live ·")
+    expect(page.locator("#tile-store .big")).to_have_text("up")
+    assert page.url == f"{kb.admin_url}/"
+
+    # Dead (connection refused): said at the next poll.
+    kb.stop()
+    expect(banner).to_be_visible(timeout=POLL_MS * 2)
+    expect(banner).to_contain_text("not answering")
+    ports = (kb.proxy_port, kb.admin_port)
+    kb.start()
+    assert (kb.proxy_port, kb.admin_port) == ports
+    # A restart signs everyone out (sessions live in memory): the page asks to sign in again.
+    page.wait_for_url(f"{kb.admin_url}/login", timeout=POLL_MS * 3)
+    sign_in_again = page.locator("#token")
+    expect(sign_in_again).to_be_visible()
+    page.fill("#token", kb.admin_token)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{kb.admin_url}/")
+    expect(page.locator("#offline")).to_be_hidden()
+    expect(page.locator("#tile-store .big")).to_have_text("up")
+
+
+def test_revoke_asks_first_and_ids_stay_whole(
+    page: Any, keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    from playwright.sync_api import expect
+
+    kb = keybrake_stripe
+    keys = [kb.issue_key(agent_run_label=f"e2e/confirm-{i}") for i in range(3)]
+    key_id = keys[0]["key_id"]
+    r = httpx.post(
+        "https://api.stripe.com/v1/payment_intents",
+        data={"amount": "100", "currency": "usd"},
+        headers={"Authorization": f"Bearer {keys[1]['vault_key']}"},
+        proxy=kb.proxy_url,
+        verify=kb.ssl_context(),
+        timeout=15,
+    )
+    assert r.status_code == 200, r.text
+    page.set_viewport_size({"width": 1000, "height": 900})
+    sign_in(page, kb)
+    page.goto(f"{kb.admin_url}/dashboard/keys")
+    row = page.locator(f"#key-{key_id}")
+    revoke = row.locator("button", has_text="Revoke")
+
+    # Dismissed: nothing happens.
+    asked: list[str] = []
+
+    def dismiss(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    revoke.click()
+    page.wait_for_timeout(500)
+    assert len(asked) == 1 and key_id in asked[0] and "e2e/confirm-0" in asked[0]
+    assert kb.admin("GET", f"/vault/keys/{key_id}").json()["status"] == "active"
+    expect(row.locator(".status")).to_have_text("active")
+
+    # Accepted: revoked, and a revoked key does not "expire in" anything.
+    page.once("dialog", lambda dialog: dialog.accept())
+    revoke.click()
+    expect(page.locator(".flash")).to_contain_text(f"Revoked {key_id}")
+    assert kb.admin("GET", f"/vault/keys/{key_id}").json()["status"] == "revoked"
+    expect(row.locator(".status")).to_have_text("revoked")
+    expect(row.locator(".expires")).not_to_contain_text("in ")
+    expect(page.locator(f"#key-{keys[2]['key_id']} .expires")).to_contain_text("in 1h")
+
+    # Ids are never broken across lines, even on a narrow window.
+    def one_line(locator: Any) -> None:
+        assert locator.count() > 0
+        for i in range(locator.count()):
+            element = locator.nth(i)
+            height = element.bounding_box()["height"]
+            line = float(element.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
+            assert height < line * 1.5, (element.inner_text(), height, line)
+
+    one_line(page.locator("table.keys tbody code.id"))
+    page.goto(f"{kb.admin_url}/dashboard/audit")
+    expect(page.locator("#audit-rows")).to_contain_text(keys[1]["key_id"])
+    one_line(page.locator("#audit-rows code.id"))
+
+
+def test_the_issue_form_has_no_vendor_chosen(
+    page: Any, keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    from playwright.sync_api import expect
+
+    kb = keybrake_stripe
+    sign_in(page, kb)
+    page.goto(f"{kb.admin_url}/dashboard/keys")
+    vendor = page.locator("select[name=vendor]")
+    expect(vendor).to_have_value("")
+    chosen = "s => Array.from(s.options).filter(o => o.value && o.selected).map(o => o.value)"
+    assert vendor.evaluate(chosen) == []
+    page.fill("input[name=label]", "e2e/no-vendor")
+    page.fill("input[name=daily_usd_cap]", "5")
+    page.fill("textarea[name=allowed_endpoints]", "POST /v1/payment_intents")
+
+    # The browser will not send it and says why, next to the select.
+    page.click("form.issue button[type=submit]")
+    assert vendor.evaluate("s => s.validationMessage")
+    assert page.url == f"{kb.admin_url}/dashboard/keys"
+    assert kb.admin("GET", "/vault/keys").json()["data"] == []
+
+    # Sent anyway (a browser without form checks): the server says it, nothing is issued.
+    page.evaluate("document.querySelector('form.issue').noValidate = true")
+    page.click("form.issue button[type=submit]")
+    error = page.locator("div.error")
+    expect(error).to_contain_text("vendor")
+    expect(error).to_contain_text("stripe")
+    expect(vendor).to_have_value("")
+    expect(page.locator("input[name=label]")).to_have_value("e2e/no-vendor")
+    assert kb.admin("GET", "/vault/keys").json()["data"] == []
