@@ -54,7 +54,8 @@ METRICS_TOKEN_ENV = "KEYBRAKE_METRICS_TOKEN"
 def load_metrics_token(token_file: str, admin_token: str) -> str:
     """The token ``GET /metrics`` asks for, ``""`` when none is set.
 
-    ``$KEYBRAKE_METRICS_TOKEN`` or the first line of ``token_file``, not both. Raises
+    ``$KEYBRAKE_METRICS_TOKEN`` or what ``token_file`` holds (stripped, as Prometheus reads
+    its ``credentials_file``), not both. Raises
     `exceptions.OptionsError` for an unreadable or empty file, or a token that is the admin
     token (the scraper would hold the admin token after all).
     """
