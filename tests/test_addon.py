@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from mitmproxy import exceptions, flow, hooks, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
     HttpRequestHook,
@@ -704,6 +705,75 @@ async def test_vendor_error_releases_and_no_response_keeps_the_reservation(proxy
     detail = json.loads((await proxy.admin_call("GET", f"/vault/keys/{key['key_id']}")).content)
     assert detail["spent_today_usd"] == "4.00"  # the 402 released, the lost call counted
     assert detail["remaining_usd"] == "6.00"
+
+
+async def test_never_sent_is_released_and_answered_retry_safe(proxy: Proxy) -> None:
+    """The server connection never opened (mitmproxy left the flow's own, unopened one):
+    nothing was sent, so the reservation goes back and the answer says a retry is safe."""
+    key = await proxy.issue(daily_usd_cap="10")
+    f = await proxy.send(
+        vendor_flow(auth=bearer(key["vault_key"]), body=b"amount=400&currency=usd")
+    )
+    forwarded(f)
+    f.server_conn.timestamp_tcp_setup = f.server_conn.timestamp_tls_setup = None
+    await proxy.fail(f, "[Errno 111] Connect call failed ('127.0.0.1', 9)")
+    call = call_of(f)
+    assert (call.outcome, call.code, call.status, call.actual_micros) == (
+        "refused",
+        "upstream_unreachable",
+        502,
+        0,
+    )
+    assert call.note.startswith("never sent ([Errno 111]")
+    assert f.response is not None and f.response.status_code == 502
+    body = json.loads(f.response.content or b"")
+    assert body["error"]["code"] == "upstream_unreachable"
+    assert "127.0.0.1" not in body["error"]["message"]  # the upstream is the operator's business
+    assert f.response.headers["Stripe-Should-Retry"] == "true"
+    assert f.response.headers["X-Should-Retry"] == "true"
+    detail = json.loads((await proxy.admin_call("GET", f"/vault/keys/{key['key_id']}")).content)
+    assert detail["spent_today_usd"] == "0.00"
+    # A TCP connection whose TLS handshake failed sent nothing either.
+    tls = await proxy.send(vendor_flow(auth=bearer(key["vault_key"])))
+    tls.server_conn.timestamp_tls_setup = None
+    await proxy.fail(tls, "TLS handshake failed: certificate verify failed")
+    assert (call_of(tls).outcome, call_of(tls).code) == ("refused", "upstream_unreachable")
+
+
+async def test_sent_but_unanswered_is_counted_and_answered_upstream_failed(proxy: Proxy) -> None:
+    key = await proxy.issue(daily_usd_cap="10")
+    f = await proxy.send(
+        vendor_flow(auth=bearer(key["vault_key"]), body=b"amount=400&currency=usd")
+    )
+    forwarded(f)
+    await proxy.fail(f, "Server closed connection.")
+    call = call_of(f)
+    assert (call.outcome, call.code, call.status) == ("unknown", "upstream_failed", 502)
+    assert call.note == "no vendor response (Server closed connection.): estimate kept as spent"
+    refusal_body = json.loads(f.response.content or b"") if f.response else {}
+    assert refusal_body["error"]["code"] == "upstream_failed"
+    assert f.response is not None and f.response.headers["Stripe-Should-Retry"] == "false"
+    detail = json.loads((await proxy.admin_call("GET", f"/vault/keys/{key['key_id']}")).content)
+    assert detail["spent_today_usd"] == "4.00"
+
+
+async def test_a_worker_that_left_gets_no_answer_and_its_call_is_judged_the_same(
+    proxy: Proxy,
+) -> None:
+    key = await proxy.issue(daily_usd_cap="10")
+    before = await proxy.send(vendor_flow(auth=bearer(key["vault_key"])))
+    before.server_conn.timestamp_tcp_setup = None
+    before.client_conn.state = ConnectionState.CAN_WRITE  # the worker closed its side
+    await proxy.fail(before, "Client disconnected.")
+    assert (call_of(before).outcome, call_of(before).code) == ("refused", "client_closed")
+    assert before.response is None
+    after = await proxy.send(vendor_flow(auth=bearer(key["vault_key"])))
+    after.client_conn.state = ConnectionState.CLOSED
+    await proxy.fail(after, "Client disconnected.")
+    assert (call_of(after).outcome, call_of(after).code) == ("unknown", "client_closed")
+    assert after.response is None
+    detail = json.loads((await proxy.admin_call("GET", f"/vault/keys/{key['key_id']}")).content)
+    assert detail["spent_today_usd"] == "1.00"  # only the call that was sent
 
 
 async def test_hooks_never_raise_on_odd_flows(proxy: Proxy) -> None:

@@ -2,7 +2,9 @@
 
 A refusal is a JSON body shaped like a Stripe error (so the stripe SDK exposes the response
 headers to the caller), a stable ``error.code``, the ``X-Keybrake-Error`` header, and headers
-that tell SDKs not to retry.
+that tell SDKs whether to retry: ``Stripe-Should-Retry`` (the stripe SDK obeys it before
+looking at the status) and ``X-Should-Retry`` (Stainless-generated SDKs). Always "false",
+except for `RETRY_SAFE` codes: the call never left the proxy, so a retry cannot charge twice.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Final
 
 from mitmproxy import http
 
-__all__ = ["REFUSAL_STATUS", "Refusal", "refusal_response"]
+__all__ = ["REFUSAL_STATUS", "RETRY_SAFE", "Refusal", "refusal_response"]
 
 REFUSAL_STATUS: Final[dict[str, int]] = {
     "vault_key_missing": 401,
@@ -47,11 +49,15 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "cap_exhausted": 429,
     "rate_limited": 429,
     "quota_exceeded": 429,
+    "upstream_unreachable": 502,
+    "upstream_failed": 502,
     "store_unavailable": 503,
     "secret_unavailable": 503,
     "clock_skewed": 503,
     "internal_error": 503,
 }
+RETRY_SAFE: Final = frozenset({"upstream_unreachable"})
+"""Codes whose answer says "retry": nothing reached the vendor and nothing stays counted."""
 
 
 class Refusal(Exception):
@@ -99,11 +105,12 @@ def refusal_response(refusal: Refusal) -> http.Response:
         "name": refusal.code,
     }
     body = json.dumps(payload, separators=(",", ":")).encode()
+    retry = "true" if refusal.code in RETRY_SAFE else "false"
     headers = {
         "Content-Type": "application/json",
         "X-Keybrake-Error": refusal.code,
-        "Stripe-Should-Retry": "false",
-        "X-Should-Retry": "false",
+        "Stripe-Should-Retry": retry,
+        "X-Should-Retry": retry,
         "Cache-Control": "no-store",
     }
     if refusal.code == "cap_exhausted":

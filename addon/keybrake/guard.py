@@ -5,6 +5,12 @@ store step, then swaps the real secret in. Response and error hooks:
 `keybrake.settlement.Settler` settles it, with its audit row, in one store step. Refusals and
 replays are audited in one store step too. The call's record is kept with `keybrake.calls`.
 
+A call that gets no answer is told apart by whether its request was sent
+(`keybrake._failed_flows.request_was_sent`): never sent (the vendor could not be reached)
+releases the reservation and answers ``502 upstream_unreachable``, retry safe; sent but
+unanswered keeps the estimate spent and answers ``502 upstream_failed``. Either answer
+replaces mitmproxy's HTML error page.
+
 Hooks never raise: any internal error becomes a ``503`` refusal, never a forwarded request.
 """
 
@@ -15,6 +21,7 @@ import logging
 from mitmproxy import http, tcp
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from keybrake._failed_flows import allow_error_answers, answer_flow, request_was_sent
 from keybrake._idempotency import replay_response
 from keybrake.admission import (
     MAX_HEADER_BYTES,
@@ -45,6 +52,7 @@ class VaultGuard:
         self.runtime = runtime
         self.admitter = Admitter(runtime)
         self.settler = Settler(runtime)
+        allow_error_answers()
 
     def done(self) -> None:
         self.settler.close()
@@ -125,7 +133,8 @@ class VaultGuard:
         far) and audit the refusal, in one store step."""
         call.outcome, call.code = "refused", refusal.code
         call.status = refusal.status
-        flow.response = refusal_response(refusal)
+        # Also if mitmproxy then gives up on the flow (a body over its body_size_limit).
+        answer_flow(flow, refusal_response(refusal))
         flow.comment = f"keybrake refused: {refusal.code}"
         flow.marked = ":no_entry:"
         self._redact(flow)
@@ -186,8 +195,22 @@ class VaultGuard:
         self._redact(flow)
         if call.outcome != "forwarded":
             return
+        why = (flow.error.msg if flow.error else "") or "no answer"
+        sent = request_was_sent(flow)
+        if not flow.client_conn.connected:
+            call.code = "client_closed"  # the worker left first: there is no one to answer
+        else:
+            refusal = _unanswered(call.vendor, sent)
+            call.code, call.status = refusal.code, refusal.status
+            answer_flow(flow, refusal_response(refusal))
+        log.warning(
+            "keybrake: %s call of %s %s: %s", call.vendor, call.key_id, call.code, why[:200]
+        )
         try:
-            await self.settler.unanswered(flow, call)
+            if sent:
+                await self.settler.unanswered(flow, call, why[:200])
+            else:
+                await self.settler.unsent(flow, call, why[:200])
         except Exception:
             log.exception("keybrake: internal error settling %s (kept reserved)", call.key_id)
         self._finished(flow, call)
@@ -203,3 +226,19 @@ class VaultGuard:
         for name in ("authorization", "proxy-authorization"):
             if name in flow.request.headers:
                 flow.request.headers[name] = REDACTED
+
+
+def _unanswered(vendor: str, sent: bool) -> Refusal:
+    """The answer to a call the vendor did not answer. The worker is not told why (the
+    upstream's address is the operator's business): the audit note and the log say it."""
+    if not sent:
+        return Refusal(
+            "upstream_unreachable",
+            f"{vendor} could not be reached; nothing was sent and nothing was charged, "
+            "so retrying is safe",
+        )
+    return Refusal(
+        "upstream_failed",
+        f"the request was sent to {vendor} but no answer came back; it may have been "
+        "charged, so its estimate stays counted: check before retrying",
+    )

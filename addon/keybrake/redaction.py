@@ -62,7 +62,7 @@ def describe(call: CallState, finished: bool = True) -> str:
     text = f"keybrake {call.vendor} {call.key_id or '(no key)'} [{call.label or '-'}] {outcome}"
     if call.code:
         text += f": {call.code}"
-    elif call.actual_micros:
+    if call.actual_micros:  # an unanswered call's code, and the estimate it keeps counted
         text += f" ${format_usd(call.actual_micros)}"
     return text
 

@@ -189,7 +189,7 @@ def test_every_call_gets_exactly_one_row(
         "m-decline": ("vendor_error", None, 402),
         "m-400": ("vendor_error", None, 400),
         "m-500": ("vendor_error", None, 500),
-        "m-reset": ("unknown", None, None),
+        "m-reset": ("unknown", "upstream_failed", 502),  # sent, the answer lost
     }
     for msg, (outcome, code, status) in expect.items():
         row = by_msg[msg]

@@ -204,7 +204,7 @@ def test_mitmweb_never_shows_a_real_secret(
         assert refused["marked"] == "⛔"
         assert by_comment[f"keybrake stripe {kid} [web/inspect] refused: cap_exhausted"]["marked"]
         # No answer: the estimate stays counted as spent, and the comment says how much.
-        lost = by_comment[f"keybrake stripe {kid} [web/inspect] unknown $1.00"]
+        lost = by_comment[f"keybrake stripe {kid} [web/inspect] unknown: upstream_failed $1.00"]
         assert lost["marked"].startswith("⚠") and "error" in lost
         for f in vendor:
             headers = {name.lower(): value for name, value in f["request"]["headers"]}

@@ -13,8 +13,8 @@ process (see ``tests/fakes/serve.py``):
 * ``GET  /__fake__/health``  -> ``{"ok": true, "vendor": "stripe"}``
 * ``GET  /__fake__/ledger``  -> JSON list of ledger entries (:meth:`LedgerEntry.to_json`)
 * ``POST /__fake__/reset``   -> clears ledger, vendor state, faults, delay
-* ``POST /__fake__/faults``  -> body ``{"kind": "fail"|"reset"|"garbage"|"truncate"|"rate_limit",
-  "n": 1, "status": 500, "processed": false}``
+* ``POST /__fake__/faults``  -> body ``{"kind": "fail"|"reset"|"drop"|"garbage"|"truncate"|
+  "rate_limit", "n": 1, "status": 500, "processed": false}``
 * ``POST /__fake__/delay``   -> body ``{"seconds": 1.5}``
 """
 
@@ -44,8 +44,8 @@ from tests.fakes.tls import FakeTLS
 
 log = logging.getLogger("tests.fakes")
 
-FaultKind = Literal["fail", "reset", "garbage", "truncate", "rate_limit"]
-FAULT_KINDS: tuple[str, ...] = ("fail", "reset", "garbage", "truncate", "rate_limit")
+FaultKind = Literal["fail", "reset", "drop", "garbage", "truncate", "rate_limit"]
+FAULT_KINDS: tuple[str, ...] = ("fail", "reset", "drop", "garbage", "truncate", "rate_limit")
 
 _ALNUM = string.ascii_letters + string.digits
 _GATEWAY_502 = (
@@ -286,6 +286,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
 
+    def write_nothing(self) -> None:
+        """Answer nothing at all: abort the TCP connection (RST) once the request was read."""
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+
     def write_reset(self, resp: FakeResponse) -> None:
         """Send the head and part of the body, then abort the TCP connection (RST)."""
         body = resp.body
@@ -363,6 +369,7 @@ class FakeVendor:
     * ``delay_seconds``: sleep this long before executing each vendor request.
     * :meth:`fail_next` ``(n, status=500)``: vendor-format 5xx (502 = nginx HTML page).
     * :meth:`reset_connection_next`: send head + part of the body, then TCP RST.
+    * :meth:`drop_connection_next`: read the whole request, answer nothing, TCP RST.
     * :meth:`garbage_next`: ``200`` with a non-JSON body (Content-Type still JSON).
     * :meth:`truncate_next`: Content-Length larger than the body sent, then close.
     * :meth:`rate_limit_next`: the vendor's own 429 in its own format.
@@ -491,6 +498,9 @@ class FakeVendor:
 
     def reset_connection_next(self, n: int = 1, *, processed: bool = False) -> None:
         self._add_fault(n, _Fault("reset", processed=processed))
+
+    def drop_connection_next(self, n: int = 1, *, processed: bool = False) -> None:
+        self._add_fault(n, _Fault("drop", processed=processed))
 
     def garbage_next(
         self,
@@ -661,6 +671,8 @@ class FakeVendor:
         self._record(req, base.status, done, fault=fault.kind, request_id=rid)
         if fault.kind == "reset":
             handler.write_reset(base)
+        elif fault.kind == "drop":
+            handler.write_nothing()
         else:
             handler.write_truncated(base)
 
@@ -684,6 +696,8 @@ class FakeVendor:
                 self.fail_next(n, int(spec.get("status", 500)), processed=processed)
             elif kind == "reset":
                 self.reset_connection_next(n, processed=processed)
+            elif kind == "drop":
+                self.drop_connection_next(n, processed=processed)
             elif kind == "garbage":
                 self.garbage_next(n, processed=processed)
             elif kind == "truncate":

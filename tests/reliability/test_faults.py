@@ -215,6 +215,7 @@ def test_vendor_failures_keep_the_estimate_and_the_proxy_healthy(
     stays spent, the audit row says vendor_error/unknown, and the next call works."""
     kb = keybrake_stripe
     seen: dict[str, tuple[int, str, int]] = {}
+    answered: dict[str, str | None] = {}  # X-Keybrake-Error of each answer
     for fault in FAULTS:
         key = kb.issue_key(daily_usd_cap=10, agent_run_label=f"fault/{fault}")
         before = len(audit_rows(kb))
@@ -222,6 +223,7 @@ def test_vendor_failures_keep_the_estimate_and_the_proxy_healthy(
         try:
             r = charge(kb, key["vault_key"], 200, timeout=20)
             status = r.status_code
+            answered[fault] = r.headers.get("X-Keybrake-Error")
         except httpx.HTTPError:
             status = -1  # the client saw the connection drop
         fake_stripe.delay_seconds = 0
@@ -243,10 +245,12 @@ def test_vendor_failures_keep_the_estimate_and_the_proxy_healthy(
     assert seen["500"][:2] == (500, "vendor_error")
     assert seen["502"][:2] == (502, "vendor_error")
     assert seen["slow"][:2] == (200, "ok")
-    # No answer from the vendor: a clean 502 from the proxy (or a dropped connection).
+    # No answer from the vendor after it got the request: 502 upstream_failed in the error
+    # contract (never mitmproxy's HTML page), the estimate kept.
     for fault in ("reset", "truncated"):
-        assert seen[fault][0] in (502, -1), seen
-        assert seen[fault][1] == "unknown", seen
+        assert seen[fault][:2] == (502, "unknown"), seen
+        assert answered[fault] == "upstream_failed", answered
+    assert answered["502"] is None  # the vendor's own 502 passes through unchanged
     # A 200 the proxy cannot read is still a 200 from the vendor: the estimate is kept.
     assert seen["garbage"][0] == 200
     assert seen["garbage"][1] in ("ok", "vendor_error", "unknown")

@@ -66,9 +66,18 @@ CAP_HIT_HEADER: Final = "X-Keybrake-Cap-Hit"
 ERROR_HEADER: Final = "X-Keybrake-Error"
 DEFAULT_BASE_URL: Final = "http://127.0.0.1:8081"
 # Keybrake refusals that may succeed later; every other refusal (cap hit, revoked or expired
-# key, endpoint not allowed, ...) fails the same way on every retry.
+# key, endpoint not allowed, ...) fails the same way on every retry. ``upstream_unreachable``:
+# nothing was sent. ``upstream_failed`` is a timeout by another name: the message's retry is as
+# safe as its idempotency key (`keybrake.integrations.dramatiq.current_message_id`).
 RETRYABLE_CODES: Final = frozenset(
-    {"store_unavailable", "internal_error", "idempotency_in_flight", "rate_limited"}
+    {
+        "store_unavailable",
+        "internal_error",
+        "idempotency_in_flight",
+        "rate_limited",
+        "upstream_unreachable",
+        "upstream_failed",
+    }
 )
 
 
