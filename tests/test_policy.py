@@ -189,19 +189,19 @@ BAD_STRIPE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "max_requests_per_minute",
         "less than or equal to 1000000",
     ),
-    ("unknown top-level field", lambda d: d.update(colour="blue"), "colour", "Extra inputs"),
-    ("unknown auth field", lambda d: d["auth"].update(token="x"), "auth.token", "Extra inputs"),
+    ("unknown top-level field", lambda d: d.update(colour="blue"), "colour", "unknown field"),
+    ("unknown auth field", lambda d: d["auth"].update(token="x"), "auth.token", "unknown field"),
     (
         "unknown endpoint field",
         lambda d: d["endpoints"][1].update(price=1),
         "endpoints.1.price",
-        "Extra inputs",
+        "unknown field",
     ),
     (
         "unknown cost field",
         lambda d: d["endpoints"][0]["cost"].update(amout="x"),
-        "endpoints.0.cost.amount_field.amout",
-        "Extra inputs",
+        "endpoints.0.cost.amout",
+        "unknown field; did you mean 'amount'?",
     ),
     (
         "wrong cost kind",
@@ -218,13 +218,13 @@ BAD_STRIPE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     (
         "bad fixed price",
         lambda d: d["endpoints"][1].update(free=False, cost={"kind": "fixed_usd", "usd": "$1"}),
-        "endpoints.1.cost.fixed_usd.usd",
+        "endpoints.1.cost.usd",
         "plain dollar amount",
     ),
     (
         "negative fixed price",
         lambda d: d["endpoints"][1].update(free=False, cost={"kind": "fixed_usd", "usd": -1}),
-        "endpoints.1.cost.fixed_usd.usd",
+        "endpoints.1.cost.usd",
         "negative",
     ),
     ("upper-case host", lambda d: d.update(hosts=["API.stripe.com"]), "hosts.0", "host name"),
@@ -393,7 +393,7 @@ BAD_STRIPE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
             free=False,
             cost={"kind": "per_unit", "counter": "x", "by_prefix": {"+44": 0.04}},
         ),
-        "endpoints.1.cost.per_unit.by_prefix",
+        "endpoints.1.cost.by_prefix",
         "must be digits",
     ),
 ]
@@ -410,8 +410,8 @@ def test_bad_field_names_file_and_path(
     with pytest.raises(PolicyError) as e:
         load_policy_file(path)
     text = str(e.value)
-    assert text.startswith(f"{path}: "), text
-    assert f"{path}: {field}: " in text, text
+    # file:line: field: message (the line where the file has the field, when it has it)
+    assert re.match(rf"{re.escape(str(path))}(:\d+)?: {re.escape(field)}: ", text), text
     assert message in text, text
     # The directory loader reports exactly the same.
     with pytest.raises(PolicyError) as e2:
@@ -430,7 +430,7 @@ def test_several_errors_are_all_reported(tmp_path: Path) -> None:
         load_policy_file(path)
     lines = str(e.value).splitlines()
     assert {line.split(": ")[1] for line in lines} == {"hosts.0", "auth.secret_env", "colour"}
-    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert all(re.match(rf"{re.escape(str(path))}:\d+: ", line) for line in lines), lines
 
 
 @pytest.mark.parametrize(
@@ -450,7 +450,7 @@ def test_invalid_yaml_names_the_file(tmp_path: Path, text: str, message: str) ->
     path = write(tmp_path, "stripe.yaml", text)
     with pytest.raises(PolicyError) as e:
         load_policy_file(path)
-    assert str(e.value).startswith(f"{path}: ")
+    assert str(e.value).startswith(f"{path}:")
     assert message in str(e.value)
 
 
@@ -524,7 +524,7 @@ def test_first_bad_file_stops_loading(tmp_path: Path) -> None:
     bad = write(tmp_path, "b.yaml", minimal("Bad", "api.bad.example"))
     with pytest.raises(PolicyError) as e:
         load_policies(tmp_path)
-    assert str(e.value).startswith(f"{bad}: vendor: ")
+    assert re.match(rf"{re.escape(str(bad))}:\d+: vendor: ", str(e.value)), str(e.value)
 
 
 def test_models_are_frozen() -> None:
@@ -550,7 +550,7 @@ def test_check_policy_bad_file_exit_1(tmp_path: Path) -> None:
     result = runner.invoke(app, ["check-policy", str(tmp_path)])
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert f"Error: {path}: auth.secret_env: " in result.stderr
+    assert re.match(rf"Error: {re.escape(str(path))}:\d+: auth.secret_env: ", result.stderr)
 
 
 def test_check_policy_empty_and_missing_dir(tmp_path: Path) -> None:
@@ -585,6 +585,6 @@ def test_check_policy_subprocess_reports_file_and_field(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert result.stdout == ""
-    assert f"{path}: fx_to_usd.xyz" in result.stderr
+    assert re.search(rf"{re.escape(str(path))}:\d+: fx_to_usd.xyz: ", result.stderr)
     assert "unknown currency 'xyz'" in result.stderr
     assert "Traceback" not in result.stderr

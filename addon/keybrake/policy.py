@@ -4,10 +4,10 @@ A policy says which hosts belong to the vendor, how a worker presents its creden
 environment variable holds the real secret, and how every priced endpoint is costed. Adding a
 vendor with simple pricing needs a YAML file only.
 
-Errors name the file and the dotted path of the bad field::
+Errors name the file, the line and the dotted path of the bad field, one line each::
 
     >>> load_policies(Path("policies"))  # doctest: +SKIP
-    PolicyError: policies/stripe.yaml: endpoints.0.cost.kind: Input should be 'amount_field', ...
+    PolicyError: policies/stripe.yaml:64: endpoints.0.cost.kind: Input should be 'amount_field', ...
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pydantic import (
 
 from keybrake._money import UnknownCurrency, minor_unit_exponent, parse_usd
 from keybrake._paths import EndpointPattern, PatternError
+from keybrake._policy_errors import SourceLines, schema_problems, yaml_problem
 
 __all__ = [
     "MAX_REQUESTS_PER_MINUTE",
@@ -646,15 +647,6 @@ class PolicySet:
         return [rf"^{re.escape(h)}(:\d+)?$" for h in sorted(self.by_host)]
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        # "[key]" is pydantic's marker for a bad mapping key; the key itself names the field.
-        loc = ".".join(str(x) for x in e["loc"] if x != "[key]") or "(top level)"
-        lines.append(f"{path}: {loc}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
-
-
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key repeated in one mapping (the last would win)."""
 
@@ -690,42 +682,55 @@ def load_policy_file(path: Path) -> VendorPolicy:
     'stripe'
     """
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506
     except OSError as e:
         raise PolicyError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
         raise PolicyError(f"{path}: not valid UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise PolicyError(f"{path}: not valid YAML: {e}") from None
+        raise PolicyError(yaml_problem(path, e)) from None
     if not isinstance(raw, dict):
         raise PolicyError(f"{path}: (top level): must be a mapping")
+    lines = functools.cache(lambda: SourceLines.of(text, _StrictLoader))
+
+    def at(*loc: str | int) -> str:
+        """``file:line`` of a field (errors found after validation)."""
+        line = lines().line(loc)
+        return f"{path}:{line}" if line is not None else str(path)
+
     try:
         policy = VendorPolicy.model_validate(raw)
     except ValidationError as e:
-        raise PolicyError(_format_validation_error(path, e)) from None
+        raise PolicyError(schema_problems(path, e, VendorPolicy, lines())) from None
     if policy.upstream is not None and policy.upstream.ca_file is not None:
         ca_file = policy.upstream.ca_file.expanduser()
         if not ca_file.is_absolute():
             ca_file = path.parent / ca_file
         if not ca_file.is_file():
-            raise PolicyError(f"{path}: upstream.ca_file: {ca_file} is not a readable file")
+            raise PolicyError(
+                f"{at('upstream', 'ca_file')}: upstream.ca_file: {ca_file} is not a readable file"
+            )
         upstream = policy.upstream.model_copy(update={"ca_file": ca_file})
         policy = policy.model_copy(update={"upstream": upstream})
     seen: dict[str, int] = {}
     for i, ep in enumerate(policy.endpoints):
         if ep.match in seen:
             raise PolicyError(
-                f"{path}: endpoints.{i}.match: {ep.match!r} repeats endpoints.{seen[ep.match]}"
+                f"{at('endpoints', i, 'match')}: endpoints.{i}.match: {ep.match!r} repeats "
+                f"endpoints.{seen[ep.match]}"
             )
         seen[ep.match] = i
         if ep.params is None and ep.pattern.method not in ("GET", "HEAD"):
             raise PolicyError(
-                f"{path}: endpoints.{i}.params: {ep.match!r} changes state: list the request "
-                "parameters its rule understands (pricing is a closed world; [] for none)"
+                f"{at('endpoints', i)}: endpoints.{i}.params: {ep.match!r} changes state: list "
+                "the request parameters its rule understands (pricing is a closed world; [] "
+                "for none)"
             )
         if ep.owned and ep.owned_segment(policy) is None:
             raise PolicyError(
-                f"{path}: endpoints.{i}.owned: {ep.match!r} has no placeholder {{{ep.owned}}}"
+                f"{at('endpoints', i, 'owned')}: endpoints.{i}.owned: {ep.match!r} has no "
+                f"placeholder {{{ep.owned}}}"
             )
         for rule in (ep.cost, ep.actual):
             if (
@@ -733,8 +738,10 @@ def load_policy_file(path: Path) -> VendorPolicy:
                 and rule.default_currency
                 and rule.default_currency.lower() not in policy.fx_to_usd
             ):
+                part = "cost" if rule is ep.cost else "actual"
                 raise PolicyError(
-                    f"{path}: endpoints.{i}.cost.default_currency: "
+                    f"{at('endpoints', i, part, 'default_currency')}: "
+                    f"endpoints.{i}.{part}.default_currency: "
                     f"{rule.default_currency!r} has no rate in fx_to_usd"
                 )
     return policy
