@@ -20,7 +20,7 @@ from mitmproxy import connection, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow, tutils
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 from keybrake._addresses import (
     IPAddress,
@@ -624,6 +624,9 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: str) -> tupl
     monkeypatch.setattr(mitmproxy.tools.main, "mitmweb", lambda a: seen.extend(a))
     common = ["--data-dir", str(tmp_path / "d"), "--certs-dir", str(tmp_path / "certs")]
     common += ["--policies", str(ROOT / "policies")]
+    # The ports are checked before mitmproxy would start: free ones, not the defaults.
+    for flag in ("--proxy-port", "--admin-port", "--web-port"):
+        common += [flag, str(free_port())]
     result = CliRunner().invoke(app, [*args, *common])
     return result, seen
 

@@ -1,8 +1,11 @@
-"""The Keybrake CA: mitmproxy's own CA machinery with ``confdir`` pointed at ``certs/``.
+"""The Keybrake CA: mitmproxy's own CA machinery with ``confdir`` pointed at the certs dir.
 
-`ensure_ca` creates ``certs/mitmproxy-ca.pem`` (and the public ``mitmproxy-ca-cert.pem``) on
-first use and writes ``certs/keybrake-ca-bundle.pem`` = certifi's roots + the Keybrake CA, the
-file to give workers as ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``stripe.ca_bundle_path``.
+The certs dir is ``~/.keybrake/certs`` unless ``--certs-dir`` / ``KEYBRAKE_CERTS_DIR`` names
+another: one well-known place per user, like mitmproxy's ``~/.mitmproxy``, so a command run
+from another directory finds the CA workers already trust instead of making a new one.
+`ensure_ca` creates ``mitmproxy-ca.pem`` there (and the public ``mitmproxy-ca-cert.pem``) on
+first use and writes ``keybrake-ca-bundle.pem`` = certifi's roots + the Keybrake CA, the file
+to give workers as ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``stripe.ca_bundle_path``.
 """
 
 from __future__ import annotations
@@ -14,16 +17,32 @@ from pathlib import Path
 import certifi
 from mitmproxy.certs import CertStore
 
-__all__ = ["BUNDLE_NAME", "ensure_ca"]
+__all__ = ["BUNDLE_NAME", "ca_exists", "default_certs_dir", "ensure_ca"]
 
 BUNDLE_NAME = "keybrake-ca-bundle.pem"
+# mitmproxy's name for the CA's private key and certificate (confdir/mitmproxy-ca.pem).
+CA_KEY_NAME = "mitmproxy-ca.pem"
+
+
+def default_certs_dir() -> Path:
+    """``~/.keybrake/certs``: where the CA lives unless a command is told otherwise.
+
+    >>> default_certs_dir()  # doctest: +SKIP
+    PosixPath('/home/me/.keybrake/certs')
+    """
+    return Path.home() / ".keybrake" / "certs"
+
+
+def ca_exists(certs_dir: Path) -> bool:
+    """Whether ``certs_dir`` already holds a CA (`ensure_ca` would reuse it, not make one)."""
+    return (certs_dir / CA_KEY_NAME).is_file()
 
 
 def ensure_ca(certs_dir: Path) -> Path:
     """Create the CA if missing and (re)write the bundle; returns the bundle path.
 
-    >>> ensure_ca(Path("certs"))  # doctest: +SKIP
-    PosixPath('certs/keybrake-ca-bundle.pem')
+    >>> ensure_ca(default_certs_dir())  # doctest: +SKIP
+    PosixPath('/home/me/.keybrake/certs/keybrake-ca-bundle.pem')
     """
     certs_dir.mkdir(parents=True, exist_ok=True)
     CertStore.from_store(certs_dir, "mitmproxy", 2048)

@@ -1,7 +1,7 @@
 """The ``keybrake`` command line.
 
     keybrake run                      start the proxy (SQLite store under .keybrake/)
-    keybrake ca                       create the CA and the CA bundle in certs/
+    keybrake ca                       create the CA and its bundle in ~/.keybrake/certs/
     keybrake check-policy policies/   validate vendor policies without starting
     keybrake keys issue --vendor stripe --daily-usd-cap 300 \\
         --allow "POST /v1/payment_intents" --expires-in 2h --label dramatiq/nightly-billing
@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json
 from keybrake._passthrough import parse_passthrough
-from keybrake.ca import ensure_ca
+from keybrake._preflight import PreflightError, check_data_dir, check_listen, new_sqlite_file
+from keybrake.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
 from keybrake.core import load_admin_token
 from keybrake.policy import PolicyError, load_policies
 from keybrake.store import (
     PASSWORD_ENV,
     KeyRecord,
+    SQLiteStore,
     Store,
     StoreUnavailable,
     open_store,
@@ -71,8 +74,24 @@ StoreUrl = Annotated[
     ),
 ]
 CertsDir = Annotated[
-    Path,
-    typer.Option("--certs-dir", envvar="KEYBRAKE_CERTS_DIR", help="Where the Keybrake CA lives."),
+    Path | None,
+    typer.Option(
+        "--certs-dir",
+        envvar="KEYBRAKE_CERTS_DIR",
+        help="Where the Keybrake CA lives (default: ~/.keybrake/certs, whatever the working "
+        "directory).",
+        show_default=False,
+    ),
+]
+WaitForStore = Annotated[
+    bool,
+    typer.Option(
+        "--wait-for-store",
+        envvar="KEYBRAKE_WAIT_FOR_STORE",
+        help="Start even when the store cannot be reached (for a supervisor that may start "
+        "Keybrake before its Redis): vendor calls are refused (503 store_unavailable) until it "
+        "can. Without it, an unreachable store stops the start with exit code 3.",
+    ),
 ]
 Passthrough = Annotated[
     list[str] | None,
@@ -112,9 +131,85 @@ def _passthrough_entries(flags: list[str] | None) -> list[str]:
     return entries
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and the exit code: 1 cannot start (data dir, port, policy),
+    2 a bad argument, 3 the store or audit log unavailable, 4 no such vault key."""
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _note(message: str) -> None:
+    typer.echo(f"Note: {message}", err=True)
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    try:
+        check_data_dir(data_dir)
+    except PreflightError as e:
+        _fail(str(e))
+
+
+def _open_store(url: str) -> Store:
+    """The store a URL names (not opened yet); a malformed URL exits with code 2."""
+    try:
+        return open_store(url)
+    except ValueError as e:
+        _fail(f"--store: {e}", 2)
+
+
+def _cli_store_url(store: str, data_dir: Path) -> str:
+    """The store URL a command uses; the default one lives in the data dir, which must be
+    writable (a data dir that is not says so, instead of a store error)."""
+    if not store:
+        _check_data_dir(data_dir)
+    return _store_url(store, data_dir)
+
+
+def _check_store(url: str, wait: bool) -> Path | None:
+    """Open and close the store before starting; the SQLite file it created, if new."""
+
+    async def open_and_close(s: Store) -> None:
+        try:
+            await s.open()
+        finally:
+            await s.close()
+
+    store = _open_store(url)
+    new = new_sqlite_file(store)
+    try:
+        asyncio.run(open_and_close(store))
+    except StoreUnavailable as e:
+        if not wait:
+            _fail(
+                f"store unavailable: {str(e).rstrip('.')}; start it or fix --store / "
+                "KEYBRAKE_STORE (--wait-for-store starts anyway and refuses vendor calls until "
+                "it is back)",
+                3,
+            )
+        typer.echo(
+            f"Warning: store unavailable: {e}; vendor calls fail closed until it is back",
+            err=True,
+        )
+    return new if new is not None and new.exists() else None
+
+
+def _prepare_ca(certs_dir: Path | None) -> tuple[Path, Path, bool]:
+    """The certs dir, its bundle and whether the CA in it was created just now."""
+    where = (certs_dir if certs_dir is not None else default_certs_dir()).expanduser()
+    created = not ca_exists(where)
+    try:
+        bundle = ensure_ca(where)
+    except OSError as e:
+        _fail(
+            f"cannot write the Keybrake CA in {where.absolute()} ({e.strerror}): pass another "
+            "--certs-dir (or KEYBRAKE_CERTS_DIR)"
+        )
+    if created and certs_dir is None and (Path("certs") / CA_KEY_NAME).is_file():
+        _note(
+            f"{Path('certs').resolve()} holds a Keybrake CA made by an earlier version (the "
+            "default was ./certs); pass --certs-dir certs to keep the CA your workers trust"
+        )
+    return where.resolve(), bundle.resolve(), created
 
 
 @app.command()
@@ -127,7 +222,7 @@ def run(
     data_dir: DataDir = Path(".keybrake"),
     policies: PoliciesDir = Path("policies"),
     store: StoreUrl = "",
-    certs_dir: CertsDir = Path("certs"),
+    certs_dir: CertsDir = None,
     audit: Annotated[
         str,
         typer.Option(
@@ -143,11 +238,16 @@ def run(
         int, typer.Option(help="mitmweb UI port (with --web; loopback only).")
     ] = 8082,
     passthrough: Passthrough = None,
+    wait_for_store: WaitForStore = False,
     extra: Annotated[
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
 ) -> None:
     """Start the proxy: forward listener + admin listener in one mitmproxy process.
+
+    Before anything starts, the policies, the data dir, the ports and the store are checked;
+    a mistake is one line on stderr and a non-zero exit. Ctrl-C or SIGTERM stops it (exit 0)
+    once admitted calls are settled and audited.
 
     Example: ``keybrake run --store redis://127.0.0.1:6379/0 --passthrough '*.googleapis.com'``
     """
@@ -166,11 +266,36 @@ def run(
     try:
         load_policies(policies)
     except PolicyError as e:
-        _fail(f"invalid policy:\n{e}")
+        _fail(str(e))
     tunnelled = _passthrough_entries(passthrough)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_ca(certs_dir)
-    _, token_where = load_admin_token(data_dir)
+    # The data dir must be writable when something is written there: the SQLite store, the
+    # audit log, a new admin token. Redis + PostgreSQL + KEYBRAKE_ADMIN_TOKEN need none.
+    audit_elsewhere = bool(audit) or any(a.startswith("keybrake_audit=") for a in extra or [])
+    token_elsewhere = (
+        bool(os.environ.get("KEYBRAKE_ADMIN_TOKEN")) or (data_dir / "admin-token").is_file()
+    )
+    if not store or not audit_elsewhere or not token_elsewhere:
+        _check_data_dir(data_dir)
+    # `-- --options` and the like only print and exit: nothing listens, no store is needed.
+    only_prints = bool({"--options", "--commands", "--version"} & set(extra or []))
+    listeners = [(proxy_port, "--proxy-port"), (admin_port, "--admin-port")]
+    listeners += [(web_port, "--web-port")] if web else []
+    for (port, flag), (other, other_flag) in itertools.combinations(listeners, 2):
+        if port == other and port != 0:
+            _fail(f"{flag} and {other_flag} are both {port}: give each listener its own port")
+    new_store: Path | None = None
+    if only_prints:
+        _open_store(_store_url(store, data_dir))  # a malformed URL is still one line
+    else:
+        for port, flag in listeners:
+            host = "127.0.0.1" if flag == "--web-port" else listen_host
+            try:
+                check_listen(host, port, flag)
+            except PreflightError as e:
+                _fail(str(e))
+        new_store = _check_store(_store_url(store, data_dir), wait_for_store)
+    certs, bundle, new_ca = _prepare_ca(certs_dir)
+    _, token_where = load_admin_token(data_dir.absolute())
     # The Redis password reaches the proxy (this same process) by environment variable, never
     # inside a mitmproxy option: mitmweb displays options and mitmproxy repeats bad values.
     url, password = split_password(_store_url(store, data_dir))
@@ -185,7 +310,7 @@ def run(
         "--mode",
         f"reverse:http://127.0.0.1:1@{listen_host}:{admin_port}",
         "--set",
-        f"confdir={certs_dir.resolve()}",
+        f"confdir={certs}",
         "--set",
         "connection_strategy=lazy",
         "--set",
@@ -211,15 +336,19 @@ def run(
             [
                 f"Keybrake: forward proxy on {listen_host}:{proxy_port}, "
                 f"admin + base URL on {listen_host}:{admin_port}",
-                f"Store: {redact_url(url)}{_password_note(url, password)}",
+                f"Store: {redact_url(url)}{_password_note(url, password)}"
+                + (" (new, empty: created just now)" if new_store else ""),
+                f"CA: created a new Keybrake CA in {certs} (workers must trust the bundle below)"
+                if new_ca
+                else f"CA: {certs}",
                 "Other destinations: "
                 + (f"tunnelled if {', '.join(tunnelled)}; " if tunnelled else "")
                 + "everything else refused (403 egress_denied)",
                 "Workers need:",
                 f"  export HTTPS_PROXY=http://{host}:{proxy_port}",
-                f"  export REQUESTS_CA_BUNDLE={bundle.resolve()}",
-                f"  export SSL_CERT_FILE={bundle.resolve()}",
-                f"  (stripe: stripe.ca_bundle_path = '{bundle.resolve()}')",
+                f"  export REQUESTS_CA_BUNDLE={bundle}",
+                f"  export SSL_CERT_FILE={bundle}",
+                f"  (stripe: stripe.ca_bundle_path = '{bundle}')",
                 f"Admin API: http://{host}:{admin_port}/vault/keys  (admin token: {token_where})",
                 f"Dashboard: http://{host}:{admin_port}/  Metrics: http://{host}:{admin_port}/metrics",
                 *(
@@ -232,14 +361,38 @@ def run(
         )
     )
     sys.stdout.flush()
-    if web:
-        from mitmproxy.tools.main import mitmweb
+    from mitmproxy.tools import main as mitmproxy_main
 
-        mitmweb(args)
-    else:
-        from mitmproxy.tools.main import mitmdump
+    start = mitmproxy_main.mitmweb if web else mitmproxy_main.mitmdump
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_QuietShutdownPolicy())
+    try:
+        start(args)
+    finally:
+        asyncio.set_event_loop_policy(policy)
 
-        mitmdump(args)
+
+def _ignore_cancelled_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler outside mitmproxy's own run.
+
+    At Ctrl-C or SIGTERM mitmproxy stops (once admitted calls are settled and audited), then
+    ``asyncio.run`` cancels the client connections still open; asyncio's stream callback
+    reports each as an error with a ``CancelledError`` traceback. A connection cancelled at
+    shutdown is expected; anything else is reported as asyncio always does.
+    """
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
+class _QuietShutdownPolicy(asyncio.DefaultEventLoopPolicy):
+    """Event loops made with `_ignore_cancelled_connections` as their exception handler
+    (mitmproxy's run installs its own meanwhile, and puts this one back when it stops)."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.set_exception_handler(_ignore_cancelled_connections)
+        return loop
 
 
 @app.command()
@@ -253,8 +406,9 @@ def web(
     data_dir: DataDir = Path(".keybrake"),
     policies: PoliciesDir = Path("policies"),
     store: StoreUrl = "",
-    certs_dir: CertsDir = Path("certs"),
+    certs_dir: CertsDir = None,
     passthrough: Passthrough = None,
+    wait_for_store: WaitForStore = False,
     extra: Annotated[
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
@@ -278,15 +432,25 @@ def web(
         web=True,
         web_port=web_port,
         passthrough=passthrough,
+        wait_for_store=wait_for_store,
         extra=extra,
     )
 
 
 @app.command()
-def ca(certs_dir: CertsDir = Path("certs")) -> None:
-    """Create the Keybrake CA (if missing) and write certs/keybrake-ca-bundle.pem."""
-    bundle = ensure_ca(certs_dir)
-    typer.echo(f"CA: {(certs_dir / 'mitmproxy-ca-cert.pem').resolve()}\nBundle: {bundle.resolve()}")
+def ca(certs_dir: CertsDir = None) -> None:
+    """Create the Keybrake CA (if missing) and write its bundle for workers.
+
+    The CA lives in ~/.keybrake/certs unless --certs-dir says otherwise; every command finds
+    it there whatever the working directory. Says whether it was created now or reused.
+
+    Example: ``keybrake ca && export REQUESTS_CA_BUNDLE=~/.keybrake/certs/keybrake-ca-bundle.pem``
+    """
+    certs, bundle, created = _prepare_ca(certs_dir)
+    typer.echo(
+        f"{'Created a new' if created else 'Using the'} Keybrake CA in {certs}\n"
+        f"CA: {certs / 'mitmproxy-ca-cert.pem'}\nBundle: {bundle}"
+    )
 
 
 @app.command("check-policy")
@@ -301,7 +465,6 @@ def check_policy(
         ps = load_policies(directory)
     except PolicyError as e:
         _fail(str(e))
-        return
     for name, p in sorted(ps.vendors.items()):
         typer.echo(
             f"ok  {ps.files[name]}: {name} "
@@ -309,18 +472,21 @@ def check_policy(
         )
 
 
-async def _with_store(url: str, fn: Any) -> Any:
-    store: Store = open_store(url)
+async def _with_store(store: Store, fn: Any) -> Any:
+    new = new_sqlite_file(store)
     try:
         await store.open()
+        if new is not None:
+            _note(f"created a new, empty store: {new}")
         return await fn(store)
     finally:
         await store.close()
 
 
 def _run_store(url: str, fn: Any) -> Any:
+    store = _open_store(url)
     try:
-        return asyncio.run(_with_store(url, fn))
+        return asyncio.run(_with_store(store, fn))
     except StoreUnavailable as e:
         _fail(f"store unavailable: {e}", 3)
 
@@ -376,7 +542,7 @@ def keys_issue(
     async def create(s: Store) -> None:
         await s.create_key(record)
 
-    _run_store(_store_url(store, data_dir), create)
+    _run_store(_cli_store_url(store, data_dir), create)
     body = key_to_json(record, now) | {"vault_key": vault_key}
     if as_json:
         typer.echo(json.dumps(body, indent=2))
@@ -396,9 +562,15 @@ def keys_list(
     async def fetch(s: Store) -> list[dict[str, Any]]:
         return [key_to_json(k, now, await s.budgets(k, now)) for k in await s.list_keys()]
 
-    rows: list[dict[str, Any]] = _run_store(_store_url(store, data_dir), fetch)
+    url = _cli_store_url(store, data_dir)
+    rows: list[dict[str, Any]] = _run_store(url, fetch)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        s = _open_store(url)
+        where = str(s.path.resolve()) if isinstance(s, SQLiteStore) else redact_url(url)
+        typer.echo(f"No vault keys in {where}: issue one with `keybrake keys issue`.")
         return
     typer.echo(
         f"{'KEY_ID':22} {'VENDOR':8} {'STATUS':8} {'CAP':>10} {'SPENT':>10} {'EXPIRES':21} LABEL"
@@ -422,7 +594,7 @@ def keys_revoke(
     async def revoke(s: Store) -> KeyRecord | None:
         return await s.revoke_key(key_id, now)
 
-    rec = _run_store(_store_url(store, data_dir), revoke)
+    rec = _run_store(_cli_store_url(store, data_dir), revoke)
     if rec is None:
         _fail(f"no vault key {key_id!r}", 4)
     typer.echo(f"revoked {key_id}")
@@ -445,7 +617,7 @@ def keys_suspend(
     async def suspend(s: Store) -> KeyRecord | None:
         return await s.suspend_key(key_id, now, reason[:200])
 
-    rec = _run_store(_store_url(store, data_dir), suspend)
+    rec = _run_store(_cli_store_url(store, data_dir), suspend)
     if rec is None:
         _fail(f"no vault key {key_id!r}", 4)
         return
@@ -463,7 +635,7 @@ def keys_resume(
     async def resume(s: Store) -> KeyRecord | None:
         return await s.resume_key(key_id)
 
-    if _run_store(_store_url(store, data_dir), resume) is None:
+    if _run_store(_cli_store_url(store, data_dir), resume) is None:
         _fail(f"no vault key {key_id!r}", 4)
     typer.echo(f"resumed {key_id}")
 
@@ -485,28 +657,37 @@ def _open_sink(url: str, data_dir: Path) -> AuditSink:
         return open_audit_sink(url, data_dir)
     except Exception as e:
         _fail(f"cannot open the audit log: {type(e).__name__}: {e}", 3)
-        raise  # unreachable: _fail exits
 
 
 def _warn(message: str) -> None:
     typer.echo(f"Warning: {message}; the most recent calls may be missing", err=True)
 
 
+def _report_sources(store: str, audit: str, data_dir: Path) -> tuple[Store, AuditSink]:
+    """The store (not opened yet) and the audit log ``spend`` and ``audit`` read."""
+    url = _cli_store_url(store, data_dir)
+    if not audit:
+        _check_data_dir(data_dir)
+    return _open_store(url), _open_sink(audit, data_dir)
+
+
 async def _read_audit(
-    store_url: str, sink: AuditSink, read: Callable[[Store | None], Awaitable[Any]]
+    store: Store, sink: AuditSink, read: Callable[[Store | None], Awaitable[Any]]
 ) -> Any:
     """``await read(store)`` once the rows still in the store's outbox (calls the proxy
     answered and has not moved yet) are in ``sink``. A store that cannot be opened is said
     so on stderr and ``read`` gets None: what the sink holds is still worth showing."""
     from keybrake._audit_pump import drain_outbox
 
-    store: Store = open_store(store_url)
+    new = new_sqlite_file(store)
     try:
         try:
             await store.open()
         except StoreUnavailable as e:
             _warn(f"store unavailable ({e})")
             return await read(None)
+        if new is not None:
+            _note(f"created a new, empty store: {new}")
         try:
             await drain_outbox(store, sink)
         except StoreUnavailable as e:
@@ -568,9 +749,9 @@ def spend(
             row["daily_cap_usd"] = row["remaining_usd"] = None
         return rows
 
-    sink = _open_sink(audit, data_dir)
+    source, sink = _report_sources(store, audit, data_dir)
     try:
-        rows = asyncio.run(_read_audit(_store_url(store, data_dir), sink, report))
+        rows = asyncio.run(_read_audit(source, sink, report))
     except ReportError as e:
         _fail(str(e), 2)
         return
@@ -634,9 +815,9 @@ def audit_cmd(
             limit=limit,
         )
 
-    sink = _open_sink(audit, data_dir)
+    source, sink = _report_sources(store, audit, data_dir)
     try:
-        rows = asyncio.run(_read_audit(_store_url(store, data_dir), sink, query))
+        rows = asyncio.run(_read_audit(source, sink, query))
     except ReportError as e:
         _fail(str(e), 2)
         return

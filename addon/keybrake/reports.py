@@ -192,8 +192,14 @@ def audit_rows(
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain text table for the CLI."""
-    widths = [max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns]
+    """A plain text table for the CLI: a header line, then one line per row (none: the
+    header alone).
+
+    >>> print(format_table([{"calls": 3, "group": "key_1"}], ["calls", "group"]))
+    CALLS  GROUP
+    3      key_1
+    """
+    widths = [max([len(c), *(len(str(r.get(c, "") or "")) for r in rows)]) for c in columns]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     for r in rows:
         lines.append(

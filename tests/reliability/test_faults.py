@@ -291,8 +291,11 @@ def test_read_only_store_at_start_fails_closed_without_crash_loop(
     store_dir.mkdir()
     subprocess.run(["chattr", "+i", str(store_dir)], check=True)
     try:
+        # Started anyway (as a supervisor would): `keybrake run` otherwise stops at start.
         kb: KeybrakeProcess = keybrake_factory(
-            {"stripe": fake_stripe}, store=f"sqlite://{store_dir}/state.db"
+            {"stripe": fake_stripe},
+            store=f"sqlite://{store_dir}/state.db",
+            env={"KEYBRAKE_WAIT_FOR_STORE": "1"},
         )
         issue = kb.admin(
             "POST",

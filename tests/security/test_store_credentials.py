@@ -204,7 +204,10 @@ def test_wrong_or_missing_password_fails_closed(
     bad = good.replace(f"{REDIS_ACL_USER}@", f"{REDIS_ACL_USER}:{WRONG_PASSWORD}@")
     if given == "missing":
         bad = good.replace(f"{REDIS_ACL_USER}@", "")
-    kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=bad, start=False)
+    # Started anyway (as a supervisor would): `keybrake run` otherwise stops at start.
+    kb: KeybrakeProcess = keybrake_factory(
+        {"stripe": fake_stripe}, store=bad, env={"KEYBRAKE_WAIT_FOR_STORE": "1"}, start=False
+    )
     vault_key = issue_key(kb, good, REDIS_ACL_PASSWORD)  # the key exists in Redis
     kb.start()
     assert_refused_as_store_unavailable(kb, fake_stripe, vault_key, monkeypatch)
@@ -233,7 +236,7 @@ def test_tls_with_an_untrusted_certificate_fails_closed(
     kb: KeybrakeProcess = keybrake_factory(
         {"stripe": fake_stripe},
         store=untrusting,
-        env={PASSWORD_ENV: REDIS_ACL_PASSWORD},
+        env={PASSWORD_ENV: REDIS_ACL_PASSWORD, "KEYBRAKE_WAIT_FOR_STORE": "1"},
         start=False,
     )
     vault_key = issue_key(kb, good, REDIS_ACL_PASSWORD)
