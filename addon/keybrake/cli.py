@@ -23,6 +23,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json
+from keybrake._packaged import (
+    CONFIG_NAME,
+    PACKAGED_POLICIES,
+    ConfigError,
+    config_defaults,
+    init_deployment,
+    policies_dir,
+)
 from keybrake._passthrough import parse_passthrough
 from keybrake._preflight import PreflightError, check_data_dir, check_listen, new_sqlite_file
 from keybrake.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
@@ -59,9 +67,13 @@ DataDir = Annotated[
     ),
 ]
 PoliciesDir = Annotated[
-    Path,
+    Path | None,
     typer.Option(
-        "--policies", envvar="KEYBRAKE_POLICIES_DIR", help="Directory of vendor policy YAML files."
+        "--policies",
+        envvar="KEYBRAKE_POLICIES_DIR",
+        help="Directory of vendor policy YAML files (default: ./policies if it exists, else "
+        "the policies shipped with Keybrake; `keybrake init` writes editable copies).",
+        show_default=False,
     ),
 ]
 StoreUrl = Annotated[
@@ -220,7 +232,7 @@ def run(
     proxy_port: Annotated[int, typer.Option(help="Forward proxy port (HTTPS_PROXY).")] = 8080,
     admin_port: Annotated[int, typer.Option(help="Admin API / base-URL listener port.")] = 8081,
     data_dir: DataDir = Path(".keybrake"),
-    policies: PoliciesDir = Path("policies"),
+    policies: PoliciesDir = None,
     store: StoreUrl = "",
     certs_dir: CertsDir = None,
     audit: Annotated[
@@ -263,6 +275,7 @@ def run(
             "--set",
             "web_open_browser=false",
         ]
+    policies = policies_dir(policies)
     try:
         load_policies(policies)
     except PolicyError as e:
@@ -338,6 +351,12 @@ def run(
                 f"admin + base URL on {listen_host}:{admin_port}",
                 f"Store: {redact_url(url)}{_password_note(url, password)}"
                 + (" (new, empty: created just now)" if new_store else ""),
+                f"Policies: {policies.resolve()}"
+                + (
+                    " (shipped with Keybrake; `keybrake init` for editable copies)"
+                    if policies == PACKAGED_POLICIES
+                    else ""
+                ),
                 f"CA: created a new Keybrake CA in {certs} (workers must trust the bundle below)"
                 if new_ca
                 else f"CA: {certs}",
@@ -404,7 +423,7 @@ def web(
     admin_port: Annotated[int, typer.Option(help="Admin API / base-URL listener port.")] = 8081,
     web_port: Annotated[int, typer.Option(help="mitmweb UI port (loopback only).")] = 8082,
     data_dir: DataDir = Path(".keybrake"),
-    policies: PoliciesDir = Path("policies"),
+    policies: PoliciesDir = None,
     store: StoreUrl = "",
     certs_dir: CertsDir = None,
     passthrough: Passthrough = None,
@@ -455,14 +474,20 @@ def ca(certs_dir: CertsDir = None) -> None:
 
 @app.command("check-policy")
 def check_policy(
-    directory: Annotated[Path, typer.Argument(help="Policies directory.")] = Path("policies"),
+    directory: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Policies directory (default: ./policies if it exists, else the shipped ones).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Validate vendor policies without starting the proxy.
 
     Example: ``keybrake check-policy policies/``
     """
     try:
-        ps = load_policies(directory)
+        ps = load_policies(policies_dir(directory))
     except PolicyError as e:
         _fail(str(e))
     for name, p in sorted(ps.vendors.items()):
@@ -513,13 +538,13 @@ def keys_issue(
         ),
     ] = None,
     data_dir: DataDir = Path(".keybrake"),
-    policies: PoliciesDir = Path("policies"),
+    policies: PoliciesDir = None,
     store: StoreUrl = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Issue a vault key; it is printed once and never stored."""
     try:
-        ps = load_policies(policies)
+        ps = load_policies(policies_dir(policies))
         spec = IssueKeyRequest.from_json(
             {
                 "vendor": vendor,
@@ -831,10 +856,54 @@ def audit_cmd(
     typer.echo(format_table(rows, cols))
 
 
+@app.command()
+def init(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write policies/ and keybrake.toml.")
+    ] = Path("."),
+) -> None:
+    """Write editable copies of the shipped vendor policies and a commented keybrake.toml.
+
+    ``keybrake run`` started in that directory then enforces those policies and reads its
+    settings from keybrake.toml (flags and environment variables still win). Existing files
+    are kept.
+
+    Example: ``keybrake init /etc/keybrake && cd /etc/keybrake && keybrake run``
+    """
+    try:
+        written = init_deployment(directory)
+    except OSError as e:
+        _fail(f"{directory}: cannot write there ({e.strerror or e})")
+    for path in written:
+        typer.echo(f"wrote {path}")
+    if not written:
+        typer.echo(f"{directory}: policies/ and {CONFIG_NAME} exist already; nothing written")
+
+
 def main() -> None:
-    """Console entry point."""
+    """Console entry point: settings from ``--config FILE`` (or ``KEYBRAKE_CONFIG``, or
+    ./keybrake.toml when present) are the defaults of ``run`` and ``web``."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    args = sys.argv[1:]
+    path: str | None = os.environ.get("KEYBRAKE_CONFIG")
+    if len(args) >= 2 and args[0] == "--config":
+        path, args = args[1], args[2:]
+    try:
+        defaults = config_defaults(Path(path) if path else None, _run_settings())
+    except ConfigError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise SystemExit(2) from None
+    app(args=args, default_map={"run": defaults, "web": defaults} if defaults else None)
+
+
+def _run_settings() -> frozenset[str]:
+    """The settings keybrake.toml may give: ``run``'s options, by parameter name."""
+    command = typer.main.get_command(app)
+    assert isinstance(command, typer.core.TyperGroup)
+    run_command = command.commands["run"]
+    return frozenset(
+        p.name for p in run_command.params if p.name and isinstance(p, typer.core.TyperOption)
+    )
 
 
 if __name__ == "__main__":
