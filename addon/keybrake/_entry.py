@@ -30,7 +30,7 @@ _PROXY_MODULES = frozenset(
 
 
 def main() -> None:
-    if sys.version_info < (3, 12):  # noqa: UP036 (the worker side runs on older Pythons)
+    if sys.version_info < (3, 12):
         found = ".".join(str(n) for n in sys.version_info[:3])
         sys.stderr.write(
             f"Error: the keybrake proxy and its command line need Python 3.12 or newer (this is "

@@ -30,10 +30,13 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Union
 from urllib.parse import quote
 
 import httpx
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+
 
 __all__ = [
     "AsyncKeybrakeClient",
@@ -55,7 +58,8 @@ __all__ = [
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:8081"
 GroupBy = Literal["label", "key", "vendor", "hour", "day"]
 Outcome = Literal["ok", "refused", "replayed", "vendor_error", "unknown"]
-Dollars = Decimal | int | str
+# ``Union``, not ``|``: an alias is evaluated at import, and ``|`` on types needs 3.10.
+Dollars = Union[Decimal, int, str]
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -351,7 +355,7 @@ class _Call:
 
 
 def _dollars(value: Dollars) -> str:
-    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int, str)):
         raise TypeError("dollar amounts must be Decimal, int or str (never float)")
     return str(value)
 

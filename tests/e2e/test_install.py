@@ -36,8 +36,8 @@ def _run(
     return done
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The keybrake wheel, built (offline) from a copy of this tree."""
     if not (WHEELHOUSE / ".done").exists():
         pytest.fail("no wheelhouse: run `make test` (or `make .venv/wheelhouse/.done`) first")
     src = tmp_path_factory.mktemp("src") / "keybrake"
@@ -56,6 +56,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     (built,) = out.glob("keybrake-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory)
 
 
 def _venv(where: Path, requirement: str) -> Path:
