@@ -13,7 +13,13 @@ from keybrake.keys import generate_key_id, generate_vault_key, hash_vault_key, p
 from keybrake.policy import MAX_REQUESTS_PER_MINUTE, PolicySet
 from keybrake.store import BudgetState, KeyRecord
 
-__all__ = ["IssueKeyRequest", "KeySpecError", "key_to_json", "parse_label_budget"]
+__all__ = [
+    "IssueKeyRequest",
+    "KeyCapsChange",
+    "KeySpecError",
+    "key_to_json",
+    "parse_label_budget",
+]
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/@+=-]{0,127}")
 _FIELDS = {
@@ -231,6 +237,36 @@ def parse_label_budget(label: str, data: Any) -> int | None:
     if errors:
         raise KeySpecError(errors)
     return cap
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyCapsChange:
+    """A validated ``PATCH /vault/keys/{key_id}`` body: the caps to change.
+
+    ``{"daily_usd_cap": "50"}`` changes the daily cap; ``{"usd_cap": "500"}`` the lifetime
+    cap, and ``{"usd_cap": null}`` removes it. A cap below what is spent is allowed: the key's
+    paid calls are refused from then on.
+    """
+
+    daily_cap_micros: int | None = None
+    usd_cap_micros: int | None = None
+    clear_usd_cap: bool = False
+
+    @classmethod
+    def from_json(cls, data: Any) -> KeyCapsChange:
+        if not isinstance(data, dict) or not data or set(data) - {"daily_usd_cap", "usd_cap"}:
+            raise KeySpecError(
+                {"(body)": 'must be {"daily_usd_cap": <dollars>, "usd_cap": <dollars or null>}'}
+            )
+        errors: dict[str, str] = {}
+        daily = usd = None
+        if "daily_usd_cap" in data:
+            daily = _usd_field(data["daily_usd_cap"], "daily_usd_cap", errors)
+        if data.get("usd_cap") is not None:
+            usd = _usd_field(data["usd_cap"], "usd_cap", errors)
+        if errors:
+            raise KeySpecError(errors)
+        return cls(daily, usd, "usd_cap" in data and data["usd_cap"] is None)
 
 
 def _iso(t: dt.datetime | None) -> str | None:

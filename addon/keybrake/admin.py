@@ -4,7 +4,10 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
 
 - ``POST /vault/keys`` issue a key (the vault key is shown once, in this response only)
 - ``GET /vault/keys``, ``GET /vault/keys/{key_id}`` (never secrets)
-- ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless)
+- ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless); ``POST /vault/revoke``
+  (``{"vault_key": "kbv_…"}``) revokes by the vault key itself, kept out of URLs and logs
+- ``PATCH /vault/keys/{key_id}`` (``{"daily_usd_cap": …, "usd_cap": … or null}``) raise or
+  lower a key's caps; every replica's next admission reads them
 - ``POST /vault/keys/{key_id}/suspend`` (``{"reason": …}``) / ``…/resume``: a suspended key is
   refused until resumed; the proxy suspends a key itself after an estimate overrun
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
@@ -35,7 +38,13 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake._addresses import parse_ip_host
 from keybrake._audit_sinks import AuditSink
-from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
+from keybrake._keyspec import (
+    IssueKeyRequest,
+    KeyCapsChange,
+    KeySpecError,
+    key_to_json,
+    parse_label_budget,
+)
 from keybrake._limiter import source_of
 from keybrake._paths import split_base_url
 from keybrake.core import Runtime
@@ -220,11 +229,15 @@ class AdminApi:
                 return await self._get(parts[2])
             if method == "DELETE":
                 return await self._revoke(parts[2])
+            if method == "PATCH":
+                return await self._set_caps(flow, parts[2])
             raise Refusal("method_not_allowed", f"{method} not allowed on a key")
         if len(parts) == 4 and parts[:2] == ["vault", "keys"] and parts[3] in _KEY_ACTIONS:
             if method != "POST":
                 raise Refusal("method_not_allowed", f"{method} not allowed on {parts[3]}")
             return await self._suspend_or_resume(flow, parts[2], parts[3])
+        if parts == ["vault", "revoke"] and method == "POST":
+            return await self._revoke_by_vault_key(flow)
         if parts == ["vault", "spend"] and method == "GET":
             return await self._spend(flow)
         if parts == ["vault", "audit"] and method == "GET":
@@ -298,6 +311,39 @@ class AdminApi:
             raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
         log.info("keybrake: revoked %s", key.key_id)
         return _json(200, key_to_json(key, now))
+
+    async def _revoke_by_vault_key(self, flow: http.HTTPFlow) -> http.Response:
+        """``POST /vault/revoke`` ``{"vault_key": "kbv_…"}``: the secret stays out of the URL."""
+        from keybrake.keys import hash_vault_key
+
+        data = self._body(flow)
+        vault_key = data.get("vault_key") if isinstance(data, dict) else None
+        if not isinstance(vault_key, str) or not vault_key:
+            raise Refusal("invalid_request", 'body must be {"vault_key": "kbv_..."}')
+        store = await self.runtime.open_store()
+        key = await store.get_key_by_secret_hash(hash_vault_key(vault_key))
+        if key is None:
+            raise Refusal("not_found", "no vault key matches the vault key given")
+        return await self._revoke(key.key_id)
+
+    async def _set_caps(self, flow: http.HTTPFlow, key_id: str) -> http.Response:
+        """``PATCH /vault/keys/{key_id}``: new caps, read by every replica's next admission."""
+        try:
+            change = KeyCapsChange.from_json(self._body(flow))
+        except KeySpecError as e:
+            raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
+        store = await self.runtime.open_store()
+        key = await store.set_key_caps(
+            key_id,
+            daily_cap_micros=change.daily_cap_micros,
+            usd_cap_micros=change.usd_cap_micros,
+            clear_usd_cap=change.clear_usd_cap,
+        )
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        log.info("keybrake: changed the caps of %s", key_id)
+        now = self.runtime.now()
+        return _json(200, key_to_json(key, now, await store.budgets(key, now)))
 
     async def _suspend_or_resume(
         self, flow: http.HTTPFlow, key_id: str, action: str

@@ -75,6 +75,7 @@ def _where(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     before_id: int | None = None,
+    after_id: int | None = None,
 ) -> tuple[str, list[Any]]:
     p = sink.placeholder
     clauses: list[str] = []
@@ -97,6 +98,9 @@ def _where(
     if before_id is not None:
         clauses.append(f"id < {p}")
         params.append(before_id)
+    if after_id is not None:
+        clauses.append(f"id > {p}")
+        params.append(after_id)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -171,8 +175,11 @@ def audit_rows(
     until: dt.datetime | None = None,
     limit: int = 50,
     before_id: int | None = None,
+    after_id: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Audit rows, newest first; page with ``before_id`` = the last row's id."""
+    """Audit rows, newest first; page with ``before_id`` = the last row's id. With
+    ``after_id``: the rows written after that one, oldest first (``keybrake audit --follow``).
+    """
     if outcome is not None and outcome not in OUTCOMES:
         raise ReportError(f"outcome must be one of {', '.join(OUTCOMES)}")
     if not 1 <= limit <= 1000:
@@ -186,8 +193,10 @@ def audit_rows(
         since=since,
         until=until,
         before_id=before_id,
+        after_id=after_id,
     )
-    sql = f"SELECT * FROM audit{where} ORDER BY id DESC LIMIT {int(limit)}"  # noqa: S608
+    order = "DESC" if after_id is None else "ASC"
+    sql = f"SELECT * FROM audit{where} ORDER BY id {order} LIMIT {int(limit)}"  # noqa: S608
     return sink.query(sql, params)
 
 

@@ -299,3 +299,34 @@ async def test_peek_sees_every_row_whoever_claimed_it_and_any_consumer_may_ack(
 
     await store.append_audit({"n": 4})
     assert [r["n"] for _, r in await store.audit_batch("replica-1", 10)] == [4]
+
+
+async def test_caps_changed_are_read_by_the_next_admission(
+    store: Store, make_store: StoreFactory
+) -> None:
+    key = make_key("kb_a", daily=10 * USD)
+    await store.create_key(key)
+    assert (await store.admit(paid(key, "res_1", 6 * USD))).status == "admitted"
+    other = make_store()  # another replica on the same state
+    await other.open()
+    try:
+        # Lowered below what is reserved already: refused from now on, nothing moves.
+        lowered = await store.set_key_caps("kb_a", daily_cap_micros=5 * USD)
+        assert lowered is not None and lowered.daily_cap_micros == 5 * USD
+        refused = await other.admit(paid(key, "res_2", 1))
+        assert (refused.status, refused.code) == ("refused", "cap_exhausted")
+        assert (await store.budgets(lowered, NOON))[0].reserved_micros == 6 * USD
+        raised = await store.set_key_caps("kb_a", daily_cap_micros=20 * USD, usd_cap_micros=7 * USD)
+        assert raised is not None and (raised.daily_cap_micros, raised.usd_cap_micros) == (
+            20 * USD,
+            7 * USD,
+        )
+        # The lifetime cap counts the reservation made before it was set.
+        assert (await other.admit(paid(key, "res_3", 2 * USD))).code == "cap_exhausted"
+        cleared = await store.set_key_caps("kb_a", clear_usd_cap=True)
+        assert cleared is not None and cleared.usd_cap_micros is None
+        assert cleared.daily_cap_micros == 20 * USD
+        assert (await other.admit(paid(key, "res_4", 2 * USD))).status == "admitted"
+        assert await store.set_key_caps("kb_never", daily_cap_micros=USD) is None
+    finally:
+        await other.close()

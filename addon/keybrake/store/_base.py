@@ -287,6 +287,19 @@ class Store(Protocol):
     async def resume_key(self, key_id: str) -> KeyRecord | None:
         """Lift a suspension (harmless when there is none); None if unknown."""
 
+    async def set_key_caps(
+        self,
+        key_id: str,
+        *,
+        daily_cap_micros: int | None = None,
+        usd_cap_micros: int | None = None,
+        clear_usd_cap: bool = False,
+    ) -> KeyRecord | None:
+        """Change a key's daily cap and/or lifetime cap (None: unchanged; ``clear_usd_cap``
+        removes the lifetime cap); None if unknown. One atomic step that every replica's next
+        `admit` reads: a cap lowered below what is spent refuses the key's paid calls from
+        then on; nothing already spent or reserved moves."""
+
     # -- one call, two steps -------------------------------------------------------------------
     async def admit(self, request: AdmissionRequest) -> Admission:
         """In ONE atomic step, everything a call needs before it is forwarded: the key's

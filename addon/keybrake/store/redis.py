@@ -93,6 +93,7 @@ _SCRIPTS = (
     "create_key",
     "revoke",
     "suspend",
+    "set_caps",
     "reserve",
     "finish",
     "hold",
@@ -411,6 +412,29 @@ class RedisStore:
 
     async def resume_key(self, key_id: str) -> KeyRecord | None:
         flat = await self._script("suspend", [self._k("key", key_id)], ["resume"])
+        return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def set_key_caps(
+        self,
+        key_id: str,
+        *,
+        daily_cap_micros: int | None = None,
+        usd_cap_micros: int | None = None,
+        clear_usd_cap: bool = False,
+    ) -> KeyRecord | None:
+        """See `Store.set_key_caps`: one ``set_caps.lua`` call; ``admit.lua`` reads the caps
+        from the same hash in its own step."""
+        for name, micros in (("daily_cap_micros", daily_cap_micros), ("usd_cap", usd_cap_micros)):
+            if micros is not None:
+                check_micros(name, micros)
+        usd = "" if usd_cap_micros is None else str(usd_cap_micros)
+        if clear_usd_cap and usd_cap_micros is None:
+            usd = "-"
+        flat = await self._script(
+            "set_caps",
+            [self._k("key", key_id)],
+            ["" if daily_cap_micros is None else str(daily_cap_micros), usd],
+        )
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     # -- request rate --------------------------------------------------------------------------

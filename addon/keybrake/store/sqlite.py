@@ -451,6 +451,33 @@ class SQLiteStore:
             row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return None if row is None else _row_to_key(row)
 
+    async def set_key_caps(
+        self,
+        key_id: str,
+        *,
+        daily_cap_micros: int | None = None,
+        usd_cap_micros: int | None = None,
+        clear_usd_cap: bool = False,
+    ) -> KeyRecord | None:
+        """See `Store.set_key_caps`: one UPDATE in a ``BEGIN IMMEDIATE`` transaction, which
+        `admit` (also ``BEGIN IMMEDIATE``) runs before or after, never during."""
+        for name, micros in (("daily_cap_micros", daily_cap_micros), ("usd_cap", usd_cap_micros)):
+            if micros is not None:
+                check_micros(name, micros)
+        with self._transaction() as conn:
+            if daily_cap_micros is not None:
+                conn.execute(
+                    "UPDATE keys SET daily_cap_micros = ? WHERE key_id = ?",
+                    (daily_cap_micros, key_id),
+                )
+            if usd_cap_micros is not None or clear_usd_cap:
+                conn.execute(
+                    "UPDATE keys SET usd_cap_micros = ? WHERE key_id = ?",
+                    (usd_cap_micros, key_id),
+                )
+            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_key(row)
+
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         check_rate_limit(limit)
