@@ -5,24 +5,41 @@
     keybrake check-policy policies/   validate vendor policies without starting
     keybrake keys issue --vendor stripe --daily-usd-cap 300 \\
         --allow "POST /v1/payment_intents" --expires-in 2h --label dramatiq/nightly-billing
-    keybrake keys list | keybrake keys revoke KEY_ID
+    keybrake keys list | keybrake keys revoke KEY_ID | keybrake keys set-cap KEY_ID ...
+    keybrake budgets set LABEL --daily-usd-cap 500
+    keybrake spend | keybrake audit [--follow]
+
+Key, budget, spend and audit commands open the store (and audit log) directly, or with
+``--admin-url`` (``KEYBRAKE_ADMIN_URL``) go through a proxy's admin API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import json
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from urllib.parse import quote
 
 import typer
 
-from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json
+from keybrake._keyspec import (
+    IssueKeyRequest,
+    KeyCapsChange,
+    KeySpecError,
+    key_to_json,
+    parse_label_budget,
+)
+from keybrake._money import MoneyError, format_usd, minor_unit_exponent
 from keybrake._packaged import (
     CONFIG_NAME,
     PACKAGED_POLICIES,
@@ -33,8 +50,10 @@ from keybrake._packaged import (
 )
 from keybrake._passthrough import parse_passthrough
 from keybrake._preflight import PreflightError, check_data_dir, check_listen, new_sqlite_file
+from keybrake._remote import RemoteAdmin, RemoteError, remote_admin
 from keybrake.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
 from keybrake.core import load_admin_token
+from keybrake.keys import hash_vault_key, looks_like_vault_key
 from keybrake.policy import PolicyError, load_policies
 from keybrake.store import (
     PASSWORD_ENV,
@@ -52,13 +71,56 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
+CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
-    help="Keybrake: vault keys, endpoint allowlists and dollar caps for workers calling paid APIs.",
+    help="Keybrake: vault keys, endpoint allowlists and dollar caps for workers calling paid "
+    "APIs.\n\nExample: keybrake init && keybrake run",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings=CONTEXT,
 )
-keys_app = typer.Typer(help="Issue, list and revoke vault keys (directly in the store).")
+keys_app = typer.Typer(
+    help="Issue, list, revoke, suspend and re-cap vault keys (in the store, or through a "
+    "proxy's admin API with --admin-url).\n\nExample: keybrake keys list",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+)
 app.add_typer(keys_app, name="keys")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keybrake")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"keybrake {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Keybrake: vault keys, endpoint allowlists and dollar caps for workers calling paid APIs.
+
+    Example: keybrake init && keybrake run
+    """
+
 
 DataDir = Annotated[
     Path,
@@ -261,7 +323,7 @@ def run(
     a mistake is one line on stderr and a non-zero exit. Ctrl-C or SIGTERM stops it (exit 0)
     once admitted calls are settled and audited.
 
-    Example: ``keybrake run --store redis://127.0.0.1:6379/0 --passthrough '*.googleapis.com'``
+    Example: keybrake run --store redis://127.0.0.1:6379/0 --passthrough '*.googleapis.com'
     """
     web_args: list[str] = []
     if web:
@@ -432,13 +494,13 @@ def web(
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
 ) -> None:
-    """``keybrake run`` with mitmweb's live flow UI (credentials redacted in every flow).
+    """'keybrake run' with mitmweb's live flow UI (credentials redacted in every flow).
 
     Each vendor flow is commented with its vault key id, label and outcome; refusals are
     marked. mitmweb prints its URL with a one-time token; pin one with
-    ``keybrake web -- --set web_password=...``.
+    'keybrake web -- --set web_password=...'.
 
-    Example: ``keybrake web --web-port 8082``
+    Example: keybrake web --web-port 8082
     """
     run(
         listen_host=listen_host,
@@ -463,7 +525,7 @@ def ca(certs_dir: CertsDir = None) -> None:
     The CA lives in ~/.keybrake/certs unless --certs-dir says otherwise; every command finds
     it there whatever the working directory. Says whether it was created now or reused.
 
-    Example: ``keybrake ca && export REQUESTS_CA_BUNDLE=~/.keybrake/certs/keybrake-ca-bundle.pem``
+    Example: keybrake ca && export REQUESTS_CA_BUNDLE=~/.keybrake/certs/keybrake-ca-bundle.pem
     """
     certs, bundle, created = _prepare_ca(certs_dir)
     typer.echo(
@@ -484,7 +546,7 @@ def check_policy(
 ) -> None:
     """Validate vendor policies without starting the proxy.
 
-    Example: ``keybrake check-policy policies/``
+    Example: keybrake check-policy policies/
     """
     try:
         ps = load_policies(policies_dir(directory))
@@ -516,6 +578,82 @@ def _run_store(url: str, fn: Any) -> Any:
         _fail(f"store unavailable: {e}", 3)
 
 
+AdminUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-url",
+        envvar="KEYBRAKE_ADMIN_URL",
+        help="Manage a proxy that runs elsewhere through its admin API, e.g. "
+        "http://10.0.0.5:8081 (default: open the store directly).",
+        show_default=False,
+    ),
+]
+AdminTokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin-token-file",
+        envvar="KEYBRAKE_ADMIN_TOKEN_FILE",
+        help="With --admin-url: the file holding the proxy's admin token (default: "
+        "KEYBRAKE_ADMIN_TOKEN, else <data dir>/admin-token).",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (exact amounts).")]
+KeyArg = Annotated[
+    str, typer.Argument(help="The key id (key_...); the vault key (kbv_...) works too.")
+]
+
+
+@contextlib.contextmanager
+def _remote(admin_url: str, token_file: Path | None, data_dir: Path) -> Iterator[RemoteAdmin]:
+    """The admin API at ``admin_url``; what it refuses is one line and an exit code."""
+    try:
+        with remote_admin(admin_url, token_file, data_dir) as api:
+            yield api
+    except RemoteError as e:
+        _fail(str(e), e.exit_code)
+
+
+def _is_vault_key(value: str) -> bool:
+    return value.startswith("kbv_") or looks_like_vault_key(value)
+
+
+def _no_key(value: str) -> str:
+    """The message for a key that is not there: a vault key is never shown."""
+    if _is_vault_key(value):
+        return "no vault key matches the vault key given"
+    return f"no vault key {value!r}"
+
+
+def _dollars(text: Any) -> str:
+    """``"300.00"`` (dollars as the JSON gives them) as ``$300.00``; None as ``""``."""
+    return "" if text is None or text == "" else f"${text}"
+
+
+def _micros(value: Any) -> str:
+    return "" if value is None else f"${format_usd(int(value))}"
+
+
+def _amount(minor: Any, currency: Any) -> str:
+    """A vendor amount in minor units: ``$12.00``, ``12.00 EUR``, ``1000 JPY``."""
+    if minor is None or not currency:
+        return ""
+    code = str(currency).upper()
+    try:
+        places = minor_unit_exponent(code)
+    except MoneyError:
+        return f"{minor} {code} (minor units)"
+    major = Decimal(int(minor)).scaleb(-places)
+    return f"${major}" if code == "USD" else f"{major} {code}"
+
+
+async def _key_by_arg(s: Store, key: str) -> KeyRecord | None:
+    """The key an argument names: a key id, or a vault key (looked up by its hash)."""
+    if _is_vault_key(key):
+        return await s.get_key_by_secret_hash(hash_vault_key(key))
+    return await s.get_key(key)
+
+
 @keys_app.command("issue")
 def keys_issue(
     vendor: Annotated[str, typer.Option(help="Vendor name from policies/, e.g. stripe.")],
@@ -540,129 +678,353 @@ def keys_issue(
     data_dir: DataDir = Path(".keybrake"),
     policies: PoliciesDir = None,
     store: StoreUrl = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Issue a vault key; it is printed once and never stored."""
-    try:
-        ps = load_policies(policies_dir(policies))
-        spec = IssueKeyRequest.from_json(
-            {
-                "vendor": vendor,
-                "daily_usd_cap": daily_usd_cap,
-                "usd_cap": usd_cap,
-                "allowed_endpoints": allow,
-                "expires_in": expires_in,
-                "agent_run_label": label,
-                "max_requests_per_minute": max_requests_per_minute,
-                "allowed_accounts": account or None,
-            },
-            ps,
-        )
-    except (PolicyError, KeySpecError) as e:
-        _fail(str(e), 2)
-        return
-    now = dt.datetime.now(dt.UTC)
-    record, vault_key = spec.new_key(now)
+    """Issue a vault key; it is printed once and never stored.
 
-    async def create(s: Store) -> None:
-        await s.create_key(record)
+    With --admin-url the proxy's own policies check it (--policies is not used).
 
-    _run_store(_cli_store_url(store, data_dir), create)
-    body = key_to_json(record, now) | {"vault_key": vault_key}
+    Example: keybrake keys issue --vendor stripe --daily-usd-cap 300 --allow 'POST /v1/payment_intents' --expires-in 2h --label dramatiq/nightly-billing
+    """  # noqa: E501
+    fields: dict[str, Any] = {
+        "vendor": vendor,
+        "daily_usd_cap": daily_usd_cap,
+        "usd_cap": usd_cap,
+        "allowed_endpoints": allow,
+        "expires_in": expires_in,
+        "agent_run_label": label,
+        "max_requests_per_minute": max_requests_per_minute,
+        "allowed_accounts": account or None,
+    }
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            sent = {k: v for k, v in fields.items() if v is not None}
+            body: dict[str, Any] = api.call("POST", "/vault/keys", body=sent)
+    else:
+        try:
+            spec = IssueKeyRequest.from_json(fields, load_policies(policies_dir(policies)))
+        except (PolicyError, KeySpecError) as e:
+            _fail(str(e), 2)
+        now = dt.datetime.now(dt.UTC)
+        record, vault_key = spec.new_key(now)
+
+        async def create(s: Store) -> None:
+            await s.create_key(record)
+
+        _run_store(_cli_store_url(store, data_dir), create)
+        body = key_to_json(record, now) | {"vault_key": vault_key}
     if as_json:
         typer.echo(json.dumps(body, indent=2))
     else:
-        typer.echo(f"{record.key_id}  expires {body['expires_at']}\n{vault_key}")
+        typer.echo(f"{body['key_id']}  expires {body['expires_at']}\n{body['vault_key']}")
 
 
 @keys_app.command("list")
 def keys_list(
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
 ) -> None:
-    """List vault keys with today's spend (never secrets)."""
-    now = dt.datetime.now(dt.UTC)
+    """List vault keys with today's spend (never secrets).
 
-    async def fetch(s: Store) -> list[dict[str, Any]]:
-        return [key_to_json(k, now, await s.budgets(k, now)) for k in await s.list_keys()]
+    Example: keybrake keys list --admin-url http://10.0.0.5:8081
+    """
+    rows: list[dict[str, Any]]
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            rows = api.items("/vault/keys")
+        where = admin_url
+    else:
+        now = dt.datetime.now(dt.UTC)
 
-    url = _cli_store_url(store, data_dir)
-    rows: list[dict[str, Any]] = _run_store(url, fetch)
+        async def fetch(s: Store) -> list[dict[str, Any]]:
+            return [key_to_json(k, now, await s.budgets(k, now)) for k in await s.list_keys()]
+
+        url = _cli_store_url(store, data_dir)
+        rows = _run_store(url, fetch)
+        s = _open_store(url)
+        where = str(s.path.resolve()) if isinstance(s, SQLiteStore) else redact_url(url)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        s = _open_store(url)
-        where = str(s.path.resolve()) if isinstance(s, SQLiteStore) else redact_url(url)
         typer.echo(f"No vault keys in {where}: issue one with `keybrake keys issue`.")
         return
     typer.echo(
-        f"{'KEY_ID':22} {'VENDOR':8} {'STATUS':8} {'CAP':>10} {'SPENT':>10} {'EXPIRES':21} LABEL"
+        f"{'KEY_ID':22} {'VENDOR':8} {'STATUS':9} {'CAP':>10} {'SPENT':>10} {'EXPIRES':21} LABEL"
     )
     for r in rows:
         typer.echo(
-            f"{r['key_id']:22} {r['vendor']:8} {r['status']:8} {r['daily_usd_cap']:>10} "
-            f"{r.get('spent_today_usd', ''):>10} {r['expires_at']:21} {r['agent_run_label']}"
+            f"{r['key_id']:22} {r['vendor']:8} {r['status']:9} {_dollars(r['daily_usd_cap']):>10} "
+            f"{_dollars(r.get('spent_today_usd')):>10} {r['expires_at']:21} {r['agent_run_label']}"
         )
 
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: Annotated[str, typer.Argument(help="The key id (key_...), not the vault key.")],
+    key: KeyArg,
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
 ) -> None:
-    """Revoke a vault key; the next request with it is refused on every replica."""
+    """Revoke a vault key; the next request with it is refused on every replica.
+
+    Given the vault key itself (a leaked one), only its key id is printed.
+
+    Example: keybrake keys revoke key_7Hq2... (or: keybrake keys revoke "$LEAKED_VAULT_KEY")
+    """
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            if _is_vault_key(key):
+                body = api.call("POST", "/vault/revoke", body={"vault_key": key})
+            else:
+                body = api.call("DELETE", f"/vault/keys/{quote(key, safe='')}")
+        typer.echo(f"revoked {body['key_id']}")
+        return
     now = dt.datetime.now(dt.UTC)
 
     async def revoke(s: Store) -> KeyRecord | None:
-        return await s.revoke_key(key_id, now)
+        found = await _key_by_arg(s, key)
+        return None if found is None else await s.revoke_key(found.key_id, now)
 
     rec = _run_store(_cli_store_url(store, data_dir), revoke)
     if rec is None:
-        _fail(f"no vault key {key_id!r}", 4)
-    typer.echo(f"revoked {key_id}")
+        _fail(_no_key(key), 4)
+    typer.echo(f"revoked {rec.key_id}")
+
+
+def _local_key_action(
+    key: str, data_dir: Path, store: str, action: Callable[[Store, str], Awaitable[Any]]
+) -> Any:
+    async def act(s: Store) -> Any:
+        found = await _key_by_arg(s, key)
+        return None if found is None else await action(s, found.key_id)
+
+    rec = _run_store(_cli_store_url(store, data_dir), act)
+    if rec is None:
+        _fail(_no_key(key), 4)
+    return rec
+
+
+def _remote_key_path(key: str, action: str = "") -> str:
+    if _is_vault_key(key):
+        _fail("with --admin-url, name the key by its key id (key_...), not the vault key", 2)
+    return f"/vault/keys/{quote(key, safe='')}{action}"
 
 
 @keys_app.command("suspend")
 def keys_suspend(
-    key_id: Annotated[str, typer.Argument(help="The key id (key_...), not the vault key.")],
+    key: KeyArg,
     reason: Annotated[str, typer.Option(help="Why, shown with every refusal.")] = "by operator",
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
 ) -> None:
     """Suspend a vault key: refused (403 key_suspended) on every replica until resumed.
 
     The proxy suspends a key by itself when a call cost more than its estimate.
-    Example: ``keybrake keys suspend key_123 --reason "investigating a refund loop"``
+
+    Example: keybrake keys suspend key_123 --reason "investigating a refund loop"
     """
-    now = dt.datetime.now(dt.UTC)
-
-    async def suspend(s: Store) -> KeyRecord | None:
-        return await s.suspend_key(key_id, now, reason[:200])
-
-    rec = _run_store(_cli_store_url(store, data_dir), suspend)
-    if rec is None:
-        _fail(f"no vault key {key_id!r}", 4)
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            path = _remote_key_path(key, "/suspend")
+            body = api.call("POST", path, body={"reason": reason})
+        typer.echo(f"suspended {body['key_id']} ({body['suspended_reason']})")
         return
-    typer.echo(f"suspended {key_id} ({rec.suspended_reason})")
+    now = dt.datetime.now(dt.UTC)
+    rec = _local_key_action(
+        key, data_dir, store, lambda s, key_id: s.suspend_key(key_id, now, reason[:200])
+    )
+    typer.echo(f"suspended {rec.key_id} ({rec.suspended_reason})")
 
 
 @keys_app.command("resume")
 def keys_resume(
-    key_id: Annotated[str, typer.Argument(help="The key id (key_...), not the vault key.")],
+    key: KeyArg,
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
 ) -> None:
-    """Lift a suspension (harmless when the key is not suspended)."""
+    """Lift a suspension (harmless when the key is not suspended).
 
-    async def resume(s: Store) -> KeyRecord | None:
-        return await s.resume_key(key_id)
+    Example: keybrake keys resume key_123
+    """
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            body = api.call("POST", _remote_key_path(key, "/resume"))
+        typer.echo(f"resumed {body['key_id']}")
+        return
+    rec = _local_key_action(key, data_dir, store, lambda s, key_id: s.resume_key(key_id))
+    typer.echo(f"resumed {rec.key_id}")
 
-    if _run_store(_cli_store_url(store, data_dir), resume) is None:
-        _fail(f"no vault key {key_id!r}", 4)
-    typer.echo(f"resumed {key_id}")
+
+@keys_app.command("set-cap")
+def keys_set_cap(
+    key: KeyArg,
+    daily_usd_cap: Annotated[
+        str | None, typer.Option(help="The new daily cap in USD.", show_default=False)
+    ] = None,
+    usd_cap: Annotated[
+        str | None, typer.Option(help="The new lifetime cap in USD.", show_default=False)
+    ] = None,
+    no_usd_cap: Annotated[
+        bool, typer.Option("--no-usd-cap", help="Remove the lifetime cap.")
+    ] = False,
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Raise or lower a key's daily or lifetime cap; every replica's next call uses it.
+
+    A cap below what the key has spent is allowed: its paid calls are refused from then on
+    (until the next UTC day, for the daily cap). Nothing spent or reserved moves.
+
+    Example: keybrake keys set-cap key_123 --daily-usd-cap 50
+    """
+    fields: dict[str, Any] = {}
+    if daily_usd_cap is not None:
+        fields["daily_usd_cap"] = daily_usd_cap
+    if usd_cap is not None and no_usd_cap:
+        _fail("--usd-cap and --no-usd-cap: give one of them", 2)
+    if usd_cap is not None or no_usd_cap:
+        fields["usd_cap"] = usd_cap
+    if not fields:
+        _fail("give --daily-usd-cap, --usd-cap or --no-usd-cap", 2)
+    try:
+        change = KeyCapsChange.from_json(fields)
+    except KeySpecError as e:
+        _fail(str(e), 2)
+    body: dict[str, Any]
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            body = api.call("PATCH", _remote_key_path(key), body=fields)
+    else:
+        now = dt.datetime.now(dt.UTC)
+
+        async def set_caps(s: Store) -> dict[str, Any] | None:
+            found = await _key_by_arg(s, key)
+            changed = found and await s.set_key_caps(
+                found.key_id,
+                daily_cap_micros=change.daily_cap_micros,
+                usd_cap_micros=change.usd_cap_micros,
+                clear_usd_cap=change.clear_usd_cap,
+            )
+            return key_to_json(changed, now, await s.budgets(changed, now)) if changed else None
+
+        found = _run_store(_cli_store_url(store, data_dir), set_caps)
+        if found is None:
+            _fail(_no_key(key), 4)
+        body = found
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    lifetime = _dollars(body["usd_cap"]) or "none"
+    typer.echo(
+        f"{body['key_id']}: daily cap {_dollars(body['daily_usd_cap'])}, lifetime cap "
+        f"{lifetime}; spent today {_dollars(body.get('spent_today_usd'))}, remaining "
+        f"{_dollars(body.get('remaining_usd')) or 'no limit'}"
+    )
+    if body.get("remaining_usd") in ("0.00", "0"):
+        _note(f"{body['key_id']} has no room left under its caps: its paid calls are refused")
+
+
+budgets_app = typer.Typer(
+    help="Shared daily caps per agent_run_label (every key with the label counts against "
+    "it).\n\nExample: keybrake budgets set dramatiq/nightly-billing --daily-usd-cap 500",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+)
+app.add_typer(budgets_app, name="budgets")
+
+
+def _budget_json(label: str, cap: int | None) -> dict[str, Any]:
+    """What ``GET /vault/budgets/{label}`` answers."""
+    return {
+        "object": "label_budget",
+        "label": label,
+        "daily_usd_cap": format_usd(cap) if cap is not None else None,
+        "as_of": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _show_budget(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+    elif body["daily_usd_cap"] is None:
+        typer.echo(f"{body['label']}: no label cap (each key's own caps still apply)")
+    else:
+        typer.echo(f"{body['label']}: daily cap {_dollars(body['daily_usd_cap'])} (shared)")
+
+
+@budgets_app.command("set")
+def budgets_set(
+    label: Annotated[str, typer.Argument(help="The agent_run_label, e.g. dramatiq/nightly.")],
+    daily_usd_cap: Annotated[
+        str | None, typer.Option(help="The shared daily cap in USD.", show_default=False)
+    ] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the label's cap.")] = False,
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Cap what every key with a label may spend per UTC day, together.
+
+    Example: keybrake budgets set dramatiq/nightly-billing --daily-usd-cap 500
+    """
+    if (daily_usd_cap is None) == (not remove):
+        _fail("give --daily-usd-cap N or --remove", 2)
+    request = {"daily_usd_cap": daily_usd_cap}
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            path = f"/vault/budgets/{quote(label, safe='')}"
+            _show_budget(api.call("PUT", path, body=request), as_json)
+        return
+    try:
+        cap = parse_label_budget(label, request)
+    except KeySpecError as e:
+        _fail(str(e), 2)
+
+    async def put(s: Store) -> None:
+        await s.set_label_budget(label, cap)
+
+    _run_store(_cli_store_url(store, data_dir), put)
+    _show_budget(_budget_json(label, cap), as_json)
+
+
+@budgets_app.command("show")
+def budgets_show(
+    label: Annotated[str, typer.Argument(help="The agent_run_label.")],
+    data_dir: DataDir = Path(".keybrake"),
+    store: StoreUrl = "",
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """A label's shared daily cap.
+
+    Example: keybrake budgets show dramatiq/nightly-billing
+    """
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            _show_budget(api.call("GET", f"/vault/budgets/{quote(label, safe='')}"), as_json)
+        return
+
+    async def get(s: Store) -> int | None:
+        return await s.get_label_budget(label)
+
+    _show_budget(_budget_json(label, _run_store(_cli_store_url(store, data_dir), get)), as_json)
 
 
 AuditUrl = Annotated[
@@ -697,11 +1059,15 @@ def _report_sources(store: str, audit: str, data_dir: Path) -> tuple[Store, Audi
 
 
 async def _read_audit(
-    store: Store, sink: AuditSink, read: Callable[[Store | None], Awaitable[Any]]
+    store: Store,
+    sink: AuditSink,
+    read: Callable[[Store | None], Awaitable[Any]],
+    quiet: bool = False,
 ) -> Any:
     """``await read(store)`` once the rows still in the store's outbox (calls the proxy
     answered and has not moved yet) are in ``sink``. A store that cannot be opened is said
-    so on stderr and ``read`` gets None: what the sink holds is still worth showing."""
+    so on stderr (unless ``quiet``) and ``read`` gets None: what the sink holds is still
+    worth showing."""
     from keybrake._audit_pump import drain_outbox
 
     new = new_sqlite_file(store)
@@ -709,16 +1075,19 @@ async def _read_audit(
         try:
             await store.open()
         except StoreUnavailable as e:
-            _warn(f"store unavailable ({e})")
+            if not quiet:
+                _warn(f"store unavailable ({e})")
             return await read(None)
         if new is not None:
             _note(f"created a new, empty store: {new}")
         try:
             await drain_outbox(store, sink)
         except StoreUnavailable as e:
-            _warn(f"store unavailable ({e})")
+            if not quiet:
+                _warn(f"store unavailable ({e})")
         except Exception as e:  # the sink refused them: still show what it holds
-            _warn(f"could not move recent rows to the audit log ({type(e).__name__}: {e})")
+            if not quiet:
+                _warn(f"could not move recent rows to the audit log ({type(e).__name__}: {e})")
         return await read(store)
     finally:
         await store.close()
@@ -737,51 +1106,67 @@ def spend(
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
     audit: AuditUrl = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
 ) -> None:
     """Spend per key (or label, vendor, hour, day): calls, refusals, dollars, cap, remaining.
 
     Rows the proxy has not yet moved from the store to the audit log are moved first.
-    Example: ``keybrake spend --label dramatiq/nightly-billing --since 24h``
+
+    Example: keybrake spend --label dramatiq/nightly-billing --since 24h
     """
     from keybrake.reports import ReportError, add_caps, format_table, parse_time, spend_summary
 
-    now = dt.datetime.now(dt.UTC)
-    try:
-        start = parse_time(since, now)
-        end = parse_time(until, now, "until") if until else None
-    except ReportError as e:
-        _fail(str(e), 2)
-        return
-
-    async def report(s: Store | None) -> list[dict[str, Any]]:
-        rows = spend_summary(
-            sink,
-            group_by=group_by,  # type: ignore[arg-type]
-            label=label,
-            key_id=key,
-            vendor=vendor,
-            since=start,
-            until=end,
-        )
+    rows: list[dict[str, Any]]
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            rows = api.items(
+                "/vault/spend",
+                {
+                    "label": label,
+                    "key": key,
+                    "vendor": vendor,
+                    "since": since,
+                    "until": until,
+                    "group_by": group_by,
+                },
+            )
+    else:
+        now = dt.datetime.now(dt.UTC)
         try:
-            if s is not None:
-                await add_caps(rows, s, now)
-                return rows
-        except StoreUnavailable as e:
-            _warn(f"store unavailable ({e})")
-        for row in rows:  # caps and what remains come from the store
-            row["daily_cap_usd"] = row["remaining_usd"] = None
-        return rows
+            start = parse_time(since, now)
+            end = parse_time(until, now, "until") if until else None
+        except ReportError as e:
+            _fail(str(e), 2)
 
-    source, sink = _report_sources(store, audit, data_dir)
-    try:
-        rows = asyncio.run(_read_audit(source, sink, report))
-    except ReportError as e:
-        _fail(str(e), 2)
-        return
-    finally:
-        sink.close()
+        async def report(s: Store | None) -> list[dict[str, Any]]:
+            rows = spend_summary(
+                sink,
+                group_by=group_by,  # type: ignore[arg-type]
+                label=label,
+                key_id=key,
+                vendor=vendor,
+                since=start,
+                until=end,
+            )
+            try:
+                if s is not None:
+                    await add_caps(rows, s, now)
+                    return rows
+            except StoreUnavailable as e:
+                _warn(f"store unavailable ({e})")
+            for row in rows:  # caps and what remains come from the store
+                row["daily_cap_usd"] = row["remaining_usd"] = None
+            return rows
+
+        source, sink = _report_sources(store, audit, data_dir)
+        try:
+            rows = asyncio.run(_read_audit(source, sink, report))
+        except ReportError as e:
+            _fail(str(e), 2)
+        finally:
+            sink.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -789,11 +1174,30 @@ def spend(
     cols += ["daily_cap_usd", "remaining_usd"]
     if group_by != "key":
         cols = [c for c in cols if c not in ("label", "vendor")]
-    typer.echo(format_table(rows, cols))
-    total = sum(r["spent_micros"] for r in rows)
-    from keybrake._money import format_usd
-
+    money = ("spent_usd", "daily_cap_usd", "remaining_usd")
+    shown = [r | {c: _dollars(r.get(c)) for c in money} for r in rows]
+    typer.echo(format_table(shown, cols))
+    total = sum(int(r["spent_micros"]) for r in rows)
     typer.echo(f"total spent: ${format_usd(total)} in {sum(r['calls'] for r in rows)} calls")
+
+
+_AUDIT_COLUMNS = ["ts", "key_id", "label", "method", "path", "status", "outcome", "code"]
+_AUDIT_COLUMNS += ["cost", "amount", "vendor_request_id", "vendor_object_id", "actor"]
+_AUDIT_COLUMNS += ["message_id"]
+
+
+def _audit_view(row: dict[str, Any]) -> dict[str, Any]:
+    """An audit row for people: its cost in dollars, the vendor amount in its currency."""
+    return row | {
+        "cost": _micros(row.get("actual_micros")),
+        "amount": _amount(row.get("amount_minor"), row.get("currency")),
+    }
+
+
+def _audit_line(row: dict[str, Any]) -> str:
+    """One audit row on one line, for ``--follow``: every column, ``-`` when empty."""
+    view = _audit_view(row)
+    return "  ".join(str(view.get(c) or "-") for c in _AUDIT_COLUMNS)
 
 
 @app.command("audit")
@@ -808,52 +1212,96 @@ def audit_cmd(
     since: Annotated[str, typer.Option(help="24h, 7d, 30m or an ISO date/time.")] = "24h",
     until: Annotated[str | None, typer.Option(help="End of the window.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows (newest first).")] = 50,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Keep printing new rows as they are written, oldest first (Ctrl-C stops); "
+            "with --json, one JSON object per line.",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(help="With --follow: seconds between looks for new rows.")
+    ] = 1.0,
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
     audit: AuditUrl = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    admin_url: AdminUrl = None,
+    admin_token_file: AdminTokenFile = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Recent audit rows, newest first.
+    """Recent audit rows, newest first; with --follow, new rows as they come (like tail -f).
 
     Rows the proxy has not yet moved from the store to the audit log are moved first.
-    Example: ``keybrake audit --label dramatiq/nightly-billing --outcome refused --limit 50``
+
+    Example: keybrake audit --label dramatiq/nightly-billing --outcome refused --limit 50
+
+    Example: keybrake audit --follow --key key_123 --admin-url http://10.0.0.5:8081
     """
-    from keybrake.reports import ReportError, audit_rows, format_table, parse_time
+    from keybrake._follow import AuditFollower, LocalAuditSource, RemoteAuditSource
+    from keybrake.reports import ReportError, format_table, parse_time
 
-    now = dt.datetime.now(dt.UTC)
-    try:
-        start = parse_time(since, now)
-        end = parse_time(until, now, "until") if until else None
-    except ReportError as e:
-        _fail(str(e), 2)
-        return
-
-    async def query(_: Store | None) -> list[dict[str, Any]]:
-        return audit_rows(
-            sink,
-            label=label,
-            key_id=key,
-            vendor=vendor,
-            outcome=outcome,
-            since=start,
-            until=end,
-            limit=limit,
-        )
-
-    source, sink = _report_sources(store, audit, data_dir)
-    try:
-        rows = asyncio.run(_read_audit(source, sink, query))
-    except ReportError as e:
-        _fail(str(e), 2)
-        return
-    finally:
-        sink.close()
+    filters = {"label": label, "key": key, "vendor": vendor, "outcome": outcome}
+    if follow and until:
+        _fail("--follow shows rows as they are written: leave out --until", 2)
+    if not 0.05 <= interval <= 3600:
+        _fail("--interval: give seconds between 0.05 and 3600", 2)
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            source: Any = RemoteAuditSource(api, filters, since, until)
+            if follow:
+                _follow(AuditFollower(source, limit), interval, as_json)
+                return
+            rows = source.newest(limit)
+    else:
+        now = dt.datetime.now(dt.UTC)
+        try:
+            start = parse_time(since, now)
+            end = parse_time(until, now, "until") if until else None
+        except ReportError as e:
+            _fail(str(e), 2)
+        store_, sink = _report_sources(store, audit, data_dir)
+        try:
+            source = LocalAuditSource(
+                store_, sink, filters, start, end, read=_read_audit, warn=_warn
+            )
+            if follow:
+                _follow(AuditFollower(source, limit), interval, as_json)
+                return
+            rows = source.newest(limit)
+        except ReportError as e:
+            _fail(str(e), 2)
+        finally:
+            sink.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    cols = ["ts", "key_id", "label", "method", "path", "status", "outcome", "code"]
-    cols += ["actual_micros", "vendor_request_id", "vendor_object_id", "actor", "message_id"]
-    typer.echo(format_table(rows, cols))
+    typer.echo(format_table([_audit_view(r) for r in rows], _AUDIT_COLUMNS))
+
+
+def _follow(follower: Any, interval: float, as_json: bool) -> None:
+    """Print rows as ``follower`` finds them until Ctrl-C or SIGTERM (exit 0, no traceback)."""
+    from keybrake.reports import ReportError
+
+    stopped: list[int] = []  # a signal handler only appends: nothing it could block on
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stopped.append(signum))
+    if not as_json:
+        typer.echo("  ".join(c.upper() for c in _AUDIT_COLUMNS))
+    try:
+        while not stopped:
+            for row in follower.poll():
+                typer.echo(json.dumps(row) if as_json else _audit_line(row))
+            deadline = time.monotonic() + interval
+            while not stopped and time.monotonic() < deadline:
+                time.sleep(min(0.1, interval))
+    except KeyboardInterrupt:
+        pass
+    except ReportError as e:
+        _fail(str(e), 2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(0)
 
 
 @app.command()
@@ -864,11 +1312,11 @@ def init(
 ) -> None:
     """Write editable copies of the shipped vendor policies and a commented keybrake.toml.
 
-    ``keybrake run`` started in that directory then enforces those policies and reads its
+    'keybrake run' started in that directory then enforces those policies and reads its
     settings from keybrake.toml (flags and environment variables still win). Existing files
     are kept.
 
-    Example: ``keybrake init /etc/keybrake && cd /etc/keybrake && keybrake run``
+    Example: keybrake init /etc/keybrake && cd /etc/keybrake && keybrake run
     """
     try:
         written = init_deployment(directory)
