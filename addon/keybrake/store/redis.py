@@ -264,9 +264,15 @@ class RedisStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[redis.asyncio.Redis]:
+        client = self._redis()
         try:
-            yield self._redis()
+            yield client
         except (redis.exceptions.RedisError, OSError) as exc:
+            if isinstance(exc, redis.exceptions.ConnectionError | OSError):
+                # The server went away: every idle pooled connection is dead too. Dropped now,
+                # so the first calls after it is back do not each meet a stale one.
+                with contextlib.suppress(Exception):
+                    await client.connection_pool.disconnect(inuse_connections=False)
             problem = f"{type(exc).__name__}: {exc}{self._hint(exc)}"
             if self._target.password:
                 # redis-py and the server do not echo passwords; this makes sure of it.
