@@ -1,10 +1,13 @@
-"""Per-operation cost of the two `Store` backends, in process, without the proxy.
+"""Per-call cost of the two `Store` backends on the hot path, in process, without the proxy.
 
-    .venv/bin/python bench/store_ops.py [--n 3000]
+    .venv/bin/python bench/store_ops.py [--n 3000] [--only sqlite|redis]
 
-Runs the store calls one vendor call makes on the proxy's hot path (key lookup, reserve,
-settle, remember the amount), one after the other on one event loop, and prints the mean
-wall time of each: how much of Keybrake's per-call cost (see ``bench/run.py``) is the store.
+Runs what one paid vendor call asks of the store (``POST /v1/payment_intents`` with the
+request-rate limit on, an object quota, a fresh idempotency claim): one `Store.admit`, then
+one `Store.settle_call` that settles the reservation, records the created object, remembers
+its amount, stores the idempotent response and appends the audit row. Prints the mean CPU
+time of each on the calling thread (``time.thread_time``), and, for Redis, the server's CPU
+per call (``INFO cpu``) and the commands it ran per call (``INFO commandstats``).
 Redis runs against 127.0.0.1:6379 under a throw-away prefix that is deleted afterwards.
 """
 
@@ -26,42 +29,86 @@ for p in (ROOT, ROOT / "addon"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from keybrake.store import KeyRecord, Store, open_store  # noqa: E402
+from keybrake.store import (  # noqa: E402
+    AdmissionRequest,
+    IdempotencyClaim,
+    KeyRecord,
+    Settlement,
+    Store,
+    StoredResponse,
+    open_store,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+BODY = b'{"id": "pi_x", "object": "payment_intent", "amount": 2000}' * 20
+
+
+def _redis_cpu() -> tuple[float, dict[str, int]]:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    cpu = r.info("cpu")
+    stats = r.info("commandstats")
+    r.close()
+    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), {
+        k: int(v["calls"]) for k, v in stats.items()
+    }
 
 
 async def measure(store: Store, n: int) -> dict[str, float]:
     await store.open()
     now = dt.datetime.now(dt.UTC)
-    secret = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
     key = KeyRecord(
         key_id=f"key_{uuid.uuid4().hex[:16]}",
-        secret_sha256=secret,
+        secret_sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
         vendor="stripe",
         agent_run_label="bench",
         daily_cap_micros=10**15,
         allowed_endpoints=("POST /v1/payment_intents",),
         created_at=now,
         expires_at=now + dt.timedelta(hours=1),
+        max_requests_per_minute=10**6,
     )
     await store.create_key(key)
     spent: dict[str, float] = defaultdict(float)
     for i in range(n):
         rid = f"res_{uuid.uuid4().hex}"
+        scope = f"POST /v1/payment_intents idem-{i}"
         t0 = time.thread_time()
-        await store.get_key_by_secret_hash(secret)
+        admission = await store.admit(
+            AdmissionRequest(
+                key.key_id,
+                dt.datetime.now(dt.UTC),
+                reservation_id=rid,
+                estimate_micros=1_000_000,
+                rate_limit=10**6,
+                idempotency=IdempotencyClaim(scope, "fp", 86400, 600, 10**6),
+                max_objects=10**6,
+            )
+        )
         t1 = time.thread_time()
-        await store.reserve(key, rid, 1_000_000, dt.datetime.now(dt.UTC))
+        assert admission.status == "admitted", admission
+        await store.settle_call(
+            Settlement(
+                key_id=key.key_id,
+                label="bench",
+                vendor="stripe",
+                now=dt.datetime.now(dt.UTC),
+                reservation_id=rid,
+                ledger_rows=admission.ledger_rows,
+                finish="settled",
+                actual_micros=20_000_000,
+                created=(f"pi_{i}",),
+                remember=(f"pi_{i}", 20_000_000),
+                idempotency_scope=scope,
+                idempotency_response=StoredResponse(200, (("content-type", "application/json"),), BODY),
+                idempotency_ttl_seconds=86400,
+                audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 20_000_000},
+            )
+        )
         t2 = time.thread_time()
-        await store.settle(rid, 1_000_000)
-        t3 = time.thread_time()
-        await store.remember_amount(key.key_id, "stripe", f"pi_{i}", 1_000_000)
-        t4 = time.thread_time()
-        spent["get_key_by_secret_hash"] += t1 - t0
-        spent["reserve"] += t2 - t1
-        spent["settle"] += t3 - t2
-        spent["remember_amount"] += t4 - t3
+        spent["admit"] += t1 - t0
+        spent["settle_call"] += t2 - t1
     await store.close()
     return {op: 1000 * s / n for op, s in spent.items()}
 
@@ -69,24 +116,35 @@ async def measure(store: Store, n: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--only", choices=("sqlite", "redis"))
     args = ap.parse_args()
     prefix = f"kbbench-ops:{uuid.uuid4().hex[:8]}:"
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
-        results = {
-            "sqlite": asyncio.run(measure(open_store(f"sqlite:///{d}/ops.db"), args.n)),
-            "redis": asyncio.run(measure(open_store(f"{REDIS_URL}?prefix={prefix}"), args.n)),
-        }
-    import redis
+        if args.only in (None, "sqlite"):
+            results["sqlite"] = asyncio.run(measure(open_store(f"sqlite:///{d}/ops.db"), args.n))
+        if args.only in (None, "redis"):
+            cpu0, cmds0 = _redis_cpu()
+            results["redis"] = asyncio.run(measure(open_store(f"{REDIS_URL}?prefix={prefix}"), args.n))
+            cpu1, cmds1 = _redis_cpu()
+            results["redis"]["redis server CPU"] = 1000 * (cpu1 - cpu0) / args.n
+            calls = {k: cmds1[k] - cmds0.get(k, 0) for k in cmds1 if cmds1[k] != cmds0.get(k, 0)}
+            print("redis commands per call:", {
+                k.removeprefix("cmdstat_"): round(v / args.n, 2) for k, v in sorted(calls.items())
+            })  # fmt: skip
+    if "redis" in results:
+        import redis
 
-    r = redis.Redis.from_url(REDIS_URL)
-    for k in r.scan_iter(f"{prefix}*", count=1000):
-        r.delete(k)
-    r.close()
-    ops = list(results["sqlite"])
-    print(f"{'ms per call':<24}" + "".join(f"{b:>10}" for b in results))
+        r = redis.Redis.from_url(REDIS_URL)
+        left = sum(1 for _ in r.scan_iter(f"{prefix}*", count=1000))
+        print(f"redis keys left under the prefix after {args.n} calls: {left}")
+        for k in r.scan_iter(f"{prefix}*", count=1000):
+            r.delete(k)
+        r.close()
+    ops = sorted({op for res in results.values() for op in res})
+    print(f"{'CPU ms per call':<24}" + "".join(f"{b:>10}" for b in results))
     for op in ops:
-        print(f"{op:<24}" + "".join(f"{results[b][op]:>10.3f}" for b in results))
-    print(f"{'total':<24}" + "".join(f"{sum(results[b].values()):>10.3f}" for b in results))
+        print(f"{op:<24}" + "".join(f"{results[b].get(op, 0):>10.3f}" for b in results))
 
 
 if __name__ == "__main__":

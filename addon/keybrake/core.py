@@ -27,6 +27,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from keybrake._audit_pump import AuditPump
 from keybrake._audit_sinks import AuditSink
 from keybrake._limiter import FailureLimiter
+from keybrake._mitm_chain import check_options, unload_unused_addons
 from keybrake.credentials import VendorSecrets
 from keybrake.keys import parse_duration
 from keybrake.policy import PolicyError, PolicySet, load_policies
@@ -269,6 +270,7 @@ class Core:
     def configure(self, updated: set[str]) -> None:
         rt = self.runtime
         opts = ctx.options
+        check_options(opts, updated)
         if "keybrake_data_dir" in updated:
             rt.data_dir = Path(opts.keybrake_data_dir).expanduser()
             try:
@@ -405,6 +407,7 @@ class Core:
     async def running(self) -> None:
         rt = self.runtime
         self._running = True
+        unload_unused_addons(ctx.master)
         self._apply_derived_options()
         if rt.store_url.startswith("redis"):
             # A crashed replica's open reservations stay counted (safe); finish them as spent
