@@ -24,7 +24,13 @@ from typing import Any
 from mitmproxy import exceptions, hooks
 from mitmproxy.addonmanager import traverse
 
-__all__ = ["REFUSED_OPTIONS", "UNLOADED", "check_options", "unload_unused_addons"]
+__all__ = [
+    "REFUSED_OPTIONS",
+    "UNLOADED",
+    "check_options",
+    "refused_in_args",
+    "unload_unused_addons",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,44 @@ def check_options(options: Any, updated: set[str]) -> None:
             )
 
 
+# mitmdump's command-line flags for `REFUSED_OPTIONS` (long and short forms).
+_FLAGS = {
+    "--map-remote": "map_remote",
+    "-M": "map_remote",
+    "--map-local": "map_local",
+    "--modify-body": "modify_body",
+    "-B": "modify_body",
+    "--modify-headers": "modify_headers",
+    "-H": "modify_headers",
+    "--upstream-auth": "upstream_auth",
+    "--server-replay": "server_replay",
+    "-S": "server_replay",
+    "--client-replay": "client_replay",
+    "-C": "client_replay",
+    "--stickyauth": "stickyauth",
+    "--stickycookie": "stickycookie",
+    "--anticache": "anticache",
+    "--anticomp": "anticomp",
+}
+
+
+def refused_in_args(args: list[str]) -> str | None:
+    """The first refused option that mitmproxy arguments set, as an error message, or None.
+
+    `keybrake run` checks its extra arguments with this before it starts anything, so the
+    mistake is one line; `check_options` is the backstop for other ways to set options.
+    """
+    for i, arg in enumerate(args):
+        flag, _, inline = arg.partition("=")
+        name = _FLAGS.get(flag)
+        if name is None and flag == "--set":
+            value = inline or (args[i + 1] if i + 1 < len(args) else "")
+            name = value.partition("=")[0].strip()
+        if name in REFUSED_OPTIONS:
+            return f"Keybrake does not allow mitmproxy's {name} option: {REFUSED_OPTIONS[name]}"
+    return None
+
+
 def unload_unused_addons(master: Any) -> None:
     """Remove the `UNLOADED` addons from a mitmdump master's chain (soon: not mid-event).
 
@@ -103,7 +147,7 @@ def unload_unused_addons(master: Any) -> None:
             for a in traverse([addon]):
                 master.addons.lookup.pop(getattr(a, "name", type(a).__name__.lower()), None)
             master.addons.chain.remove(addon)
-        log.debug("keybrake: unloaded %d unused mitmproxy addons", len(gone))
+        log.info("keybrake: unloaded %d mitmproxy addons Keybrake does not use", len(gone))
 
     task = asyncio.get_running_loop().create_task(prune())
     _pruning.add(task)

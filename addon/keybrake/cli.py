@@ -39,6 +39,7 @@ from keybrake._keyspec import (
     key_to_json,
     parse_label_budget,
 )
+from keybrake._mitm_chain import refused_in_args
 from keybrake._money import MoneyError, format_usd, minor_unit_exponent
 from keybrake._packaged import (
     CONFIG_NAME,
@@ -325,6 +326,9 @@ def run(
 
     Example: keybrake run --store redis://127.0.0.1:6379/0 --passthrough '*.googleapis.com'
     """
+    refused = refused_in_args(extra or [])
+    if refused:
+        _fail(refused)
     web_args: list[str] = []
     if web:
         # mitmweb's own UI defaults to 8081, the admin listener's port; it never opens a

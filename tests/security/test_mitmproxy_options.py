@@ -1,0 +1,91 @@
+"""mitmproxy options that would change a call after Keybrake admitted it, and the addon chain.
+
+An operator's mistake (or a config file someone else wrote) must not undo the guard: with
+``map_remote`` a request that already carries the real vendor secret goes to another host;
+with ``server_replay`` a paid call is answered without the vendor; with ``modify_headers``
+the credential or the idempotency key changes after the checks. Keybrake refuses these
+options however they are set: on the command line (one ``Error:`` line before anything
+starts), in mitmproxy's ``config.yaml`` (the proxy exits before serving a call).
+
+``keybrake run`` also unloads the mitmproxy addons it never uses from mitmdump's chain; the
+calls still go through and the log says how many were unloaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from tests.conftest import KeybrakeProcess
+from tests.fakes import FakeStripe, FakeTLS
+from tests.security.conftest import sdk
+from tests.test_cli_mistakes import keybrake, one_error_line, run_args
+
+from keybrake._mitm_chain import UNLOADED, refused_in_args
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--set", "map_remote=|https://api.stripe.com/|https://127.0.0.1:1/"], "map_remote"),
+        (["--set=modify_headers=/~q/Authorization/Bearer sk_live_x"], "modify_headers"),
+        (["-M", "|api.stripe.com|127.0.0.1:1"], "map_remote"),
+        (["--server-replay", "flows.mitm"], "server_replay"),
+        (["-H", "/Idempotency-Key/x"], "modify_headers"),
+        (["--upstream-auth", "user:pass"], "upstream_auth"),
+        (["--anticache"], "anticache"),
+    ],
+)
+def test_rewriting_options_on_the_command_line_stop_the_start(
+    tmp_path: Path, home: Path, keybrake_certs: Path, args: list[str], option: str
+) -> None:
+    done = keybrake(
+        *run_args(tmp_path / "data", keybrake_certs), "--", *args, cwd=tmp_path, home=home
+    )
+    line = one_error_line(done, 1)
+    assert f"mitmproxy's {option} option" in line, line
+    assert not (tmp_path / "data").exists()  # nothing was started or created
+
+
+def test_options_that_change_nothing_are_not_refused() -> None:
+    assert refused_in_args(["--set", "flow_detail=0", "--no-anticache", "-v"]) is None
+    assert refused_in_args(["--set", "keybrake_shutdown_grace=5"]) is None
+
+
+def test_map_remote_from_config_yaml_never_reaches_a_call(
+    tmp_path: Path, keybrake_certs: Path, fake_tls: FakeTLS, fake_stripe: FakeStripe
+) -> None:
+    # mitmproxy reads config.yaml from its confdir, Keybrake's certs dir: whoever can write
+    # there tries to send Stripe calls, real secret included, to a host of their choosing.
+    certs = tmp_path / "certs"
+    shutil.copytree(keybrake_certs, certs)
+    (certs / "config.yaml").write_text(
+        "map_remote:\n  - '|https://api.stripe.com/|https://127.0.0.1:9/'\n"
+    )
+    workdir = tmp_path / "kb"
+    workdir.mkdir()
+    kb = KeybrakeProcess(workdir, certs, {"stripe": fake_stripe}, fake_tls)
+    with pytest.raises(RuntimeError, match="keybrake exited") as exc:
+        kb.start(timeout=30)
+    assert "mitmproxy's map_remote option" in str(exc.value)
+    assert fake_stripe.ledger == []
+
+
+def test_mitmdump_runs_without_the_addons_keybrake_never_uses(
+    keybrake_stripe: KeybrakeProcess, fake_stripe: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = sdk(keybrake_stripe, keybrake_stripe.issue_key(), monkeypatch)
+    pi = client.v1.payment_intents.create(params={"amount": 700, "currency": "usd"})
+    assert pi.amount == 700
+    assert len(fake_stripe.ledger) == 1
+    assert f"unloaded {len(UNLOADED)} mitmproxy addons" in keybrake_stripe.log()
