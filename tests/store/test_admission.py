@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import sqlite3
+from pathlib import Path
 
 import pytest
 from tests.store.conftest import USD, StoreFactory, make_key
@@ -18,6 +20,7 @@ from keybrake.store import (
     KeyRecord,
     ObjectOwner,
     Settlement,
+    SQLiteStore,
     Store,
     StoredResponse,
 )
@@ -179,6 +182,69 @@ async def test_quotas_are_checked_in_the_admission(store: Store) -> None:
         AdmissionRequest("kb_a", NOON, idempotency=claim("idem:b", max_entries=1))
     )
     assert (refused.code, refused.detail) == ("quota_exceeded", "idempotency")
+
+
+async def test_quotas_count_live_entries_once(store: Store) -> None:
+    key = make_key("kb_a", daily=10 * USD)
+    await store.create_key(key)
+    await store.record_objects(key, "stripe", ["pi_1", "pi_2"], NOON)
+    await store.record_objects(key, "stripe", ["pi_1"], NOON)  # the same object again
+    assert await store.count_objects("kb_a") == 2
+    refused = await store.admit(AdmissionRequest("kb_a", NOON, max_objects=2))
+    assert (refused.code, refused.detail) == ("quota_exceeded", "objects")
+    assert (await store.admit(AdmissionRequest("kb_a", NOON, max_objects=3))).status == "admitted"
+
+    # An entry claimed again after it expired, and one abandoned and claimed again, are one
+    # entry each: two live entries fill a quota of two, not three or four.
+    short = IdempotencyClaim("idem:a", "h1", 1, 30, 2)
+    first = await store.admit(AdmissionRequest("kb_a", NOON, idempotency=short))
+    assert first.status == "admitted"
+    await store.settle_call(
+        settled(key, None, (), idempotency_scope="idem:a", idempotency_response=RESPONSE,
+                idempotency_ttl_seconds=1)
+    )  # fmt: skip
+    await asyncio.sleep(1.2)
+    again = await store.admit(AdmissionRequest("kb_a", NOON, idempotency=short))
+    assert again.status == "admitted"  # expired: claimed anew
+    await store.admit(AdmissionRequest("kb_a", NOON, idempotency=claim("idem:b", max_entries=9)))
+    await store.settle_call(settled(key, None, (), idempotency_scope="idem:b"))  # abandoned
+    await store.admit(AdmissionRequest("kb_a", NOON, idempotency=claim("idem:b", max_entries=9)))
+    refused = await store.admit(
+        AdmissionRequest("kb_a", NOON, idempotency=claim("idem:c", max_entries=2))
+    )
+    assert (refused.code, refused.detail) == ("quota_exceeded", "idempotency")
+    admitted = await store.admit(
+        AdmissionRequest("kb_a", NOON, idempotency=claim("idem:c", max_entries=3))
+    )
+    assert admitted.status == "admitted"
+
+
+async def test_sqlite_counts_expired_objects_out_and_fills_counts_of_an_older_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keybrake.db"
+    store = SQLiteStore(path)
+    key = make_key("kb_a", daily=10 * USD)
+    await store.create_key(key)
+    long_ago = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)  # recorded then: expired since
+    await store.record_objects(key, "stripe", ["pi_old1", "pi_old2"], long_ago)
+    await store.record_objects(key, "stripe", ["pi_1", "pi_2"], NOON)
+    assert (await store.admit(AdmissionRequest("kb_a", NOON, max_objects=3))).status == "admitted"
+    await store.record_objects(key, "stripe", ["pi_3"], NOON)
+    await store.close()
+    # A file from before the counts: no count table, no triggers.
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "DROP TRIGGER objects_counted; DROP TRIGGER objects_uncounted; "
+            "DROP TRIGGER idempotency_counted; DROP TRIGGER idempotency_uncounted; "
+            "DROP TABLE key_counts;"
+        )
+    conn.close()
+    reopened = SQLiteStore(path)
+    assert await reopened.count_objects("kb_a") == 3
+    refused = await reopened.admit(AdmissionRequest("kb_a", NOON, max_objects=3))
+    assert (refused.code, refused.detail) == ("quota_exceeded", "objects")
+    await reopened.close()
 
 
 @pytest.mark.parametrize(

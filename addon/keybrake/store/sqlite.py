@@ -153,6 +153,36 @@ CREATE TABLE IF NOT EXISTS idempotency_entries (
     expires_at REAL NOT NULL,
     PRIMARY KEY (key_id, scope)
 );
+CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency_entries (key_id, expires_at);
+-- How many objects and idempotency entries each key holds, kept by triggers so that the
+-- quota checks on the hot path read one row instead of counting the key's rows (a key near
+-- its 100,000-object quota made every admission count 100,000 index entries). Rows past
+-- their expiry still count until they are deleted: admission deletes the key's expired ones
+-- first. Filled from the tables once for a database made before the counts existed.
+CREATE TABLE IF NOT EXISTS key_counts (
+    key_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('objects', 'idempotency')),
+    n INTEGER NOT NULL,
+    PRIMARY KEY (key_id, kind)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS objects_counted AFTER INSERT ON objects BEGIN
+    INSERT INTO key_counts VALUES (NEW.key_id, 'objects', 1)
+        ON CONFLICT (key_id, kind) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS objects_uncounted AFTER DELETE ON objects BEGIN
+    UPDATE key_counts SET n = n - 1 WHERE key_id = OLD.key_id AND kind = 'objects';
+END;
+CREATE TRIGGER IF NOT EXISTS idempotency_counted AFTER INSERT ON idempotency_entries BEGIN
+    INSERT INTO key_counts VALUES (NEW.key_id, 'idempotency', 1)
+        ON CONFLICT (key_id, kind) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS idempotency_uncounted AFTER DELETE ON idempotency_entries BEGIN
+    UPDATE key_counts SET n = n - 1 WHERE key_id = OLD.key_id AND kind = 'idempotency';
+END;
+INSERT OR IGNORE INTO key_counts
+    SELECT key_id, 'objects', COUNT(*) FROM objects GROUP BY key_id;
+INSERT OR IGNORE INTO key_counts
+    SELECT key_id, 'idempotency', COUNT(*) FROM idempotency_entries GROUP BY key_id;
 COMMIT;
 """
 
@@ -779,12 +809,22 @@ class SQLiteStore:
         return None if row is None else ObjectOwner(row[0], row[1])
 
     async def count_objects(self, key_id: str) -> int:
-        with self._session() as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM objects WHERE key_id = ? AND expires_at > ?",
-                (key_id, time.time()),
-            ).fetchone()
-        return int(row[0])
+        with self._transaction() as conn:
+            return self._live_count(conn, "objects", key_id)
+
+    @staticmethod
+    def _live_count(conn: sqlite3.Connection, kind: str, key_id: str) -> int:
+        """The key's live objects or idempotency entries: its expired rows are deleted (the
+        triggers keep ``key_counts`` in step), then one row is read. Inside a write."""
+        table = "objects" if kind == "objects" else "idempotency_entries"
+        conn.execute(
+            f"DELETE FROM {table} WHERE key_id = ? AND expires_at <= ?",  # noqa: S608
+            (key_id, time.time()),
+        )
+        row = conn.execute(
+            "SELECT n FROM key_counts WHERE key_id = ? AND kind = ?", (key_id, kind)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
     async def remember_amount(
         self, key_id: str, vendor: str, object_id: str, amount_micros: int
@@ -815,7 +855,7 @@ class SQLiteStore:
 
     async def forget_expired_keys(self, now: dt.datetime) -> int:
         with self._transaction() as conn:
-            return sum(
+            gone = sum(
                 conn.execute(
                     f"DELETE FROM {table} WHERE key_id IN "  # noqa: S608
                     "(SELECT key_id FROM keys WHERE expires_at <= ?)",
@@ -823,6 +863,12 @@ class SQLiteStore:
                 ).rowcount
                 for table in ("key_amounts", "idempotency_entries", "objects")
             )
+            conn.execute(
+                "DELETE FROM key_counts WHERE key_id IN "
+                "(SELECT key_id FROM keys WHERE expires_at <= ?)",
+                (epoch_micros(now),),
+            )
+            return gone
 
     async def forget_key(self, key_id: str) -> int:
         with self._transaction() as conn:
@@ -830,10 +876,12 @@ class SQLiteStore:
 
     @staticmethod
     def _forget(conn: sqlite3.Connection, key_id: str) -> int:
-        return sum(
+        gone = sum(
             conn.execute(f"DELETE FROM {table} WHERE key_id = ?", (key_id,)).rowcount  # noqa: S608
             for table in ("key_amounts", "idempotency_entries", "objects")
         )
+        conn.execute("DELETE FROM key_counts WHERE key_id = ?", (key_id,))
+        return gone
 
     # -- idempotency cache ---------------------------------------------------------------------
     async def idempotency_begin(
@@ -875,10 +923,7 @@ class SQLiteStore:
             or (row["state"] == "in_flight" and now - row["started_at"] > claim.in_flight_seconds)
         )
         if row is None:
-            (live,) = conn.execute(
-                "SELECT COUNT(*) FROM idempotency_entries WHERE key_id = ? AND expires_at > ?",
-                (key_id, now),
-            ).fetchone()
+            live = SQLiteStore._live_count(conn, "idempotency", key_id)
             return IdempotencyBegin("full" if live >= claim.max_entries else "started")
         if stale:
             return IdempotencyBegin("started")
@@ -896,9 +941,14 @@ class SQLiteStore:
     @staticmethod
     def _idem_claim(conn: sqlite3.Connection, key_id: str, claim: IdempotencyClaim) -> None:
         now = time.time()
+        # An upsert, not INSERT OR REPLACE: a replaced row would be counted twice in
+        # key_counts (REPLACE's implicit delete fires no trigger).
         conn.execute(
-            "INSERT OR REPLACE INTO idempotency_entries (key_id, scope, body_sha256, "
-            "state, started_at, expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?)",
+            "INSERT INTO idempotency_entries (key_id, scope, body_sha256, state, started_at, "
+            "expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?) ON CONFLICT (key_id, scope) "
+            "DO UPDATE SET body_sha256 = excluded.body_sha256, state = 'in_flight', "
+            "status_code = NULL, headers = NULL, body = NULL, "
+            "started_at = excluded.started_at, expires_at = excluded.expires_at",
             (key_id, claim.scope, claim.body_sha256, now, now + claim.ttl_seconds),
         )
 
@@ -973,10 +1023,7 @@ class SQLiteStore:
                         retry_after_seconds=rate.retry_after_seconds,
                     )
             if request.max_objects is not None:
-                (owned,) = conn.execute(
-                    "SELECT COUNT(*) FROM objects WHERE key_id = ? AND expires_at > ?",
-                    (key.key_id, time.time()),
-                ).fetchone()
+                owned = self._live_count(conn, "objects", key.key_id)
                 if owned >= request.max_objects:
                     return Admission("refused", key, code="quota_exceeded", detail="objects")
             claim = request.idempotency
