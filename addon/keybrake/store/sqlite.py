@@ -517,15 +517,16 @@ class SQLiteStore:
     @staticmethod
     def _count(conn: sqlite3.Connection, key_id: str, limit: int, now: dt.datetime) -> RateResult:
         bucket = rate_bucket(now)
-        conn.execute(
-            "DELETE FROM request_counts WHERE key_id = ? AND bucket < ?",
-            (key_id, bucket - RATE_BUCKETS + 1),
-        )
+        oldest = bucket - RATE_BUCKETS + 1
         counts = dict(
             conn.execute(
                 "SELECT bucket, count FROM request_counts WHERE key_id = ?", (key_id,)
             ).fetchall()
         )
+        if any(b < oldest for b in counts):  # once per bucket (5 s), not on every call
+            conn.execute(
+                "DELETE FROM request_counts WHERE key_id = ? AND bucket < ?", (key_id, oldest)
+            )
         verdict = rate_verdict(limit, counts, bucket, now)
         if verdict.ok:
             conn.execute(
@@ -576,22 +577,31 @@ class SQLiteStore:
         reservation_id: str,
         estimate_micros: int,
         now: dt.datetime,
+        *,
+        fresh: bool = False,
     ) -> tuple[ReserveResult, tuple[tuple[str, str], ...]]:
-        """`reserve` inside a transaction; also the usage rows reserved in."""
+        """`reserve` inside a transaction; also the usage rows reserved in. ``fresh``: the
+        id was made for this call (admission), so it cannot be in the ledger already."""
         plan, states = self._budget_states(conn, key, now)
         rows = tuple((scope, window) for scope, window, _cap in plan)
-        if conn.execute("SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)).fetchone():
+        if (
+            not fresh
+            and conn.execute(
+                "SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)
+            ).fetchone()
+        ):
             return ReserveResult(True, reservation_id, tuple(states)), rows
         for state in states:
             assert state.cap_micros is not None  # only capped budgets are reported
             if state.spent_micros + state.reserved_micros + estimate_micros > state.cap_micros:
                 return ReserveResult(False, reservation_id, tuple(states), exceeded=state), rows
-        for scope, window in rows:
+        if rows:
             conn.execute(
-                'INSERT INTO budget_usage (scope, "window", reserved_micros) VALUES (?, ?, ?) '
-                'ON CONFLICT (scope, "window") '
+                'INSERT INTO budget_usage (scope, "window", reserved_micros) VALUES '  # noqa: S608 (placeholders only)
+                + ", ".join(["(?, ?, ?)"] * len(rows))
+                + ' ON CONFLICT (scope, "window") '
                 "DO UPDATE SET reserved_micros = reserved_micros + excluded.reserved_micros",
-                (scope, window, estimate_micros),
+                [v for scope, window in rows for v in (scope, window, estimate_micros)],
             )
         conn.execute(
             "INSERT INTO reservations (id, key_id, budgets, estimate_micros, state, created_at)"
@@ -642,14 +652,16 @@ class SQLiteStore:
             return False
         estimate = int(row["estimate_micros"])
         spent = estimate if actual is None else actual
-        for scope, window in json.loads(row["budgets"]):
-            # MAX(0, …): a usage row is never driven negative, even if it was edited by hand.
+        rows = json.loads(row["budgets"])
+        # MAX(0, …): a usage row is never driven negative, even if it was edited by hand.
+        if rows:
             conn.execute(
-                'INSERT INTO budget_usage (scope, "window", spent_micros) VALUES (?, ?, ?) '
-                'ON CONFLICT (scope, "window") DO UPDATE SET '
+                'INSERT INTO budget_usage (scope, "window", spent_micros) VALUES '  # noqa: S608 (placeholders only)
+                + ", ".join(["(?, ?, ?)"] * len(rows))
+                + ' ON CONFLICT (scope, "window") DO UPDATE SET '
                 "spent_micros = spent_micros + excluded.spent_micros, "
                 "reserved_micros = MAX(0, reserved_micros - ?)",
-                (scope, window, spent, estimate),
+                [*(v for scope, window in rows for v in (scope, window, spent)), estimate],
             )
         conn.execute(
             "UPDATE reservations SET state = ?, actual_micros = ?, finished_at = ? WHERE id = ?",
@@ -1042,7 +1054,12 @@ class SQLiteStore:
             rows: tuple[tuple[str, str], ...] = ()
             if request.reservation_id is not None:
                 reserved, rows = self._reserve(
-                    conn, key, request.reservation_id, request.estimate_micros, request.now
+                    conn,
+                    key,
+                    request.reservation_id,
+                    request.estimate_micros,
+                    request.now,
+                    fresh=True,
                 )
                 budgets = reserved.budgets
                 if not reserved.ok:
