@@ -220,6 +220,16 @@ class Metrics:
         ProcessCollector(registry=r)
         self._labels: set[str] = set()
         self._in_flight: dict[str, tuple[str, str, int]] = {}
+        # `metric.labels(...)` takes a lock and builds a key on every call: the children are
+        # looked up once per label set (bounded: vendors x outcomes x codes, MAX_LABELS labels).
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def load(self, loader: object) -> None:
         loader.add_option(  # type: ignore[attr-defined]
@@ -246,9 +256,9 @@ class Metrics:
 
     def _observe_store(self, op: str, seconds: float, failed: bool) -> None:
         backend = self._backend()
-        self.store_latency.labels(backend, op).observe(seconds)
+        self._child(self.store_latency, backend, op).observe(seconds)
         if failed:
-            self.store_errors.labels(backend, op).inc()
+            self._child(self.store_errors, backend, op).inc()
 
     # -- calls -----------------------------------------------------------------------------------
     def _label(self, label: str | None) -> str:
@@ -270,8 +280,8 @@ class Metrics:
         amount = call.estimate.micros if call.estimate else 0
         held = (call.vendor, self._label(call.label), amount)
         self._in_flight[flow.id] = held
-        self.reservations.labels(held[0], held[1]).inc(amount)
-        self.reserved.labels(held[0], held[1]).inc(amount)
+        self._child(self.reservations, held[0], held[1]).inc(amount)
+        self._child(self.reserved, held[0], held[1]).inc(amount)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._count(flow)
@@ -289,21 +299,21 @@ class Metrics:
         flow.metadata[_DONE] = True
         held = self._in_flight.pop(flow.id, None)
         if held is not None:
-            self.reserved.labels(held[0], held[1]).dec(held[2])
+            self._child(self.reserved, held[0], held[1]).dec(held[2])
         outcome = "unknown" if call.outcome == "forwarded" else call.outcome
-        self.requests.labels(call.vendor, outcome, call.code or "").inc()
+        self._child(self.requests, call.vendor, outcome, call.code or "").inc()
         if outcome == "refused":
-            self.refusals.labels(call.vendor, call.code or "").inc()
+            self._child(self.refusals, call.vendor, call.code or "").inc()
         elif outcome == "overrun":
-            self.overruns.labels(call.vendor, self._label(call.label)).inc()
+            self._child(self.overruns, call.vendor, self._label(call.label)).inc()
         if outcome in SPENT_OUTCOMES:
             spent = call.actual_micros
             if spent is None:
                 spent = call.estimate.micros if call.estimate else 0
             if spent:
-                self.spent.labels(call.vendor, self._label(call.label)).inc(spent)
+                self._child(self.spent, call.vendor, self._label(call.label)).inc(spent)
         if outcome not in ("refused", "replayed") and call.latency_ms is not None:
-            self.vendor_latency.labels(call.vendor, outcome).observe(call.latency_ms / 1000)
+            self._child(self.vendor_latency, call.vendor, outcome).observe(call.latency_ms / 1000)
 
     # -- exposition ------------------------------------------------------------------------------
     async def exposition(self) -> http.Response:
