@@ -81,7 +81,11 @@ def payment_intent(amount: int, currency: str) -> bytes:
     return json.dumps(obj, indent=2).encode() + b"\n"
 
 
+SEEN = {"connections": 0, "requests": 0}
+
+
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    SEEN["connections"] += 1
     try:
         while True:
             try:
@@ -98,6 +102,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 elif lname == b"connection" and value.strip().lower() == b"close":
                     close = True
             body = await reader.readexactly(length) if length else b""
+            SEEN["requests"] += 1
             form = dict(parse_qsl(body.decode("latin-1")))
             try:
                 amount = int(form.get("amount", "100"))
@@ -140,6 +145,8 @@ async def serve(port: int, cert_dir: Path) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+    # How many TLS connections the proxies opened for how many calls (keep-alive check).
+    print(f"served {SEEN['requests']} requests on {SEEN['connections']} connections", flush=True)
 
 
 def main() -> None:
