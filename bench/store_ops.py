@@ -55,6 +55,50 @@ def _redis_cpu() -> tuple[float, dict[str, int]]:
     }
 
 
+async def measure_concurrent(store: Store, n: int, workers: int) -> dict[str, float]:
+    """``workers`` tasks making admit + settle_call pairs at once: process CPU per call."""
+    await store.open()
+    now = dt.datetime.now(dt.UTC)
+    key = KeyRecord(
+        key_id=f"key_{uuid.uuid4().hex[:16]}",
+        secret_sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+        vendor="stripe",
+        agent_run_label="bench",
+        daily_cap_micros=10**15,
+        allowed_endpoints=("POST /v1/payment_intents",),
+        created_at=now,
+        expires_at=now + dt.timedelta(hours=1),
+        max_requests_per_minute=10**6,
+    )
+    await store.create_key(key)
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            rid = f"res_{uuid.uuid4().hex}"
+            admission = await store.admit(
+                AdmissionRequest(
+                    key.key_id, dt.datetime.now(dt.UTC), reservation_id=rid,
+                    estimate_micros=1_000_000, rate_limit=10**6, max_objects=10**6,
+                )
+            )  # fmt: skip
+            await store.settle_call(
+                Settlement(
+                    key_id=key.key_id, label="bench", vendor="stripe",
+                    now=dt.datetime.now(dt.UTC), reservation_id=rid,
+                    ledger_rows=admission.ledger_rows, finish="settled",
+                    actual_micros=20_000_000, created=(f"pi_{i}",),
+                    audit={"event_id": rid, "key_id": key.key_id},
+                )
+            )  # fmt: skip
+
+    t0 = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    spent = time.process_time() - t0
+    await store.close()
+    return {f"admit+settle_call, {workers} at once": 1000 * spent / n}
+
+
 async def measure(store: Store, n: int) -> dict[str, float]:
     await store.open()
     now = dt.datetime.now(dt.UTC)
@@ -101,7 +145,9 @@ async def measure(store: Store, n: int) -> dict[str, float]:
                 created=(f"pi_{i}",),
                 remember=(f"pi_{i}", 20_000_000),
                 idempotency_scope=scope,
-                idempotency_response=StoredResponse(200, (("content-type", "application/json"),), BODY),
+                idempotency_response=StoredResponse(
+                    200, (("content-type", "application/json"),), BODY
+                ),
                 idempotency_ttl_seconds=86400,
                 audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 20_000_000},
             )
@@ -117,15 +163,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--only", choices=("sqlite", "redis"))
+    ap.add_argument("--concurrency", type=int, default=16, help="tasks in the concurrent run")
     args = ap.parse_args()
     prefix = f"kbbench-ops:{uuid.uuid4().hex[:8]}:"
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
         if args.only in (None, "sqlite"):
             results["sqlite"] = asyncio.run(measure(open_store(f"sqlite:///{d}/ops.db"), args.n))
+            results["sqlite"].update(
+                asyncio.run(
+                    measure_concurrent(
+                        open_store(f"sqlite:///{d}/ops2.db"), args.n, args.concurrency
+                    )
+                )
+            )
         if args.only in (None, "redis"):
             cpu0, cmds0 = _redis_cpu()
-            results["redis"] = asyncio.run(measure(open_store(f"{REDIS_URL}?prefix={prefix}"), args.n))
+            results["redis"] = asyncio.run(
+                measure(open_store(f"{REDIS_URL}?prefix={prefix}"), args.n)
+            )
             cpu1, cmds1 = _redis_cpu()
             results["redis"]["redis server CPU"] = 1000 * (cpu1 - cpu0) / args.n
             calls = {k: cmds1[k] - cmds0.get(k, 0) for k in cmds1 if cmds1[k] != cmds0.get(k, 0)}

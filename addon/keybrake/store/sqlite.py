@@ -12,6 +12,7 @@ after the busy timeout) becomes `StoreUnavailable` naming the file, so the proxy
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -20,7 +21,8 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from keybrake.store._base import (
     OBJECT_TTL,
@@ -197,6 +199,9 @@ _ADDED_COLUMNS = (
 )
 
 
+_T = TypeVar("_T")
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the columns a database made by an earlier version lacks (new ones have them)."""
     for table, column, decl in _ADDED_COLUMNS:
@@ -252,6 +257,8 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        # Admissions and settlements waiting for the shared transaction (see `_batched`).
+        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -336,6 +343,49 @@ class SQLiteStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+
+    async def _batched(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``op(conn)`` inside a ``BEGIN IMMEDIATE`` transaction shared with the admissions
+        and settlements made in the same turn of the event loop (group commit).
+
+        Under concurrency one ``BEGIN``/``COMMIT`` and one write of each page they touch
+        (the key's usage rows, counters, the end of the ledger and of the outbox) serve many
+        calls; alone, a call waits one loop turn. The ops run one after the other in the
+        order they were asked, each seeing the ones before it, exactly as separate
+        transactions would; nothing is answered before the commit. A call cancelled before
+        its turn is not run. When the transaction fails every call in it fails
+        (`StoreUnavailable`: the callers fail closed); when one op raises anything else, the
+        transaction is rolled back and each op is run again in a transaction of its own, so
+        one call's failure is never another's.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._run_batch)
+        self._batch.append((op, future))
+        return await future
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        batch = [(op, future) for op, future in batch if not future.cancelled()]
+        if not batch:
+            return
+        try:
+            with self._transaction() as conn:
+                results = [op(conn) for op, _ in batch]
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, StoreUnavailable):
+                for one in batch:
+                    self._batch = [one]
+                    self._run_batch()
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     @staticmethod
     def _label_cap(conn: sqlite3.Connection, label: str) -> int | None:
@@ -1009,7 +1059,7 @@ class SQLiteStore:
 
     # -- one call, two steps -------------------------------------------------------------------
     async def admit(self, request: AdmissionRequest) -> Admission:
-        """See `Store.admit`: one ``BEGIN IMMEDIATE`` transaction."""
+        """See `Store.admit`: one ``BEGIN IMMEDIATE`` transaction (shared, see `_batched`)."""
         check_micros("estimate_micros", request.estimate_micros)
         if request.rate_limit is not None:
             check_rate_limit(request.rate_limit)
@@ -1017,89 +1067,89 @@ class SQLiteStore:
             check_idempotency_times(
                 request.idempotency.ttl_seconds, request.idempotency.in_flight_seconds
             )
-        with self._transaction() as conn:
-            row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (request.key_id,)).fetchone()
-            if row is None:
-                return Admission("refused", code="vault_key_unknown")
-            key = _row_to_key(row)
-            state = key.state(request.now)
-            if state != "active":
-                return Admission("refused", key, code=_STATE_CODES[state])
-            if request.rate_limit is not None:
-                rate = self._count(conn, key.key_id, request.rate_limit, request.now)
-                if not rate.ok:
-                    return Admission(
-                        "refused",
-                        key,
-                        code="rate_limited",
-                        retry_after_seconds=rate.retry_after_seconds,
-                    )
-            if request.max_objects is not None:
-                owned = self._live_count(conn, "objects", key.key_id)
-                if owned >= request.max_objects:
-                    return Admission("refused", key, code="quota_exceeded", detail="objects")
-            claim = request.idempotency
-            if claim is not None:
-                found = self._idem_check(conn, key.key_id, claim)
-                if found.status == "replay":
-                    return Admission("replay", key, response=found.response)
-                if found.status != "started":
-                    code = (
-                        "quota_exceeded"
-                        if found.status == "full"
-                        else f"idempotency_{found.status}"
-                    )
-                    return Admission("refused", key, code=code, detail="idempotency")
-            budgets: tuple[BudgetState, ...] = ()
-            rows: tuple[tuple[str, str], ...] = ()
-            if request.reservation_id is not None:
-                reserved, rows = self._reserve(
-                    conn,
+        return await self._batched(lambda conn: self._admit(conn, request))
+
+    def _admit(self, conn: sqlite3.Connection, request: AdmissionRequest) -> Admission:
+        row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (request.key_id,)).fetchone()
+        if row is None:
+            return Admission("refused", code="vault_key_unknown")
+        key = _row_to_key(row)
+        state = key.state(request.now)
+        if state != "active":
+            return Admission("refused", key, code=_STATE_CODES[state])
+        if request.rate_limit is not None:
+            rate = self._count(conn, key.key_id, request.rate_limit, request.now)
+            if not rate.ok:
+                return Admission(
+                    "refused",
                     key,
-                    request.reservation_id,
-                    request.estimate_micros,
-                    request.now,
-                    fresh=True,
+                    code="rate_limited",
+                    retry_after_seconds=rate.retry_after_seconds,
                 )
-                budgets = reserved.budgets
-                if not reserved.ok:
-                    return Admission(
-                        "refused",
-                        key,
-                        code="cap_exhausted",
-                        budgets=budgets,
-                        exceeded=reserved.exceeded,
-                    )
-            if claim is not None:
-                self._idem_claim(conn, key.key_id, claim)
-            return Admission("admitted", key, budgets=budgets, ledger_rows=rows)
+        if request.max_objects is not None:
+            owned = self._live_count(conn, "objects", key.key_id)
+            if owned >= request.max_objects:
+                return Admission("refused", key, code="quota_exceeded", detail="objects")
+        claim = request.idempotency
+        if claim is not None:
+            found = self._idem_check(conn, key.key_id, claim)
+            if found.status == "replay":
+                return Admission("replay", key, response=found.response)
+            if found.status != "started":
+                code = "quota_exceeded" if found.status == "full" else f"idempotency_{found.status}"
+                return Admission("refused", key, code=code, detail="idempotency")
+        budgets: tuple[BudgetState, ...] = ()
+        rows: tuple[tuple[str, str], ...] = ()
+        if request.reservation_id is not None:
+            reserved, rows = self._reserve(
+                conn,
+                key,
+                request.reservation_id,
+                request.estimate_micros,
+                request.now,
+                fresh=True,
+            )
+            budgets = reserved.budgets
+            if not reserved.ok:
+                return Admission(
+                    "refused",
+                    key,
+                    code="cap_exhausted",
+                    budgets=budgets,
+                    exceeded=reserved.exceeded,
+                )
+        if claim is not None:
+            self._idem_claim(conn, key.key_id, claim)
+        return Admission("admitted", key, budgets=budgets, ledger_rows=rows)
 
     async def settle_call(self, settlement: Settlement) -> bool:
-        """See `Store.settle_call`: one ``BEGIN IMMEDIATE`` transaction, audit row included."""
-        s = settlement
+        """See `Store.settle_call`: one ``BEGIN IMMEDIATE`` transaction, audit row included
+        (shared, see `_batched`)."""
+        return await self._batched(lambda conn: self._settle_call(conn, settlement))
+
+    def _settle_call(self, conn: sqlite3.Connection, s: Settlement) -> bool:
         finished = False
-        with self._transaction() as conn:
-            if s.reservation_id is not None and s.finish is not None:
-                if s.finish == "held":
-                    assert s.hold is not None
-                    finished = self._hold(conn, s.reservation_id, s.vendor, *s.hold)
-                else:
-                    actual = {"settled": s.actual_micros, "released": 0, "unknown": None}
-                    finished = self._finish(conn, s.reservation_id, s.finish, actual[s.finish])
-            if s.created:
-                self._record(conn, s.key_id, s.label, s.vendor, s.created, s.now)
-            if s.remember is not None:
-                self._remember(conn, s.key_id, s.vendor, *s.remember)
-            if s.idempotency_scope is not None:
-                self._idem_finish(
-                    conn,
-                    s.key_id,
-                    s.idempotency_scope,
-                    s.idempotency_response,
-                    s.idempotency_ttl_seconds,
-                )
-            if s.audit is not None:
-                conn.execute("INSERT INTO audit_outbox (row) VALUES (?)", (json.dumps(s.audit),))
+        if s.reservation_id is not None and s.finish is not None:
+            if s.finish == "held":
+                assert s.hold is not None
+                finished = self._hold(conn, s.reservation_id, s.vendor, *s.hold)
+            else:
+                actual = {"settled": s.actual_micros, "released": 0, "unknown": None}
+                finished = self._finish(conn, s.reservation_id, s.finish, actual[s.finish])
+        if s.created:
+            self._record(conn, s.key_id, s.label, s.vendor, s.created, s.now)
+        if s.remember is not None:
+            self._remember(conn, s.key_id, s.vendor, *s.remember)
+        if s.idempotency_scope is not None:
+            self._idem_finish(
+                conn,
+                s.key_id,
+                s.idempotency_scope,
+                s.idempotency_response,
+                s.idempotency_ttl_seconds,
+            )
+        if s.audit is not None:
+            conn.execute("INSERT INTO audit_outbox (row) VALUES (?)", (json.dumps(s.audit),))
         return finished
 
     # -- the audit outbox ----------------------------------------------------------------------
