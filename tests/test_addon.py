@@ -855,3 +855,14 @@ async def test_admin_token_with_undecodable_bytes_is_401(proxy: Proxy) -> None:
     f.request.headers["Authorization"] = "Bearer \udcff"
     await proxy.send(f)
     assert f.response is not None and f.response.status_code == 401
+
+
+async def test_an_option_that_rewrites_calls_is_rejected_and_rolled_back(proxy: Proxy) -> None:
+    # What mitmweb's options editor does: set an option on the running proxy. With
+    # map_remote a call already carrying the real secret would go to another host.
+    from mitmproxy.addons.mapremote import MapRemote
+
+    proxy.tctx.master.addons.add(MapRemote())  # registers the map_remote option
+    with pytest.raises(exceptions.OptionsError, match="map_remote"):
+        proxy.tctx.options.update(map_remote=["|https://api.stripe.com/|https://127.0.0.1:9/"])
+    assert proxy.tctx.options.map_remote == []
