@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt bench soak clean worker-wheelhouses worker-typecheck
+.PHONY: venv run web test lint fmt check bench soak clean worker-wheelhouses worker-typecheck
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
@@ -71,6 +71,10 @@ lint: venv worker-typecheck
 	$(BIN)/ruff check addon tests bench
 	$(BIN)/ruff format --check addon tests bench
 	$(BIN)/mypy
+
+## What CI runs (`.ci/run` on a clean clone): lint, type checks, then the whole suite.
+check: lint
+	KEYBRAKE_WORKER_MATRIX=required $(MAKE) test
 
 fmt: venv
 	$(BIN)/ruff check --fix addon tests bench
