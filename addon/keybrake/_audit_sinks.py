@@ -9,6 +9,7 @@ outbox here.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sqlite3
 import threading
@@ -21,12 +22,21 @@ __all__ = [
     "AuditSink",
     "PostgresAuditSink",
     "SQLiteAuditSink",
+    "audit_time",
     "open_audit_sink",
 ]
 
 log = logging.getLogger("keybrake")
 
 TABLE = "audit"
+
+
+def audit_time(t: dt.datetime) -> str:
+    """The audit log's timestamps: UTC with microseconds, fixed width, so that text order is
+    time order in both sinks (``2030-01-01T12:00:00.000000Z``)."""
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 # name -> SQLite type; PostgreSQL maps INTEGER to BIGINT, REAL to DOUBLE PRECISION.
 COLUMNS: dict[str, str] = {
     "ts": "TEXT",  # UTC ISO-8601 with microseconds and Z: sorts as text

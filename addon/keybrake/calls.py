@@ -9,7 +9,6 @@ can show and store it.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 import uuid
 import weakref
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
+from keybrake._audit_sinks import audit_time
 from keybrake.store import BudgetState, KeyRecord
 
 if TYPE_CHECKING:
@@ -105,16 +105,12 @@ def call_of(flow: http.HTTPFlow) -> CallState | None:
     return _CALLS.get(flow)
 
 
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def audit_row(call: CallState, flow: http.HTTPFlow | None, runtime: Runtime) -> dict[str, Any]:
     """The audit row of a finished call (see `keybrake._audit_sinks.COLUMNS`). Never secrets;
     ``event_id`` makes moving it to the sink idempotent."""
     return {
         "event_id": uuid.uuid4().hex,
-        "ts": _iso(runtime.now()),
+        "ts": audit_time(runtime.now()),
         "key_id": call.key_id,
         "label": call.label,
         "vendor": call.vendor,

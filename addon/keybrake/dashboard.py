@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import jinja2
 from mitmproxy import http
 
+from keybrake._audit_sinks import audit_time
 from keybrake._keyspec import IssueKeyRequest, KeySpecError
 from keybrake._limiter import source_of
 from keybrake._money import MICROS_PER_USD, format_usd
@@ -134,10 +135,6 @@ class KeyRow:
     revoked_at: dt.datetime | None
     allowed_endpoints: tuple[str, ...]
     suspended_reason: str | None = None
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _ago(ts: str | None, now: dt.datetime) -> str:
@@ -509,7 +506,7 @@ class Dashboard:
             key=lambda k: -k.used,
         )
         p = self.runtime.audit_sink.placeholder if self.runtime.audit_sink else "?"
-        day, hour = _iso(now - dt.timedelta(days=1)), _iso(now - dt.timedelta(hours=1))
+        day, hour = audit_time(now - dt.timedelta(days=1)), audit_time(now - dt.timedelta(hours=1))
         refusals = await self._query(
             f"SELECT code, COUNT(*) AS n, "  # noqa: S608 (constant SQL, values are parameters)
             f"SUM(CASE WHEN ts >= {p} THEN 1 ELSE 0 END) AS last_hour, MAX(ts) AS last_ts "
@@ -554,7 +551,7 @@ class Dashboard:
 
     def _summary_json(self, data: dict[str, Any]) -> http.Response:
         body = {
-            "as_of": _iso(data["now"]),
+            "as_of": audit_time(data["now"]),
             "store": data["store"],
             "audit": data["audit"],
             "active_keys": data["active_keys"],
@@ -603,7 +600,7 @@ class Dashboard:
             f"SELECT label, substr(ts, 1, {width}) AS bucket, {SPENT_SQL} AS spent, "  # noqa: S608
             "COUNT(*) AS calls, SUM(CASE WHEN outcome = 'refused' THEN 1 ELSE 0 END) AS refusals "
             f"FROM audit WHERE ts >= {p} GROUP BY label, substr(ts, 1, {width})",
-            [_iso(start)],
+            [audit_time(start)],
         )
         return {"window": window, **spend_chart(rows, buckets)}
 

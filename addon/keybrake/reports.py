@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from keybrake._audit_sinks import AuditSink
+from keybrake._audit_sinks import AuditSink, audit_time
 from keybrake._money import format_usd
 from keybrake.store import Store
 
@@ -61,10 +61,6 @@ def parse_time(value: str, now: dt.datetime, name: str = "since") -> dt.datetime
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _where(
     sink: AuditSink,
     *,
@@ -91,10 +87,10 @@ def _where(
             params.append(val)
     if since is not None:
         clauses.append(f"ts >= {p}")
-        params.append(_iso(since))
+        params.append(audit_time(since))
     if until is not None:
         clauses.append(f"ts < {p}")
-        params.append(_iso(until))
+        params.append(audit_time(until))
     if before_id is not None:
         clauses.append(f"id < {p}")
         params.append(before_id)
