@@ -252,7 +252,9 @@ class Listeners:
             )
         if ctx.options.keybrake_tls_names:
             self._ssl_ctx = self._ca_context(list(ctx.options.keybrake_tls_names))
-        if ctx.options.keybrake_tls_cert and not self._reload_installed:
+        # SIGHUP would otherwise end the process (Python's default): systemd's ExecReload
+        # and `kill -HUP` read the certificate again, or do nothing without one.
+        if not self._reload_installed:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
                 self._reload_installed = True
@@ -265,6 +267,9 @@ class Listeners:
 
     def reload(self) -> None:
         """``SIGHUP``: read the certificate and key again; keep the old ones if they fail."""
+        if not ctx.options.keybrake_tls_cert:
+            log.info("keybrake: SIGHUP: no --tls-cert to read again; nothing to reload")
+            return
         try:
             self._ssl_ctx = self._operator_context()
         except exceptions.OptionsError as e:
