@@ -123,7 +123,8 @@ def test_operator_certificate_on_both_listeners(
             assert r.headers["X-Keybrake-Error"] == "tls_required"
     # Nobody else's CA vouches for it: not the Keybrake CA, not the system's.
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"https://localhost:{base_port}/healthz", verify=str(kb.bundle), timeout=10)
+        keybrake_ca = ssl.create_default_context(cafile=str(kb.bundle))
+        httpx.get(f"https://localhost:{base_port}/healthz", verify=keybrake_ca, timeout=10)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"https://localhost:{base_port}/healthz", timeout=10)
     assert issued.vault_key not in kb.log() and kb.admin_token not in kb.log()
