@@ -240,6 +240,20 @@ def test_the_worker_reaches_vendors_only_through_the_proxy(topology: Topology) -
         assert t.in_worker(lambda p=path: admin_on_base(p)) == (404, "not_found")
     assert t.in_worker(lambda: admin_on_base("/readyz"))[0] == 200
     assert vault_key not in a.log() + b.log()
+    # No secret in any process listing on this machine (replicas, Redis, the fakes).
+    listing = process_listing()
+    assert "keybrake" in listing and "redis-server" in listing
+    for secret in (vault_key, a.admin_token, b.admin_token, REDIS_PASSWORD, t.fake.secret):
+        assert secret not in listing
+
+
+def process_listing() -> str:
+    """Every process's command line, as ``ps`` shows them."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return "\n".join(lines)
 
 
 def key_body(cap: int, label: str) -> dict[str, Any]:
