@@ -125,6 +125,7 @@ class KeybrakeProcess:
         data_dir: Path | None = None,
         extra_args: list[str] | None = None,
         netns: Netns | None = None,
+        run_args: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.certs = certs
@@ -136,6 +137,13 @@ class KeybrakeProcess:
         self.store = store
         # Extra mitmproxy arguments passed after ``--``, e.g. ``["--set", "keybrake_audit=…"]``.
         self.extra_args = list(extra_args or [])
+        # Extra ``keybrake run`` flags (before ``--``), e.g. ``["--base-url-listen", …]``.
+        self.run_args = list(run_args or [])
+        # How the admin listener is reached: https when the run flags give it TLS; ``verify``
+        # is what httpx trusts for it (a CA file or an `ssl.SSLContext`).
+        with_tls = {"--tls-cert", "--tls-name"} & set(self.run_args)
+        self.admin_scheme = "https" if with_tls else "http"
+        self.admin_verify: Any = True
         # Run the proxy inside this network namespace (``ip netns exec``); its listeners are
         # then on that namespace's loopback, reached with ``netns.connect``.
         self.netns = netns
@@ -190,7 +198,7 @@ class KeybrakeProcess:
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"{self.admin_scheme}://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 30) -> KeybrakeProcess:
         """Start the proxy and wait for ``/healthz``.
@@ -226,6 +234,7 @@ class KeybrakeProcess:
         ]
         if self.store:
             cmd += ["--store", self.store]
+        cmd += self.run_args
         if self.extra_args:
             cmd += ["--", *self.extra_args]
         self._log = self.log_path.open("ab")
@@ -252,7 +261,9 @@ class KeybrakeProcess:
     def _healthz_status(self) -> int:
         if self.netns is not None:
             return http_get(self.netns, "127.0.0.1", self.admin_port, "/healthz", timeout=1)[0]
-        return httpx.get(f"{self.admin_url}/healthz", timeout=1).status_code
+        return httpx.get(
+            f"{self.admin_url}/healthz", timeout=1, verify=self.admin_verify
+        ).status_code
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         if self.proc is None:
@@ -283,6 +294,7 @@ class KeybrakeProcess:
             headers=headers,
             content=json.dumps(body) if body is not None else None,
             timeout=10,
+            verify=self.admin_verify,
         )
 
     def issue_key(self, **fields: Any) -> dict[str, Any]:

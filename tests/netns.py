@@ -125,17 +125,20 @@ class Netns:
         return self.call(lambda: socket.create_connection(address, timeout=timeout))
 
 
-def link(a: Netns, a_addr: str, b: Netns, b_addr: str, prefix: int = 24) -> None:
+def link(
+    a: Netns, a_addr: str, b: Netns, b_addr: str, prefix: int = 24, name: str = "veth0"
+) -> None:
     """Join two namespaces with a veth pair, ``a_addr/prefix`` in ``a`` and ``b_addr`` in ``b``.
 
     The pair is created inside the namespaces (never in the host's), so names cannot clash
-    with other tests and nothing is added to the host's own network.
+    with other tests and nothing is added to the host's own network. Give each link of a
+    namespace its own ``name`` (the interface's name at both ends).
     """
-    a.ip("link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", b.name)
-    a.ip("addr", "add", f"{a_addr}/{prefix}", "dev", "veth0")
-    b.ip("addr", "add", f"{b_addr}/{prefix}", "dev", "veth0")
-    a.ip("link", "set", "veth0", "up")
-    b.ip("link", "set", "veth0", "up")
+    a.ip("link", "add", name, "type", "veth", "peer", "name", name, "netns", b.name)
+    a.ip("addr", "add", f"{a_addr}/{prefix}", "dev", name)
+    b.ip("addr", "add", f"{b_addr}/{prefix}", "dev", name)
+    a.ip("link", "set", name, "up")
+    b.ip("link", "set", name, "up")
 
 
 @contextlib.contextmanager

@@ -644,7 +644,7 @@ async def test_store_unavailable_from_the_start_is_503(
         f = await p.send(vendor_flow(auth=bearer("kbv_stripe_" + "A" * 43)))
         refusal(f, 503, "store_unavailable")
         assert call_of(f).reservation_id is None
-        health = await p.admin_call("GET", "/healthz", token=None)
+        health = await p.admin_call("GET", "/readyz", token=None)
         assert health.status_code == 503
         issue = await p.admin_call(
             "POST",

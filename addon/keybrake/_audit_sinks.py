@@ -143,6 +143,13 @@ class SQLiteAuditSink:
                 raise
             conn.execute("COMMIT")
 
+    def check_writable(self) -> None:
+        """Raise unless a row could be written now (takes the write lock, writes nothing)."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+
     def query(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         with self._lock:
             cur = self.db.conn.execute(sql, list(params))
@@ -203,6 +210,14 @@ class PostgresAuditSink:
                 self._connect()
             with self.conn.transaction(), self.conn.cursor() as cur:
                 cur.executemany(sql, [[r.get(n) for n in names] for r in rows])
+
+    def check_writable(self) -> None:
+        """Raise unless rows could be inserted now (a lock that needs INSERT, rolled back)."""
+        with self._lock:
+            if self.conn is None or self.conn.closed:
+                self._connect()
+            with self.conn.transaction(force_rollback=True):
+                self.conn.execute(f"LOCK TABLE {TABLE} IN ROW EXCLUSIVE MODE NOWAIT")
 
     def query(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         with self._lock:

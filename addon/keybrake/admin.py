@@ -12,7 +12,8 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
   refused until resumed; the proxy suspends a key itself after an estimate overrun
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows (`keybrake.reports`)
-- ``GET /healthz`` (no token) store reachability
+- ``GET /healthz`` (no token) the process is up; ``GET /readyz`` (no token) store reachable,
+  policies loaded, audit log writable, clock in sync (``503`` and what is wrong otherwise)
 - ``GET /metrics`` Prometheus metrics (`keybrake.metrics`): the metrics token, or none on a
   loopback listener when no metrics token is set
 - ``/``, ``/login``, ``/logout``, ``/dashboard/...``, ``/static/...`` the web dashboard
@@ -28,6 +29,7 @@ address in a minute block that address (``429 rate_limited``) for the rest of th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Protocol
@@ -36,7 +38,6 @@ from urllib.parse import unquote
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from keybrake._addresses import parse_ip_host
 from keybrake._audit_sinks import AuditSink
 from keybrake._keyspec import (
     IssueKeyRequest,
@@ -49,6 +50,7 @@ from keybrake._limiter import source_of
 from keybrake._paths import split_base_url
 from keybrake.core import Runtime
 from keybrake.errors import Refusal, refusal_response
+from keybrake.listeners import ADMIN, is_loopback_host
 from keybrake.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
 from keybrake.store import StoreUnavailable
 
@@ -83,25 +85,6 @@ def is_dashboard_path(path: str) -> bool:
     return path in ("/", "/login", "/logout") or path.startswith(("/dashboard/", "/static/"))
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether a listener bound to ``host`` is reachable from this machine only.
-
-    ``""`` (mitmproxy's default) is every interface; names other than ``localhost`` may
-    resolve anywhere.
-
-    >>> [is_loopback_host(h) for h in ("127.0.0.1", "[::1]", "localhost", "", "0.0.0.0")]
-    [True, True, True, False, False]
-    """
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    ip = parse_ip_host(host)
-    if ip is None:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
-
-
 class AdminApi:
     """Answers ``/vault/...``, ``/healthz``, ``/metrics`` and the dashboard's routes."""
 
@@ -125,12 +108,25 @@ class AdminApi:
         path = flow.request.path.split("?", 1)[0]
         first, _ = split_base_url(flow.request.path)
         rt = self.runtime
+        listeners = rt.listeners
+        roles = listeners.roles_of(flow.client_conn)
+        if listeners.plain_http_refused(flow):
+            flow.metadata["keybrake_admin"] = True
+            flow.response = refusal_response(
+                Refusal("tls_required", "this listener answers HTTPS only: use https://")
+            )
+            _redact_authorization(flow)
+            return
         if rt.policies is not None and first in rt.policies.vendors:
-            return  # base-URL mode: the guard takes it
+            return  # base-URL mode: the guard takes it (or refuses it on an admin-only listener)
         flow.metadata["keybrake_admin"] = True
         try:
             if path == "/healthz":
-                flow.response = await self._health()
+                flow.response = _json(200, {"status": "ok", "instance": rt.instance_id})
+            elif path == "/readyz":
+                flow.response = await self._ready()
+            elif ADMIN not in roles:
+                raise Refusal("not_found", f"no such vendor route: {path[:100]}")
             elif path == "/vault" or path.startswith("/vault/"):
                 self._authorize(flow)
                 flow.response = await self._route(flow, path)
@@ -151,8 +147,7 @@ class AdminApi:
         except Exception:
             log.exception("keybrake admin: internal error")
             flow.response = refusal_response(Refusal("internal_error", "internal error"))
-        if "authorization" in flow.request.headers:
-            flow.request.headers["authorization"] = "[redacted by keybrake]"
+        _redact_authorization(flow)
 
     def _authorize(self, flow: http.HTTPFlow) -> None:
         rt = self.runtime
@@ -203,17 +198,36 @@ class AdminApi:
             "scraper Authorization: Bearer <that token>",
         )
 
-    async def _health(self) -> http.Response:
+    async def _ready(self) -> http.Response:
+        """``/readyz``: store reachable, policies loaded, audit sink writable, clock in sync.
+
+        Each check says ``ok`` or what is wrong, in words that name no secret (the store's
+        errors carry its URL without a password)."""
         rt = self.runtime
+        checks: dict[str, str] = {}
         try:
             store = await rt.open_store()
             await store.ping()
+            checks["store"] = "ok"
         except StoreUnavailable as e:
-            return _json(503, {"status": "unavailable", "store": str(e)})
+            checks["store"] = str(e)
+        checks["policies"] = (
+            "ok" if rt.policies is not None and rt.policies.vendors else "no vendor policy loaded"
+        )
+        checks["audit"] = await _audit_writable(rt.audit_sink)
         skew = round(rt.clock_skew_seconds, 3)
-        if (problem := rt.clock_problem()) is not None:
-            return _json(503, {"status": "clock_skewed", "clock_skew_s": skew, "detail": problem})
-        return _json(200, {"status": "ok", "instance": rt.instance_id, "clock_skew_s": skew})
+        checks["clock"] = rt.clock_problem() or "ok"
+        ready = all(v == "ok" for v in checks.values())
+        if ready:
+            status = "ok"
+        elif checks["store"] != "ok":
+            status = "unavailable"
+        elif checks["clock"] != "ok":
+            status = "clock_skewed"
+        else:
+            status = "not_ready"
+        body = {"status": status, "instance": rt.instance_id, "clock_skew_s": skew}
+        return _json(200 if ready else 503, body | {"checks": checks})
 
     async def _route(self, flow: http.HTTPFlow, path: str) -> http.Response:
         method = flow.request.method.upper()
@@ -437,6 +451,27 @@ class AdminApi:
                 "as_of": self.runtime.now().isoformat().replace("+00:00", "Z"),
             },
         )
+
+
+def _redact_authorization(flow: http.HTTPFlow) -> None:
+    if "authorization" in flow.request.headers:
+        flow.request.headers["authorization"] = "[redacted by keybrake]"
+
+
+async def _audit_writable(sink: AuditSink | None) -> str:
+    """``ok``, or why the audit sink cannot take rows now (checked off the event loop)."""
+    if sink is None:
+        return "the audit log is not open"
+    check = getattr(sink, "check_writable", None)
+    if check is None:
+        return "ok"
+    try:
+        await asyncio.wait_for(asyncio.to_thread(check), timeout=5)
+    except TimeoutError:
+        return "the audit log did not answer within 5s"
+    except Exception as e:
+        return f"the audit log cannot be written: {type(e).__name__}"
+    return "ok"
 
 
 def _query(flow: http.HTTPFlow, name: str) -> str | None:

@@ -45,6 +45,7 @@ from keybrake.credentials import (
 )
 from keybrake.errors import Refusal
 from keybrake.keys import VAULT_KEY_PREFIX, hash_vault_key, looks_like_vault_key
+from keybrake.listeners import BASE_URL
 from keybrake.policy import EndpointPolicy, VendorPolicy, _parse_pattern
 from keybrake.pricing import Body, Estimate, check_parameters, estimate_cost, parse_body
 from keybrake.store import (
@@ -87,6 +88,8 @@ def route(rt: Runtime, flow: http.HTTPFlow) -> tuple[VendorPolicy, str] | None:
     if rt.policies is None:
         return None
     if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        if BASE_URL not in rt.listeners.roles_of(flow.client_conn):
+            return None  # an admin-only listener: /{vendor}/… is not served there
         first, target = split_base_url(flow.request.path)
         policy = rt.policies.vendors.get(first)
         return None if policy is None else (policy, target)

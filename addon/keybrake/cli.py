@@ -55,6 +55,7 @@ from keybrake._remote import RemoteAdmin, RemoteError, remote_admin
 from keybrake.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
 from keybrake.core import load_admin_token
 from keybrake.keys import hash_vault_key, looks_like_vault_key
+from keybrake.listeners import format_listen, is_loopback_host, parse_listen
 from keybrake.policy import PolicyError, load_policies
 from keybrake.store import (
     PASSWORD_ENV,
@@ -179,6 +180,184 @@ Passthrough = Annotated[
         "KEYBRAKE_PASSTHROUGH (comma-separated).",
     ),
 ]
+
+
+ProxyListen = Annotated[
+    str | None,
+    typer.Option(
+        "--proxy-listen",
+        envvar="KEYBRAKE_PROXY_LISTEN",
+        metavar="HOST:PORT",
+        help="Forward proxy (HTTPS_PROXY) address, e.g. 0.0.0.0:8080 (default: "
+        "--listen-host:--proxy-port).",
+        show_default=False,
+    ),
+]
+BaseUrlListen = Annotated[
+    str | None,
+    typer.Option(
+        "--base-url-listen",
+        envvar="KEYBRAKE_BASE_URL_LISTEN",
+        metavar="HOST:PORT",
+        help="A listener of its own for the base-URL routes (/stripe/...), without the admin "
+        "API (default: served on the admin listener).",
+        show_default=False,
+    ),
+]
+AdminListen = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-listen",
+        envvar="KEYBRAKE_ADMIN_LISTEN",
+        metavar="HOST:PORT",
+        help="Admin API, dashboard and /metrics address (default: --listen-host:--admin-port). "
+        "Not loopback: needs TLS or --insecure-admin.",
+        show_default=False,
+    ),
+]
+InsecureAdmin = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-admin",
+        envvar="KEYBRAKE_INSECURE_ADMIN",
+        help="Allow the admin listener on a network address over plain HTTP (warned about at "
+        "every start).",
+    ),
+]
+TlsCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        envvar="KEYBRAKE_TLS_CERT",
+        help="PEM certificate chain for the admin and base-URL listeners (with --tls-key; "
+        "read again on SIGHUP). Plain HTTP is then refused there.",
+        show_default=False,
+    ),
+]
+TlsKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-key",
+        envvar="KEYBRAKE_TLS_KEY",
+        help="PEM private key (unencrypted) of --tls-cert.",
+        show_default=False,
+    ),
+]
+TlsName = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tls-name",
+        envvar="KEYBRAKE_TLS_NAMES",
+        metavar="NAME",
+        help="Serve the admin and base-URL listeners over TLS with a certificate from the "
+        "Keybrake CA for this name or IP address (repeatable; the variable is "
+        "comma-separated).",
+        show_default=False,
+    ),
+]
+
+
+class _ListenerPlan:
+    """Where each listener goes, from the address flags and their shorthand."""
+
+    def __init__(
+        self,
+        proxy: tuple[str, int],
+        admin: tuple[str, int],
+        base_url: tuple[str, int] | None,
+        flags: tuple[str, str] = ("--proxy-port", "--admin-port"),
+    ) -> None:
+        self.proxy = proxy
+        self.admin = admin
+        # None: the base-URL routes are on the admin listener.
+        self.base_url = base_url
+        # The flags that set the proxy and admin addresses, for messages.
+        self.flags = flags
+
+    def admin_addresses(self) -> list[tuple[str, int]]:
+        return [self.admin]
+
+    def bound(self) -> list[tuple[str, int, str]]:
+        out = [(*self.proxy, self.flags[0]), (*self.admin, self.flags[1])]
+        if self.base_url is not None:
+            out.append((*self.base_url, "--base-url-listen"))
+        return out
+
+    def mode_args(self) -> list[str]:
+        """mitmproxy ``--mode`` arguments and the roles of the reverse listeners."""
+        # The reverse listeners' upstream is a placeholder: every request on them is
+        # answered or routed by the addon (connection_strategy=lazy never dials it).
+        args = ["--mode", f"regular@{format_listen(*self.proxy)}"]
+        admin_roles = "admin" if self.base_url is not None else "admin,base_url"
+        args += ["--mode", f"reverse:http://127.0.0.1:1@{format_listen(*self.admin)}"]
+        args += ["--set", f"keybrake_listeners={admin_roles}@{format_listen(*self.admin)}"]
+        if self.base_url is not None:
+            args += ["--mode", f"reverse:http://127.0.0.1:1@{format_listen(*self.base_url)}"]
+            args += ["--set", f"keybrake_listeners=base_url@{format_listen(*self.base_url)}"]
+        return args
+
+    def describe(self, tls: bool) -> str:
+        scheme = "https" if tls else "http"
+        text = f"forward proxy on {format_listen(*self.proxy)}, "
+        if self.base_url is None:
+            return text + f"admin + base URL on {scheme}://{format_listen(*self.admin)}"
+        return (
+            text + f"admin on {scheme}://{format_listen(*self.admin)}, "
+            f"base URL on {scheme}://{format_listen(*self.base_url)}"
+        )
+
+
+def _listen_flag(value: str, flag: str) -> tuple[str, int]:
+    try:
+        return parse_listen(value)
+    except ValueError as e:
+        _fail(f"{flag}: {e}", 2)
+
+
+def _listener_plan(
+    listen_host: str,
+    proxy_port: int,
+    admin_port: int,
+    proxy_listen: str | None,
+    base_url_listen: str | None,
+    admin_listen: str | None,
+) -> _ListenerPlan:
+    """``--proxy-listen``/``--admin-listen`` win over ``--listen-host`` + ports; a
+    ``--base-url-listen`` equal to the admin address is the combined listener."""
+    proxy = _listen_flag(proxy_listen, "--proxy-listen") if proxy_listen else None
+    admin = _listen_flag(admin_listen, "--admin-listen") if admin_listen else None
+    base = _listen_flag(base_url_listen, "--base-url-listen") if base_url_listen else None
+    flags = (
+        "--proxy-listen" if proxy else "--proxy-port",
+        "--admin-listen" if admin else "--admin-port",
+    )
+    proxy = proxy or (listen_host, proxy_port)
+    admin = admin or (listen_host, admin_port)
+    if base is not None and base[1] == admin[1] and base[0] == admin[0]:
+        base = None
+    return _ListenerPlan(proxy, admin, base, flags)
+
+
+def _tls_args(cert: Path | None, key: Path | None, names: list[str] | None) -> list[str]:
+    """mitmproxy ``--set`` arguments for TLS on the reverse listeners (checked first)."""
+    names = [n.strip() for item in names or [] for n in item.split(",") if n.strip()]
+    if (cert is None) != (key is None):
+        _fail("--tls-cert and --tls-key go together: give both", 2)
+    if cert is not None and names:
+        _fail("give either --tls-cert/--tls-key (your certificate) or --tls-name, not both", 2)
+    if cert is not None and key is not None:
+        for path, flag in ((cert, "--tls-cert"), (key, "--tls-key")):
+            try:
+                path.read_bytes()
+            except OSError as e:
+                _fail(f"{flag} {path}: cannot read it ({e.strerror})")
+        return [
+            "--set",
+            f"keybrake_tls_cert={cert.resolve()}",
+            "--set",
+            f"keybrake_tls_key={key.resolve()}",
+        ]
+    return [arg for n in names for arg in ("--set", f"keybrake_tls_names={n}")]
 
 
 def _store_url(store: str, data_dir: Path) -> str:
@@ -314,11 +493,22 @@ def run(
     ] = 8082,
     passthrough: Passthrough = None,
     wait_for_store: WaitForStore = False,
+    proxy_listen: ProxyListen = None,
+    base_url_listen: BaseUrlListen = None,
+    admin_listen: AdminListen = None,
+    insecure_admin: InsecureAdmin = False,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_name: TlsName = None,
     extra: Annotated[
         list[str] | None, typer.Argument(help="Extra mitmproxy arguments, after '--'.")
     ] = None,
 ) -> None:
     """Start the proxy: forward listener + admin listener in one mitmproxy process.
+
+    The base-URL routes (/stripe/...) are served on the admin listener unless
+    --base-url-listen puts them on a listener of their own (then each listener answers only
+    its own routes; /healthz and /readyz answer on both).
 
     Before anything starts, the policies, the data dir, the ports and the store are checked;
     a mistake is one line on stderr and a non-zero exit. Ctrl-C or SIGTERM stops it (exit 0)
@@ -357,17 +547,36 @@ def run(
         _check_data_dir(data_dir)
     # `-- --options` and the like only print and exit: nothing listens, no store is needed.
     only_prints = bool({"--options", "--commands", "--version"} & set(extra or []))
-    listeners = [(proxy_port, "--proxy-port"), (admin_port, "--admin-port")]
-    listeners += [(web_port, "--web-port")] if web else []
-    for (port, flag), (other, other_flag) in itertools.combinations(listeners, 2):
+    plan = _listener_plan(
+        listen_host, proxy_port, admin_port, proxy_listen, base_url_listen, admin_listen
+    )
+    tls_args = _tls_args(tls_cert, tls_key, tls_name)
+    exposed = [a for a in plan.admin_addresses() if not is_loopback_host(a[0])]
+    if exposed and not tls_args:
+        where = format_listen(*exposed[0])
+        if not insecure_admin:
+            _fail(
+                f"the admin listener {where} is not loopback and would serve plain HTTP (the "
+                "admin token in clear on the network): give it TLS (--tls-cert/--tls-key or "
+                "--tls-name), keep it on loopback (--admin-listen 127.0.0.1:8081), or pass "
+                "--insecure-admin",
+                2,
+            )
+        typer.echo(
+            f"Warning: --insecure-admin: the admin listener {where} serves plain HTTP on a "
+            "network address; the admin token crosses the network unencrypted",
+            err=True,
+        )
+    listeners = [(h, p, f) for h, p, f in plan.bound()]
+    listeners += [("127.0.0.1", web_port, "--web-port")] if web else []
+    for (_, port, flag), (_, other, other_flag) in itertools.combinations(listeners, 2):
         if port == other and port != 0:
             _fail(f"{flag} and {other_flag} are both {port}: give each listener its own port")
     new_store: Path | None = None
     if only_prints:
         _open_store(_store_url(store, data_dir))  # a malformed URL is still one line
     else:
-        for port, flag in listeners:
-            host = "127.0.0.1" if flag == "--web-port" else listen_host
+        for host, port, flag in listeners:
             try:
                 check_listen(host, port, flag)
             except PreflightError as e:
@@ -384,10 +593,9 @@ def run(
         os.environ["KEYBRAKE_STORE"] = split_password(os.environ["KEYBRAKE_STORE"])[0]
     script = Path(__file__).with_name("addon.py")
     args = [
-        "--mode",
-        f"regular@{listen_host}:{proxy_port}",
-        "--mode",
-        f"reverse:http://127.0.0.1:1@{listen_host}:{admin_port}",
+        *plan.mode_args(),
+        *tls_args,
+        *(["--set", "keybrake_insecure_admin=true"] if insecure_admin else []),
         "--set",
         f"confdir={certs}",
         "--set",
@@ -409,12 +617,15 @@ def run(
         *web_args,
         *(extra or []),
     ]
-    host = listen_host if listen_host not in ("0.0.0.0", "::") else "<this host>"
+    proxy_host, proxy_port = plan.proxy
+    admin_host, admin_port = plan.admin
+    host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "<this host>"
+    admin_shown = admin_host if admin_host not in ("0.0.0.0", "::", "") else "<this host>"
+    admin_scheme = "https" if tls_args else "http"
     typer.echo(
         "\n".join(
             [
-                f"Keybrake: forward proxy on {listen_host}:{proxy_port}, "
-                f"admin + base URL on {listen_host}:{admin_port}",
+                f"Keybrake: {plan.describe(bool(tls_args))}",
                 f"Store: {redact_url(url)}{_password_note(url, password)}"
                 + (" (new, empty: created just now)" if new_store else ""),
                 f"Policies: {policies.resolve()}"
@@ -434,8 +645,10 @@ def run(
                 f"  export REQUESTS_CA_BUNDLE={bundle}",
                 f"  export SSL_CERT_FILE={bundle}",
                 f"  (stripe: stripe.ca_bundle_path = '{bundle}')",
-                f"Admin API: http://{host}:{admin_port}/vault/keys  (admin token: {token_where})",
-                f"Dashboard: http://{host}:{admin_port}/  Metrics: http://{host}:{admin_port}/metrics",
+                f"Admin API: {admin_scheme}://{admin_shown}:{admin_port}/vault/keys  "
+                f"(admin token: {token_where})",
+                f"Dashboard: {admin_scheme}://{admin_shown}:{admin_port}/  "
+                f"Metrics: {admin_scheme}://{admin_shown}:{admin_port}/metrics",
                 *(
                     [f"mitmweb: http://127.0.0.1:{web_port}/ (token in the log line below)"]
                     if web

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -53,6 +54,8 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "VaultKey",
+    "ca_bundle_path",
+    "tls_verify",
 ]
 
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:8081"
@@ -441,6 +444,42 @@ def _resolve(admin_url: str | None, token: str | None) -> tuple[str, str]:
     return url, tok
 
 
+# -- trust -------------------------------------------------------------------------------------
+
+CA_BUNDLE_ENV: Final = "KEYBRAKE_CA_BUNDLE"
+SYSTEM_CA: Final = "system"
+
+
+def ca_bundle_path(value: str | os.PathLike[str] | None = None) -> str | None:
+    """The CA file a worker trusts for Keybrake: ``value``, else ``$KEYBRAKE_CA_BUNDLE``;
+    ``"system"`` is the operating system's CA file; ``None`` means the library's default.
+
+    What each SDK reads on its own, for code that builds its clients itself: stripe none
+    (``stripe.ca_bundle_path``), requests-based SDKs (twilio, resend) ``REQUESTS_CA_BUNDLE``,
+    httpx and Python's ``ssl`` ``SSL_CERT_FILE``.
+
+    >>> ca_bundle_path("/etc/keybrake/ca.pem")
+    '/etc/keybrake/ca.pem'
+    """
+    raw = os.fspath(value) if value is not None else os.environ.get(CA_BUNDLE_ENV, "")
+    if not raw:
+        return None
+    if raw == SYSTEM_CA:
+        paths = ssl.get_default_verify_paths()
+        return paths.cafile or paths.openssl_cafile
+    return raw
+
+
+def tls_verify(ca_bundle: str | os.PathLike[str] | None = None, default: Any = True) -> Any:
+    """What httpx's ``verify=`` takes for `ca_bundle_path` (``default`` when there is none)."""
+    if ca_bundle is not None and os.fspath(ca_bundle) == SYSTEM_CA:
+        return ssl.create_default_context()
+    path = ca_bundle_path(ca_bundle)
+    if path is None:
+        return default
+    return ssl.create_default_context(cafile=path)
+
+
 # -- the clients -------------------------------------------------------------------------------
 
 
@@ -451,8 +490,11 @@ class KeybrakeClient:
     >>> [k.key_id for k in kb.list_keys() if k.status == "active"]  # doctest: +SKIP
     ['key_7Hq...']
 
-    ``verify`` is passed to httpx (a CA bundle path or `ssl.SSLContext` for an HTTPS admin
-    listener); ``transport`` lets tests or callers supply their own httpx transport.
+    ``ca_bundle`` is the CA file that vouches for an HTTPS admin listener (a private CA:
+    the operator's, or the Keybrake CA for ``keybrake run --tls-name``), or ``"system"`` for
+    the operating system's store; default ``$KEYBRAKE_CA_BUNDLE``, else httpx's own
+    (certifi). ``verify`` is passed to httpx as is when ``ca_bundle`` is not given (an
+    `ssl.SSLContext`, ``False``); ``transport`` lets callers supply their own httpx transport.
     """
 
     def __init__(
@@ -462,6 +504,7 @@ class KeybrakeClient:
         *,
         timeout: float = 10.0,
         verify: Any = True,
+        ca_bundle: str | os.PathLike[str] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.admin_url, token = _resolve(admin_url, token)
@@ -469,7 +512,7 @@ class KeybrakeClient:
             base_url=self.admin_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
-            verify=verify,
+            verify=tls_verify(ca_bundle, verify),
             transport=transport,
             trust_env=False,
         )
@@ -499,12 +542,13 @@ class KeybrakeClient:
         return _decode(response)
 
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``: ``{"status": "ok", ...}``; raises `Unavailable` when the store is down.
+        """``GET /readyz``: ``{"status": "ok", "checks": {...}}``; raises `Unavailable` when the
+        proxy is not ready (store unreachable, audit log not writable, clock skewed).
 
         >>> kb.health()["status"]  # doctest: +SKIP
         'ok'
         """
-        payload = self._send(_Call("GET", "/healthz"))
+        payload = self._send(_Call("GET", "/readyz"))
         return dict(payload) if isinstance(payload, dict) else {}
 
     def issue_key(
@@ -663,6 +707,7 @@ class AsyncKeybrakeClient:
         *,
         timeout: float = 10.0,
         verify: Any = True,
+        ca_bundle: str | os.PathLike[str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.admin_url, token = _resolve(admin_url, token)
@@ -670,7 +715,7 @@ class AsyncKeybrakeClient:
             base_url=self.admin_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
-            verify=verify,
+            verify=tls_verify(ca_bundle, verify),
             transport=transport,
             trust_env=False,
         )
@@ -701,7 +746,7 @@ class AsyncKeybrakeClient:
 
     async def health(self) -> dict[str, Any]:
         """See `KeybrakeClient.health`."""
-        payload = await self._send(_Call("GET", "/healthz"))
+        payload = await self._send(_Call("GET", "/readyz"))
         return dict(payload) if isinstance(payload, dict) else {}
 
     async def issue_key(

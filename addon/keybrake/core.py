@@ -30,6 +30,7 @@ from keybrake._limiter import FailureLimiter
 from keybrake._mitm_chain import check_options, unload_unused_addons
 from keybrake.credentials import VendorSecrets
 from keybrake.keys import parse_duration
+from keybrake.listeners import Listeners
 from keybrake.policy import PolicyError, PolicySet, load_policies
 from keybrake.store import Store, StoreUnavailable, open_store
 
@@ -113,6 +114,8 @@ class Runtime:
         self.secrets: dict[str, VendorSecrets] = {}
         self.store: Store | None = None
         self.store_url = ""
+        # What each reverse listener serves (admin, base URL) and its TLS; `Core` loads it.
+        self.listeners = Listeners()
         self.data_dir = Path(".keybrake")
         self.admin_token = ""
         # The read-only token for GET /metrics ("" for none; set by `keybrake.metrics`).
@@ -158,7 +161,7 @@ class Runtime:
         now = self.clock_problem()
         if now and not was:
             # A warning: mitmdump exits on errors logged at start; a replica that refuses
-            # calls and says why on /healthz is better than a crash loop.
+            # calls and says why on /readyz is better than a crash loop.
             log.warning("keybrake: refusing vendor calls: %s", now)
         elif was and not now:
             log.warning("keybrake: clock back in sync with the store (%.1fs)", skew or 0.0)
@@ -198,6 +201,8 @@ class Core:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        # mitmproxy loads an addon's ``addons`` with it: options, hooks and all.
+        self.addons = [runtime.listeners]
         self._running = False
         self._upstream_bundle: Path | None = None
         self._recovery: asyncio.Task[None] | None = None

@@ -238,7 +238,7 @@ class Dashboard:
             return self._text(403, "Forbidden: reload the page and try again.")
         except StoreUnavailable as e:
             log.error("keybrake dashboard: store unavailable: %s", e)
-            return self._text(503, "The store is unavailable; see /healthz.")
+            return self._text(503, "The store is unavailable; see /readyz.")
 
     async def _route(
         self,

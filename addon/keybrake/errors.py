@@ -38,6 +38,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "unpriced_parameter": 403,
     "object_not_owned": 403,
     "key_suspended": 403,
+    "tls_required": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "idempotency_in_flight": 409,

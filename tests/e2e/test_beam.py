@@ -19,7 +19,7 @@ from tests.e2e.beam_app import ChargeInvoice, FlakyChargeInvoice, invoices, read
 from tests.fakes import FakeStripe
 
 from keybrake._money import format_usd, parse_usd
-from keybrake.integrations.beam import KeybrakeDoFn, KeybrakeOptions
+from keybrake.integrations.beam import KeybrakeDoFn, KeybrakeOptions, from_file
 
 pytestmark = pytest.mark.e2e
 
@@ -45,15 +45,24 @@ def counter(result: Any, name: str) -> int:
     return sum(c.committed for c in found if c.key.metric.name == name)
 
 
+def key_file(tmp_path: Path, vault_key: str) -> Path:
+    """The vault key as a mounted secret: a file only the workers read."""
+    path = tmp_path / "vault-key"
+    path.write_text(vault_key + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def test_options_and_idempotency_keys() -> None:
     opts = KeybrakeOptions(
         [
-            "--keybrake_vault_key=kbv_stripe_x",
+            "--keybrake_vault_key_file=/run/secrets/kb",
             "--keybrake_base_url=http://127.0.0.1:9",
             "--keybrake_job_id=nightly-2026-11-25",
         ]
     )
     fn = ChargeInvoice(options=opts)
+    assert repr(fn.key_source) == "FromFile('/run/secrets/kb')"
     assert fn.idempotency_key({"id": "inv_7"}) == "nightly-2026-11-25:inv_7"
     assert KeybrakeDoFn().element_id(("cus_1", 5)) == "cus_1"
     assert KeybrakeDoFn().element_id({"id": 3}) == "3"
@@ -73,7 +82,7 @@ def test_1000_invoices_stop_cleanly_at_the_500_dollar_cap(
         [
             "--direct_num_workers=2",
             "--direct_running_mode=multi_threading",
-            f"--keybrake_vault_key={key['vault_key']}",
+            f"--keybrake_vault_key_file={key_file(tmp_path, key['vault_key'])}",
             f"--keybrake_base_url={kb.admin_url}",
             f"--keybrake_job_id=invoices-{uuid.uuid4().hex[:8]}",
         ]
@@ -113,7 +122,7 @@ def test_a_bundle_retried_after_a_failure_charges_nothing_twice(
     key = kb.issue_key(daily_usd_cap="100", agent_run_label="beam/retry")
     marker = tmp_path / "failed-once"
     dofn = FlakyChargeInvoice(
-        key["vault_key"],
+        from_file(key_file(tmp_path, key["vault_key"])),
         kb.admin_url,
         job_id=f"retry-{uuid.uuid4().hex[:8]}",
         fail_after=7,

@@ -228,7 +228,7 @@ def test_redis_outage_fails_closed_and_recovers_without_restart(
     assert kb.count_requests("POST", "/v1/payment_intents") == before + 1
     assert len(fake_stripe.ledger) == 1
     # The admin side fails closed too.
-    assert httpx.get(f"{kb.admin_url}/healthz", timeout=10).status_code == 503
+    assert httpx.get(f"{kb.admin_url}/readyz", timeout=10).status_code == 503
     issue = kb.admin("POST", "/vault/keys", {**_key_body(), "daily_usd_cap": 5})
     assert issue.status_code == 503
     assert refusal_code(issue) == "store_unavailable"
@@ -236,7 +236,7 @@ def test_redis_outage_fails_closed_and_recovers_without_restart(
     # Redis comes back (empty: nothing was persisted); the same proxy process recovers.
     own_redis.start()
     wait_for(
-        lambda: httpx.get(f"{kb.admin_url}/healthz", timeout=10).status_code == 200,
+        lambda: httpx.get(f"{kb.admin_url}/readyz", timeout=10).status_code == 200,
         10,
         "the proxy to see Redis again",
     )

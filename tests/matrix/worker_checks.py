@@ -244,16 +244,18 @@ def check_beam() -> dict[str, Any]:
     label = f"matrix/beam-{RUN}"
     with KeybrakeClient(ADMIN_URL, TOKEN) as kb:
         key = issue(kb, BEAM_CAP, label)
+    out = Path(tempfile.mkdtemp())
+    secret = out / "vault-key"  # a mounted secret: the key is never in the options
+    secret.write_text(key.vault_key)
     options = PipelineOptions(
         [
             "--direct_num_workers=2",
             "--direct_running_mode=multi_threading",
-            f"--keybrake_vault_key={key.vault_key}",
+            f"--keybrake_vault_key_file={secret}",
             f"--keybrake_base_url={ADMIN_URL}",
             f"--keybrake_job_id=matrix-{RUN}",
         ]
     )
-    out = Path(tempfile.mkdtemp())
     run(invoices(BEAM_INVOICES), ChargeInvoice(options=options), out, options)
     done = read_lines(out, "charged")
     stopped = read_lines(out, "stopped")

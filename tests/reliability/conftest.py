@@ -83,7 +83,7 @@ def usd_micros(text: str) -> int:
 
 def healthy(kb: KeybrakeProcess) -> bool:
     try:
-        return httpx.get(f"{kb.admin_url}/healthz", timeout=5).status_code == 200
+        return httpx.get(f"{kb.admin_url}/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
 

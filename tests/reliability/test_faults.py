@@ -312,7 +312,7 @@ def test_read_only_store_at_start_fails_closed_without_crash_loop(
         assert code_of(issue) == "store_unavailable"
         r = charge(kb, "kb_live_" + "A" * 43, 100)
         assert r.status_code in (401, 503), r.text
-        assert httpx.get(f"{kb.admin_url}/healthz", timeout=5).status_code == 503
+        assert httpx.get(f"{kb.admin_url}/readyz", timeout=5).status_code == 503
         time.sleep(1.0)
         assert kb.proc is not None and kb.proc.poll() is None, "the proxy must keep running"
         assert fake_stripe.ledger == []
@@ -453,7 +453,7 @@ def test_replica_with_a_skewed_clock_refuses_instead_of_judging_expiry(
 ) -> None:
     """Two replicas share Redis; one runs an hour slow. Its clock would still call an
     expired key valid, so it refuses every vendor call (503 clock_skewed) and says so on
-    /healthz, while a replica a few seconds off keeps working."""
+    /readyz, while a replica a few seconds off keeps working."""
     store = f"redis://127.0.0.1:6379/0?prefix={redis_prefix}"
     good: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=store)
     slow: KeybrakeProcess = keybrake_factory(
@@ -462,10 +462,10 @@ def test_replica_with_a_skewed_clock_refuses_instead_of_judging_expiry(
     near: KeybrakeProcess = keybrake_factory(
         {"stripe": fake_stripe}, store=store, env=faketime_env("+5s")
     )
-    health = httpx.get(f"{slow.admin_url}/healthz", timeout=10)
+    health = httpx.get(f"{slow.admin_url}/readyz", timeout=10)
     assert health.status_code == 503 and health.json()["status"] == "clock_skewed"
     assert -3700 < health.json()["clock_skew_s"] < -3500
-    assert httpx.get(f"{near.admin_url}/healthz", timeout=10).status_code == 200
+    assert httpx.get(f"{near.admin_url}/readyz", timeout=10).status_code == 200
 
     fresh = good.issue_key(daily_usd_cap=10)
     assert charge(near, fresh["vault_key"], 100).status_code == 200

@@ -1,7 +1,7 @@
 """End to end: a real ``keybrake run`` on a Redis that wants a password (ACL user) and TLS.
 
 The password works from the store URL and from ``KEYBRAKE_STORE_PASSWORD``, and never shows
-in the proxy's log (start banner included), ``/healthz``, the dashboard or, when given by
+in the proxy's log (start banner included), ``/readyz``, the dashboard or, when given by
 environment, the process's arguments. A wrong or missing password, or a Redis certificate
 from an unknown CA, fails closed: ``503 store_unavailable``, nothing reaches the vendor.
 The private redis-servers (`acl_redis`, `tls_redis`) come from ``tests/conftest.py``.
@@ -120,9 +120,9 @@ def assert_refused_as_store_unavailable(
     body: Any = e.value.json_body
     assert body["error"]["code"] == "store_unavailable"
     assert fake_stripe.ledger == []  # nothing reached the vendor
-    health = httpx.get(f"{kb.admin_url}/healthz", timeout=10)
+    health = httpx.get(f"{kb.admin_url}/readyz", timeout=10)
     assert health.status_code == 503
-    assert_no_password("/healthz", health.text)
+    assert_no_password("/readyz", health.text)
 
 
 # -- the password works and stays secret ----------------------------------------------------------
@@ -144,7 +144,7 @@ def test_tls_and_acl_password_from_environment(
     assert pi.status == "succeeded"
     assert len(fake_stripe.ledger) == 1
 
-    health = httpx.get(f"{kb.admin_url}/healthz", timeout=10)
+    health = httpx.get(f"{kb.admin_url}/readyz", timeout=10)
     assert health.status_code == 200, health.text
     html = dashboard_html(kb)
     assert f"rediss 127.0.0.1:{tls_redis.port}/0" in html  # the store is shown, its secret not
@@ -154,7 +154,7 @@ def test_tls_and_acl_password_from_environment(
     log = kb.log()
     assert f"(password: from {PASSWORD_ENV})" in log  # the start banner
     for where, text in [
-        ("/healthz", health.text),
+        ("/readyz", health.text),
         ("the dashboard", html),
         ("the process arguments", arguments),
         ("the proxy log", log),
@@ -178,13 +178,13 @@ def test_password_in_the_url_is_kept_out_of_logs_and_pages(
     key = kb.issue_key(daily_usd_cap=50)
     assert pay(kb, key["vault_key"], monkeypatch).status == "succeeded"
     assert len(fake_stripe.ledger) == 1
-    health = httpx.get(f"{kb.admin_url}/healthz", timeout=10)
+    health = httpx.get(f"{kb.admin_url}/readyz", timeout=10)
     assert health.status_code == 200
     log = kb.log()
     assert "Store: redis://keybrake@127.0.0.1" in log
     assert "(password: from the store URL)" in log
     assert_no_password("the proxy log", log)
-    assert_no_password("/healthz", health.text)
+    assert_no_password("/readyz", health.text)
     assert_no_password("the dashboard", dashboard_html(kb))
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "BudgetExhausted",
     "CallContext",
     "base_url",
+    "ca_bundle",
     "call_context",
     "current_call",
     "is_cap_hit",
@@ -57,6 +58,7 @@ __all__ = [
     "stripe_client",
     "stripe_http_client",
     "translate_cap_hits",
+    "use_ca_bundle",
     "vault_key",
 ]
 
@@ -141,6 +143,33 @@ def vault_key(value: str | None = None) -> str:
     if not key:
         raise ValueError("no vault key: pass one or set KEYBRAKE_VAULT_KEY")
     return key
+
+
+# The CA bundle clients built here trust when none is given (set by `use_ca_bundle`).
+_DEFAULT_CA_BUNDLE: list[str | None] = [None]
+
+
+def use_ca_bundle(value: str | os.PathLike[str] | None) -> None:
+    """Make ``value`` the CA bundle of every client this module builds from now on in this
+    process (``KeybrakeMiddleware(ca_bundle=…)`` calls it); ``None`` goes back to
+    ``$KEYBRAKE_CA_BUNDLE``."""
+    _DEFAULT_CA_BUNDLE[0] = os.fspath(value) if value is not None else None
+
+
+def ca_bundle(value: str | os.PathLike[str] | None = None) -> str | None:
+    """The CA file clients built here trust for an ``https://`` base URL: ``value``, else
+    `use_ca_bundle`'s, else ``$KEYBRAKE_CA_BUNDLE``; ``"system"`` is the operating system's
+    store; ``None``: the SDK's own default (certifi).
+
+    Needed when the proxy's certificate comes from a private CA (the operator's, or the
+    Keybrake CA). For clients you build yourself, the variables the SDKs read: stripe none
+    (``stripe.ca_bundle_path``), requests-based SDKs (twilio, resend)
+    ``REQUESTS_CA_BUNDLE``, httpx ``SSL_CERT_FILE``.
+    """
+    from keybrake.client import ca_bundle_path
+
+    given = value if value is not None else _DEFAULT_CA_BUNDLE[0]
+    return ca_bundle_path(given)
 
 
 def base_url(value: str | None = None) -> str:
@@ -313,11 +342,21 @@ def _session_class() -> type[requests.Session]:
     import requests
 
     class KeybrakeSession(requests.Session):
-        """Adds the call context headers to every request; remembers Keybrake refusals."""
+        """Adds the call context headers to every request; remembers Keybrake refusals;
+        trusts ``ca_bundle`` (when given) whatever a caller passes as ``verify``."""
 
-        def __init__(self) -> None:
+        def __init__(self, ca_bundle: str | None = None) -> None:
             super().__init__()
             self.hooks["response"].append(_remember_refusal)
+            self.ca_bundle = ca_bundle
+            if ca_bundle is not None:
+                self.verify = ca_bundle
+
+        def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
+            # stripe passes verify=stripe.ca_bundle_path (a process-wide setting) per call.
+            if self.ca_bundle is not None and kwargs.get("verify") is not False:
+                kwargs["verify"] = self.ca_bundle
+            return super().request(method, url, *args, **kwargs)
 
         def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
             prepared = super().prepare_request(request)
@@ -327,8 +366,10 @@ def _session_class() -> type[requests.Session]:
     return KeybrakeSession
 
 
-def requests_session() -> requests.Session:
+def requests_session(ca_bundle: str | os.PathLike[str] | None = None) -> requests.Session:
     """A ``requests.Session`` that sends the call context; for SDKs built on requests.
+
+    ``ca_bundle``: see `ca_bundle` (default ``$KEYBRAKE_CA_BUNDLE``).
 
     Twilio through the base URL (the supported way for twilio 9: the API domain's base URL)::
 
@@ -340,7 +381,7 @@ def requests_session() -> requests.Session:
         client = Client("AC" + "0" * 32, vault_key(), http_client=http)  # any Account SID
         client.api.base_url = f"{base_url()}/twilio"  # relative next_page_uri stay on it
     """
-    return _session_class()()
+    return _session_class()(ca_bundle_of(ca_bundle))  # type: ignore[call-arg]
 
 
 @functools.cache
@@ -388,12 +429,19 @@ def _stripe_client_class() -> type[stripe.RequestsClient]:
     return KeybrakeStripeClient
 
 
-def stripe_http_client(timeout: float = 80) -> stripe.HTTPClient:
+def stripe_http_client(
+    timeout: float = 80, ca_bundle: str | os.PathLike[str] | None = None
+) -> stripe.HTTPClient:
     """A ``stripe`` HTTP client that sends the call context headers (thread-safe).
 
     For module-style code: ``stripe.default_http_client = stripe_http_client()``.
+    ``ca_bundle`` (default ``$KEYBRAKE_CA_BUNDLE``): the CA of an ``https://`` base URL, for
+    this client only (``stripe.ca_bundle_path`` would change it for the whole process).
     """
-    return _stripe_client_class()(timeout=timeout)
+    bundle = ca_bundle_of(ca_bundle)
+    if bundle is None:
+        return _stripe_client_class()(timeout=timeout)
+    return _stripe_client_class()(timeout=timeout, session=requests_session(bundle))
 
 
 def stripe_client(
@@ -401,12 +449,15 @@ def stripe_client(
     url: str | None = None,
     *,
     max_network_retries: int = 2,
+    ca_bundle: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> stripe.StripeClient:
     """A ``stripe.StripeClient`` on the vault key, through Keybrake's base URL, with context.
 
     ``key`` defaults to ``$KEYBRAKE_VAULT_KEY`` and ``url`` to ``$KEYBRAKE_BASE_URL``; no CA
-    configuration is needed for an ``http://`` base URL on loopback.
+    configuration is needed for an ``http://`` base URL on loopback. For an ``https://`` one
+    whose certificate comes from a private CA, ``ca_bundle`` names that CA's file (default
+    ``$KEYBRAKE_CA_BUNDLE``; ``"system"``: the operating system's store).
 
     >>> client = stripe_client()  # doctest: +SKIP
     >>> client.v1.payment_intents.create(params={"amount": 100, "currency": "usd"})
@@ -416,7 +467,10 @@ def stripe_client(
     return stripe.StripeClient(
         vault_key(key),
         base_addresses={"api": f"{base_url(url)}/stripe"},
-        http_client=stripe_http_client(),
+        http_client=stripe_http_client(ca_bundle=ca_bundle),
         max_network_retries=max_network_retries,
         **kwargs,
     )
+
+
+ca_bundle_of = ca_bundle  # for functions whose own parameter is named ``ca_bundle``

@@ -3,7 +3,7 @@
 Seed recipe (``pip install keybrake[beam]``)::
 
     import apache_beam as beam
-    from keybrake.integrations.beam import KeybrakeDoFn, KeybrakeOptions
+    from keybrake.integrations.beam import KeybrakeDoFn, KeybrakeOptions, from_file
 
     class ChargeInvoice(KeybrakeDoFn):
         def element_id(self, invoice):
@@ -16,20 +16,37 @@ Seed recipe (``pip install keybrake[beam]``)::
             )
             return pi.id
 
-    options = KeybrakeOptions()  # --keybrake_vault_key, --keybrake_base_url, --keybrake_job_id
+    options = KeybrakeOptions()  # --keybrake_base_url, --keybrake_ca_bundle, --keybrake_job_id
     with beam.Pipeline(options=options) as p:
         charged, unpaid = (
             p | beam.Create(invoices)
-              | beam.ParDo(ChargeInvoice(options=options)).with_outputs(
+              | beam.ParDo(ChargeInvoice(from_file("/var/run/secrets/keybrake/vault-key"),
+                                         options=options)).with_outputs(
                     KeybrakeDoFn.BUDGET_EXHAUSTED, main="charged")
         )
         unpaid | beam.io.WriteToText("unpaid")     # what the cap stopped, for a later run
 
 What the base class does:
 
-- **Vault key only**: the key comes from the constructor, `KeybrakeOptions` or
-  ``$KEYBRAKE_VAULT_KEY`` on the worker; the vendor client is built in ``setup()`` (never
-  pickled) by `create_client` (a stripe client through ``<base URL>/stripe`` by default).
+- **The vault key never travels with the pipeline.** The DoFn holds a *key source*: a
+  zero-argument callable run on the worker in ``setup()`` (`from_env`, the default, reads
+  ``$KEYBRAKE_VAULT_KEY``; `from_file` reads a mounted secret). The DoFn is pickled into the
+  pipeline graph and its options are shown in the Dataflow job page: neither holds the key.
+  A vault key given as a string, or in ``--keybrake_vault_key``, is refused. From a secret
+  manager, a few lines::
+
+      class FromSecretManager:
+          def __init__(self, name):            # "projects/p/secrets/kb-vault-key/versions/latest"
+              self.name = name
+          def __call__(self):
+              from google.cloud import secretmanager
+              client = secretmanager.SecretManagerServiceClient()
+              return client.access_secret_version(name=self.name).payload.data.decode()
+
+- **Fresh keys in long runs**: with ``refresh_seconds``, the key source is asked again at
+  the start of a bundle once that long has passed; a different key gets a new client (calls
+  in flight finish on the old one). Issue a key per window and hand it out through the file
+  or secret the key source reads.
 - **Idempotency** from job id + element id: a bundle that fails and is retried sends the
   same keys, Keybrake replays the first answers, and replays are free (no double charge, no
   budget used twice). The job id is fixed when the pipeline is built (``--keybrake_job_id``,
@@ -38,15 +55,19 @@ What the base class does:
   process; that element and every later one go to the ``budget_exhausted`` output without
   calling the vendor. Nothing is raised, so no bundle is retried into the same wall. The
   ``keybrake:budget_exhausted`` counter says how many elements were left unprocessed.
+- **A private CA** for an ``https://`` base URL: ``ca_bundle=`` (or ``--keybrake_ca_bundle``,
+  or ``$KEYBRAKE_CA_BUNDLE`` on the workers), a path in the worker image, or ``"system"``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import apache_beam as beam
@@ -60,10 +81,18 @@ from keybrake.integrations import (
     call_context,
     is_cap_hit,
     stripe_client,
-    vault_key,
 )
 
-__all__ = ["BudgetExhausted", "KeybrakeDoFn", "KeybrakeOptions"]
+__all__ = [
+    "BudgetExhausted",
+    "FromEnv",
+    "FromFile",
+    "KeySource",
+    "KeybrakeDoFn",
+    "KeybrakeOptions",
+    "from_env",
+    "from_file",
+]
 
 log = logging.getLogger("keybrake.beam")
 
@@ -73,11 +102,69 @@ _EXHAUSTED: set[str] = set()
 _EXHAUSTED_LOCK = threading.Lock()
 
 
-class KeybrakeOptions(PipelineOptions):
-    """``--keybrake_vault_key``, ``--keybrake_base_url`` and ``--keybrake_job_id``.
+KeySource = Callable[[], str]
+"""A zero-argument callable returning the vault key, run on the worker (never pickled with
+a key inside: it holds where the key is, not the key)."""
 
-    >>> KeybrakeOptions(["--keybrake_vault_key", "kbv_stripe_..."]).keybrake_vault_key
-    'kbv_stripe_...'
+
+class FromEnv:
+    """Key source: the vault key in an environment variable of the worker.
+
+    >>> FromEnv("KEYBRAKE_VAULT_KEY")  # doctest: +ELLIPSIS
+    FromEnv('KEYBRAKE_VAULT_KEY')
+    """
+
+    def __init__(self, name: str = "KEYBRAKE_VAULT_KEY") -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"FromEnv({self.name!r})"
+
+    def __call__(self) -> str:
+        key = os.environ.get(self.name, "").strip()
+        if not key:
+            raise ValueError(f"no vault key: ${self.name} is not set on this worker")
+        return key
+
+
+class FromFile:
+    """Key source: the vault key in a file on the worker (a mounted secret), read each time
+    it is asked, so a rotated file gives the next key."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+
+    def __repr__(self) -> str:
+        return f"FromFile({self.path!r})"
+
+    def __call__(self) -> str:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"no vault key: cannot read {self.path} ({e.strerror})") from None
+        if not key:
+            raise ValueError(f"no vault key: {self.path} is empty")
+        return key
+
+
+def from_env(name: str = "KEYBRAKE_VAULT_KEY") -> FromEnv:
+    """A key source reading ``$name`` on the worker."""
+    return FromEnv(name)
+
+
+def from_file(path: str | os.PathLike[str]) -> FromFile:
+    """A key source reading a mounted secret file on the worker."""
+    return FromFile(path)
+
+
+class KeybrakeOptions(PipelineOptions):
+    """``--keybrake_base_url``, ``--keybrake_ca_bundle``, ``--keybrake_job_id`` and where the
+    workers find the vault key (``--keybrake_vault_key_file`` or ``--keybrake_vault_key_env``),
+    never the key itself.
+
+    >>> KeybrakeOptions(["--keybrake_vault_key_file", "/run/kb/key"]).keybrake_vault_key_file
+    '/run/kb/key'
     """
 
     @classmethod
@@ -85,12 +172,31 @@ class KeybrakeOptions(PipelineOptions):
         parser.add_argument(
             "--keybrake_vault_key",
             default=None,
-            help="Vault key the workers spend with (default: $KEYBRAKE_VAULT_KEY on workers).",
+            help="Refused: pipeline options are shown in the job's page and saved with it. "
+            "Use --keybrake_vault_key_file or --keybrake_vault_key_env.",
+        )
+        parser.add_argument(
+            "--keybrake_vault_key_file",
+            default=None,
+            help="File on the workers holding the vault key (a mounted secret).",
+        )
+        parser.add_argument(
+            "--keybrake_vault_key_env",
+            default=None,
+            help="Environment variable on the workers holding the vault key (default: "
+            "KEYBRAKE_VAULT_KEY).",
         )
         parser.add_argument(
             "--keybrake_base_url",
             default=None,
-            help="Keybrake base URL, e.g. http://keybrake:8081 (default: $KEYBRAKE_BASE_URL).",
+            help="Keybrake base URL, e.g. https://keybrake.internal:8443 (default: "
+            "$KEYBRAKE_BASE_URL).",
+        )
+        parser.add_argument(
+            "--keybrake_ca_bundle",
+            default=None,
+            help="CA file on the workers for an https:// base URL with a private CA, or "
+            "'system' (default: $KEYBRAKE_CA_BUNDLE).",
         )
         parser.add_argument(
             "--keybrake_job_id",
@@ -103,40 +209,74 @@ class KeybrakeOptions(PipelineOptions):
 class KeybrakeDoFn(beam.DoFn):
     """Base DoFn: subclasses implement `call` (and usually `element_id`).
 
-    ``vault_key``/``base_url`` override the options; ``actor`` names the step in the audit
-    log (default: the class name). ``self.client`` is what `create_client` built in setup.
+    ``key_source`` (default: ``--keybrake_vault_key_file``/``_env`` from ``options``, else
+    `from_env`) is called on the worker in ``setup()``; ``base_url`` and ``ca_bundle``
+    override the options; ``refresh_seconds`` asks the key source again that often (at a
+    bundle's start); ``actor`` names the step in the audit log (default: the class name).
+    ``self.client`` is what `create_client` built in setup.
     """
 
     BUDGET_EXHAUSTED: ClassVar[str] = "budget_exhausted"
 
     def __init__(
         self,
-        vault_key: str | None = None,
+        key_source: KeySource | None = None,
         base_url: str | None = None,
         *,
+        ca_bundle: str | None = None,
+        refresh_seconds: float | None = None,
         job_id: str | None = None,
         options: PipelineOptions | None = None,
         actor: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        if isinstance(key_source, (str, bytes)):
+            raise TypeError(
+                "KeybrakeDoFn takes a key source, not the vault key: a key given here is "
+                "pickled into the pipeline graph. Use from_file(path) or from_env(name)."
+            )
+        if key_source is not None and not callable(key_source):
+            raise TypeError("key_source must be a zero-argument callable returning the key")
         if options is not None:
             kopts = options.view_as(KeybrakeOptions)
-            vault_key = vault_key or kopts.keybrake_vault_key
+            if kopts.keybrake_vault_key:
+                raise ValueError(
+                    "--keybrake_vault_key puts the vault key in the pipeline options (shown "
+                    "in the job's page, saved with it): use --keybrake_vault_key_file or "
+                    "--keybrake_vault_key_env"
+                )
+            if key_source is None and kopts.keybrake_vault_key_file:
+                key_source = FromFile(kopts.keybrake_vault_key_file)
+            if key_source is None and kopts.keybrake_vault_key_env:
+                key_source = FromEnv(kopts.keybrake_vault_key_env)
             base_url = base_url or kopts.keybrake_base_url
+            ca_bundle = ca_bundle or kopts.keybrake_ca_bundle
             job_id = job_id or kopts.keybrake_job_id or options.view_as(GoogleCloudOptions).job_name
-        self._vault_key = vault_key
+        self.key_source: KeySource = key_source or FromEnv()
         self._base_url = base_url
+        self.ca_bundle = ca_bundle
+        self.refresh_seconds = refresh_seconds
         self.job_id: str = job_id or uuid.uuid4().hex
         self.actor = actor or type(self).__name__
         self.client: Any = None
         self._budget = ""
+        self._key_digest = ""
+        self._key_read_at = 0.0
         self._exhausted_counter = Metrics.counter("keybrake", "budget_exhausted")
         self._calls_counter = Metrics.counter("keybrake", "calls")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What is pickled: never a client (it holds the key), whatever a subclass put there.
+        state = dict(self.__dict__)
+        state["client"] = None
+        state["_budget"] = state["_key_digest"] = ""
+        return state
+
     # -- for subclasses ------------------------------------------------------------------------
     def create_client(self, vault_key: str, base_url: str) -> Any:
-        """The vendor client, built once per DoFn instance in ``setup()``. Default: stripe."""
-        return stripe_client(vault_key, base_url)
+        """The vendor client, built on the worker in ``setup()`` (and again when the key
+        source hands out a new key). Default: stripe, trusting ``ca_bundle``."""
+        return stripe_client(vault_key, base_url, ca_bundle=self.ca_bundle)
 
     def element_id(self, element: Any) -> str:
         """A stable id of ``element`` within the job (the idempotency key's second half).
@@ -160,9 +300,23 @@ class KeybrakeDoFn(beam.DoFn):
 
     # -- Beam lifecycle ------------------------------------------------------------------------
     def setup(self) -> None:
-        key = vault_key(self._vault_key)
-        self._budget = f"{self.job_id}:{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        self._use_key(self.key_source())
+
+    def start_bundle(self) -> None:
+        due = self.refresh_seconds is not None
+        if due and time.monotonic() - self._key_read_at >= (self.refresh_seconds or 0.0):
+            self._use_key(self.key_source())
+
+    def _use_key(self, key: str) -> None:
+        """Build a client for ``key`` unless it is the one in use (calls already made with
+        the old client keep it until they finish)."""
+        self._key_read_at = time.monotonic()
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        if digest == self._key_digest and self.client is not None:
+            return
         self.client = self.create_client(key, base_url(self._base_url))
+        self._key_digest = digest
+        self._budget = f"{self.job_id}:{digest}"
 
     @property
     def exhausted(self) -> bool:

@@ -40,6 +40,7 @@ Without ``throws``, pass ``retry_when=retry_when(max_retries=3)`` to the actor (
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,7 @@ from keybrake.integrations import (
     is_cap_hit,
     is_retryable,
     translate_cap_hits,
+    use_ca_bundle,
 )
 
 __all__ = [
@@ -102,11 +104,19 @@ class KeybrakeMiddleware(Middleware):
     ``translate=False`` leaves actors untouched (then use `retry_when` or raise
     `BudgetExhausted` yourself). The context lives in the worker thread: ``async def``
     actors run on Dramatiq's event loop thread and should open `call_context` themselves.
+
+    ``ca_bundle`` (a CA file, or ``"system"``) is what the clients built by
+    `keybrake.integrations` in this worker process trust for an ``https://`` base URL whose
+    certificate comes from a private CA (default ``$KEYBRAKE_CA_BUNDLE``).
     """
 
-    def __init__(self, *, translate: bool = True) -> None:
+    def __init__(
+        self, *, translate: bool = True, ca_bundle: str | os.PathLike[str] | None = None
+    ) -> None:
         self.translate = translate
         self._tokens = threading.local()
+        if ca_bundle is not None:
+            use_ca_bundle(ca_bundle)
 
     def after_declare_actor(self, broker: dramatiq.Broker, actor: dramatiq.Actor[Any, Any]) -> None:
         if not self.translate or getattr(actor.fn, _WRAPPED, False):
