@@ -9,6 +9,7 @@ start unless ``--insecure-admin``, which is then warned about at every start.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,27 @@ def test_readyz_says_what_is_wrong_and_healthz_stays_up(
     assert body["checks"]["store"] != "ok" and str(dead) in body["checks"]["store"]
     assert body["checks"]["policies"] == "ok"
     assert password not in r.text and password not in kb.log()
+
+
+def test_readyz_names_an_audit_log_that_cannot_be_written(
+    keybrake_factory: Any, fake_stripe: FakeStripe
+) -> None:
+    """Another process holds the audit log's write lock: calls could not be audited, so the
+    replica is not ready (``/readyz`` 503 naming the audit log) until the lock is gone."""
+    kb: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe})
+    assert httpx.get(f"{kb.admin_url}/readyz", timeout=10).status_code == 200
+    holder = sqlite3.connect(kb.data_dir / "audit.db", timeout=1, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        r = httpx.get(f"{kb.admin_url}/readyz", timeout=30)
+        assert r.status_code == 503, r.text
+        checks = r.json()["checks"]
+        assert checks["audit"] != "ok" and checks["store"] == "ok", checks
+        assert httpx.get(f"{kb.admin_url}/healthz", timeout=10).status_code == 200
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert httpx.get(f"{kb.admin_url}/readyz", timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("flag", ["--admin-listen", "--listen-host"])
