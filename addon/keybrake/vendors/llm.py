@@ -28,7 +28,7 @@ output tokens (reasoning included) at the model's prices, rounded up to the micr
 call. An answer whose usage cannot be read settles as unknown (the estimate stays counted).
 
 >>> from keybrake.policy import ModelPrice
->>> token_cost({"input": 1000, "output": 500}, ModelPrice(input=2_500_000, output=10_000_000))
+>>> token_cost({"input": 1000, "output": 500}, ModelPrice.model_validate({"input": "2.50", "output": 10}))
 7500
 """
 
@@ -116,9 +116,11 @@ def input_bound(body: Body) -> int:
     bytes as the text the vendor tokenizes, so at least as many as its input tokens.
 
     >>> input_bound(Body("json", {"messages": [{"role": "user", "content": "héllo"}]}))
-    48
+    49
     """
-    return len(json.dumps(body.root, ensure_ascii=False, separators=(",", ":"), default=str))
+    text = json.dumps(body.root, ensure_ascii=False, separators=(",", ":"), default=str)
+    # A lone surrogate (JSON allows "\ud800") counts the three bytes it would take.
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _refuse_unbounded(node: Any, where: str) -> None:
