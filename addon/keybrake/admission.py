@@ -250,7 +250,7 @@ class Admitter:
     ) -> tuple[KeyRecord, Presented]:
         """The vault key presented on the request (looked up by its SHA-256)."""
         rt = self.runtime
-        if "api_key_header" in policy.auth.schemes:
+        if "api_key_header" in policy.auth.schemes and policy.auth.key_header in req.headers:
             presented = extract_header_credential(
                 policy.auth,
                 req.headers.get_all(policy.auth.key_header),

@@ -121,6 +121,8 @@ def extract_header_credential(
 ) -> Presented:
     """The key in the vendor's own key header (``x-api-key``), sent once and alone: an
     ``Authorization`` header beside it is refused (the vendor might read that one instead).
+    A request without the key header presents its key in ``Authorization`` (the anthropic
+    SDK sends ``Bearer``), read by `extract_credential`.
     """
     if authorization:
         raise Refusal(

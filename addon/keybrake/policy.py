@@ -169,7 +169,7 @@ class AuthPolicy(_Model):
                 "Accepted credential forms: 'bearer' (Authorization: Bearer KEY), 'basic_user' "
                 "(Basic KEY: — Stripe), 'basic_password' (Basic ACCOUNT:KEY — Twilio), "
                 "'api_key_header' (the key alone in the header named by key_header — "
-                "Anthropic's x-api-key)."
+                "Anthropic's x-api-key; a request may use it or Authorization, never both)."
             ),
             min_length=1,
         )
@@ -205,8 +205,6 @@ class AuthPolicy(_Model):
     def _check_account(self) -> AuthPolicy:
         if (self.account_env is None) != (self.account_path_after is None):
             raise ValueError("account_env and account_path_after go together")
-        if "api_key_header" in self.schemes and len(self.schemes) > 1:
-            raise ValueError("api_key_header cannot be combined with Authorization schemes")
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", self.key_header) or self.key_header.lower() in (
             "authorization",
             "proxy-authorization",

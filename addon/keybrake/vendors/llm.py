@@ -28,7 +28,8 @@ output tokens (reasoning included) at the model's prices, rounded up to the micr
 call. An answer whose usage cannot be read settles as unknown (the estimate stays counted).
 
 >>> from keybrake.policy import ModelPrice
->>> token_cost({"input": 1000, "output": 500}, ModelPrice.model_validate({"input": "2.50", "output": 10}))
+>>> gpt_4o = ModelPrice.model_validate({"input": "2.50", "output": 10})
+>>> token_cost({"input": 1000, "output": 500}, gpt_4o)
 7500
 """
 
