@@ -41,7 +41,10 @@ def meter(name: str, strip: bool) -> StreamMeter:
 
 
 def run(m: StreamMeter, pieces: list[bytes]) -> bytes:
-    return b"".join(m(p) for p in pieces) + m(b"")
+    sent = [piece for p in pieces for piece in m(p)] + m(b"")
+    # An empty piece would be written as the empty chunk that ends an HTTP/1.1 body.
+    assert all(sent), sent
+    return b"".join(sent)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -54,8 +57,8 @@ def test_bytes_pass_through_unchanged_and_usage_is_read(cuts: list[int]) -> None
     m = meter("openai_chat", strip=False)
     pieces = split(CHAT_STREAM, cuts)
     # Each piece goes on as it arrives, as it came: nothing is held back.
-    assert [m(p) for p in pieces] == pieces
-    assert m(b"") == b""
+    assert [m(p) for p in pieces] == [[p] for p in pieces]
+    assert m(b"") == []
     assert m.final == {"id": "chatcmpl-1", "model": "gpt-4o-mini", "usage": USAGE}
 
 
@@ -75,6 +78,18 @@ def test_crlf_events_and_comments() -> None:
     assert m.final is not None
 
 
+def test_a_stripped_stream_never_sends_an_empty_piece() -> None:
+    m = meter("openai_chat", strip=True)
+    # A piece holding only part of an event, then only the usage chunk: nothing to send yet.
+    assert m(CHAT_STREAM[:5]) == []
+    rest = CHAT_STREAM[5:]
+    usage_at = rest.index(b'data: {"id": "chatcmpl-1", "model": "gpt-4o-mini", "choices": []')
+    assert m(rest[:usage_at])
+    assert m(rest[usage_at : rest.index(b"data: [DONE]")]) == []
+    assert m(b"data: [DONE]\n\n") == [b"data: [DONE]\n\n"]
+    assert m(b"") == []
+
+
 def test_a_stream_without_usage_states_none() -> None:
     m = meter("openai_chat", strip=False)
     run(m, [sse(chunk(0, "a"), "[DONE]")])
@@ -84,8 +99,8 @@ def test_a_stream_without_usage_states_none() -> None:
 def test_an_oversized_event_stops_the_metering_but_not_the_bytes() -> None:
     m = meter("openai_chat", strip=False)
     huge = b"data: " + b"x" * (MAX_EVENT_BYTES + 10)
-    assert m(huge) == huge
-    assert m(sse(USAGE_CHUNK)) == sse(USAGE_CHUNK)
+    assert m(huge) == [huge]
+    assert m(sse(USAGE_CHUNK)) == [sse(USAGE_CHUNK)]
     assert m.broken and m.final is None
 
 

@@ -16,7 +16,7 @@ then unknown, and the call's estimate stays counted.
 
 >>> meter = StreamMeter(_Collect(), strip=False)
 >>> meter(b'data: {"a": 1}\\n\\nda') + meter(b'ta: [DONE]\\n\\n') + meter(b"")
-b'data: {"a": 1}\\n\\ndata: [DONE]\\n\\n'
+[b'data: {"a": 1}\\n\\nda', b'ta: [DONE]\\n\\n']
 """
 
 from __future__ import annotations
@@ -73,13 +73,18 @@ class StreamMeter:
         self.events = 0
         self._buffer = bytearray()
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        """The pieces to send on for ``chunk`` (``b""``: the end of the body).
+
+        Never an empty piece: mitmproxy writes each as an HTTP/1.1 chunk, and an empty chunk
+        is the end of a chunked body (the client would take the rest for the next answer).
+        """
         if self.broken:
-            return chunk
+            return [chunk] if chunk else []
         if not chunk:  # the end of the body: whatever is left was no complete event
             rest = bytes(self._buffer)
             self._buffer.clear()
-            return rest if self.strip else b""
+            return [rest] if rest and self.strip else []
         self._buffer += chunk
         out = bytearray()
         while (end := _event_end(self._buffer)) is not None:
@@ -91,7 +96,8 @@ class StreamMeter:
             self.broken = True  # the usage is unknown from here on: settled as unknown
             out += self._buffer if self.strip else b""
             self._buffer.clear()
-        return chunk if not self.strip else bytes(out)
+        sent = chunk if not self.strip else bytes(out)
+        return [sent] if sent else []
 
     def _read(self, raw: bytes) -> bool:
         name: str | None = None

@@ -382,3 +382,32 @@ def test_a_stream_cut_before_its_usage_keeps_the_estimate(
     # The vendor billed what it generated; the proxy kept at least that counted.
     assert spent_micros(kb, key) == row["estimate_micros"] >= fake.charged_usd_micros() > 0
     assert format_usd(spent_micros(kb, key)) != "0.00"
+
+
+@pytest.mark.usefixtures("base_url_env")
+def test_streams_on_one_keep_alive_connection_are_each_sent_once(
+    kb: KeybrakeProcess, ofake: FakeOpenAI
+) -> None:
+    """The async SDK reads each stream to its end and reuses the connection: a stream whose
+    body ended early (an empty chunk where the proxy dropped the usage-only event) would make
+    the next answer unreadable, and the SDK would send that call again: billed twice."""
+    import asyncio
+
+    key = issue(kb, "openai", "5", CHAT)
+
+    async def four_streams() -> None:
+        client = openai.AsyncOpenAI(
+            api_key=key["vault_key"], base_url=f"{kb.admin_url}/openai/v1", max_retries=2
+        )
+        for _ in range(4):
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=HI, max_tokens=100, stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+            assert chunks and all(c.choices for c in chunks)
+        await client.close()
+
+    asyncio.run(four_streams())
+    assert len(ofake.ledger) == 4
+    assert len(audit(kb, key, 4)) == 4
+    assert_booked_exactly(kb, key, ofake)
