@@ -236,7 +236,8 @@ class Settler:
             call.actual_micros, call.outcome = micros, "unknown" if unstated else "ok"
             if unstated:
                 # Never "estimate kept" silently: counted, audited as unknown, and logged.
-                call.note = "the answer does not state what was charged: estimate counted"
+                why = f" ({actual.note})" if actual.note else ""
+                call.note = f"the answer does not state what was charged{why}: estimate counted"
                 log.warning(
                     "keybrake: %s %s on %s: the vendor's answer does not state the charge",
                     call.method,

@@ -168,8 +168,18 @@ def _check_tools(body: Body, *, anthropic: bool) -> bool:
     return bool(tools)
 
 
+def _whole_number(body: Body, name: str) -> int | None:
+    """A JSON integer field (not text, not a fraction: the vendors refuse those too)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Refusal("invalid_request", f"{name} must be a JSON integer")
+    return value
+
+
 def _output_limit(body: Body, *names: str) -> int:
-    limits = [v for name in names if (v := body.get_int(name)) is not None]
+    limits = [v for name in names if (v := _whole_number(body, name)) is not None]
     if not limits:
         raise Refusal(
             "output_limit_required",
@@ -222,9 +232,10 @@ def openai_chat_cost(
     _refuse_values(body, {"service_tier": ("auto", "default", "flex")})
     tools = _check_tools(body, anthropic=False) or bool(body.get_list("functions"))
     output = _output_limit(body, "max_completion_tokens", "max_tokens")
-    choices = body.get_int("n") or 1
-    if choices > MAX_CHOICES:
-        raise Refusal("invalid_request", f"n must be at most {MAX_CHOICES}")
+    choices = _whole_number(body, "n")
+    choices = 1 if choices is None else choices
+    if not 0 < choices <= MAX_CHOICES:
+        raise Refusal("invalid_request", f"n must be between 1 and {MAX_CHOICES}")
     return _estimate(body, rule, price, output * choices, tools=tools)
 
 
