@@ -411,3 +411,45 @@ def test_streams_on_one_keep_alive_connection_are_each_sent_once(
     assert len(ofake.ledger) == 4
     assert len(audit(kb, key, 4)) == 4
     assert_booked_exactly(kb, key, ofake)
+
+
+@pytest.mark.usefixtures("base_url_env")
+def test_an_agent_loop_stops_cleanly_on_cap_exhausted(
+    kb: KeybrakeProcess, ofake: FakeOpenAI, afake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's agent loop: `openai_client` + `translate_cap_hits`, stopped by the cap."""
+    from keybrake.integrations import (
+        BudgetExhausted,
+        anthropic_client,
+        call_context,
+        openai_client,
+        translate_cap_hits,
+    )
+
+    key = issue(kb, "openai", "0.05", CHAT)
+    monkeypatch.setenv("KEYBRAKE_VAULT_KEY", key["vault_key"])
+    monkeypatch.setenv("KEYBRAKE_BASE_URL", kb.admin_url)
+    with call_context(actor="research-agent", message_id="task-42"):
+        client = openai_client()
+    messages: list[dict[str, str]] = [{"role": "user", "content": "Research the market."}]
+    turns = 0
+    with pytest.raises(BudgetExhausted) as stopped, translate_cap_hits():
+        while True:
+            reply = client.chat.completions.create(
+                model="gpt-4o", messages=messages, max_completion_tokens=1_000
+            )
+            messages += [
+                {"role": "assistant", "content": reply.choices[0].message.content or ""},
+                {"role": "user", "content": "Go on."},
+            ]
+            turns += 1
+    assert stopped.value.details["cap_usd"] == "0.05" and turns >= 4
+    rows = audit(kb, key, turns + 1)
+    assert {(r["actor"], r["message_id"]) for r in rows} == {("research-agent", "task-42")}
+    assert [r["code"] for r in rows].count("cap_exhausted") == 1
+    assert_booked_exactly(kb, key, ofake)
+
+    akey = issue(kb, "anthropic", "1", MESSAGES)
+    claude = anthropic_client(akey["vault_key"], kb.admin_url)
+    assert claude.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=HI).content
+    assert_booked_exactly(kb, akey, afake)
