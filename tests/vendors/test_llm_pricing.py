@@ -314,3 +314,124 @@ def test_anthropic_server_tool_use_is_not_priced_as_tokens(shipped: PolicySet) -
     usage = {"input_tokens": 1, "output_tokens": 1, "server_tool_use": {"web_search_requests": 2}}
     got = settle(shipped, "anthropic", "anthropic_messages", "claude-haiku-4-5", {"usage": usage})
     assert got is None
+
+
+@pytest.mark.parametrize(
+    ("vendor", "path", "raw", "named"),
+    [
+        (
+            "openai",
+            CHAT,
+            chat(messages=[{"role": "assistant", "audio": {"id": "a1"}}]),
+            "messages.0.audio",
+        ),
+        (
+            "openai",
+            "/v1/responses",
+            body(
+                model="gpt-4o",
+                max_output_tokens=5,
+                input=[{"type": "web_search_call", "id": "ws_1"}],
+            ),
+            "input.0",
+        ),
+        (
+            "openai",
+            "/v1/responses",
+            body(
+                model="gpt-4o",
+                max_output_tokens=5,
+                input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}],
+            ),
+            "input.0.content.0",
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            body(
+                model="claude-haiku-4-5",
+                max_tokens=5,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t1",
+                                "content": [{"type": "image", "source": {}}],
+                            }
+                        ],
+                    }
+                ],
+            ),
+            "messages.0.content.0.content.0",
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            body(
+                model="claude-haiku-4-5",
+                max_tokens=5,
+                messages=[
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "web_search_tool_result", "tool_use_id": "s1"}],
+                    }
+                ],
+            ),
+            "messages.0.content.0",
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            body(
+                model="claude-haiku-4-5",
+                max_tokens=5,
+                messages=[],
+                system=[{"type": "document", "source": {}}],
+            ),
+            "system.0",
+        ),
+    ],
+)
+async def test_only_text_and_the_clients_own_tool_calls_are_priced(
+    shipped: PolicySet, vendor: str, path: str, raw: bytes, named: str
+) -> None:
+    refused = await refusal_of(shipped, vendor, "POST", path, raw)
+    assert refused.code == "unpriced_parameter" and refused.message.startswith(named)
+
+
+async def test_tool_loops_are_priced(shipped: PolicySet) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "go"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    assert (await price_call(shipped, "openai", "POST", CHAT, chat(messages=messages))).micros
+    items = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"},
+    ]
+    raw = body(model="gpt-4o", max_output_tokens=5, input=items)
+    assert (await price_call(shipped, "openai", "POST", "/v1/responses", raw)).micros
+    turns = [
+        {"role": "user", "content": "go"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"type": "car"}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "t1",
+                    "content": [{"type": "text", "text": "ok"}],
+                }
+            ],
+        },
+    ]
+    raw = body(model="claude-haiku-4-5", max_tokens=5, messages=turns, system="be brief")
+    assert (await price_call(shipped, "anthropic", "POST", "/v1/messages", raw)).micros

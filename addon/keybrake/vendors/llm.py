@@ -17,7 +17,8 @@ Output tokens are bounded by the output limit the request sets (``max_completion
 ``max_tokens``, ``max_output_tokens``, ``max_tokens``), reasoning and thinking included, times
 ``n`` choices; a request without one is refused (``output_limit_required``).
 
-What has no bound in the request is refused (``unpriced_parameter``): images, audio, files and
+What has no bound in the request is refused (``unpriced_parameter``): a conversation may hold
+text and the client's own tool calls and results, nothing else; so images, audio, files and
 documents (their token count depends on content the proxy would have to fetch or decode),
 reasoning/thinking blocks sent back (billed at their full, hidden length), stored prompts,
 previous responses and conversations, built-in and server tools (web search, code execution,
@@ -60,21 +61,22 @@ MAX_CHOICES: Final = 128
 """OpenAI's largest ``n``."""
 _MICROS_PER_MTOK: Final = 1_000_000
 
-# Content blocks whose token count the request does not bound.
-_MEDIA: Final = frozenset(
+# What a conversation may hold, by API: text, and the tool calls and results the client ran
+# itself. Anything else (images, audio, files, documents, reasoning or thinking sent back,
+# references to stored items, results of server tools) is billed at a size the request does
+# not show, and is refused.
+_CHAT_PARTS: Final = frozenset({"text", "refusal"})
+_RESPONSES_ITEMS: Final = frozenset(
     {
-        "image",
-        "image_url",
-        "input_image",
-        "input_audio",
-        "input_file",
-        "file",
-        "document",
-        "audio",
-        "container_upload",
-        "search_result",
+        "message",
+        "function_call",
+        "function_call_output",
+        "custom_tool_call",
+        "custom_tool_call_output",
     }
 )
+_RESPONSES_PARTS: Final = frozenset({"input_text", "output_text", "refusal", "text"})
+_ANTHROPIC_BLOCKS: Final = frozenset({"text", "tool_use", "tool_result"})
 _HIDDEN: Final = frozenset({"thinking", "redacted_thinking", "reasoning", "item_reference"})
 _CLIENT_TOOLS: Final = frozenset({"function", "custom"})
 
@@ -124,30 +126,68 @@ def input_bound(body: Body) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def _refuse_unbounded(node: Any, where: str) -> None:
-    """Refuse content whose tokens the request does not bound (module doc)."""
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            _refuse_unbounded(item, f"{where}.{i}")
-        return
-    if not isinstance(node, dict):
-        return
-    kind = node.get("type")
-    if kind in _MEDIA or (kind is None and ("image_url" in node or "input_audio" in node)):
-        raise Refusal(
-            "unpriced_parameter",
-            f"{where} is {str(kind or 'media')!r} content: images, audio, files and documents "
-            "are refused (their token count is not bounded by the request); send text",
+def _unbounded(where: str, kind: object) -> Refusal:
+    if kind in _HIDDEN:
+        why = (
+            "reasoning sent back (or stored items referenced) is billed at a length the "
+            "request does not show"
         )
-    if kind in _HIDDEN or (kind is None and "encrypted_content" in node):
-        raise Refusal(
-            "unpriced_parameter",
-            f"{where} is a {kind!r} item: reasoning sent back (or stored items referenced) "
-            "is billed at a length the request does not show",
+    else:
+        why = (
+            "only text and the client's own tool calls are priced: images, audio, files, "
+            "documents and server tool results are billed at a size the request does not show"
         )
-    for key, value in node.items():
-        if isinstance(value, dict | list):
-            _refuse_unbounded(value, f"{where}.{key}")
+    return Refusal("unpriced_parameter", f"{where} is {str(kind)[:40]!r} content: {why}")
+
+
+def _parts(content: Any, allowed: frozenset[str], where: str) -> None:
+    """A message's content: text, or a list of parts whose types are ``allowed``."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ValueError(f"{where} must be text or a list of content parts")
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in allowed:
+            raise _unbounded(f"{where}.{i}", kind)
+
+
+def _chat_messages(body: Body) -> None:
+    for i, message in enumerate(body.get_list("messages")):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages.{i} must be an object")
+        if message.get("audio") is not None:
+            raise _unbounded(f"messages.{i}.audio", "audio")
+        _parts(message.get("content"), _CHAT_PARTS, f"messages.{i}.content")
+
+
+def _responses_input(body: Body) -> None:
+    given = body.get("input")
+    if given is None or isinstance(given, str):
+        return
+    for i, item in enumerate(body.get_list("input")):
+        if not isinstance(item, dict):
+            raise ValueError(f"input.{i} must be an object")
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind not in _RESPONSES_ITEMS:
+            raise _unbounded(f"input.{i}", kind)
+        _parts(item.get("content"), _RESPONSES_PARTS, f"input.{i}.content")
+        output = item.get("output")
+        if kind.endswith("_output") and not isinstance(output, str | None):
+            _parts(output, _RESPONSES_PARTS, f"input.{i}.output")
+
+
+def _anthropic_messages(body: Body) -> None:
+    _parts(body.get("system"), frozenset({"text"}), "system")
+    for i, message in enumerate(body.get_list("messages")):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages.{i} must be an object")
+        content = message.get("content")
+        _parts(content, _ANTHROPIC_BLOCKS, f"messages.{i}.content")
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            if block.get("type") == "tool_result":
+                where = f"messages.{i}.content.{j}.content"
+                _parts(block.get("content"), frozenset({"text"}), where)
 
 
 def _check_tools(body: Body, *, anthropic: bool) -> bool:
@@ -228,7 +268,7 @@ def openai_chat_cost(
 ) -> int:
     """``POST /v1/chat/completions``: input bound + ``n`` x the output limit."""
     _, price = _model_price(policy, body)
-    _refuse_unbounded(body.get("messages"), "messages")
+    _chat_messages(body)
     _refuse_values(body, {"service_tier": ("auto", "default", "flex")})
     tools = _check_tools(body, anthropic=False) or bool(body.get_list("functions"))
     output = _output_limit(body, "max_completion_tokens", "max_tokens")
@@ -244,7 +284,7 @@ def openai_responses_cost(
 ) -> int:
     """``POST /v1/responses``: input bound + ``max_output_tokens``."""
     _, price = _model_price(policy, body)
-    _refuse_unbounded(body.get("input"), "input")
+    _responses_input(body)
     _refuse_values(body, {"service_tier": ("auto", "default", "flex")})
     tools = _check_tools(body, anthropic=False)
     output = _output_limit(body, "max_output_tokens")
@@ -264,8 +304,7 @@ def anthropic_messages_cost(
 ) -> int:
     """``POST /v1/messages``: input bound + ``max_tokens`` (thinking included)."""
     _, price = _model_price(policy, body)
-    _refuse_unbounded(body.get("messages"), "messages")
-    _refuse_unbounded(body.get("system"), "system")
+    _anthropic_messages(body)
     _refuse_values(body, {"service_tier": ("auto", "standard_only"), "speed": ("standard",)})
     tools = _check_tools(body, anthropic=True)
     output = _output_limit(body, "max_tokens")
