@@ -197,6 +197,9 @@ def test_the_proxy_asks_for_usage_even_when_told_not_to(
     assert b"[DONE]" in r.content
     sent = json.loads(ofake.ledger[0].body)
     assert sent["stream_options"]["include_usage"] is True
+    # The worker sees the vendor's answer, never the real key that bought it.
+    assert ofake.api_key not in r.text and ofake.api_key not in str(r.headers)
+    assert key["vault_key"] not in str(ofake.ledger[0].headers)
     [row] = audit_rows(kb, key, 1)
     assert row["outcome"] == "ok" and row["actual_micros"] == ofake.charged_usd_micros()
 
