@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests._redis import REDIS_ACL_PASSWORD, REDIS_ADMIN_PASSWORD
+from tests.fakes.anthropic import DEFAULT_API_KEY as ANTHROPIC_API_KEY
+from tests.fakes.openai import DEFAULT_API_KEY as OPENAI_API_KEY
 from tests.fakes.resend import DEFAULT_API_KEY
 from tests.fakes.stripe import DEFAULT_SECRET
 from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN
@@ -28,6 +30,8 @@ REAL_SECRETS: dict[str, str] = {
     "STRIPE_SECRET_KEY": DEFAULT_SECRET,
     "TWILIO_AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
     "RESEND_API_KEY": DEFAULT_API_KEY,
+    "OPENAI_API_KEY": OPENAI_API_KEY,
+    "ANTHROPIC_API_KEY": ANTHROPIC_API_KEY,
     # The YAML-only vendor of tests/e2e/test_yaml_vendor.py.
     "ACME_API_KEY": "acme_live_" + "5f0c1e2d3b4a69788796a5b4",
     # The private Redis servers' passwords (tests/_redis.py): never in a log or a file either.

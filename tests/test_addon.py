@@ -866,3 +866,43 @@ async def test_an_option_that_rewrites_calls_is_rejected_and_rolled_back(proxy: 
     with pytest.raises(exceptions.OptionsError, match="map_remote"):
         proxy.tctx.options.update(map_remote=["|https://api.stripe.com/|https://127.0.0.1:9/"])
     assert proxy.tctx.options.map_remote == []
+
+
+async def test_anthropic_key_header_is_swapped_then_redacted(
+    tmp_path: Path, env: pytest.MonkeyPatch
+) -> None:
+    """x-api-key carries the vault key in and the real key out: redacted like Authorization
+    once the answer is in (mitmweb and flow files show flows after that)."""
+    from tests.fakes.anthropic import DEFAULT_API_KEY as ANTHROPIC_KEY
+
+    env.setenv("ANTHROPIC_API_KEY", ANTHROPIC_KEY)
+    tctx, runtime, core, admin, guard = make_context(tmp_path)
+    with tctx:
+        configure(tctx, core, tmp_path)
+        proxy = Proxy(tctx, runtime, core, admin, guard, tmp_path / "data")
+        key = await proxy.issue(vendor="anthropic", allowed_endpoints=["POST /v1/messages"])
+        body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []}
+        f = vendor_flow(
+            path="/v1/messages",
+            host="api.anthropic.com",
+            body=json.dumps(body).encode(),
+            extra=[("x-api-key", key["vault_key"]), ("anthropic-version", "2023-06-01")],
+        )
+        f.request.headers["Content-Type"] = "application/json"
+        await proxy.send(f)
+        forwarded(f)
+        assert f.request.headers["x-api-key"] == ANTHROPIC_KEY
+        assert "authorization" not in f.request.headers
+        usage = {"input_tokens": 5, "output_tokens": 3}
+        answer = {"id": "msg_1", "type": "message", "model": "claude-haiku-4-5", "usage": usage}
+        await proxy.respond(
+            f,
+            http.Response.make(
+                200, json.dumps(answer).encode(), {"Content-Type": "application/json"}
+            ),
+        )
+        assert f.request.headers["x-api-key"] == REDACTED
+        call = call_of(f)
+        assert call is not None and call.outcome == "ok"
+        assert call.actual_micros == -(-(5 * 1_000_000 + 3 * 5_000_000) // 10**6) == 20
+        await core.done()

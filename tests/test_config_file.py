@@ -61,6 +61,8 @@ def test_init_keeps_what_exists(tmp_path: Path) -> None:
     assert first.returncode == 0
     assert sorted(line.split()[-1] for line in first.stdout.splitlines()) == [
         "d/keybrake.toml",
+        "d/policies/anthropic.yaml",
+        "d/policies/openai.yaml",
         "d/policies/resend.yaml",
         "d/policies/stripe.yaml",
         "d/policies/twilio.yaml",

@@ -588,3 +588,89 @@ def test_check_policy_subprocess_reports_file_and_field(tmp_path: Path) -> None:
     assert re.search(rf"{re.escape(str(path))}:\d+: fx_to_usd.xyz: ", result.stderr)
     assert "unknown currency 'xyz'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+OPENAI: dict[str, Any] = yaml.safe_load((POLICIES / "openai.yaml").read_text())
+ANTHROPIC: dict[str, Any] = yaml.safe_load((POLICIES / "anthropic.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "change", "field", "message"),
+    [
+        (
+            "openai.yaml",
+            OPENAI,
+            lambda d: d["models"]["gpt-4o"].update(input="cheap"),
+            "models.gpt-4o.input",
+            "plain dollar amount",
+        ),
+        (
+            "openai.yaml",
+            OPENAI,
+            lambda d: d["models"]["gpt-4o"].update(cached_input=-1),
+            "models.gpt-4o.cached_input",
+            "must not be negative",
+        ),
+        (
+            "openai.yaml",
+            OPENAI,
+            lambda d: d["models"]["gpt-4o"].update(outptu=1),
+            "models.gpt-4o.outptu",
+            "did you mean 'output'",
+        ),
+        (
+            "anthropic.yaml",
+            ANTHROPIC,
+            lambda d: d["models"]["claude-haiku-4-5"].pop("input"),
+            "models.claude-haiku-4-5.input",
+            "Field required",
+        ),
+        (
+            "anthropic.yaml",
+            ANTHROPIC,
+            lambda d: d["models"].update({"bad model!": {"input": 1}}),
+            "models",
+            "is not a model name",
+        ),
+        (
+            "anthropic.yaml",
+            ANTHROPIC,
+            lambda d: d["auth"].update(key_header="Authorization"),
+            "auth",
+            "other than Authorization",
+        ),
+        (
+            "openai.yaml",
+            OPENAI,
+            lambda d: d["endpoints"][0]["actual"].update(price="price"),
+            "endpoints.0.actual",
+            "read one of amount, price or usage",
+        ),
+    ],
+)
+def test_bad_ai_price_tables_name_file_and_path(
+    tmp_path: Path,
+    name: str,
+    data: dict[str, Any],
+    change: Callable[[dict[str, Any]], None],
+    field: str,
+    message: str,
+) -> None:
+    changed = copy.deepcopy(data)
+    change(changed)
+    path = write(tmp_path / "policies", name, changed)
+    with pytest.raises(PolicyError) as e:
+        load_policy_file(path)
+    text = str(e.value)
+    assert re.match(rf"{re.escape(str(path))}(:\d+)?: {re.escape(field)}: ", text), text
+    assert message in text, text
+
+
+def test_shipped_ai_prices_are_exact_micro_dollars_per_million_tokens() -> None:
+    policies = load_policies(POLICIES)
+    gpt = policies.vendors["openai"].models["gpt-4o-mini"]
+    assert (gpt.input, gpt.cached_input_price, gpt.output) == (150_000, 75_000, 600_000)
+    haiku = policies.vendors["anthropic"].models["claude-haiku-4-5"]
+    assert haiku.dearest_input == haiku.cache_write_1h_price == 2_000_000
+    embed = policies.vendors["openai"].models["text-embedding-3-small"]
+    assert (embed.input, embed.output, embed.dearest_input) == (20_000, 0, 20_000)

@@ -35,12 +35,14 @@ from keybrake._paths import (
     normalize_path,
     split_base_url,
 )
+from keybrake._sse import STREAMS
 from keybrake.calls import CallState
 from keybrake.core import Runtime
 from keybrake.credentials import (
     Presented,
     authorization_for,
     extract_credential,
+    extract_header_credential,
     matches_raw_secret,
 )
 from keybrake.errors import Refusal
@@ -251,7 +253,14 @@ class Admitter:
     ) -> tuple[KeyRecord, Presented]:
         """The vault key presented on the request (looked up by its SHA-256)."""
         rt = self.runtime
-        presented = extract_credential(policy.auth, req.headers.get_all("authorization"))
+        if "api_key_header" in policy.auth.schemes and policy.auth.key_header in req.headers:
+            presented = extract_header_credential(
+                policy.auth,
+                req.headers.get_all(policy.auth.key_header),
+                req.headers.get_all("authorization"),
+            )
+        else:
+            presented = extract_credential(policy.auth, req.headers.get_all("authorization"))
         if rt.secrets[policy.vendor].is_real_secret(presented.credential) or matches_raw_secret(
             policy.auth, presented.credential
         ):
@@ -336,6 +345,9 @@ class Admitter:
             )
         endpoint, params = endpoint_for(policy, method, path.segments)
         call.endpoint = endpoint
+        for name, reason in policy.refused_headers.items():
+            if name in req.headers:
+                raise Refusal("unpriced_parameter", f"the {name} header is refused: {reason}")
         if endpoint is not None:
             await self._check_path_owner(store, c, endpoint, granted, params)
         new_path = _rewrite_account(policy, path.segments, c.presented.username, secrets_.account)
@@ -416,6 +428,7 @@ class Admitter:
                 call.reservation_id = None
                 raise cap_refusal(reserved.exceeded, estimate.micros)
             call.budgets, call.held_for = reserved.budgets, None
+        _ask_for_stream_usage(req, endpoint, body, call)
         self._swap(c, new_path)
         return None
 
@@ -557,7 +570,11 @@ class Admitter:
         secrets_ = self.runtime.secrets[policy.vendor]
         for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:
             del req.headers[name]
-        req.headers["Authorization"] = authorization_for(presented, secrets_)
+        if presented.scheme == "api_key_header":
+            assert secrets_.secret is not None
+            req.headers[policy.auth.key_header] = secrets_.secret
+        else:
+            req.headers["Authorization"] = authorization_for(presented, secrets_)
         worker_idem = req.headers.get(policy.idempotency_header or "")
         if policy.idempotency_header and worker_idem:
             # Vendors scope idempotency keys to the whole account: namespaced per vault key, a
@@ -633,6 +650,24 @@ def _rewrite_account(
             if real_account:
                 segs[i] = real_account
     return "/" + "/".join(quote(s, safe="-._~!$&'()*+,=:@") for s in segs) if segs else "/"
+
+
+def _ask_for_stream_usage(
+    req: http.Request, endpoint: EndpointPolicy | None, body: Body, call: CallState
+) -> None:
+    """A streamed call priced by its token usage: make the stream state it (OpenAI chat
+    streams do only when asked) and remember to meter it (`keybrake._sse`)."""
+    usage = endpoint.actual.usage if endpoint is not None and endpoint.actual else None
+    if usage is None or body.kind != "json" or body.get("stream") is not True:
+        return
+    metering = STREAMS.get(usage)
+    if metering is None:
+        return
+    data = json.loads(req.raw_content or b"{}")
+    if metering.ask(data):
+        req.content = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        call.stream_strip = True
+    call.stream_usage = usage
 
 
 def _ask_for_expansions(req: http.Request, method: str, query: str, call: CallState) -> str:

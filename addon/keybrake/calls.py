@@ -21,6 +21,7 @@ from keybrake._audit_sinks import audit_time
 from keybrake.store import BudgetState, KeyRecord
 
 if TYPE_CHECKING:
+    from keybrake._sse import StreamMeter
     from keybrake.core import Runtime
     from keybrake.policy import EndpointPolicy
     from keybrake.pricing import Estimate
@@ -79,6 +80,11 @@ class CallState:
     audited: bool = False
     # Base-URL mode: where the client reached us, to keep vendor links on the proxy.
     client_base: str | None = None
+    # A streamed answer metered as it passes (`keybrake._sse`): the usage reader's name,
+    # whether the proxy asked for usage the client did not (stripped again), and the meter.
+    stream_usage: str | None = None
+    stream_strip: bool = False
+    meter: StreamMeter | None = None
 
     def breadcrumb(self) -> dict[str, Any]:
         return {

@@ -1,8 +1,9 @@
 """Presented credentials: find the vault key a worker sent, and put the real secret back.
 
 Which forms a vendor accepts is declarative (`keybrake.policy.AuthPolicy.schemes`):
-``bearer`` (``Authorization: Bearer KEY``), ``basic_user`` (``Basic base64(KEY:)``, Stripe)
-and ``basic_password`` (``Basic base64(ACCOUNT:KEY)``, Twilio).
+``bearer`` (``Authorization: Bearer KEY``), ``basic_user`` (``Basic base64(KEY:)``, Stripe),
+``basic_password`` (``Basic base64(ACCOUNT:KEY)``, Twilio) and ``api_key_header`` (the key
+alone in a header of its own, Anthropic's ``x-api-key``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "VendorSecrets",
     "authorization_for",
     "extract_credential",
+    "extract_header_credential",
     "matches_raw_secret",
 ]
 
@@ -112,6 +114,31 @@ def extract_credential(auth: AuthPolicy, header_values: list[str]) -> Presented:
         if "basic_user" in auth.schemes and user:
             return Presented("basic_user", user)
     raise Refusal("vault_key_unknown", "unsupported Authorization scheme for this vendor")
+
+
+def extract_header_credential(
+    auth: AuthPolicy, key_values: list[str], authorization: list[str]
+) -> Presented:
+    """The key in the vendor's own key header (``x-api-key``), sent once and alone: an
+    ``Authorization`` header beside it is refused (the vendor might read that one instead).
+    A request without the key header presents its key in ``Authorization`` (the anthropic
+    SDK sends ``Bearer``), read by `extract_credential`.
+    """
+    if authorization:
+        raise Refusal(
+            "credential_ambiguous",
+            f"send the vault key in {auth.key_header} only, without an Authorization header",
+        )
+    if not key_values:
+        raise Refusal(
+            "vault_key_missing", f"no {auth.key_header} header: send the vault key as the API key"
+        )
+    if len(key_values) > 1:
+        raise Refusal("credential_ambiguous", f"more than one {auth.key_header} header")
+    value = key_values[0].strip()
+    if not value:
+        raise Refusal("vault_key_missing", f"the {auth.key_header} header is empty")
+    return Presented("api_key_header", value)
 
 
 def authorization_for(presented: Presented, secrets: VendorSecrets) -> str:

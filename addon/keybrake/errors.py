@@ -46,6 +46,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "unsupported_media_type": 415,
     "headers_too_large": 431,
     "invalid_request": 422,
+    "output_limit_required": 422,
     "idempotency_mismatch": 422,
     "cap_exhausted": 429,
     "rate_limited": 429,

@@ -23,6 +23,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake._failed_flows import allow_error_answers, answer_flow, request_was_sent
 from keybrake._idempotency import replay_response
+from keybrake._sse import STREAMS, StreamMeter
 from keybrake.admission import (
     MAX_HEADER_BYTES,
     MAX_HEADERS,
@@ -171,8 +172,20 @@ class VaultGuard:
 
     # -- response ------------------------------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if call_of(flow) is not None:
-            self._redact(flow)
+        call = call_of(flow)
+        if call is None:
+            return
+        self._redact(flow)
+        response = flow.response
+        if call.outcome != "forwarded" or call.stream_usage is None or response is None:
+            return
+        if "text/event-stream" not in response.headers.get("content-type", "").lower():
+            return  # an error answer, read whole as usual
+        metering = STREAMS[call.stream_usage]
+        # Dropping events changes the length: only a stream without a stated one is edited.
+        strip = call.stream_strip and "content-length" not in response.headers
+        call.meter = StreamMeter(metering.usage(strip), strip=strip)
+        response.stream = call.meter  # chunks go on as they arrive, metered on the way
 
     async def response(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -223,7 +236,7 @@ class VaultGuard:
     @staticmethod
     def _redact(flow: http.HTTPFlow) -> None:
         """Remove credentials from the flow before mitmweb, flow files or logs can show it."""
-        for name in ("authorization", "proxy-authorization"):
+        for name in ("authorization", "proxy-authorization", "x-api-key"):
             if name in flow.request.headers:
                 flow.request.headers[name] = REDACTED
 

@@ -46,6 +46,7 @@ __all__ = [
     "FunctionCost",
     "HoldRule",
     "KnownObjectCost",
+    "ModelPrice",
     "PerUnitCost",
     "PolicyError",
     "PolicySet",
@@ -162,12 +163,20 @@ class UpstreamPolicy(_Model):
 class AuthPolicy(_Model):
     """How a worker presents its credential and how the real one is put back."""
 
-    schemes: tuple[Literal["bearer", "basic_user", "basic_password"], ...] = Field(
-        description=(
-            "Accepted credential forms: 'bearer' (Authorization: Bearer KEY), 'basic_user' "
-            "(Basic KEY: — Stripe), 'basic_password' (Basic ACCOUNT:KEY — Twilio)."
-        ),
-        min_length=1,
+    schemes: tuple[Literal["bearer", "basic_user", "basic_password", "api_key_header"], ...] = (
+        Field(
+            description=(
+                "Accepted credential forms: 'bearer' (Authorization: Bearer KEY), 'basic_user' "
+                "(Basic KEY: — Stripe), 'basic_password' (Basic ACCOUNT:KEY — Twilio), "
+                "'api_key_header' (the key alone in the header named by key_header — "
+                "Anthropic's x-api-key; a request may use it or Authorization, never both)."
+            ),
+            min_length=1,
+        )
+    )
+    key_header: str = Field(
+        default="x-api-key",
+        description="For api_key_header: the request header carrying the key.",
     )
     secret_env: str = Field(description="Environment variable holding the real secret.")
     username_env: str | None = Field(
@@ -196,6 +205,11 @@ class AuthPolicy(_Model):
     def _check_account(self) -> AuthPolicy:
         if (self.account_env is None) != (self.account_path_after is None):
             raise ValueError("account_env and account_path_after go together")
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", self.key_header) or self.key_header.lower() in (
+            "authorization",
+            "proxy-authorization",
+        ):
+            raise ValueError("key_header must be a plain header name other than Authorization")
         return self
 
 
@@ -359,11 +373,19 @@ class ActualRule(_Model):
             "(Twilio prices a message after sending it) the estimate stands."
         ),
     )
+    usage: str | None = Field(
+        default=None,
+        description=(
+            "Instead of 'amount' or 'price': the name of a registered token-usage reader "
+            "(keybrake.pricing.USAGE_READERS, e.g. 'openai_chat') that prices the answer's "
+            "'usage' with the vendor's 'models' table, streamed answers included."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_amount_or_price(self) -> ActualRule:
-        if self.amount is not None and self.price is not None:
-            raise ValueError("read either 'amount' (minor units) or 'price' (decimal), not both")
+        if sum(x is not None for x in (self.amount, self.price, self.usage)) > 1:
+            raise ValueError("read one of amount, price or usage, not both")
         return self
 
 
@@ -403,6 +425,62 @@ class HoldRule(_Model):
         "lines.data.parent.invoice_item_details.invoice_item); their amounts are in the "
         "charge.",
     )
+
+
+def _per_mtok(value: object) -> int:
+    """USD per million tokens (``2.50``) as micro-USD per million tokens (``2500000``)."""
+    return _usd(value)
+
+
+PerMillionTokens = Annotated[int, BeforeValidator(_per_mtok)]
+
+
+class ModelPrice(_Model):
+    """The price of one model, in USD per million tokens (the vendors' list prices).
+
+    Stored as micro-USD per million tokens, so a token costs ``price / 1_000_000`` micro-USD
+    exactly; a call's cost is rounded up to the micro-USD once, over all its tokens.
+    """
+
+    input: PerMillionTokens = Field(description="USD per million input (prompt) tokens.")
+    cached_input: PerMillionTokens | None = Field(
+        default=None,
+        description="USD per million input tokens read from the prompt cache (unset: input).",
+    )
+    cache_write: PerMillionTokens | None = Field(
+        default=None,
+        description="USD per million input tokens written to the prompt cache (Anthropic's "
+        "5-minute cache; unset: input).",
+    )
+    cache_write_1h: PerMillionTokens | None = Field(
+        default=None,
+        description="USD per million input tokens written to the 1-hour prompt cache "
+        "(Anthropic; unset: cache_write).",
+    )
+    output: PerMillionTokens = Field(
+        default=0,
+        description="USD per million output tokens, reasoning/thinking tokens included "
+        "(0 for embedding models).",
+    )
+
+    @property
+    def cached_input_price(self) -> int:
+        return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def cache_write_price(self) -> int:
+        return self.input if self.cache_write is None else self.cache_write
+
+    @property
+    def cache_write_1h_price(self) -> int:
+        return self.cache_write_price if self.cache_write_1h is None else self.cache_write_1h
+
+    @property
+    def dearest_input(self) -> int:
+        """The most one input token can cost, whichever way the vendor bills it."""
+        return max(
+            self.input, self.cached_input_price, self.cache_write_price, self.cache_write_1h_price
+        )
 
 
 class DedupePolicy(_Model):
@@ -609,7 +687,29 @@ class VendorPolicy(_Model):
             "its own: requests in any 60 seconds, paid or free. Unset: no limit."
         ),
     )
+    models: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description=(
+            "Token prices per model name, as the request's 'model' names it (AI vendors): "
+            "a model that is not listed is refused (unpriced_endpoint), never guessed."
+        ),
+    )
+    refused_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Request headers refused on purpose (unpriced_parameter), each with the reason "
+            "(Anthropic's anthropic-beta turns on features the price table does not know)."
+        ),
+    )
     endpoints: tuple[EndpointPolicy, ...] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, v: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", name):
+                raise ValueError(f"{name[:64]!r} is not a model name")
+        return v
 
     @field_validator("vendor")
     @classmethod

@@ -52,6 +52,7 @@ __all__ = [
     "COST_FUNCTIONS",
     "COUNTERS",
     "MEDIA_TYPES",
+    "USAGE_READERS",
     "Actual",
     "Body",
     "Estimate",
@@ -225,6 +226,8 @@ class Estimate:
     amount_minor: int | None = None
     currency: str | None = None
     basis: str = "rule"
+    # AI vendors: the model the request names, whose token prices settle the call.
+    model: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -255,6 +258,9 @@ COST_FUNCTIONS: dict[str, CostFunction] = {}
 """Cost functions for ``function`` rules: micro-USD from the body and path parameters."""
 ASYNC_COST_FUNCTIONS: dict[str, AsyncCostFunction] = {}
 """Cost functions that may also look up amounts the proxy remembered (Stripe price ids)."""
+UsageReader = Callable[[VendorPolicy, dict[str, Any], Estimate], Actual]
+USAGE_READERS: dict[str, UsageReader] = {}
+"""Readers for ``actual: {usage: name}`` rules: the charge from an answer's token usage."""
 
 
 def _minor_to_micros(amount: int, currency: str, policy: VendorPolicy) -> int:
@@ -296,7 +302,14 @@ async def estimate_cost(
             return _estimate_per_unit(policy, rule, body)
         fn = COST_FUNCTIONS.get(rule.name)
         if fn is not None:
-            return Estimate(fn(body, params, rule, policy), basis=f"function:{rule.name}")
+            micros = fn(body, params, rule, policy)
+            # A vendor priced per model: the actual is read with the model the request names.
+            model = body.get("model") if policy.models else None
+            return Estimate(
+                micros,
+                basis=f"function:{rule.name}",
+                model=model if isinstance(model, str) else None,
+            )
         async_fn = ASYNC_COST_FUNCTIONS.get(rule.name)
         if async_fn is None:
             raise Refusal("unpriced_endpoint", f"unknown cost function {rule.name!r}")
@@ -465,6 +478,11 @@ def actual_cost(
             return Actual(None, note="response body unreadable: estimate kept")
     if not isinstance(data, dict):
         return Actual(None, note="response body not an object: estimate kept")
+    if rule.usage is not None:
+        reader = USAGE_READERS.get(rule.usage)
+        if reader is None:
+            return Actual(None, note=f"no usage reader {rule.usage!r}: estimate kept")
+        return reader(policy, data, estimate)
     resp = Body("json", data)
     for field, values in rule.charged_when.items():
         if _text(resp.get(field)) not in values:

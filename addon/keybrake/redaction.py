@@ -44,7 +44,7 @@ __all__ = ["FlowRedaction", "describe", "redact_flow_json", "redacted_state"]
 log = logging.getLogger("keybrake")
 
 # Credentials on every flow; on the admin listener also the dashboard's session cookie.
-ALWAYS = frozenset({"authorization", "proxy-authorization"})
+ALWAYS = frozenset({"authorization", "proxy-authorization", "x-api-key"})
 ADMIN_ONLY = frozenset({"cookie", "set-cookie"})
 MARKERS = {"refused": ":no_entry:", "unknown": ":warning:", "vendor_error": ":warning:"}
 _PATCHED = "_keybrake_redacts"

@@ -86,6 +86,9 @@ class Settler:
             call.vendor_request_id = response.headers.get(policy.request_id_header)
         content = response.content or b""
         data = json_object(content)
+        if call.meter is not None:
+            # Streamed: the body went on as it came; the meter read the usage on the way.
+            content, data = b"", call.meter.final
         if data is not None and call.endpoint is not None and call.endpoint.object_id:
             oid = data.get(call.endpoint.object_id)
             call.object_id = oid if isinstance(oid, str) else None
@@ -189,8 +192,8 @@ class Settler:
         self, policy: VendorPolicy, response: http.Response, call: CallState
     ) -> StoredResponse | None:
         """The answer kept for idempotent replay, or None (the claim is then abandoned)."""
-        if call.idem_scope is None:
-            return None
+        if call.idem_scope is None or call.meter is not None:
+            return None  # a streamed answer was not kept: nothing to replay
         status = response.status_code
         if not (200 <= status < 300 or status in policy.idempotency_replay_statuses):
             return None
@@ -220,6 +223,10 @@ class Settler:
             call.note = actual.note
             if actual.amount_minor is not None:
                 call.amount_minor, call.currency = actual.amount_minor, actual.currency
+            if call.meter is not None and data is None:
+                actual = dataclasses.replace(
+                    actual, note="the stream ended without stating its usage: estimate kept"
+                )
             unstated = actual.micros is None and estimate.micros > 0
             if unstated and endpoint is not None and isinstance(endpoint.cost, FixedCost):
                 unstated = False  # a fixed price is the charge by definition
@@ -229,7 +236,8 @@ class Settler:
             call.actual_micros, call.outcome = micros, "unknown" if unstated else "ok"
             if unstated:
                 # Never "estimate kept" silently: counted, audited as unknown, and logged.
-                call.note = "the answer does not state what was charged: estimate counted"
+                why = f" ({actual.note})" if actual.note else ""
+                call.note = f"the answer does not state what was charged{why}: estimate counted"
                 log.warning(
                     "keybrake: %s %s on %s: the vendor's answer does not state the charge",
                     call.method,

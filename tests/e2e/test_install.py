@@ -97,7 +97,7 @@ def test_the_proxy_install_runs_outside_a_clone(wheel: Path, tmp_path: Path) -> 
     work = tmp_path / "elsewhere"
     work.mkdir()
     checked = _run(bin_ / "keybrake", "check-policy", cwd=work)
-    for vendor in ("stripe", "twilio", "resend"):
+    for vendor in ("stripe", "twilio", "resend", "openai", "anthropic"):
         assert vendor in checked.stdout
 
     proxy_port, admin_port = free_port(), free_port()
@@ -147,6 +147,8 @@ def test_the_proxy_install_runs_outside_a_clone(wheel: Path, tmp_path: Path) -> 
     assert written == [
         "keybrake.toml",
         "policies",
+        "policies/anthropic.yaml",
+        "policies/openai.yaml",
         "policies/resend.yaml",
         "policies/stripe.yaml",
         "policies/twilio.yaml",

@@ -168,6 +168,12 @@ class FakeResponse:
     segments: int = 0
     replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Server-sent events: the body is sent chunked, one event per chunk as it is "generated",
+    # ``event_delay`` seconds apart; with ``cut_after`` the connection is aborted (TCP RST)
+    # after that many events, without the terminating chunk.
+    events: list[bytes] | None = None
+    event_delay: float = 0.0
+    cut_after: int | None = None
 
     def header(self, name: str) -> str | None:
         lname = name.lower()
@@ -265,6 +271,31 @@ class _Handler(BaseHTTPRequestHandler):
         buf.append(b"\r\n")
         buf.append(resp.body)
         self.flush_headers()
+        self.wfile.flush()
+
+    def write_events(self, resp: FakeResponse) -> None:
+        """A chunked stream of server-sent events, flushed one by one (see `FakeResponse`)."""
+        assert resp.events is not None
+        self.send_response(resp.status)
+        for k, v in resp.headers:
+            if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(k, v)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        for i, event in enumerate(resp.events):
+            if resp.cut_after is not None and i >= resp.cut_after:
+                with contextlib.suppress(OSError):
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                self.close_connection = True
+                return
+            if resp.event_delay and i:
+                time.sleep(resp.event_delay)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
     def _head_bytes(self, resp: FakeResponse, content_length: int) -> bytes:
@@ -621,7 +652,10 @@ class FakeVendor:
         if fault is None:
             resp = self._with_request_id(req, self._dispatch(req))
             self._record(req, resp.status, resp, request_id=req.request_id)
-            handler.write_response(resp)
+            if resp.events is not None:
+                handler.write_events(resp)
+            else:
+                handler.write_response(resp)
             return
 
         if fault.kind == "rate_limit":

@@ -155,3 +155,46 @@ async def test_the_parameters_an_sdk_sends_for_a_plain_charge_pass(shipped: Poli
     )
     e = await price_call(shipped, "stripe", "POST", "/v1/payment_intents", raw)
     assert e.micros == 20_000_000
+
+
+AI_PARAMS = {
+    ("openai", "POST /v1/chat/completions"): (
+        "openai.types.chat.completion_create_params.CompletionCreateParamsBase"
+    ),
+    ("openai", "POST /v1/responses"): (
+        "openai.types.responses.response_create_params.ResponseCreateParamsBase"
+    ),
+    ("openai", "POST /v1/embeddings"): "openai.types.embedding_create_params.EmbeddingCreateParams",
+    ("anthropic", "POST /v1/messages"): (
+        "anthropic.types.message_create_params.MessageCreateParamsBase"
+    ),
+}
+
+
+def typed_dict_keys(dotted: str) -> set[str]:
+    module, _, cls = dotted.rpartition(".")
+    params = getattr(importlib.import_module(module), cls)
+    names: set[str] = set()
+    for klass in params.__mro__:
+        names |= set(getattr(klass, "__annotations__", {}))
+    return names
+
+
+@pytest.mark.parametrize(("vendor", "match"), sorted(AI_PARAMS))
+def test_every_ai_sdk_parameter_is_classified(shipped: PolicySet, vendor: str, match: str) -> None:
+    # `stream` lives in the SDKs' streaming/non-streaming subclasses of these bases.
+    sent = typed_dict_keys(AI_PARAMS[(vendor, match)]) | (
+        {"stream"} if "embeddings" not in match else set()
+    )
+    unclassified = sent - classified(endpoint(shipped, vendor, match))
+    assert not unclassified, f"{match}: classify {sorted(unclassified)} in policies/{vendor}.yaml"
+
+
+def test_every_state_changing_ai_endpoint_is_checked_here(shipped: PolicySet) -> None:
+    changing = {
+        (vendor, ep.match)
+        for vendor in ("openai", "anthropic")
+        for ep in shipped.vendors[vendor].endpoints
+        if ep.pattern.method != "GET"
+    }
+    assert changing == set(AI_PARAMS)

@@ -11,8 +11,9 @@ This module gives every framework integration (`keybrake.integrations.dramatiq`,
 - **cap-hit detection** (`is_cap_hit`, `BudgetExhausted`, `translate_cap_hits`): a refusal
   with ``X-Keybrake-Cap-Hit: true`` means "no money left in this budget", which retrying
   cannot fix, unlike the vendor's own ``429`` rate limits, which stay retryable;
-- **vendor clients** that carry the context: `stripe_client` / `stripe_http_client` and, for
-  SDKs built on ``requests`` (twilio), `requests_session`.
+- **vendor clients** that carry the context: `stripe_client` / `stripe_http_client`,
+  `openai_client` and `anthropic_client` (AI agents) and, for SDKs built on ``requests``
+  (twilio), `requests_session`.
 
 Example (any framework, or none)::
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -46,6 +48,7 @@ __all__ = [
     "RETRYABLE_CODES",
     "BudgetExhausted",
     "CallContext",
+    "anthropic_client",
     "base_url",
     "ca_bundle",
     "call_context",
@@ -54,6 +57,7 @@ __all__ = [
     "is_retryable",
     "keybrake_error_code",
     "keybrake_headers",
+    "openai_client",
     "requests_session",
     "stripe_client",
     "stripe_http_client",
@@ -215,11 +219,24 @@ def _status_of(exc: BaseException) -> int | None:
 
 
 def _body_code(exc: BaseException) -> str | None:
-    body = getattr(exc, "json_body", None)  # stripe
-    error = body.get("error") if isinstance(body, dict) else None
+    error = _refusal_body(exc)
     if isinstance(error, dict) and error.get("type") == "keybrake_error":
         code = error.get("code")
         return str(code) if code else None
+    return None
+
+
+def _refusal_body(exc: BaseException) -> dict[str, Any] | None:
+    """The ``error`` object of a Keybrake refusal as the SDK parsed it: stripe's
+    ``json_body``, or ``body`` (openai and anthropic: the whole answer or its ``error``)."""
+    for body in (getattr(exc, "json_body", None), getattr(exc, "body", None)):
+        if not isinstance(body, dict):
+            continue
+        error = body.get("error")
+        if isinstance(error, dict):
+            return error
+        if body.get("type") == "keybrake_error":
+            return body
     return None
 
 
@@ -296,8 +313,7 @@ class BudgetExhausted(Exception):
     @classmethod
     def from_error(cls, exc: BaseException) -> BudgetExhausted:
         """Build one from a vendor SDK error that `is_cap_hit`."""
-        body = getattr(exc, "json_body", None)
-        error = body.get("error") if isinstance(body, dict) else None
+        error = _refusal_body(exc)
         if isinstance(error, dict):
             details = {k: v for k, v in error.items() if k not in ("type", "code", "message")}
             return cls(str(error.get("message") or "spend cap reached"), details)
@@ -427,6 +443,43 @@ def _stripe_client_class() -> type[stripe.RequestsClient]:
             )
 
     return KeybrakeStripeClient
+
+
+def openai_client(key: str | None = None, url: str | None = None, **kwargs: Any) -> Any:
+    """An ``openai.OpenAI`` (``asynchronous=True``: ``AsyncOpenAI``) on the vault key, through
+    Keybrake's base URL (``<url>/openai/v1``), sending the call context of the moment it is
+    made (per call: ``extra_headers=keybrake_headers()``).
+
+    >>> client = openai_client()  # doctest: +SKIP
+    >>> client.chat.completions.create(model="gpt-4o-mini", messages=[...], max_tokens=500)
+    """
+    openai = importlib.import_module("openai")
+    factory = openai.AsyncOpenAI if kwargs.pop("asynchronous", False) else openai.OpenAI
+    headers = {**keybrake_headers(), **kwargs.pop("default_headers", {})}
+    return factory(
+        api_key=vault_key(key),
+        base_url=f"{base_url(url)}/openai/v1",
+        default_headers=headers,
+        **kwargs,
+    )
+
+
+def anthropic_client(key: str | None = None, url: str | None = None, **kwargs: Any) -> Any:
+    """An ``anthropic.Anthropic`` (``asynchronous=True``: ``AsyncAnthropic``) on the vault key,
+    through Keybrake's base URL (``<url>/anthropic``), like `openai_client`.
+
+    >>> client = anthropic_client()  # doctest: +SKIP
+    >>> client.messages.create(model="claude-haiku-4-5", max_tokens=500, messages=[...])
+    """
+    anthropic = importlib.import_module("anthropic")
+    factory = anthropic.AsyncAnthropic if kwargs.pop("asynchronous", False) else anthropic.Anthropic
+    headers = {**keybrake_headers(), **kwargs.pop("default_headers", {})}
+    return factory(
+        api_key=vault_key(key),
+        base_url=f"{base_url(url)}/anthropic",
+        default_headers=headers,
+        **kwargs,
+    )
 
 
 def stripe_http_client(

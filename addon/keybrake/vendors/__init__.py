@@ -8,8 +8,10 @@ Importing this package registers them in `keybrake.pricing.COUNTERS`,
   ``stripe_invoice``, ``stripe_invoice_item``.
 - `keybrake.vendors.twilio`: ``sms_segments``.
 - `keybrake.vendors.resend`: ``email_recipients``, ``email_batch_recipients``.
+- `keybrake.vendors.llm`: ``openai_chat``, ``openai_responses``, ``openai_embeddings``,
+  ``anthropic_messages`` (cost functions, token-usage readers and stream metering).
 """
 
-from keybrake.vendors import generic, resend, stripe, twilio
+from keybrake.vendors import generic, llm, resend, stripe, twilio
 
-__all__ = ["generic", "resend", "stripe", "twilio"]
+__all__ = ["generic", "llm", "resend", "stripe", "twilio"]
