@@ -101,7 +101,9 @@ async def measure(store: Store, n: int) -> dict[str, float]:
                 created=(f"pi_{i}",),
                 remember=(f"pi_{i}", 20_000_000),
                 idempotency_scope=scope,
-                idempotency_response=StoredResponse(200, (("content-type", "application/json"),), BODY),
+                idempotency_response=StoredResponse(
+                    200, (("content-type", "application/json"),), BODY
+                ),
                 idempotency_ttl_seconds=86400,
                 audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 20_000_000},
             )
@@ -125,7 +127,8 @@ def main() -> None:
             results["sqlite"] = asyncio.run(measure(open_store(f"sqlite:///{d}/ops.db"), args.n))
         if args.only in (None, "redis"):
             cpu0, cmds0 = _redis_cpu()
-            results["redis"] = asyncio.run(measure(open_store(f"{REDIS_URL}?prefix={prefix}"), args.n))
+            store = open_store(f"{REDIS_URL}?prefix={prefix}")
+            results["redis"] = asyncio.run(measure(store, args.n))
             cpu1, cmds1 = _redis_cpu()
             results["redis"]["redis server CPU"] = 1000 * (cpu1 - cpu0) / args.n
             calls = {k: cmds1[k] - cmds0.get(k, 0) for k in cmds1 if cmds1[k] != cmds0.get(k, 0)}

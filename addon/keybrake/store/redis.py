@@ -17,12 +17,21 @@ a later call. All keys live under ``prefix``:
 - ``label-budgets`` hash label → daily cap
 - ``usage:<scope>:<window>`` hash ``spent``/``reserved`` (daily windows expire after a few
   days, ``lifetime`` never does)
-- ``res:<id>`` reservation hash, ``open-reservations`` sorted set by creation time
-- ``amount:<key_id>:<vendor>:<object_id>`` micro-USD remembered for one key, 30 days
-- ``obj:<vendor>:<object_id>`` hash: the key that created the object and its label, 90 days;
-  ``objs:<key_id>`` sorted set of the key's object hashes (by expiry)
-- ``idem:<key_id>:<scope>`` idempotency hash; ``idem-index:<key_id>`` the key's entries
+- ``res:<id>`` reservation hash while the call is open (deleted when it is finished),
+  ``open-reservations`` sorted set by creation time
+- ``amounts:<key_id>`` hash ``<vendor>:<object_id>`` → micro-USD remembered for one key (and
+  when that ends), the hash kept 30 days after its last write
+- ``owner:<vendor>:<object_id>`` string ``<key id>\n<label>``: the key that created the object,
+  90 days; ``objs:<key_id>`` sorted set of the key's owner records (by expiry)
+- ``idm:<key_id>:<scope>`` idempotency entry (a string: state, body hash, then the claim's
+  start or the stored response), kept its TTL; ``idem-index:<key_id>`` the key's entries
 - ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
+
+What stays behind a call (``tests/store/test_redis_footprint.py``): an owner record per object
+it created (90 days, or until its key is forgotten) and an idempotency entry per idempotency
+key (its TTL, 24 h by default). Everything else is per vault key, per budget and day, or
+deleted when the call is finished. Entries written by earlier versions (``obj:``, ``amount:``)
+are still read until they expire.
 """
 
 from __future__ import annotations
@@ -83,12 +92,23 @@ _CONNECT_TIMEOUT_SECONDS = 1.0
 _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
-_FINISHED_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
 _AUDIT_GROUP = "audit"
 # An outbox row another replica claimed and left unacknowledged this long is claimed again.
 _AUDIT_CLAIM_IDLE_MS = 30_000
-_STATE_FIELDS = ("revoked_at", "suspended_at")
+# The key record's fields that change after it is created (admit.lua reads only these once
+# this process knows the rest).
+_MUTABLE_KEY_FIELDS = frozenset(
+    {
+        "expires_at",
+        "agent_run_label",
+        "daily_cap_micros",
+        "usd_cap_micros",
+        "revoked_at",
+        "suspended_at",
+        "suspended_reason",
+    }
+)
 _SCRIPTS = (
     "create_key",
     "revoke",
@@ -117,6 +137,22 @@ def _text(value: object) -> str:
     if isinstance(value, str):
         return value
     raise TypeError(f"unexpected Redis reply {value!r}")
+
+
+def _pack_response(response: StoredResponse) -> bytes:
+    """A response kept for replay as stored: ``status\\nheaders JSON\\n`` then the body."""
+    headers = json.dumps([list(pair) for pair in response.headers], separators=(",", ":"))
+    return f"{response.status_code}\n{headers}\n".encode() + response.body
+
+
+def _unpack_response(stored: bytes | str) -> StoredResponse:
+    raw = stored.encode() if isinstance(stored, str) else bytes(stored)
+    status, headers, body = raw.split(b"\n", 2)
+    return StoredResponse(
+        status_code=int(status),
+        headers=tuple((str(k), str(v)) for k, v in json.loads(headers)),
+        body=body,
+    )
 
 
 def _key_fields(record: KeyRecord) -> list[str]:
@@ -229,6 +265,8 @@ class RedisStore:
         self._client: redis.asyncio.Redis | None = None
         # Labels never change: the usage hashes of a key's reservations are named from it.
         self._labels: dict[str, str] = {}
+        # The fields of each key record that never change, once read: admit reads the rest.
+        self._key_static: dict[str, dict[str, str]] = {}
         self._scripts: dict[str, AsyncScript] = {}
         self._warned_unverified = False
 
@@ -550,7 +588,7 @@ class RedisStore:
                     str(actual_micros),
                     str(int(time.time() * 1000)),
                     str(_DAILY_USAGE_TTL_SECONDS),
-                    str(_FINISHED_RESERVATION_TTL_SECONDS),
+                    "0",
                     reservation_id,
                 ],
             )
@@ -641,7 +679,7 @@ class RedisStore:
                 self._k("key", r.key_id),
                 self._k("rate", r.key_id),
                 self._k("objs", r.key_id),
-                self._k("idem", r.key_id, claim.scope if claim else ""),
+                self._k("idm", r.key_id, claim.scope if claim else ""),
                 self._k("idem-index", r.key_id),
                 self._k("res", r.reservation_id or ""),
                 self._k("open-reservations"),
@@ -664,17 +702,13 @@ class RedisStore:
                 str(_DAILY_USAGE_TTL_SECONDS),
                 day,
                 r.key_id,
+                "" if r.key_id in self._key_static else "1",
             ],
         )
         status, code, detail, extra = _text(reply[0]), _text(reply[1]), _text(reply[2]), reply[3]
-        key = _key_record(dict(zip(reply[4][::2], reply[4][1::2], strict=True)))
+        key = self._admitted_key(r.key_id, reply[4])
         if status == "replay":
-            response = StoredResponse(
-                status_code=int(reply[5]),
-                headers=tuple((str(k), str(v)) for k, v in json.loads(reply[6])),
-                body=bytes(reply[7]),
-            )
-            return Admission("replay", key, response=response)
+            return Admission("replay", key, response=_unpack_response(reply[5]))
         if code == "rate_limited":
             assert r.rate_limit is not None
             counts = {int(b): int(c) for b, c in zip(extra[::2], extra[1::2], strict=True)}
@@ -703,6 +737,21 @@ class RedisStore:
             return Admission("refused", key, code=code, budgets=tuple(budgets), exceeded=exceeded)
         return Admission("admitted", key, budgets=tuple(budgets), ledger_rows=rows)
 
+    def _admitted_key(self, key_id: str, flat: Sequence[bytes]) -> KeyRecord | None:
+        """The key record from admit.lua's answer: every field the first time (kept, but for
+        the fields that can change), then only the fields that can change."""
+        fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+        if not fields:
+            return None
+        static = self._key_static.get(key_id)
+        if static is None:
+            static = {k: v for k, v in fields.items() if k not in _MUTABLE_KEY_FIELDS}
+            self._key_static[key_id] = static
+        merged: dict[bytes | str, bytes | str] = {}
+        merged.update(static)
+        merged.update(fields)
+        return _key_record(merged)
+
     async def settle_call(self, settlement: Settlement) -> bool:
         """See `Store.settle_call`: one ``settle_call.lua`` call, ``XADD`` to the audit stream
         included."""
@@ -711,7 +760,6 @@ class RedisStore:
         usage = (
             [self._usage_key(scope, window) for scope, window in s.ledger_rows] if finish else []
         )
-        remember_key = self._k("amount", s.key_id, s.vendor, s.remember[0] if s.remember else "")
         idem = ""
         if s.idempotency_scope is not None:
             idem = "complete" if s.idempotency_response is not None else "abandon"
@@ -723,12 +771,12 @@ class RedisStore:
                 self._k("open-reservations"),
                 self._k("hold", s.vendor, s.hold[0] if s.hold else ""),
                 self._k("objs", s.key_id),
-                remember_key,
-                self._k("idem", s.key_id, s.idempotency_scope or ""),
+                self._k("amounts", s.key_id),
+                self._k("idm", s.key_id, s.idempotency_scope or ""),
                 self._k("idem-index", s.key_id),
                 self._k("audit"),
                 *usage,
-                *(self._k("obj", s.vendor, oid) for oid in s.created),
+                *(self._k("owner", s.vendor, oid) for oid in s.created),
             ],
             [
                 finish,
@@ -736,20 +784,17 @@ class RedisStore:
                 str(s.hold[1]) if s.hold else "0",
                 s.reservation_id or "",
                 str(_DAILY_USAGE_TTL_SECONDS),
-                str(_FINISHED_RESERVATION_TTL_SECONDS),
                 s.key_id,
                 s.label,
                 str(int(OBJECT_TTL.total_seconds())),
+                f"{s.vendor}:{s.remember[0]}" if s.remember else "",
                 str(s.remember[1]) if s.remember else "",
                 str(_AMOUNT_TTL_SECONDS),
                 idem,
                 str(s.idempotency_ttl_seconds),
-                str(response.status_code) if response else "",
-                json.dumps([list(pair) for pair in response.headers]) if response else "",
-                response.body if response else b"",
-                json.dumps(s.audit) if s.audit is not None else "",
+                _pack_response(response) if response else b"",
                 str(len(usage)),
-                str(int(time.time() * 1000)),
+                json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
             ],
         )
         return bool(finished)
@@ -898,13 +943,19 @@ class RedisStore:
             return
         await self._script(
             "record_objects",
-            [self._k("objs", key.key_id), *(self._k("obj", vendor, oid) for oid in object_ids)],
+            [self._k("objs", key.key_id), *(self._k("owner", vendor, oid) for oid in object_ids)],
             [key.key_id, key.agent_run_label, str(int(OBJECT_TTL.total_seconds()))],
         )
 
     async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
         async with self._guard() as client:
-            owner, label = await client.hmget(self._k("obj", vendor, object_id), ["key", "label"])
+            pipe = client.pipeline(transaction=False)
+            pipe.get(self._k("owner", vendor, object_id))
+            pipe.hmget(self._k("obj", vendor, object_id), ["key", "label"])  # written before
+            record, (owner, label) = await pipe.execute()
+        if record is not None:
+            owner, _, text = _text(record).partition("\n")
+            return ObjectOwner(owner, text)
         return None if owner is None else ObjectOwner(_text(owner), _text(label or b""))
 
     async def count_objects(self, key_id: str) -> int:
@@ -920,17 +971,24 @@ class RedisStore:
         self, key_id: str, vendor: str, object_id: str, amount_micros: int
     ) -> None:
         check_micros("amount_micros", amount_micros)
+        amounts = self._k("amounts", key_id)
+        expires = int(time.time()) + _AMOUNT_TTL_SECONDS
         async with self._guard() as client:
-            await client.set(
-                self._k("amount", key_id, vendor, object_id),
-                str(amount_micros),
-                ex=_AMOUNT_TTL_SECONDS,
-            )
+            pipe = client.pipeline(transaction=True)
+            pipe.hset(amounts, f"{vendor}:{object_id}", f"{amount_micros}:{expires}")
+            pipe.expire(amounts, _AMOUNT_TTL_SECONDS)
+            await pipe.execute()
 
     async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
         async with self._guard() as client:
-            value = await client.get(self._k("amount", key_id, vendor, object_id))
-        return None if value is None else int(value)
+            pipe = client.pipeline(transaction=False)
+            pipe.hget(self._k("amounts", key_id), f"{vendor}:{object_id}")
+            pipe.get(self._k("amount", key_id, vendor, object_id))  # written before
+            value, legacy = await pipe.execute()
+        if value is not None:
+            micros, _, expires = _text(value).partition(":")
+            return int(micros) if int(expires) > time.time() else None
+        return None if legacy is None else int(legacy)
 
     async def forget_expired_keys(self, now: dt.datetime) -> int:
         async with self._guard() as client:
@@ -954,6 +1012,8 @@ class RedisStore:
             for index in (self._k("idem-index", key_id), self._k("objs", key_id)):
                 names += [_text(n) for n in await client.zrange(index, 0, -1)]
                 names.append(index)
+            amounts = self._k("amounts", key_id)
+            names.append(amounts)
             async for name in client.scan_iter(
                 match=_glob_escape(self._k("amount", key_id, "")) + "*", count=500
             ):
@@ -981,17 +1041,12 @@ class RedisStore:
         check_idempotency_times(ttl_seconds, in_flight_seconds)
         reply = await self._script(
             "idempotency_begin",
-            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
+            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
             [body_sha256, str(ttl_seconds), str(in_flight_seconds), str(max_entries)],
         )
         status = _text(reply[0])
         if status == "replay":
-            response = StoredResponse(
-                status_code=int(reply[1]),
-                headers=tuple((str(k), str(v)) for k, v in json.loads(reply[2])),
-                body=bytes(reply[3]),
-            )
-            return IdempotencyBegin("replay", response)
+            return IdempotencyBegin("replay", _unpack_response(reply[1]))
         if status == "started":
             return IdempotencyBegin("started")
         if status == "in_flight":
@@ -1008,20 +1063,14 @@ class RedisStore:
         check_idempotency_times(ttl_seconds, 0)
         await self._script(
             "idempotency_finish",
-            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
-            [
-                "complete",
-                str(ttl_seconds),
-                str(response.status_code),
-                json.dumps([list(pair) for pair in response.headers]),
-                response.body,
-            ],
+            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
+            ["complete", str(ttl_seconds), _pack_response(response)],
         )
 
     async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Drop the in-flight claim of ``scope``; a completed response is kept."""
         await self._script(
             "idempotency_finish",
-            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
+            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
             ["abandon"],
         )
