@@ -25,7 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "addon"):
+# --addon DIR measures another checkout's store (e.g. `git archive main addon | tar -x -C DIR`)
+ADDON = Path(sys.argv[sys.argv.index("--addon") + 1]) if "--addon" in sys.argv else ROOT / "addon"
+for p in (ROOT, ADDON):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -47,6 +49,7 @@ def _redis_cpu() -> tuple[float, dict[str, int]]:
     import redis
 
     r = redis.Redis.from_url(REDIS_URL)
+    r.info("cpu")  # the INFO connection itself, before the first reading
     cpu = r.info("cpu")
     stats = r.info("commandstats")
     r.close()
@@ -119,7 +122,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--only", choices=("sqlite", "redis"))
+    ap.add_argument("--redis-url", help="another Redis than 127.0.0.1:6379 (a private one)")
+    ap.add_argument("--addon", help="the addon/ directory whose store to measure")
     args = ap.parse_args()
+    global REDIS_URL
+    REDIS_URL = args.redis_url or REDIS_URL
     prefix = f"kbbench-ops:{uuid.uuid4().hex[:8]}:"
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:

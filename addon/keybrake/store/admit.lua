@@ -20,11 +20,15 @@
 -- ARGV[13] TTL s of daily usage hashes; ARGV[14] the UTC day; ARGV[15] key id
 -- ARGV[16] '1': answer every field of the key record (HGETALL); '': only the fields that can
 --          change (the caller keeps the rest, which never changes, from an earlier answer)
+-- ARGV[17] '1': give the idempotency index its TTL (the key's expiry + twice the entry TTL:
+--          no entry outlives it), '' when the caller has done so already
+-- ARGV[18…] per usage hash, '1': give a daily one its TTL if it has none (EXPIRE NX), ''
+--          when the caller has done so already (their names carry the day: a TTL set once
+--          is the right one)
 -- An idempotency entry is one string: 'I' or 'D' (in flight, done), the length of the body
 -- hash, ':', the body hash, then the claim's start (server ms) or the stored response.
--- Only what a step needs is read or written: daily usage hashes get their TTL when created
--- (their name carries the day), expired index entries are pruned only when a quota is
--- reached, and the server clock is read at most once.
+-- Only what a step needs is read or written: a TTL is set once (ARGV[17…]), expired index
+-- entries are pruned only when a quota is reached, and the server clock is read at most once.
 -- Returns {status, code, detail, extra, key fields (flattened, as a nested table),
 --          label_cap, usage (spent, reserved, …) | replay's stored response}.
 --   status 'admitted' | 'replay' | 'refused'; extra: live rate buckets (flattened) for
@@ -108,7 +112,7 @@ if ARGV[6] ~= '' and live_count(KEYS[3], tonumber(ARGV[6])) >= tonumber(ARGV[6])
   return {'refused', 'quota_exceeded', 'objects', {}, fields}
 end
 
-local claim, index_count = false, -1
+local claim = false
 if ARGV[7] ~= '' then
   local entry = redis.call('GET', KEYS[4])
   local state, sha, rest
@@ -132,8 +136,7 @@ if ARGV[7] ~= '' then
     return {'replay', '', '', {}, fields, rest}
   end
   if not entry then
-    index_count = live_count(KEYS[5], tonumber(ARGV[10]))
-    if index_count >= tonumber(ARGV[10]) then
+    if live_count(KEYS[5], tonumber(ARGV[10])) >= tonumber(ARGV[10]) then
       return {'refused', 'quota_exceeded', 'idempotency', {}, fields}
     end
   end
@@ -149,11 +152,9 @@ if ARGV[11] ~= '' then
   end
   local caps = {key['daily_cap_micros'], key['usd_cap_micros'] or '', label_cap}
   local estimate = tonumber(ARGV[12])
-  local known = {}
   for i = 1, n do
     if caps[i] ~= '' then
       local u = redis.call('HMGET', KEYS[8 + i], 'spent', 'reserved')
-      known[i] = u[1] or u[2]
       usage[i] = {tonumber(u[1] or '0'), tonumber(u[2] or '0')}
     else
       usage[i] = {0, 0}
@@ -173,18 +174,9 @@ if ARGV[11] ~= '' then
     local res = {'state', 'reserved', 'key_id', ARGV[15], 'estimate', ARGV[12],
                  'created_at', ARGV[1], 'day', ARGV[14]}
     for i = 1, n do
-      local reserved = redis.call('HINCRBY', KEYS[8 + i], 'reserved', ARGV[12])
-      usage[i][2] = reserved
-      -- Daily hashes expire a few days after they are created (their name holds the day).
-      -- Without a read, a hash whose reservations were all zero may be new: NX is harmless.
-      if i ~= 2 then
-        if caps[i] ~= '' then
-          if not known[i] then
-            redis.call('EXPIRE', KEYS[8 + i], ARGV[13])
-          end
-        elseif reserved == estimate then
-          redis.call('EXPIRE', KEYS[8 + i], ARGV[13], 'NX')
-        end
+      usage[i][2] = redis.call('HINCRBY', KEYS[8 + i], 'reserved', ARGV[12])
+      if i ~= 2 and ARGV[17 + i] == '1' then
+        redis.call('EXPIRE', KEYS[8 + i], ARGV[13], 'NX')
       end
       table.insert(res, 'usage_' .. i)
       table.insert(res, KEYS[8 + i])
@@ -200,10 +192,9 @@ if claim then
   redis.call('SET', KEYS[4], 'I' .. #ARGV[7] .. ':' .. ARGV[7] .. started, 'PX', ttl_ms)
   local expires = string.format('%d', now_ms() + ttl_ms)
   redis.call('ZADD', KEYS[5], expires, KEYS[4])
-  if index_count == 0 then
-    redis.call('PEXPIREAT', KEYS[5], expires)
-  else
-    redis.call('PEXPIREAT', KEYS[5], expires, 'GT')
+  if ARGV[17] == '1' then
+    local ends = math.max(math.floor(tonumber(key['expires_at']) / 1000), now_ms())
+    redis.call('PEXPIREAT', KEYS[5], string.format('%d', ends + 2 * ttl_ms))
   end
 end
 

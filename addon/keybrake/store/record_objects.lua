@@ -2,7 +2,7 @@
 -- KEYS[1]  the key's objects (<prefix>objs:<key_id>), sorted set: member an owner record's
 --          name, score: when the record expires, epoch ms
 -- KEYS[2…] one owner record per object (<prefix>owner:<vendor>:<object_id>), a string:
---          '<key id>\n<label>'
+--          '<key id>\n\n<label>' (see settle_call.lua, which may put an amount between)
 -- ARGV[1]  key id
 -- ARGV[2]  the key's label
 -- ARGV[3]  TTL in seconds of a record
@@ -10,7 +10,7 @@
 local t = redis.call('TIME')
 local expires = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   + tonumber(ARGV[3]) * 1000)
-local record = ARGV[1] .. '\n' .. ARGV[2]
+local record = ARGV[1] .. '\n\n' .. ARGV[2]
 local recorded = 0
 for i = 2, #KEYS do
   local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', ARGV[3])

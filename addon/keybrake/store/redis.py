@@ -19,13 +19,19 @@ a later call. All keys live under ``prefix``:
   days, ``lifetime`` never does)
 - ``res:<id>`` reservation hash while the call is open (deleted when it is finished),
   ``open-reservations`` sorted set by creation time
-- ``amounts:<key_id>`` hash ``<vendor>:<object_id>`` → micro-USD remembered for one key (and
-  when that ends), the hash kept 30 days after its last write
-- ``owner:<vendor>:<object_id>`` string ``<key id>\n<label>``: the key that created the object,
-  90 days; ``objs:<key_id>`` sorted set of the key's owner records (by expiry)
+- ``amounts:<key_id>`` hash ``<vendor>:<object_id>`` → micro-USD remembered for one key and
+  when that ends (30 days)
+- ``owner:<vendor>:<object_id>`` string ``<key id>\n<amount>\n<label>``: the key that created
+  the object, 90 days, with the amount remembered for it by its creator when one was (then
+  not in ``amounts``); ``objs:<key_id>`` sorted set of the key's owner records (by expiry)
 - ``idm:<key_id>:<scope>`` idempotency entry (a string: state, body hash, then the claim's
   start or the stored response), kept its TTL; ``idem-index:<key_id>`` the key's entries
 - ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
+
+The indexes kept per vault key (``objs``, ``amounts``, ``idem-index``) get their TTL once, from
+the key's expiry (every replica sets it the first time it touches one): `forget_key` deletes
+them when the key is revoked or expired, the TTL is the backstop. Daily usage hashes get
+theirs once too (their name carries the day).
 
 What stays behind a call (``tests/store/test_redis_footprint.py``): an owner record per object
 it created (90 days, or until its key is forgotten) and an idempotency entry per idempotency
@@ -93,6 +99,9 @@ _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+# Names of keys whose TTL this process has set (it is the same every time): forgotten in bulk
+# past this many, which only costs setting some again.
+_TTL_MEMORY = 100_000
 _AUDIT_GROUP = "audit"
 # An outbox row another replica claimed and left unacknowledged this long is claimed again.
 _AUDIT_CLAIM_IDLE_MS = 30_000
@@ -267,6 +276,8 @@ class RedisStore:
         self._labels: dict[str, str] = {}
         # The fields of each key record that never change, once read: admit reads the rest.
         self._key_static: dict[str, dict[str, str]] = {}
+        self._key_expiry_ms: dict[str, int] = {}
+        self._ttl_set: set[str] = set()
         self._scripts: dict[str, AsyncScript] = {}
         self._warned_unverified = False
 
@@ -673,6 +684,7 @@ class RedisStore:
             usage = [
                 self._usage_key(scope, window) for scope, window, _ in usage_plan(stub, day, None)
             ]
+        idem_index = self._k("idem-index", r.key_id)
         reply = await self._script(
             "admit",
             [
@@ -680,7 +692,7 @@ class RedisStore:
                 self._k("rate", r.key_id),
                 self._k("objs", r.key_id),
                 self._k("idm", r.key_id, claim.scope if claim else ""),
-                self._k("idem-index", r.key_id),
+                idem_index,
                 self._k("res", r.reservation_id or ""),
                 self._k("open-reservations"),
                 self._k("label-budgets"),
@@ -703,8 +715,12 @@ class RedisStore:
                 day,
                 r.key_id,
                 "" if r.key_id in self._key_static else "1",
+                "" if idem_index in self._ttl_set else "1",
+                *("" if name in self._ttl_set else "1" for name in usage),
             ],
         )
+        if _text(reply[0]) == "admitted":
+            self._ttl_done(([idem_index] if claim else []) + usage)
         status, code, detail, extra = _text(reply[0]), _text(reply[1]), _text(reply[2]), reply[3]
         key = self._admitted_key(r.key_id, reply[4])
         if status == "replay":
@@ -737,12 +753,18 @@ class RedisStore:
             return Admission("refused", key, code=code, budgets=tuple(budgets), exceeded=exceeded)
         return Admission("admitted", key, budgets=tuple(budgets), ledger_rows=rows)
 
+    def _ttl_done(self, names: Sequence[str]) -> None:
+        if len(self._ttl_set) > _TTL_MEMORY:
+            self._ttl_set.clear()
+        self._ttl_set.update(names)
+
     def _admitted_key(self, key_id: str, flat: Sequence[bytes]) -> KeyRecord | None:
         """The key record from admit.lua's answer: every field the first time (kept, but for
         the fields that can change), then only the fields that can change."""
         fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
         if not fields:
             return None
+        self._key_expiry_ms[key_id] = int(fields["expires_at"]) // 1000
         static = self._key_static.get(key_id)
         if static is None:
             static = {k: v for k, v in fields.items() if k not in _MUTABLE_KEY_FIELDS}
@@ -764,6 +786,21 @@ class RedisStore:
         if s.idempotency_scope is not None:
             idem = "complete" if s.idempotency_response is not None else "abandon"
         response = s.idempotency_response
+        indexes = [self._k("objs", s.key_id)] if s.created else []
+        if s.remember and s.remember[0] not in s.created:
+            indexes.append(self._k("amounts", s.key_id))
+        if idem == "complete":
+            indexes.append(self._k("idem-index", s.key_id))
+        # Their TTL is the key's expiry plus the longest any entry lives (an object's 90 days):
+        # set once, by this process, when it knows the key's expiry.
+        expiry_ms = self._key_expiry_ms.get(s.key_id)
+        ends = max(expiry_ms or 0, int(time.time() * 1000)) + int(OBJECT_TTL.total_seconds()) * 1000
+        indexes_expire = str(ends)
+        if expiry_ms is not None and all(name in self._ttl_set for name in indexes):
+            indexes_expire = ""
+        about = 0
+        if s.remember and s.remember[0] in s.created:
+            about = 9 + len(usage) + s.created.index(s.remember[0])
         finished = await self._script(
             "settle_call",
             [
@@ -790,13 +827,17 @@ class RedisStore:
                 f"{s.vendor}:{s.remember[0]}" if s.remember else "",
                 str(s.remember[1]) if s.remember else "",
                 str(_AMOUNT_TTL_SECONDS),
+                str(about),
                 idem,
                 str(s.idempotency_ttl_seconds),
                 _pack_response(response) if response else b"",
                 str(len(usage)),
                 json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
+                indexes_expire,
             ],
         )
+        if expiry_ms is not None:
+            self._ttl_done(indexes)
         return bool(finished)
 
     # -- the audit outbox: a stream read by a consumer group ----------------------------------
@@ -954,8 +995,8 @@ class RedisStore:
             pipe.hmget(self._k("obj", vendor, object_id), ["key", "label"])  # written before
             record, (owner, label) = await pipe.execute()
         if record is not None:
-            owner, _, text = _text(record).partition("\n")
-            return ObjectOwner(owner, text)
+            owner, _amount, label = _text(record).split("\n", 2)
+            return ObjectOwner(owner, label)
         return None if owner is None else ObjectOwner(_text(owner), _text(label or b""))
 
     async def count_objects(self, key_id: str) -> int:
@@ -976,19 +1017,32 @@ class RedisStore:
         async with self._guard() as client:
             pipe = client.pipeline(transaction=True)
             pipe.hset(amounts, f"{vendor}:{object_id}", f"{amount_micros}:{expires}")
-            pipe.expire(amounts, _AMOUNT_TTL_SECONDS)
+            # Never shortens the TTL settle_call gave it (the key's expiry and more).
+            pipe.expire(amounts, _AMOUNT_TTL_SECONDS, nx=True)
+            pipe.expire(amounts, _AMOUNT_TTL_SECONDS, gt=True)
             await pipe.execute()
 
     async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
         async with self._guard() as client:
             pipe = client.pipeline(transaction=False)
             pipe.hget(self._k("amounts", key_id), f"{vendor}:{object_id}")
+            pipe.get(self._k("owner", vendor, object_id))
             pipe.get(self._k("amount", key_id, vendor, object_id))  # written before
-            value, legacy = await pipe.execute()
+            value, record, legacy = await pipe.execute()
+        # The newest of what this key remembered: in its hash, or with the object it created.
+        found: list[tuple[int, int]] = []
         if value is not None:
             micros, _, expires = _text(value).partition(":")
-            return int(micros) if int(expires) > time.time() else None
-        return None if legacy is None else int(legacy)
+            found.append((int(expires), int(micros)))
+        if record is not None:
+            owner, amount, _label = _text(record).split("\n", 2)
+            if owner == key_id and amount:
+                micros, _, expires = amount.partition(":")
+                found.append((int(expires), int(micros)))
+        live = [item for item in found if item[0] > time.time()]
+        if live:
+            return max(live)[1]
+        return None if legacy is None or found else int(legacy)
 
     async def forget_expired_keys(self, now: dt.datetime) -> int:
         async with self._guard() as client:

@@ -9,19 +9,25 @@
 --          key's idempotency index
 -- KEYS[8]  the audit stream (<prefix>audit)
 -- KEYS[9 … 8+ARGV[15]] the reservation's usage hashes (key day, key lifetime, label day)
--- KEYS[9+ARGV[15] …]  owner records (<prefix>owner:<vendor>:<object_id>) of created objects
+-- KEYS[9+ARGV[15] …]  owner records (<prefix>owner:<vendor>:<object_id>) of created objects:
+--          '<key id>\n<remembered µs>:<expires, epoch s>\n<label>' (the amount part empty
+--          when none is remembered with the record)
 -- ARGV[1]  '', 'settled', 'released', 'unknown' or 'held'; ARGV[2] actual µs (settled);
 --          ARGV[3] amount held µs (held); ARGV[4] reservation id
 -- ARGV[5]  TTL s of daily usage hashes (given to one the step had to create again)
 -- ARGV[6]  key id; ARGV[7] label; ARGV[8] TTL s of object records
 -- ARGV[9]  '<vendor>:<object_id>' whose amount to remember, or ''; ARGV[10] the amount µs,
---          ARGV[11] its TTL s
--- ARGV[12] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[13] TTL s of the
---          stored response; ARGV[14] the response as stored (status, headers, body)
--- ARGV[15] how many usage hashes follow KEYS[8]; ARGV[16] the audit row (JSON), or ''
+--          ARGV[11] its TTL s; ARGV[12] index in KEYS of the created object it is about (its
+--          owner record carries it, when new), or '0'
+-- ARGV[13] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[14] TTL s of the
+--          stored response; ARGV[15] the response as stored (status, headers, body)
+-- ARGV[16] how many usage hashes follow KEYS[8]; ARGV[17] the audit row (JSON), or ''
+-- ARGV[18] when the key's objects index, remembered amounts and idempotency index expire,
+--          epoch ms, or '' when the caller has set it already (it is the same every call:
+--          the key's expiry plus the longest TTL of what they index)
 -- A finished reservation is deleted: its amount is in the usage hashes and its audit row.
 -- Returns 1 when the reservation was finished now, else 0 (the rest is applied all the same).
-local n = tonumber(ARGV[15])
+local n = tonumber(ARGV[16])
 local finished = 0
 
 local server_now
@@ -84,15 +90,30 @@ if ARGV[1] ~= '' then
   end
 end
 
+local remembered = ARGV[9] == ''
+local amount = ''
+if not remembered then
+  amount = ARGV[10] .. ':' .. string.format('%d', math.floor(now_ms() / 1000) + tonumber(ARGV[11]))
+end
+local indexes_expire = ARGV[18]
+
 if #KEYS > 8 + n then
   local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
-  local record = ARGV[6] .. '\n' .. ARGV[7]
+  local prefix = ARGV[6] .. '\n'
   for i = 9 + n, #KEYS do
     -- The first owner stays: an object never changes hands.
+    local record = prefix .. '\n' .. ARGV[7]
+    if i == tonumber(ARGV[12]) then
+      record = prefix .. amount .. '\n' .. ARGV[7]
+    end
     local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', ARGV[8])
-    if not mine then
+    if mine then
+      if i == tonumber(ARGV[12]) then
+        remembered = true
+      end
+    else
       local owner = redis.call('GET', KEYS[i])
-      if owner and string.sub(owner, 1, #ARGV[6] + 1) == ARGV[6] .. '\n' then
+      if owner and string.sub(owner, 1, #prefix) == prefix then
         redis.call('EXPIRE', KEYS[i], ARGV[8])
         mine = true
       end
@@ -101,35 +122,39 @@ if #KEYS > 8 + n then
       redis.call('ZADD', KEYS[4], expires, KEYS[i])
     end
   end
-  redis.call('PEXPIREAT', KEYS[4], expires)
+  if indexes_expire ~= '' then
+    redis.call('PEXPIREAT', KEYS[4], indexes_expire)
+  end
 end
 
-if ARGV[9] ~= '' then
-  local expires = math.floor(now_ms() / 1000) + tonumber(ARGV[11])
-  redis.call('HSET', KEYS[5], ARGV[9], ARGV[10] .. ':' .. string.format('%d', expires))
-  redis.call('EXPIRE', KEYS[5], ARGV[11])
+if not remembered then
+  redis.call('HSET', KEYS[5], ARGV[9], amount)
+  if indexes_expire ~= '' then
+    redis.call('PEXPIREAT', KEYS[5], indexes_expire)
+  end
 end
 
-if ARGV[12] ~= '' then
+if ARGV[13] ~= '' then
   local entry = redis.call('GET', KEYS[6])
   if entry and string.sub(entry, 1, 1) == 'I' then
-    if ARGV[12] == 'abandon' then
+    if ARGV[13] == 'abandon' then
       redis.call('DEL', KEYS[6])
       redis.call('ZREM', KEYS[7], KEYS[6])
     else
       local colon = string.find(entry, ':', 2, true)
       local len = tonumber(string.sub(entry, 2, colon - 1))
-      local ttl_ms = tonumber(ARGV[13]) * 1000
-      redis.call('SET', KEYS[6], 'D' .. string.sub(entry, 2, colon + len) .. ARGV[14],
+      local ttl_ms = tonumber(ARGV[14]) * 1000
+      redis.call('SET', KEYS[6], 'D' .. string.sub(entry, 2, colon + len) .. ARGV[15],
                  'PX', ttl_ms)
-      local expires = string.format('%d', now_ms() + ttl_ms)
-      redis.call('ZADD', KEYS[7], expires, KEYS[6])
-      redis.call('PEXPIREAT', KEYS[7], expires, 'GT')
+      redis.call('ZADD', KEYS[7], string.format('%d', now_ms() + ttl_ms), KEYS[6])
+      if indexes_expire ~= '' then
+        redis.call('PEXPIREAT', KEYS[7], indexes_expire, 'GT')
+      end
     end
   end
 end
 
-if ARGV[16] ~= '' then
-  redis.call('XADD', KEYS[8], '*', 'row', ARGV[16])
+if ARGV[17] ~= '' then
+  redis.call('XADD', KEYS[8], '*', 'row', ARGV[17])
 end
 return finished
