@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -184,3 +185,55 @@ async def test_what_stays_per_call_is_documented_and_expires(redis_store: RedisS
     assert after["idm"] == n - 60 and after["owner"] == n - 60
     assert await redis_store.recall_amount(keys[1].key_id, "stripe", "pi_60") == USD // 2
     assert await redis_store.recall_amount(keys[0].key_id, "stripe", "pi_0") is None
+
+
+async def test_a_response_kept_for_replay_is_compact_and_kept_while_replayable(
+    redis_store: RedisStore,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    # A key with ten minutes left: its responses are never replayed after that.
+    key = make_key("kb_short", daily=100 * USD, created_at=now - dt.timedelta(days=30, minutes=-10))
+    await redis_store.create_key(key)
+    body = json.dumps(
+        {"id": "pi_1", "object": "payment_intent", "items": list(range(400))}, indent=2
+    )
+    response = StoredResponse(
+        200, (("Content-Type", "application/json"), ("Request-Id", "r")), body.encode()
+    )
+    claim = IdempotencyClaim("POST /v1/payment_intents k1", "h1", 86400, 600, 100)
+    admitted = await redis_store.admit(
+        AdmissionRequest(
+            key.key_id, now, reservation_id="res_1", estimate_micros=USD, idempotency=claim
+        )
+    )
+    assert admitted.status == "admitted"
+    await redis_store.settle_call(
+        Settlement(
+            key_id=key.key_id,
+            label="",
+            vendor="stripe",
+            now=now,
+            reservation_id="res_1",
+            ledger_rows=admitted.ledger_rows,
+            finish="settled",
+            actual_micros=USD,
+            idempotency_scope=claim.scope,
+            idempotency_response=response,
+            idempotency_ttl_seconds=86400,
+        )
+    )
+
+    replay = await redis_store.admit(
+        AdmissionRequest(
+            key.key_id, now, reservation_id="res_2", estimate_micros=USD, idempotency=claim
+        )
+    )
+
+    assert replay.status == "replay" and replay.response == response
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        (name,) = client.scan_iter(match=f"{redis_store.prefix}idm:*")
+        assert int(client.strlen(name)) < len(body) // 3
+        assert 0 < int(client.ttl(name)) <= 10 * 60 + 60
+    finally:
+        client.close()

@@ -14,7 +14,8 @@
 -- ARGV[2]  request-rate limit, or '' for none
 -- ARGV[3]  the current 5-second bucket, ARGV[4] buckets counted, ARGV[5] rate TTL ms
 -- ARGV[6]  object quota, or '' when the call creates nothing
--- ARGV[7]  body sha256 of an idempotency claim, or '' for none; ARGV[8] its TTL s,
+-- ARGV[7]  body sha256 of an idempotency claim, or '' for none; ARGV[8] its TTL s (at most
+--          until the key expires),
 --          ARGV[9] seconds after which an in-flight claim is stale, ARGV[10] max entries
 -- ARGV[11] reservation id, or '' for a free call; ARGV[12] estimate µs
 -- ARGV[13] TTL s of daily usage hashes; ARGV[14] the UTC day; ARGV[15] key id
@@ -187,7 +188,10 @@ if ARGV[11] ~= '' then
 end
 
 if claim then
-  local ttl_ms = tonumber(ARGV[8]) * 1000
+  -- Replayable only while the key may call (an expired key is refused above): kept no longer,
+  -- give or take a minute of clock difference between replicas.
+  local ttl_ms = math.min(tonumber(ARGV[8]) * 1000,
+    math.floor((tonumber(key['expires_at']) - tonumber(ARGV[1])) / 1000) + 60000)
   local started = string.format('%d', now_ms())
   redis.call('SET', KEYS[4], 'I' .. #ARGV[7] .. ':' .. ARGV[7] .. started, 'PX', ttl_ms)
   local expires = string.format('%d', now_ms() + ttl_ms)

@@ -50,6 +50,7 @@ import logging
 import re
 import ssl
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -99,6 +100,11 @@ _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+# Responses kept for replay are compressed from this size on.
+_COMPRESS_FROM = 256
+# A replica's clock may be this far off the others' (`Runtime.clock_problem` allows 30 s):
+# what is kept until a key expires is kept this much longer.
+_CLOCK_MARGIN_SECONDS = 60
 # Names of keys whose TTL this process has set (it is the same every time): forgotten in bulk
 # past this many, which only costs setting some again.
 _TTL_MEMORY = 100_000
@@ -149,14 +155,23 @@ def _text(value: object) -> str:
 
 
 def _pack_response(response: StoredResponse) -> bytes:
-    """A response kept for replay as stored: ``status\\nheaders JSON\\n`` then the body."""
+    """A response kept for replay as stored: ``status\\nheaders JSON\\n`` then the body,
+    zlib-compressed (``status`` then ends in ``z``) when that makes it smaller: vendor JSON
+    (Stripe's is indented) shrinks to a third or less, and thousands are kept per key."""
     headers = json.dumps([list(pair) for pair in response.headers], separators=(",", ":"))
-    return f"{response.status_code}\n{headers}\n".encode() + response.body
+    status, body = str(response.status_code), response.body
+    if len(body) >= _COMPRESS_FROM:
+        packed = zlib.compress(body, 1)
+        if len(packed) < len(body):
+            status, body = status + "z", packed
+    return f"{status}\n{headers}\n".encode() + body
 
 
 def _unpack_response(stored: bytes | str) -> StoredResponse:
     raw = stored.encode() if isinstance(stored, str) else bytes(stored)
     status, headers, body = raw.split(b"\n", 2)
+    if status.endswith(b"z"):
+        status, body = status[:-1], zlib.decompress(body)
     return StoredResponse(
         status_code=int(status),
         headers=tuple((str(k), str(v)) for k, v in json.loads(headers)),
@@ -798,6 +813,12 @@ class RedisStore:
         indexes_expire = str(ends)
         if expiry_ms is not None and all(name in self._ttl_set for name in indexes):
             indexes_expire = ""
+        # A response is replayable only while its key may call (an expired key is refused
+        # before its idempotency entry is looked at): kept no longer than that.
+        idem_ttl = s.idempotency_ttl_seconds
+        if expiry_ms is not None:
+            left = (expiry_ms - epoch_micros(s.now) // 1000) // 1000 + _CLOCK_MARGIN_SECONDS
+            idem_ttl = max(1, min(idem_ttl, left))
         about = 0
         if s.remember and s.remember[0] in s.created:
             about = 9 + len(usage) + s.created.index(s.remember[0])
@@ -829,7 +850,7 @@ class RedisStore:
                 str(_AMOUNT_TTL_SECONDS),
                 str(about),
                 idem,
-                str(s.idempotency_ttl_seconds),
+                str(idem_ttl),
                 _pack_response(response) if response else b"",
                 str(len(usage)),
                 json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
