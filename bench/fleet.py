@@ -132,6 +132,7 @@ class Fleet:
             ),
             text=True,
             check=True,
+            capture_output=True,
             timeout=10,
         )
         url = f"redis://127.0.0.1:{port}/0"

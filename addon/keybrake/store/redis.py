@@ -235,6 +235,10 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
     )
 
 
+class EvictionNotAllowed(redis.exceptions.RedisError):
+    """Redis may evict keys and the store URL does not allow it (see `_check_eviction`)."""
+
+
 class _TLSConnection(redis.asyncio.Connection):
     """A TLS connection on its store's one `ssl.SSLContext`.
 
@@ -376,7 +380,7 @@ class RedisStore:
             for script in self._scripts.values():
                 script.sha = await client.script_load(script.script)
             await self._ensure_audit_group(client)
-            await self._warn_on_eviction(client)
+            await self._check_eviction(client)
 
     async def _ensure_audit_group(self, client: redis.asyncio.Redis) -> None:
         try:
@@ -385,20 +389,41 @@ class RedisStore:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    @staticmethod
-    async def _warn_on_eviction(client: redis.asyncio.Redis) -> None:
-        """Evicting a usage hash would forget spend: say so loudly if Redis may evict."""
+    async def _check_eviction(self, client: redis.asyncio.Redis) -> None:
+        """Refuse a Redis that may evict keys, unless the URL says ``allow_eviction=1``.
+
+        Only ``noeviction`` is safe: ``allkeys-*`` may drop anything, and ``volatile-*``
+        drops keys with a TTL, which here are budget state too (a day's usage hash, an
+        in-flight idempotency claim, a rate count, an object's owner). An evicted usage hash
+        reads as unspent: the cap would no longer hold.
+        """
         try:
-            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+            got = await client.config_get("maxmemory-policy")
         except redis.exceptions.RedisError:
-            return  # CONFIG is disabled on some managed services: nothing to check
-        text = policy.decode() if isinstance(policy, bytes) else str(policy)
-        if policy is not None and text != "noeviction":
+            # CONFIG is disabled on some managed services, or not granted to our ACL user.
             log.warning(
-                "keybrake: Redis maxmemory-policy is %r; use 'noeviction' so spend is never "
-                "evicted (an evicted budget would read as unspent)",
+                "keybrake: Redis store %s: cannot read maxmemory-policy (CONFIG GET refused); "
+                "make sure it is 'noeviction'",
+                self.url,
+            )
+            return
+        policy = got.get("maxmemory-policy")
+        text = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy is None or text == "noeviction":
+            return
+        if self._target.allow_eviction:
+            log.warning(
+                "keybrake: Redis maxmemory-policy is %r (allowed by allow_eviction=1): an "
+                "evicted budget reads as unspent; use 'noeviction'",
                 text,
             )
+            return
+        raise EvictionNotAllowed(
+            f"its maxmemory-policy is {text!r}, which may evict budget state (an evicted "
+            "usage hash reads as unspent: the cap would not hold); set it to 'noeviction' "
+            "(CONFIG SET maxmemory-policy noeviction, and in redis.conf), or add "
+            "allow_eviction=1 to the store URL to start anyway"
+        )
 
     async def close(self) -> None:
         if self._client is not None:
