@@ -299,6 +299,12 @@ class Fleet:
             int(stats["total_net_output_bytes"]),
         )
 
+    def idle_cpu(self, seconds: float = 3.0) -> float:
+        """Redis CPU (ms per second) while the replicas are up and nothing calls."""
+        before = self.redis_now()[0]
+        time.sleep(seconds)
+        return 1000 * (self.redis_now()[0] - before) / seconds
+
     def replica_cpu(self) -> float:
         hz = os.sysconf("SC_CLK_TCK")
         return sum(_ticks(Path(f"/proc/{r.proc.pid}/stat")) for r in self.replicas) / hz
@@ -467,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"redis {fleet.redis_url} prefix {fleet.prefix}; {args.replicas} replicas up")
         keys = [fleet.issue(f"fleet-{i % args.labels}", 10**7) for i in range(args.keys)]
         asyncio.run(fleet.load(keys, args.warmup))
+        idle = fleet.idle_cpu()
+        print(f"  idle fleet: Redis {idle:.2f} ms CPU per second (audit pumps, cron)")
         rounds: list[Figures] = []
         for n in range(args.rounds):
             f = fleet.round(keys)
