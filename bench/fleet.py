@@ -219,7 +219,11 @@ class Fleet:
                 proc.wait(5)
         if self.redis_pidfile is not None:
             try:
-                os.kill(int(self.redis_pidfile.read_text().strip()), signal.SIGTERM)
+                pid = int(self.redis_pidfile.read_text().strip())
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                    time.sleep(0.05)  # gone before its work dir is removed
             except (OSError, ValueError) as e:
                 print(f"(could not stop the private redis-server: {e})")
         elif self.args.redis_url:

@@ -19,6 +19,7 @@ import collections
 import datetime as dt
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,7 +197,12 @@ def main() -> int:
                 time.sleep(0.05)
         print("\n".join(asyncio.run(measure(url, args.keys, args.calls))))
     finally:
-        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
