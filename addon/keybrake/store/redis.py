@@ -9,6 +9,10 @@ Connection settings come from the store URL (`parse_redis_url`: AUTH, ACL user, 
 CA file and client certificate); the password is kept out of ``url``, ``repr`` and every
 message.
 
+The hot path's two scripts (``admit.lua``, ``settle_call.lua``) asked for in the same
+event-loop turn are sent in one pipeline: on a busy replica Redis then reads and answers a
+burst at once, which is most of its CPU per request (`RedisStore._batched`).
+
 Timeouts are short and nothing is retried: when Redis is away a call fails within about two
 seconds with `StoreUnavailable` (the proxy answers 503) and the connection pool reconnects on
 a later call. All keys live under ``prefix``:
@@ -31,7 +35,9 @@ a later call. All keys live under ``prefix``:
 The indexes kept per vault key (``objs``, ``amounts``, ``idem-index``) get their TTL once, from
 the key's expiry (every replica sets it the first time it touches one): `forget_key` deletes
 them when the key is revoked or expired, the TTL is the backstop. Daily usage hashes get
-theirs once too (their name carries the day).
+theirs once too (their name carries the day). A Redis restarted empty under a running replica
+may leave that day's usage hashes without one (about 150 bytes per budget, that day only: the
+next day's have new names).
 
 What stays behind a call (``tests/store/test_redis_footprint.py``): an owner record per object
 it created (90 days, or until its key is forgotten) and an idempotency entry per idempotency
