@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt check bench soak clean worker-wheelhouses worker-typecheck
+.PHONY: venv run web test lint fmt check bench fleet soak clean worker-wheelhouses worker-typecheck
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
@@ -83,6 +83,12 @@ fmt: venv
 ## Throughput and added latency against bare mitmdump (not part of `make test`).
 bench: venv
 	$(BIN)/python bench/run.py
+
+## Replicas on one (private) Redis: Redis CPU, commands and bytes per vendor call, the fleet
+## ceiling, and the exact-cap and audit check (not part of `make test`).
+FLEET_ARGS ?=
+fleet: venv
+	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
 
 ## Two replicas sharing Redis under random faults for N minutes (not part of `make test`).
 SOAK_MINUTES ?= 10

@@ -25,7 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "addon"):
+# --addon DIR measures another checkout's store (e.g. `git archive main addon | tar -x -C DIR`)
+ADDON = Path(sys.argv[sys.argv.index("--addon") + 1]) if "--addon" in sys.argv else ROOT / "addon"
+for p in (ROOT, ADDON):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -47,6 +49,7 @@ def _redis_cpu() -> tuple[float, dict[str, int]]:
     import redis
 
     r = redis.Redis.from_url(REDIS_URL)
+    r.info("cpu")  # the INFO connection itself, before the first reading
     cpu = r.info("cpu")
     stats = r.info("commandstats")
     r.close()
@@ -55,51 +58,7 @@ def _redis_cpu() -> tuple[float, dict[str, int]]:
     }
 
 
-async def measure_concurrent(store: Store, n: int, workers: int) -> dict[str, float]:
-    """``workers`` tasks making admit + settle_call pairs at once: process CPU per call."""
-    await store.open()
-    now = dt.datetime.now(dt.UTC)
-    key = KeyRecord(
-        key_id=f"key_{uuid.uuid4().hex[:16]}",
-        secret_sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-        vendor="stripe",
-        agent_run_label="bench",
-        daily_cap_micros=10**15,
-        allowed_endpoints=("POST /v1/payment_intents",),
-        created_at=now,
-        expires_at=now + dt.timedelta(hours=1),
-        max_requests_per_minute=10**6,
-    )
-    await store.create_key(key)
-    counter = iter(range(n))
-
-    async def worker() -> None:
-        for i in counter:
-            rid = f"res_{uuid.uuid4().hex}"
-            admission = await store.admit(
-                AdmissionRequest(
-                    key.key_id, dt.datetime.now(dt.UTC), reservation_id=rid,
-                    estimate_micros=1_000_000, rate_limit=10**6, max_objects=10**6,
-                )
-            )  # fmt: skip
-            await store.settle_call(
-                Settlement(
-                    key_id=key.key_id, label="bench", vendor="stripe",
-                    now=dt.datetime.now(dt.UTC), reservation_id=rid,
-                    ledger_rows=admission.ledger_rows, finish="settled",
-                    actual_micros=20_000_000, created=(f"pi_{i}",),
-                    audit={"event_id": rid, "key_id": key.key_id},
-                )
-            )  # fmt: skip
-
-    t0 = time.process_time()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    spent = time.process_time() - t0
-    await store.close()
-    return {f"admit+settle_call, {workers} at once": 1000 * spent / n}
-
-
-async def measure(store: Store, n: int) -> dict[str, float]:
+async def measure(store: Store, n: int, concurrency: int = 1) -> dict[str, float]:
     await store.open()
     now = dt.datetime.now(dt.UTC)
     key = KeyRecord(
@@ -115,7 +74,8 @@ async def measure(store: Store, n: int) -> dict[str, float]:
     )
     await store.create_key(key)
     spent: dict[str, float] = defaultdict(float)
-    for i in range(n):
+
+    async def call(i: int) -> None:
         rid = f"res_{uuid.uuid4().hex}"
         scope = f"POST /v1/payment_intents idem-{i}"
         t0 = time.thread_time()
@@ -155,6 +115,20 @@ async def measure(store: Store, n: int) -> dict[str, float]:
         t2 = time.thread_time()
         spent["admit"] += t1 - t0
         spent["settle_call"] += t2 - t1
+
+    if concurrency == 1:
+        for i in range(n):
+            await call(i)
+    else:
+        # Many calls in flight at once, as a busy replica has them (the per-step CPU split
+        # is then not meaningful: their awaits interleave).
+        counter = iter(range(n))
+
+        async def worker() -> None:
+            for i in counter:
+                await call(i)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     await store.close()
     return {op: 1000 * s / n for op, s in spent.items()}
 
@@ -163,25 +137,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--only", choices=("sqlite", "redis"))
-    ap.add_argument("--concurrency", type=int, default=16, help="tasks in the concurrent run")
+    ap.add_argument("--redis-url", help="another Redis than 127.0.0.1:6379 (a private one)")
+    ap.add_argument("--addon", help="the addon/ directory whose store to measure")
+    ap.add_argument("--concurrency", type=int, default=1, help="calls in flight at once")
     args = ap.parse_args()
+    global REDIS_URL
+    REDIS_URL = args.redis_url or REDIS_URL
     prefix = f"kbbench-ops:{uuid.uuid4().hex[:8]}:"
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
         if args.only in (None, "sqlite"):
-            results["sqlite"] = asyncio.run(measure(open_store(f"sqlite:///{d}/ops.db"), args.n))
-            results["sqlite"].update(
-                asyncio.run(
-                    measure_concurrent(
-                        open_store(f"sqlite:///{d}/ops2.db"), args.n, args.concurrency
-                    )
-                )
-            )
+            sqlite = open_store(f"sqlite:///{d}/ops.db")
+            results["sqlite"] = asyncio.run(measure(sqlite, args.n, args.concurrency))
         if args.only in (None, "redis"):
             cpu0, cmds0 = _redis_cpu()
-            results["redis"] = asyncio.run(
-                measure(open_store(f"{REDIS_URL}?prefix={prefix}"), args.n)
-            )
+            store = open_store(f"{REDIS_URL}?prefix={prefix}")
+            results["redis"] = asyncio.run(measure(store, args.n, args.concurrency))
             cpu1, cmds1 = _redis_cpu()
             results["redis"]["redis server CPU"] = 1000 * (cpu1 - cpu0) / args.n
             calls = {k: cmds1[k] - cmds0.get(k, 0) for k in cmds1 if cmds1[k] != cmds0.get(k, 0)}

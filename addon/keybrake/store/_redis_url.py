@@ -26,7 +26,8 @@ __all__ = [
 PASSWORD_ENV = "KEYBRAKE_STORE_PASSWORD"
 DEFAULT_PREFIX = "keybrake:"
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
-_OPTIONS = ("prefix", *_TLS_OPTIONS)
+_OPTIONS = ("prefix", "allow_eviction", *_TLS_OPTIONS)
+_YES, _NO = ("1", "true", "yes"), ("0", "false", "no", "")
 _FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 # Query options other than ours may hold anything (``?password=``): their values are hidden.
 _QUERY_VALUE = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
@@ -103,6 +104,8 @@ class RedisTarget:
     keyfile: str | None = None
     verify: bool = True
     prefix: str = DEFAULT_PREFIX
+    # Start even though Redis may evict keys (its maxmemory-policy is not noeviction).
+    allow_eviction: bool = False
 
     def connection_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for a redis-py connection (pool), TLS aside."""
@@ -140,9 +143,11 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
     """The `RedisTarget` of a ``redis://`` or ``rediss://`` store URL.
 
     ``redis[s]://[[user]:password@]host[:port][/db][?option=value&…]``; options: ``prefix``
-    (key prefix, default ``keybrake:``) and, with ``rediss://`` only, ``ssl_ca_certs``,
-    ``ssl_certfile``, ``ssl_keyfile`` (PEM files) and ``ssl_cert_reqs`` (``required``, the
-    default: the server's certificate and host name are checked; ``none``: not checked).
+    (key prefix, default ``keybrake:``), ``allow_eviction`` (``1``: start even when Redis's
+    ``maxmemory-policy`` may evict budget state; default ``0``: refuse) and, with
+    ``rediss://`` only, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (PEM files) and
+    ``ssl_cert_reqs`` (``required``, the default: the server's certificate and host name are
+    checked; ``none``: not checked).
     ``password`` is used when the URL has none. `ValueError` names what is wrong, with the
     URL redacted.
 
@@ -190,6 +195,9 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
         path = options.get(name)
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"store URL {shown!r}: {name}: no such file {path!r}")
+    allow_eviction = options.get("allow_eviction", "0").lower()
+    if allow_eviction not in _YES + _NO:
+        raise ValueError(f"store URL {shown!r}: allow_eviction is 1 or 0 (the default)")
     if "ssl_keyfile" in options and "ssl_certfile" not in options:
         raise ValueError(f"store URL {shown!r}: ssl_keyfile needs ssl_certfile too")
     username = urllib.parse.unquote(parts.username) if parts.username else None
@@ -213,4 +221,5 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
         keyfile=options.get("ssl_keyfile"),
         verify=cert_reqs == "required",
         prefix=options.get("prefix", DEFAULT_PREFIX),
+        allow_eviction=allow_eviction in _YES,
     )

@@ -7,9 +7,9 @@
 --          (key day, key lifetime, label day); all but KEYS[5] are daily and get ARGV[4]
 -- ARGV[1]  the final state: 'settled', 'released' or 'unknown'
 -- ARGV[2]  the actual cost in micro-USD for 'settled' (ignored otherwise)
--- ARGV[3]  finished_at in epoch milliseconds (informational)
+-- ARGV[3]  finished_at in epoch milliseconds (unused; kept for the caller's signature)
 -- ARGV[4]  TTL in seconds of the daily usage hashes
--- ARGV[5]  TTL in seconds of the finished reservation hash
+-- ARGV[5]  unused (a finished reservation hash is deleted)
 -- ARGV[6]  reservation id (the member of KEYS[2] and KEYS[3])
 -- Returns 1 when finished now, 0 when the reservation is unknown or already finished
 -- (nothing changed: a reservation is never counted twice), -1 when KEYS[3] is not the
@@ -47,8 +47,8 @@ for i = 4, #KEYS do
     redis.call('EXPIRE', KEYS[i], ARGV[4])
   end
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'actual', spent, 'finished_at', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
+-- Finished: its amount is in the usage hashes (and the audit row); nothing else needs it.
+redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[6])
 if row[3] then
   redis.call('SREM', KEYS[3], ARGV[6])

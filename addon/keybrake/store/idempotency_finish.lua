@@ -1,13 +1,12 @@
 -- Complete or abandon an in-flight idempotency claim; anything else is left alone.
--- KEYS[1]  idempotency hash (<prefix>idem:<key_id>:<scope>)
+-- KEYS[1]  idempotency entry (<prefix>idm:<key_id>:<scope>), see idempotency_begin.lua
 -- KEYS[2]  the key's entries (<prefix>idem-index:<key_id>), see idempotency_begin.lua
 -- ARGV[1]  'complete' (store the response) or 'abandon' (forget the claim)
 -- ARGV[2]  TTL in seconds of the stored response ('complete' only)
--- ARGV[3]  response status code ('complete' only)
--- ARGV[4]  response headers as a JSON array of [name, value] pairs ('complete' only)
--- ARGV[5]  response body ('complete' only)
+-- ARGV[3]  the response as stored: status, headers and body ('complete' only)
 -- Returns 1 when the claim was in flight and changed, else 0.
-if redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then
+local entry = redis.call('GET', KEYS[1])
+if not entry or string.sub(entry, 1, 1) ~= 'I' then
   return 0
 end
 if ARGV[1] == 'abandon' then
@@ -15,12 +14,13 @@ if ARGV[1] == 'abandon' then
   redis.call('ZREM', KEYS[2], KEYS[1])
   return 1
 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[3], 'headers', ARGV[4],
-           'body', ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+local colon = string.find(entry, ':', 2, true)
+local len = tonumber(string.sub(entry, 2, colon - 1))
+local ttl_ms = tonumber(ARGV[2]) * 1000
+redis.call('SET', KEYS[1], 'D' .. string.sub(entry, 2, colon + len) .. ARGV[3], 'PX', ttl_ms)
 local t = redis.call('TIME')
-local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  + tonumber(ARGV[2]) * 1000
-redis.call('ZADD', KEYS[2], string.format('%d', expires), KEYS[1])
-redis.call('PEXPIREAT', KEYS[2], string.format('%d', expires), 'GT')
+local expires = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  + ttl_ms)
+redis.call('ZADD', KEYS[2], expires, KEYS[1])
+redis.call('PEXPIREAT', KEYS[2], expires, 'GT')
 return 1

@@ -1,7 +1,8 @@
 -- Record a vault key as the owner of vendor objects it created; the first owner stays.
--- KEYS[1]  the key's objects (<prefix>objs:<key_id>), sorted set: member an object hash's
+-- KEYS[1]  the key's objects (<prefix>objs:<key_id>), sorted set: member an owner record's
 --          name, score: when the record expires, epoch ms
--- KEYS[2…] one object hash per object (<prefix>obj:<vendor>:<object_id>): key, label
+-- KEYS[2…] one owner record per object (<prefix>owner:<vendor>:<object_id>), a string:
+--          '<key id>\n\n<label>' (see settle_call.lua, which may put an amount between)
 -- ARGV[1]  key id
 -- ARGV[2]  the key's label
 -- ARGV[3]  TTL in seconds of a record
@@ -9,15 +10,18 @@
 local t = redis.call('TIME')
 local expires = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   + tonumber(ARGV[3]) * 1000)
+local record = ARGV[1] .. '\n\n' .. ARGV[2]
 local recorded = 0
 for i = 2, #KEYS do
-  local owner = redis.call('HGET', KEYS[i], 'key')
-  if not owner then
-    redis.call('HSET', KEYS[i], 'key', ARGV[1], 'label', ARGV[2])
-    owner = ARGV[1]
+  local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', ARGV[3])
+  if not mine then
+    local owner = redis.call('GET', KEYS[i])
+    if owner and string.sub(owner, 1, #ARGV[1] + 1) == ARGV[1] .. '\n' then
+      redis.call('EXPIRE', KEYS[i], ARGV[3])
+      mine = true
+    end
   end
-  if owner == ARGV[1] then
-    redis.call('EXPIRE', KEYS[i], ARGV[3])
+  if mine then
     redis.call('ZADD', KEYS[1], expires, KEYS[i])
     recorded = recorded + 1
   end

@@ -9,6 +9,10 @@ Connection settings come from the store URL (`parse_redis_url`: AUTH, ACL user, 
 CA file and client certificate); the password is kept out of ``url``, ``repr`` and every
 message.
 
+The hot path's two scripts (``admit.lua``, ``settle_call.lua``) asked for in the same
+event-loop turn are sent in one pipeline: on a busy replica Redis then reads and answers a
+burst at once, which is most of its CPU per request (`RedisStore._batched`).
+
 Timeouts are short and nothing is retried: when Redis is away a call fails within about two
 seconds with `StoreUnavailable` (the proxy answers 503) and the connection pool reconnects on
 a later call. All keys live under ``prefix``:
@@ -17,16 +21,34 @@ a later call. All keys live under ``prefix``:
 - ``label-budgets`` hash label → daily cap
 - ``usage:<scope>:<window>`` hash ``spent``/``reserved`` (daily windows expire after a few
   days, ``lifetime`` never does)
-- ``res:<id>`` reservation hash, ``open-reservations`` sorted set by creation time
-- ``amount:<key_id>:<vendor>:<object_id>`` micro-USD remembered for one key, 30 days
-- ``obj:<vendor>:<object_id>`` hash: the key that created the object and its label, 90 days;
-  ``objs:<key_id>`` sorted set of the key's object hashes (by expiry)
-- ``idem:<key_id>:<scope>`` idempotency hash; ``idem-index:<key_id>`` the key's entries
+- ``res:<id>`` reservation hash while the call is open (deleted when it is finished),
+  ``open-reservations`` sorted set by creation time
+- ``amounts:<key_id>`` hash ``<vendor>:<object_id>`` → micro-USD remembered for one key and
+  when that ends (30 days)
+- ``owner:<vendor>:<object_id>`` string ``<key id>\n<amount>\n<label>``: the key that created
+  the object, 90 days, with the amount remembered for it by its creator when one was (then
+  not in ``amounts``); ``objs:<key_id>`` sorted set of the key's owner records (by expiry)
+- ``idm:<key_id>:<scope>`` idempotency entry (a string: state, body hash, then the claim's
+  start or the stored response), kept its TTL; ``idem-index:<key_id>`` the key's entries
 - ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
+
+The indexes kept per vault key (``objs``, ``amounts``, ``idem-index``) get their TTL once, from
+the key's expiry (every replica sets it the first time it touches one): `forget_key` deletes
+them when the key is revoked or expired, the TTL is the backstop. Daily usage hashes get
+theirs once too (their name carries the day). A Redis restarted empty under a running replica
+may leave that day's usage hashes without one (about 150 bytes per budget, that day only: the
+next day's have new names).
+
+What stays behind a call (``tests/store/test_redis_footprint.py``): an owner record per object
+it created (90 days, or until its key is forgotten) and an idempotency entry per idempotency
+key (its TTL, 24 h by default). Everything else is per vault key, per budget and day, or
+deleted when the call is finished. Entries written by earlier versions (``obj:``, ``amount:``)
+are still read until they expire.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import importlib.resources
@@ -35,6 +57,7 @@ import logging
 import re
 import ssl
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -83,12 +106,33 @@ _CONNECT_TIMEOUT_SECONDS = 1.0
 _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
-_FINISHED_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+# Responses kept for replay are compressed from this size on.
+_COMPRESS_FROM = 256
+# A replica's clock may be this far off the others' (`Runtime.clock_problem` allows 30 s):
+# what is kept until a key expires is kept this much longer.
+_CLOCK_MARGIN_SECONDS = 60
+# Names of keys whose TTL this process has set (it is the same every time): forgotten in bulk
+# past this many, which only costs setting some again.
+_TTL_MEMORY = 100_000
 _AUDIT_GROUP = "audit"
 # An outbox row another replica claimed and left unacknowledged this long is claimed again.
 _AUDIT_CLAIM_IDLE_MS = 30_000
-_STATE_FIELDS = ("revoked_at", "suspended_at")
+# The key record's fields that change after it is created (admit.lua reads only these once
+# this process knows the rest).
+_MUTABLE_KEY_FIELDS = frozenset(
+    {
+        "expires_at",
+        "agent_run_label",
+        "daily_cap_micros",
+        "usd_cap_micros",
+        "revoked_at",
+        "suspended_at",
+        "suspended_reason",
+    }
+)
+# The hot path's scripts: sent together when asked for in the same event-loop turn.
+_BATCHED = frozenset({"admit", "settle_call"})
 _SCRIPTS = (
     "create_key",
     "revoke",
@@ -107,6 +151,10 @@ _SCRIPTS = (
 )
 
 
+# A script call waiting for its turn's pipeline: name, keys, args, and where its answer goes.
+_Pending = tuple[str, Sequence[str], Sequence[str | bytes], "asyncio.Future[Any]"]
+
+
 def _moment(micros: bytes | str) -> dt.datetime:
     return EPOCH + dt.timedelta(microseconds=int(micros))
 
@@ -117,6 +165,31 @@ def _text(value: object) -> str:
     if isinstance(value, str):
         return value
     raise TypeError(f"unexpected Redis reply {value!r}")
+
+
+def _pack_response(response: StoredResponse) -> bytes:
+    """A response kept for replay as stored: ``status\\nheaders JSON\\n`` then the body,
+    zlib-compressed (``status`` then ends in ``z``) when that makes it smaller: vendor JSON
+    (Stripe's is indented) shrinks to a third or less, and thousands are kept per key."""
+    headers = json.dumps([list(pair) for pair in response.headers], separators=(",", ":"))
+    status, body = str(response.status_code), response.body
+    if len(body) >= _COMPRESS_FROM:
+        packed = zlib.compress(body, 1)
+        if len(packed) < len(body):
+            status, body = status + "z", packed
+    return f"{status}\n{headers}\n".encode() + body
+
+
+def _unpack_response(stored: bytes | str) -> StoredResponse:
+    raw = stored.encode() if isinstance(stored, str) else bytes(stored)
+    status, headers, body = raw.split(b"\n", 2)
+    if status.endswith(b"z"):
+        status, body = status[:-1], zlib.decompress(body)
+    return StoredResponse(
+        status_code=int(status),
+        headers=tuple((str(k), str(v)) for k, v in json.loads(headers)),
+        body=body,
+    )
 
 
 def _key_fields(record: KeyRecord) -> list[str]:
@@ -175,6 +248,10 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
     )
 
 
+class EvictionNotAllowed(redis.exceptions.RedisError):
+    """Redis may evict keys and the store URL does not allow it (see `_check_eviction`)."""
+
+
 class _TLSConnection(redis.asyncio.Connection):
     """A TLS connection on its store's one `ssl.SSLContext`.
 
@@ -229,7 +306,13 @@ class RedisStore:
         self._client: redis.asyncio.Redis | None = None
         # Labels never change: the usage hashes of a key's reservations are named from it.
         self._labels: dict[str, str] = {}
+        # The fields of each key record that never change, once read: admit reads the rest.
+        self._key_static: dict[str, dict[str, str]] = {}
+        self._key_expiry_ms: dict[str, int] = {}
+        self._ttl_set: set[str] = set()
         self._scripts: dict[str, AsyncScript] = {}
+        self._pending: list[_Pending] = []
+        self._sending: set[asyncio.Task[None]] = set()
         self._warned_unverified = False
 
     def __repr__(self) -> str:
@@ -273,11 +356,14 @@ class RedisStore:
                 # so the first calls after it is back do not each meet a stale one.
                 with contextlib.suppress(Exception):
                     await client.connection_pool.disconnect(inuse_connections=False)
-            problem = f"{type(exc).__name__}: {exc}{self._hint(exc)}"
-            if self._target.password:
-                # redis-py and the server do not echo passwords; this makes sure of it.
-                problem = problem.replace(self._target.password, "***")
-            raise StoreUnavailable(f"Redis store {self.url}: {problem}") from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        problem = f"{type(exc).__name__}: {exc}{self._hint(exc)}"
+        if self._target.password:
+            # redis-py and the server do not echo passwords; this makes sure of it.
+            problem = problem.replace(self._target.password, "***")
+        return StoreUnavailable(f"Redis store {self.url}: {problem}")
 
     def _hint(self, exc: Exception) -> str:
         """What to check, for the errors whose Redis wording does not say."""
@@ -290,8 +376,76 @@ class RedisStore:
         return ""
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        if name in _BATCHED:
+            return await self._batched(name, keys, args)
         async with self._guard():
             return await self._scripts[name](keys=keys, args=args)
+
+    async def _batched(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
+        """Run a hot-path script together with the others asked for in the same event-loop
+        turn: one pipeline (one write, one read on each side) instead of a round trip each.
+
+        On a busy replica many calls are admitted and settled at once; Redis then reads and
+        answers them in one go, and most of its CPU per request is that reading and writing.
+        Each script is still its own atomic step; a pipeline is not a transaction.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((name, keys, args, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._send_pending)
+        return await future
+
+    def _send_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        if len(batch) == 1:
+            await self._send_alone(batch[0])
+            return
+        try:
+            async with self._guard() as client:
+                pipe = client.pipeline(transaction=False)
+                for name, keys, args, _ in batch:
+                    sha = self._scripts[name].sha
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for pending, result in zip(batch, results, strict=True):
+            future = pending[3]
+            if isinstance(result, redis.exceptions.NoScriptError):
+                # Redis lost its scripts (a restart): this one did not run. Alone, redis-py
+                # loads it again.
+                await self._send_alone(pending)
+            elif future.done():
+                continue
+            elif isinstance(result, redis.exceptions.RedisError):
+                future.set_exception(self._unavailable(result))
+            else:
+                future.set_result(result)
+
+    async def _send_alone(self, pending: _Pending) -> None:
+        name, keys, args, future = pending
+        try:
+            async with self._guard():
+                result = await self._scripts[name](keys=keys, args=args)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not future.done():
+                future.set_result(result)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -312,7 +466,7 @@ class RedisStore:
             for script in self._scripts.values():
                 script.sha = await client.script_load(script.script)
             await self._ensure_audit_group(client)
-            await self._warn_on_eviction(client)
+            await self._check_eviction(client)
 
     async def _ensure_audit_group(self, client: redis.asyncio.Redis) -> None:
         try:
@@ -321,20 +475,41 @@ class RedisStore:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    @staticmethod
-    async def _warn_on_eviction(client: redis.asyncio.Redis) -> None:
-        """Evicting a usage hash would forget spend: say so loudly if Redis may evict."""
+    async def _check_eviction(self, client: redis.asyncio.Redis) -> None:
+        """Refuse a Redis that may evict keys, unless the URL says ``allow_eviction=1``.
+
+        Only ``noeviction`` is safe: ``allkeys-*`` may drop anything, and ``volatile-*``
+        drops keys with a TTL, which here are budget state too (a day's usage hash, an
+        in-flight idempotency claim, a rate count, an object's owner). An evicted usage hash
+        reads as unspent: the cap would no longer hold.
+        """
         try:
-            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+            got = await client.config_get("maxmemory-policy")
         except redis.exceptions.RedisError:
-            return  # CONFIG is disabled on some managed services: nothing to check
-        text = policy.decode() if isinstance(policy, bytes) else str(policy)
-        if policy is not None and text != "noeviction":
+            # CONFIG is disabled on some managed services, or not granted to our ACL user.
             log.warning(
-                "keybrake: Redis maxmemory-policy is %r; use 'noeviction' so spend is never "
-                "evicted (an evicted budget would read as unspent)",
+                "keybrake: Redis store %s: cannot read maxmemory-policy (CONFIG GET refused); "
+                "make sure it is 'noeviction'",
+                self.url,
+            )
+            return
+        policy = got.get("maxmemory-policy")
+        text = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy is None or text == "noeviction":
+            return
+        if self._target.allow_eviction:
+            log.warning(
+                "keybrake: Redis maxmemory-policy is %r (allowed by allow_eviction=1): an "
+                "evicted budget reads as unspent; use 'noeviction'",
                 text,
             )
+            return
+        raise EvictionNotAllowed(
+            f"its maxmemory-policy is {text!r}, which may evict budget state (an evicted "
+            "usage hash reads as unspent: the cap would not hold); set it to 'noeviction' "
+            "(CONFIG SET maxmemory-policy noeviction, and in redis.conf), or add "
+            "allow_eviction=1 to the store URL to start anyway"
+        )
 
     async def close(self) -> None:
         if self._client is not None:
@@ -550,7 +725,7 @@ class RedisStore:
                     str(actual_micros),
                     str(int(time.time() * 1000)),
                     str(_DAILY_USAGE_TTL_SECONDS),
-                    str(_FINISHED_RESERVATION_TTL_SECONDS),
+                    "0",
                     reservation_id,
                 ],
             )
@@ -635,14 +810,15 @@ class RedisStore:
             usage = [
                 self._usage_key(scope, window) for scope, window, _ in usage_plan(stub, day, None)
             ]
+        idem_index = self._k("idem-index", r.key_id)
         reply = await self._script(
             "admit",
             [
                 self._k("key", r.key_id),
                 self._k("rate", r.key_id),
                 self._k("objs", r.key_id),
-                self._k("idem", r.key_id, claim.scope if claim else ""),
-                self._k("idem-index", r.key_id),
+                self._k("idm", r.key_id, claim.scope if claim else ""),
+                idem_index,
                 self._k("res", r.reservation_id or ""),
                 self._k("open-reservations"),
                 self._k("label-budgets"),
@@ -664,17 +840,17 @@ class RedisStore:
                 str(_DAILY_USAGE_TTL_SECONDS),
                 day,
                 r.key_id,
+                "" if r.key_id in self._key_static else "1",
+                "" if idem_index in self._ttl_set else "1",
+                *("" if name in self._ttl_set else "1" for name in usage),
             ],
         )
+        if _text(reply[0]) == "admitted":
+            self._ttl_done(([idem_index] if claim else []) + usage)
         status, code, detail, extra = _text(reply[0]), _text(reply[1]), _text(reply[2]), reply[3]
-        key = _key_record(dict(zip(reply[4][::2], reply[4][1::2], strict=True)))
+        key = self._admitted_key(r.key_id, reply[4])
         if status == "replay":
-            response = StoredResponse(
-                status_code=int(reply[5]),
-                headers=tuple((str(k), str(v)) for k, v in json.loads(reply[6])),
-                body=bytes(reply[7]),
-            )
-            return Admission("replay", key, response=response)
+            return Admission("replay", key, response=_unpack_response(reply[5]))
         if code == "rate_limited":
             assert r.rate_limit is not None
             counts = {int(b): int(c) for b, c in zip(extra[::2], extra[1::2], strict=True)}
@@ -703,6 +879,27 @@ class RedisStore:
             return Admission("refused", key, code=code, budgets=tuple(budgets), exceeded=exceeded)
         return Admission("admitted", key, budgets=tuple(budgets), ledger_rows=rows)
 
+    def _ttl_done(self, names: Sequence[str]) -> None:
+        if len(self._ttl_set) > _TTL_MEMORY:
+            self._ttl_set.clear()
+        self._ttl_set.update(names)
+
+    def _admitted_key(self, key_id: str, flat: Sequence[bytes]) -> KeyRecord | None:
+        """The key record from admit.lua's answer: every field the first time (kept, but for
+        the fields that can change), then only the fields that can change."""
+        fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+        if not fields:
+            return None
+        self._key_expiry_ms[key_id] = int(fields["expires_at"]) // 1000
+        static = self._key_static.get(key_id)
+        if static is None:
+            static = {k: v for k, v in fields.items() if k not in _MUTABLE_KEY_FIELDS}
+            self._key_static[key_id] = static
+        merged: dict[bytes | str, bytes | str] = {}
+        merged.update(static)
+        merged.update(fields)
+        return _key_record(merged)
+
     async def settle_call(self, settlement: Settlement) -> bool:
         """See `Store.settle_call`: one ``settle_call.lua`` call, ``XADD`` to the audit stream
         included."""
@@ -711,11 +908,31 @@ class RedisStore:
         usage = (
             [self._usage_key(scope, window) for scope, window in s.ledger_rows] if finish else []
         )
-        remember_key = self._k("amount", s.key_id, s.vendor, s.remember[0] if s.remember else "")
         idem = ""
         if s.idempotency_scope is not None:
             idem = "complete" if s.idempotency_response is not None else "abandon"
         response = s.idempotency_response
+        indexes = [self._k("objs", s.key_id)] if s.created else []
+        if s.remember and s.remember[0] not in s.created:
+            indexes.append(self._k("amounts", s.key_id))
+        if idem == "complete":
+            indexes.append(self._k("idem-index", s.key_id))
+        # Their TTL is the key's expiry plus the longest any entry lives (an object's 90 days):
+        # set once, by this process, when it knows the key's expiry.
+        expiry_ms = self._key_expiry_ms.get(s.key_id)
+        ends = max(expiry_ms or 0, int(time.time() * 1000)) + int(OBJECT_TTL.total_seconds()) * 1000
+        indexes_expire = str(ends)
+        if expiry_ms is not None and all(name in self._ttl_set for name in indexes):
+            indexes_expire = ""
+        # A response is replayable only while its key may call (an expired key is refused
+        # before its idempotency entry is looked at): kept no longer than that.
+        idem_ttl = s.idempotency_ttl_seconds
+        if expiry_ms is not None:
+            left = (expiry_ms - epoch_micros(s.now) // 1000) // 1000 + _CLOCK_MARGIN_SECONDS
+            idem_ttl = max(1, min(idem_ttl, left))
+        about = 0
+        if s.remember and s.remember[0] in s.created:
+            about = 9 + len(usage) + s.created.index(s.remember[0])
         finished = await self._script(
             "settle_call",
             [
@@ -723,12 +940,12 @@ class RedisStore:
                 self._k("open-reservations"),
                 self._k("hold", s.vendor, s.hold[0] if s.hold else ""),
                 self._k("objs", s.key_id),
-                remember_key,
-                self._k("idem", s.key_id, s.idempotency_scope or ""),
+                self._k("amounts", s.key_id),
+                self._k("idm", s.key_id, s.idempotency_scope or ""),
                 self._k("idem-index", s.key_id),
                 self._k("audit"),
                 *usage,
-                *(self._k("obj", s.vendor, oid) for oid in s.created),
+                *(self._k("owner", s.vendor, oid) for oid in s.created),
             ],
             [
                 finish,
@@ -736,22 +953,23 @@ class RedisStore:
                 str(s.hold[1]) if s.hold else "0",
                 s.reservation_id or "",
                 str(_DAILY_USAGE_TTL_SECONDS),
-                str(_FINISHED_RESERVATION_TTL_SECONDS),
                 s.key_id,
                 s.label,
                 str(int(OBJECT_TTL.total_seconds())),
+                f"{s.vendor}:{s.remember[0]}" if s.remember else "",
                 str(s.remember[1]) if s.remember else "",
                 str(_AMOUNT_TTL_SECONDS),
+                str(about),
                 idem,
-                str(s.idempotency_ttl_seconds),
-                str(response.status_code) if response else "",
-                json.dumps([list(pair) for pair in response.headers]) if response else "",
-                response.body if response else b"",
-                json.dumps(s.audit) if s.audit is not None else "",
+                str(idem_ttl),
+                _pack_response(response) if response else b"",
                 str(len(usage)),
-                str(int(time.time() * 1000)),
+                json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
+                indexes_expire,
             ],
         )
+        if expiry_ms is not None:
+            self._ttl_done(indexes)
         return bool(finished)
 
     # -- the audit outbox: a stream read by a consumer group ----------------------------------
@@ -898,13 +1116,19 @@ class RedisStore:
             return
         await self._script(
             "record_objects",
-            [self._k("objs", key.key_id), *(self._k("obj", vendor, oid) for oid in object_ids)],
+            [self._k("objs", key.key_id), *(self._k("owner", vendor, oid) for oid in object_ids)],
             [key.key_id, key.agent_run_label, str(int(OBJECT_TTL.total_seconds()))],
         )
 
     async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
         async with self._guard() as client:
-            owner, label = await client.hmget(self._k("obj", vendor, object_id), ["key", "label"])
+            pipe = client.pipeline(transaction=False)
+            pipe.get(self._k("owner", vendor, object_id))
+            pipe.hmget(self._k("obj", vendor, object_id), ["key", "label"])  # written before
+            record, (owner, label) = await pipe.execute()
+        if record is not None:
+            owner, _amount, label = _text(record).split("\n", 2)
+            return ObjectOwner(owner, label)
         return None if owner is None else ObjectOwner(_text(owner), _text(label or b""))
 
     async def count_objects(self, key_id: str) -> int:
@@ -920,17 +1144,37 @@ class RedisStore:
         self, key_id: str, vendor: str, object_id: str, amount_micros: int
     ) -> None:
         check_micros("amount_micros", amount_micros)
+        amounts = self._k("amounts", key_id)
+        expires = int(time.time()) + _AMOUNT_TTL_SECONDS
         async with self._guard() as client:
-            await client.set(
-                self._k("amount", key_id, vendor, object_id),
-                str(amount_micros),
-                ex=_AMOUNT_TTL_SECONDS,
-            )
+            pipe = client.pipeline(transaction=True)
+            pipe.hset(amounts, f"{vendor}:{object_id}", f"{amount_micros}:{expires}")
+            # Never shortens the TTL settle_call gave it (the key's expiry and more).
+            pipe.expire(amounts, _AMOUNT_TTL_SECONDS, nx=True)
+            pipe.expire(amounts, _AMOUNT_TTL_SECONDS, gt=True)
+            await pipe.execute()
 
     async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
         async with self._guard() as client:
-            value = await client.get(self._k("amount", key_id, vendor, object_id))
-        return None if value is None else int(value)
+            pipe = client.pipeline(transaction=False)
+            pipe.hget(self._k("amounts", key_id), f"{vendor}:{object_id}")
+            pipe.get(self._k("owner", vendor, object_id))
+            pipe.get(self._k("amount", key_id, vendor, object_id))  # written before
+            value, record, legacy = await pipe.execute()
+        # The newest of what this key remembered: in its hash, or with the object it created.
+        found: list[tuple[int, int]] = []
+        if value is not None:
+            micros, _, expires = _text(value).partition(":")
+            found.append((int(expires), int(micros)))
+        if record is not None:
+            owner, amount, _label = _text(record).split("\n", 2)
+            if owner == key_id and amount:
+                micros, _, expires = amount.partition(":")
+                found.append((int(expires), int(micros)))
+        live = [item for item in found if item[0] > time.time()]
+        if live:
+            return max(live)[1]
+        return None if legacy is None or found else int(legacy)
 
     async def forget_expired_keys(self, now: dt.datetime) -> int:
         async with self._guard() as client:
@@ -954,6 +1198,8 @@ class RedisStore:
             for index in (self._k("idem-index", key_id), self._k("objs", key_id)):
                 names += [_text(n) for n in await client.zrange(index, 0, -1)]
                 names.append(index)
+            amounts = self._k("amounts", key_id)
+            names.append(amounts)
             async for name in client.scan_iter(
                 match=_glob_escape(self._k("amount", key_id, "")) + "*", count=500
             ):
@@ -981,17 +1227,12 @@ class RedisStore:
         check_idempotency_times(ttl_seconds, in_flight_seconds)
         reply = await self._script(
             "idempotency_begin",
-            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
+            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
             [body_sha256, str(ttl_seconds), str(in_flight_seconds), str(max_entries)],
         )
         status = _text(reply[0])
         if status == "replay":
-            response = StoredResponse(
-                status_code=int(reply[1]),
-                headers=tuple((str(k), str(v)) for k, v in json.loads(reply[2])),
-                body=bytes(reply[3]),
-            )
-            return IdempotencyBegin("replay", response)
+            return IdempotencyBegin("replay", _unpack_response(reply[1]))
         if status == "started":
             return IdempotencyBegin("started")
         if status == "in_flight":
@@ -1008,20 +1249,14 @@ class RedisStore:
         check_idempotency_times(ttl_seconds, 0)
         await self._script(
             "idempotency_finish",
-            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
-            [
-                "complete",
-                str(ttl_seconds),
-                str(response.status_code),
-                json.dumps([list(pair) for pair in response.headers]),
-                response.body,
-            ],
+            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
+            ["complete", str(ttl_seconds), _pack_response(response)],
         )
 
     async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Drop the in-flight claim of ``scope``; a completed response is kept."""
         await self._script(
             "idempotency_finish",
-            [self._k("idem", key_id, scope), self._k("idem-index", key_id)],
+            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
             ["abandon"],
         )

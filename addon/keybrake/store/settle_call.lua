@@ -3,28 +3,47 @@
 -- KEYS[2]  open reservations (<prefix>open-reservations)
 -- KEYS[3]  the object's hold set (<prefix>hold:<vendor>:<object_id>) for 'held'
 -- KEYS[4]  the key's objects (<prefix>objs:<key_id>)
--- KEYS[5]  the remembered amount (<prefix>amount:<key_id>:<vendor>:<object_id>)
--- KEYS[6]  idempotency hash, KEYS[7] the key's idempotency index
+-- KEYS[5]  the key's remembered amounts (<prefix>amounts:<key_id>), hash
+--          '<vendor>:<object_id>' -> '<µs>:<expires, epoch s>'
+-- KEYS[6]  idempotency entry (<prefix>idm:<key_id>:<scope>, see admit.lua), KEYS[7] the
+--          key's idempotency index
 -- KEYS[8]  the audit stream (<prefix>audit)
--- KEYS[9 … 8+ARGV[18]] the reservation's usage hashes (key day, key lifetime, label day)
--- KEYS[9+ARGV[18] …]  object hashes (<prefix>obj:<vendor>:<object_id>) of created objects
+-- KEYS[9 … 8+ARGV[15]] the reservation's usage hashes (key day, key lifetime, label day)
+-- KEYS[9+ARGV[15] …]  owner records (<prefix>owner:<vendor>:<object_id>) of created objects:
+--          '<key id>\n<remembered µs>:<expires, epoch s>\n<label>' (the amount part empty
+--          when none is remembered with the record)
 -- ARGV[1]  '', 'settled', 'released', 'unknown' or 'held'; ARGV[2] actual µs (settled);
 --          ARGV[3] amount held µs (held); ARGV[4] reservation id
--- ARGV[5]  TTL s of daily usage hashes; ARGV[6] TTL s of a finished reservation hash
--- ARGV[7]  key id; ARGV[8] label; ARGV[9] TTL s of object records
--- ARGV[10] amount to remember µs, or ''; ARGV[11] its TTL s
--- ARGV[12] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[13] TTL s of the
---          stored response; ARGV[14] status, ARGV[15] headers JSON, ARGV[16] body
--- ARGV[17] the audit row (JSON), or ''; ARGV[18] how many usage hashes follow KEYS[8]
--- ARGV[19] finished_at, epoch ms (informational)
+-- ARGV[5]  TTL s of daily usage hashes (given to one the step had to create again)
+-- ARGV[6]  key id; ARGV[7] label; ARGV[8] TTL s of object records
+-- ARGV[9]  '<vendor>:<object_id>' whose amount to remember, or ''; ARGV[10] the amount µs,
+--          ARGV[11] its TTL s; ARGV[12] index in KEYS of the created object it is about (its
+--          owner record carries it, when new), or '0'
+-- ARGV[13] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[14] TTL s of the
+--          stored response; ARGV[15] the response as stored (status, headers, body)
+-- ARGV[16] how many usage hashes follow KEYS[8]; ARGV[17] the audit row (JSON), or ''
+-- ARGV[18] when the key's objects index, remembered amounts and idempotency index expire,
+--          epoch ms, or '' when the caller has set it already (it is the same every call:
+--          the key's expiry plus the longest TTL of what they index)
+-- A finished reservation is deleted: its amount is in the usage hashes and its audit row.
 -- Returns 1 when the reservation was finished now, else 0 (the rest is applied all the same).
-local n = tonumber(ARGV[18])
+local n = tonumber(ARGV[16])
 local finished = 0
+
+local server_now
+local function now_ms()
+  if not server_now then
+    local t = redis.call('TIME')
+    server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return server_now
+end
+
 if ARGV[1] ~= '' then
-  local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
+  local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage_1', 'usage_2', 'usage_3')
   if row[1] == 'reserved' then
     for i = 1, n do
-      if redis.call('HGET', KEYS[1], 'usage_' .. i) ~= KEYS[8 + i] then
+      if row[2 + i] ~= KEYS[8 + i] then
         return redis.error_reply('settle_call.lua: usage keys do not match the reservation')
       end
     end
@@ -48,58 +67,90 @@ if ARGV[1] ~= '' then
         spent = '0'
       end
       for i = 1, n do
+        -- The daily hashes got their TTL when admit created them; one that vanished since
+        -- (a call older than their TTL) is created again here and gets it again.
+        local again = false
         if estimate ~= '0' and redis.call('HINCRBY', KEYS[8 + i], 'reserved',
                                           '-' .. estimate) < 0 then
           redis.call('HSET', KEYS[8 + i], 'reserved', '0')
+          again = true
         end
-        redis.call('HINCRBY', KEYS[8 + i], 'spent', spent)
-        if i ~= 2 then
-          redis.call('EXPIRE', KEYS[8 + i], ARGV[5])
+        if spent ~= '0' and redis.call('HINCRBY', KEYS[8 + i], 'spent', spent)
+                              == tonumber(spent) then
+          again = true
+        end
+        if again and i ~= 2 then
+          redis.call('EXPIRE', KEYS[8 + i], ARGV[5], 'NX')
         end
       end
-      redis.call('HSET', KEYS[1], 'state', ARGV[1], 'actual', spent, 'finished_at', ARGV[19])
-      redis.call('EXPIRE', KEYS[1], ARGV[6])
+      redis.call('DEL', KEYS[1])
       redis.call('ZREM', KEYS[2], ARGV[4])
     end
     finished = 1
   end
 end
 
+local remembered = ARGV[9] == ''
+local amount = ''
+if not remembered then
+  amount = ARGV[10] .. ':' .. string.format('%d', math.floor(now_ms() / 1000) + tonumber(ARGV[11]))
+end
+local indexes_expire = ARGV[18]
+
 if #KEYS > 8 + n then
-  local t = redis.call('TIME')
-  local expires = string.format('%d', tonumber(t[1]) * 1000
-    + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[9]) * 1000)
+  local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
+  local prefix = ARGV[6] .. '\n'
   for i = 9 + n, #KEYS do
-    local owner = redis.call('HGET', KEYS[i], 'key')
-    if not owner then
-      redis.call('HSET', KEYS[i], 'key', ARGV[7], 'label', ARGV[8])
-      owner = ARGV[7]
+    -- The first owner stays: an object never changes hands.
+    local record = prefix .. '\n' .. ARGV[7]
+    if i == tonumber(ARGV[12]) then
+      record = prefix .. amount .. '\n' .. ARGV[7]
     end
-    if owner == ARGV[7] then
-      redis.call('EXPIRE', KEYS[i], ARGV[9])
+    local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', ARGV[8])
+    if mine then
+      if i == tonumber(ARGV[12]) then
+        remembered = true
+      end
+    else
+      local owner = redis.call('GET', KEYS[i])
+      if owner and string.sub(owner, 1, #prefix) == prefix then
+        redis.call('EXPIRE', KEYS[i], ARGV[8])
+        mine = true
+      end
+    end
+    if mine then
       redis.call('ZADD', KEYS[4], expires, KEYS[i])
     end
   end
-  redis.call('PEXPIREAT', KEYS[4], expires)
+  if indexes_expire ~= '' then
+    redis.call('PEXPIREAT', KEYS[4], indexes_expire)
+  end
 end
 
-if ARGV[10] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[10], 'EX', ARGV[11])
+if not remembered then
+  redis.call('HSET', KEYS[5], ARGV[9], amount)
+  if indexes_expire ~= '' then
+    redis.call('PEXPIREAT', KEYS[5], indexes_expire)
+  end
 end
 
-if ARGV[12] ~= '' and redis.call('HGET', KEYS[6], 'state') == 'in_flight' then
-  if ARGV[12] == 'abandon' then
-    redis.call('DEL', KEYS[6])
-    redis.call('ZREM', KEYS[7], KEYS[6])
-  else
-    redis.call('HSET', KEYS[6], 'state', 'done', 'status', ARGV[14], 'headers', ARGV[15],
-               'body', ARGV[16])
-    redis.call('EXPIRE', KEYS[6], ARGV[13])
-    local t = redis.call('TIME')
-    local expires = string.format('%d', tonumber(t[1]) * 1000
-      + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[13]) * 1000)
-    redis.call('ZADD', KEYS[7], expires, KEYS[6])
-    redis.call('PEXPIREAT', KEYS[7], expires, 'GT')
+if ARGV[13] ~= '' then
+  local entry = redis.call('GET', KEYS[6])
+  if entry and string.sub(entry, 1, 1) == 'I' then
+    if ARGV[13] == 'abandon' then
+      redis.call('DEL', KEYS[6])
+      redis.call('ZREM', KEYS[7], KEYS[6])
+    else
+      local colon = string.find(entry, ':', 2, true)
+      local len = tonumber(string.sub(entry, 2, colon - 1))
+      local ttl_ms = tonumber(ARGV[14]) * 1000
+      redis.call('SET', KEYS[6], 'D' .. string.sub(entry, 2, colon + len) .. ARGV[15],
+                 'PX', ttl_ms)
+      redis.call('ZADD', KEYS[7], string.format('%d', now_ms() + ttl_ms), KEYS[6])
+      if indexes_expire ~= '' then
+        redis.call('PEXPIREAT', KEYS[7], indexes_expire, 'GT')
+      end
+    end
   end
 end
 

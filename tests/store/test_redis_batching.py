@@ -1,0 +1,118 @@
+"""Hot-path scripts asked for in the same event-loop turn go to Redis in one pipeline; each
+stays its own atomic step. On a private redis-server (``SCRIPT FLUSH`` must not touch the
+shared one): the cap holds exactly under a burst, a burst of settlements books every call,
+a Redis that lost its scripts is reloaded mid-burst, and an unreachable Redis fails every
+call of a burst with `StoreUnavailable`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import pathlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from tests._redis import PrivateRedis
+from tests.store.conftest import USD, make_key
+
+from keybrake.store import AdmissionRequest, RedisStore, Settlement, StoreUnavailable
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path_factory.mktemp("batching-redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+async def batching_store(
+    private_redis: PrivateRedis,
+) -> AsyncIterator[tuple[RedisStore, list[int]]]:
+    store = RedisStore(private_redis.url, prefix=f"b{uuid.uuid4().hex[:8]}:")
+    sizes: list[int] = []
+    send = store._send
+
+    async def counting(batch: Any) -> None:
+        sizes.append(len(batch))
+        await send(batch)
+
+    store._send = counting  # type: ignore[method-assign]
+    await store.open()
+    yield store, sizes
+    await store.close()
+
+
+def paid(key_id: str, i: int) -> AdmissionRequest:
+    return AdmissionRequest(key_id, NOW, reservation_id=f"res_{i}", estimate_micros=3 * USD)
+
+
+async def test_a_burst_is_one_pipeline_and_the_cap_holds_exactly(
+    batching_store: tuple[RedisStore, list[int]],
+) -> None:
+    store, sizes = batching_store
+    key = make_key("kb_burst", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+    await store.create_key(key)
+
+    admitted = await asyncio.gather(*(store.admit(paid(key.key_id, i)) for i in range(50)))
+
+    assert max(sizes) > 1  # they went together
+    ok = [(i, a) for i, a in enumerate(admitted) if a.status == "admitted"]
+    refused = [a for a in admitted if a.status != "admitted"]
+    assert len(ok) == 33 and {a.code for a in refused} == {"cap_exhausted"}
+    await asyncio.gather(
+        *(
+            store.settle_call(
+                Settlement(key.key_id, "", "stripe", NOW, reservation_id=f"res_{i}",
+                           ledger_rows=a.ledger_rows, finish="settled", actual_micros=USD)
+            )
+            for i, a in ok
+        )
+    )  # fmt: skip
+    (budget,) = await store.budgets(key, NOW)
+    assert (budget.spent_micros, budget.reserved_micros) == (33 * USD, 0)
+
+
+async def test_a_redis_that_lost_its_scripts_is_reloaded_mid_burst(
+    batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
+) -> None:
+    store, sizes = batching_store
+    key = make_key("kb_flush", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+    await store.create_key(key)
+    assert private_redis.cli("SCRIPT", "FLUSH").stdout.strip() == "OK"
+
+    admitted = await asyncio.gather(*(store.admit(paid(key.key_id, i)) for i in range(20)))
+
+    assert max(sizes) > 1
+    assert [a.status for a in admitted] == ["admitted"] * 20
+    (budget,) = await store.budgets(key, NOW)
+    assert budget.reserved_micros == 60 * USD  # each once
+
+
+async def test_every_call_of_a_burst_fails_closed_when_redis_is_away(
+    tmp_path: pathlib.Path,
+) -> None:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    store = RedisStore(server.url, prefix="gone:")
+    try:
+        await store.open()
+        key = make_key("kb_gone", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+        await store.create_key(key)
+        server.kill()
+
+        results = await asyncio.gather(
+            *(store.admit(paid(key.key_id, i)) for i in range(10)), return_exceptions=True
+        )
+
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+    finally:
+        await store.close()
+        server.kill()
