@@ -139,14 +139,18 @@ def unload_unused_addons(master: Any) -> None:
         return
 
     async def prune() -> None:
-        # AddonManager.remove calls `done` synchronously, which some of these cannot take
-        # (ClientPlayback's is a coroutine): end each one ourselves, then drop it.
+        # One step, no await: the chain is replaced by a new list, so an event being
+        # delivered right now finishes on the list it started with (removing items from
+        # that list would shift it and skip an addon, Keybrake's among them).
         gone = [a for a in master.addons.chain if type(a).__name__ in UNLOADED]
+        master.addons.chain = [a for a in master.addons.chain if a not in gone]
         for addon in gone:
-            await master.addons.invoke_addon(addon, hooks.DoneHook())
             for a in traverse([addon]):
                 master.addons.lookup.pop(getattr(a, "name", type(a).__name__.lower()), None)
-            master.addons.chain.remove(addon)
+        # AddonManager.remove would call `done` synchronously, which ClientPlayback's (a
+        # coroutine) cannot take: each unloaded addon is ended here instead.
+        for addon in gone:
+            await master.addons.invoke_addon(addon, hooks.DoneHook())
         log.info("keybrake: unloaded %d mitmproxy addons Keybrake does not use", len(gone))
 
     task = asyncio.get_running_loop().create_task(prune())
