@@ -52,7 +52,7 @@ def stored_entries(kb: KeybrakeProcess, key_id: str) -> int:
     prefix = kb.store.split("prefix=")[1]
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        return len(list(client.scan_iter(f"{prefix}idem:{key_id}:*", count=1000)))
+        return len(list(client.scan_iter(f"{prefix}idm:{key_id}:*", count=1000)))
     finally:
         client.close()
 
