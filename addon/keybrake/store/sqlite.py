@@ -181,11 +181,17 @@ END;
 CREATE TRIGGER IF NOT EXISTS idempotency_uncounted AFTER DELETE ON idempotency_entries BEGIN
     UPDATE key_counts SET n = n - 1 WHERE key_id = OLD.key_id AND kind = 'idempotency';
 END;
+COMMIT;
+"""
+
+# Run inside `_SCHEMA`'s transaction (before its COMMIT), with the triggers it creates, when
+# the file had no ``key_counts`` yet: the counts of the rows an older version wrote. Whoever
+# creates the table fills it in the same transaction, so a file that has it is filled.
+_FILL_COUNTS = """
 INSERT OR IGNORE INTO key_counts
     SELECT key_id, 'objects', COUNT(*) FROM objects GROUP BY key_id;
 INSERT OR IGNORE INTO key_counts
     SELECT key_id, 'idempotency', COUNT(*) FROM idempotency_entries GROUP BY key_id;
-COMMIT;
 """
 
 
@@ -291,7 +297,12 @@ class SQLiteStore:
             # NORMAL is durable across process crashes in WAL mode; only a power loss may
             # drop the last transactions, which is the trade-off sqlite documents for WAL.
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
+            counted = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'key_counts'"
+            ).fetchone()
+            # A full scan of two tables: only for a file made before the counts existed.
+            schema = _SCHEMA if counted else _SCHEMA.replace("COMMIT;", _FILL_COUNTS + "COMMIT;")
+            conn.executescript(schema)
             _migrate(conn)
         except sqlite3.Error as exc:
             if conn is not None:
