@@ -83,13 +83,15 @@ REFUSED_OPTIONS: dict[str, str] = {
 }
 
 
+def _refused(name: str) -> str:
+    return f"Keybrake does not allow mitmproxy's {name} option: {REFUSED_OPTIONS[name]}"
+
+
 def check_options(options: Any, updated: set[str]) -> None:
     """Raise `OptionsError` if an option in `REFUSED_OPTIONS` was given a value."""
     for name in sorted(updated & REFUSED_OPTIONS.keys()):
         if getattr(options, name, None):
-            raise exceptions.OptionsError(
-                f"Keybrake does not allow mitmproxy's {name} option: {REFUSED_OPTIONS[name]}"
-            )
+            raise exceptions.OptionsError(_refused(name))
 
 
 # mitmdump's command-line flags for `REFUSED_OPTIONS` (long and short forms).
@@ -126,7 +128,7 @@ def refused_in_args(args: list[str]) -> str | None:
             value = inline or (args[i + 1] if i + 1 < len(args) else "")
             name = value.partition("=")[0].strip()
         if name in REFUSED_OPTIONS:
-            return f"Keybrake does not allow mitmproxy's {name} option: {REFUSED_OPTIONS[name]}"
+            return _refused(name)
     return None
 
 
