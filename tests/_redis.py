@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import trustme
+from tests._ports import free_port
 
 __all__ = [
     "KEYBRAKE_ACL_COMMANDS",
@@ -29,7 +30,6 @@ __all__ = [
     "REDIS_ADMIN_PASSWORD",
     "PrivateRedis",
     "RedisTLS",
-    "free_port",
     "keybrake_acl",
     "port_open",
 ]
@@ -55,12 +55,6 @@ def keybrake_acl(user: str, password: str, key_pattern: str) -> str:
         f"user {user} on >{password} resetkeys ~{key_pattern} resetchannels "
         + KEYBRAKE_ACL_COMMANDS
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_open(port: int) -> bool:

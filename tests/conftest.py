@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from tests._ports import free_port
 from tests._redis import (
     REDIS_ACL_PASSWORD,
     REDIS_ACL_USER,
@@ -65,12 +65,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @functools.lru_cache(maxsize=8)
 def _client_context(cafile: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

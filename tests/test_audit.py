@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from mitmproxy.test import taddons, tflow
-from tests._redis import free_port
+from tests._ports import free_port
 from tests.conftest import ROOT, audit_query
 
 from keybrake.audit import AuditTrail

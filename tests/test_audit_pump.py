@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests._redis import free_port
+from tests._ports import free_port
 from tests.conftest import postgres_schema
 from tests.store.conftest import REDIS_URL, delete_prefix, redis_prefix, require_redis
 from tests.test_audit_sinks import Backend, pg_backend, rows, seqs, sqlite_backend

@@ -19,7 +19,7 @@ from typing import Any
 import certifi
 import httpx
 import pytest
-from tests._redis import free_port
+from tests._ports import free_port
 from tests.conftest import KEYBRAKE, ROOT, KeybrakeProcess, audit_query
 from tests.fakes import FakeStripe
 from typer.testing import CliRunner, Result
