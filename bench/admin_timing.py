@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from keybrake.core import Runtime
+from keybrake.proxy.core import Runtime
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """What mitmproxy's event dispatch costs per call, with mitmdump's whole chain and with the
-chain ``keybrake run`` keeps (`keybrake._mitm_chain.UNLOADED` removed).
+chain ``keybrake run`` keeps (`keybrake.proxy.mitm_chain.UNLOADED` removed).
 
     .venv/bin/python bench/dispatch.py [--n 20000]
 
@@ -29,7 +29,7 @@ async def measure(n: int, prune: bool) -> tuple[int, float]:
     from mitmproxy.test import tflow
     from mitmproxy.tools.dump import DumpMaster
 
-    from keybrake._mitm_chain import UNLOADED
+    from keybrake.proxy.mitm_chain import UNLOADED
 
     master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
     if prune:

@@ -148,7 +148,7 @@ class Fleet:
     def start(self) -> None:
         from tests.fakes.tls import load_or_make_fake_ca
 
-        from keybrake.ca import ensure_ca
+        from keybrake.proxy.ca import ensure_ca
 
         self.redis_url = self.start_redis()
         self.redis = redis.Redis.from_url(self.redis_url)

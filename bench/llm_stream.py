@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     fake = FakeOpenAI(tls, reply_tokens=40).start()
     fake.event_delay = 0.01
     try:
-        from keybrake.ca import ensure_ca
+        from keybrake.proxy.ca import ensure_ca
 
         certs = work / "certs"
         bundle = ensure_ca(certs)

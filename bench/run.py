@@ -161,7 +161,7 @@ class Bench:
     def setup(self) -> list[Target]:
         from tests.fakes.tls import load_or_make_fake_ca
 
-        from keybrake.ca import ensure_ca
+        from keybrake.proxy.ca import ensure_ca
 
         self.fake_tls = load_or_make_fake_ca(self.work / "fake-tls")
         self.certs = self.work / "certs"

@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--no-faults", action="store_true", help="inject no faults")
     ap.add_argument("--sample-every", type=float, default=10.0, help="RSS sampling, seconds")
     args = ap.parse_args()
-    from keybrake.ca import ensure_ca
+    from keybrake.proxy.ca import ensure_ca
 
     tmp = Path(tempfile.mkdtemp(prefix="kb-soak-"))
     tls = make_fake_ca(tmp / "fake-ca")

@@ -75,7 +75,7 @@ def fake_tls(tmp_path_factory: pytest.TempPathFactory) -> FakeTLS:
 @pytest.fixture(scope="session")
 def keybrake_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One Keybrake CA per test session (creating RSA keys is slow)."""
-    from keybrake.ca import ensure_ca
+    from keybrake.proxy.ca import ensure_ca
 
     d = tmp_path_factory.mktemp("keybrake-certs")
     ensure_ca(d)

@@ -31,14 +31,14 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 from tests.conftest import ROOT
 
-from keybrake.admin import AdminApi
-from keybrake.calls import CallState, call_of
-from keybrake.core import Core, Runtime
-from keybrake.credentials import REDACTED
-from keybrake.egress import Egress, VendorPin
-from keybrake.guard import VaultGuard
-from keybrake.keys import generate_vault_key, hash_vault_key
+from keybrake.core.keys import generate_vault_key, hash_vault_key
+from keybrake.proxy.calls import CallState, call_of
+from keybrake.proxy.core import Core, Runtime
+from keybrake.proxy.credentials import REDACTED
+from keybrake.proxy.egress import Egress, VendorPin
+from keybrake.proxy.guard import VaultGuard
 from keybrake.store import KeyRecord, Store
+from keybrake.web.admin import AdminApi
 
 POLICIES = ROOT / "policies"
 SECRET = "sk_test_addonSecret0123456789abcdef"

@@ -17,9 +17,9 @@ from mitmproxy.test import taddons, tflow
 from tests._ports import free_port
 from tests.conftest import ROOT, audit_query
 
-from keybrake.audit import AuditTrail
-from keybrake.calls import CallState, track
-from keybrake.core import Core, Runtime
+from keybrake.proxy.audit import AuditTrail
+from keybrake.proxy.calls import CallState, track
+from keybrake.proxy.core import Core, Runtime
 from keybrake.store import RedisStore
 
 
@@ -92,7 +92,7 @@ async def test_flows_without_a_call_are_not_audited(trail: Trail) -> None:
 
 
 async def test_a_call_record_kept_in_the_flow_metadata_is_audited_too(trail: Trail) -> None:
-    """Until every addon keeps its call with `keybrake.calls.track`."""
+    """Until every addon keeps its call with `keybrake.proxy.calls.track`."""
     flow = tflow.tflow(resp=True)
     flow.metadata["keybrake"] = refused_call("m5")
     await trail.trail.response(flow)

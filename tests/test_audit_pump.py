@@ -24,7 +24,7 @@ from tests.conftest import postgres_schema
 from tests.store.conftest import REDIS_URL, delete_prefix, redis_prefix, require_redis
 from tests.test_audit_sinks import Backend, pg_backend, rows, seqs, sqlite_backend
 
-from keybrake._audit_pump import AuditPump, drain_outbox
+from keybrake.auditlog.pump import AuditPump, drain_outbox
 from keybrake.store import RedisStore, SQLiteStore, Store
 
 CLAIM_MS = 300

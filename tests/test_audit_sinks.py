@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from tests.conftest import audit_query, postgres_schema
 
-from keybrake._audit_sinks import (
+from keybrake.auditlog.sinks import (
     COLUMNS,
     AuditSink,
     PostgresAuditSink,

@@ -24,7 +24,7 @@ from tests.conftest import KEYBRAKE, ROOT, KeybrakeProcess, audit_query
 from tests.fakes import FakeStripe
 from typer.testing import CliRunner, Result
 
-from keybrake._audit_sinks import COLUMNS, SQLiteAuditSink
+from keybrake.auditlog.sinks import COLUMNS, SQLiteAuditSink
 from keybrake.cli import app
 from keybrake.store import SQLiteStore
 
@@ -308,7 +308,7 @@ def test_help_texts() -> None:
 def test_ca_bundle_survives_concurrent_writers(keybrake_certs: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from keybrake.ca import ensure_ca
+    from keybrake.proxy.ca import ensure_ca
 
     with ThreadPoolExecutor(8) as pool:
         bundles = list(pool.map(lambda _: ensure_ca(keybrake_certs), range(16)))

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from keybrake.dashboard import axis_ticks, spend_chart, tick_label
+from keybrake.web.dashboard import axis_ticks, spend_chart, tick_label
 
 USD = 1_000_000
 

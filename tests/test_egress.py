@@ -1,4 +1,5 @@
-"""Unit tests of the egress rules (`keybrake._addresses`, `keybrake.egress`, `keybrake._resolver`).
+"""Unit tests of the egress rules (`keybrake.proxy._addresses`, `keybrake.proxy.egress`,
+`keybrake.proxy._resolver`).
 
 The address rule is a table: every row is an address and whether the proxy may ever connect
 to it. Then passthrough patterns, name-server entries, and the `Egress` addon's hooks in a
@@ -22,17 +23,22 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow, tutils
 from tests.conftest import ROOT, free_port
 
-from keybrake._addresses import (
+from keybrake.proxy._addresses import (
     IPAddress,
     is_local_address,
     parse_ip_host,
     refusal_reason,
     why_forbidden,
 )
-from keybrake._resolver import NameServerResolver, ResolveError, SystemResolver, parse_name_server
-from keybrake.calls import CallState, call_of, track
-from keybrake.core import Core, Runtime
-from keybrake.egress import Egress, PassthroughRule, VendorPin, parse_passthrough
+from keybrake.proxy._resolver import (
+    NameServerResolver,
+    ResolveError,
+    SystemResolver,
+    parse_name_server,
+)
+from keybrake.proxy.calls import CallState, call_of, track
+from keybrake.proxy.core import Core, Runtime
+from keybrake.proxy.egress import Egress, PassthroughRule, VendorPin, parse_passthrough
 
 # (address, reachable?) — the whole rule in one table.
 ADDRESSES: list[tuple[str, bool]] = [

@@ -1,4 +1,4 @@
-"""Tests for keybrake._forms: form and JSON bodies read the way the vendor reads them."""
+"""Tests for keybrake.pricing.bodies: form and JSON bodies read the way the vendor reads them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import keybrake._forms
-from keybrake._forms import (
+import keybrake.pricing.bodies
+from keybrake.pricing.bodies import (
     MAX_BODY_BYTES,
     MAX_FORM_DEPTH,
     MAX_FORM_FIELDS,
@@ -30,16 +30,16 @@ from keybrake._forms import (
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(keybrake._forms, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(keybrake.pricing.bodies, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 
 
 def test_all_is_sorted_and_complete() -> None:
-    names = keybrake._forms.__all__
+    names = keybrake.pricing.bodies.__all__
     assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
     for name in names:
-        assert hasattr(keybrake._forms, name)
+        assert hasattr(keybrake.pricing.bodies, name)
 
 
 # --- parse_stripe_form: what a body means --------------------------------------------------

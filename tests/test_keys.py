@@ -1,4 +1,4 @@
-"""Tests for keybrake.keys: vault key format, hashing and ``expires_in`` durations."""
+"""Tests for keybrake.core.keys: vault key format, hashing and ``expires_in`` durations."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from tests.conftest import ROOT
 
-from keybrake.keys import (
+from keybrake.core.keys import (
     MAX_EXPIRES_IN,
     VAULT_KEY_PREFIX,
     generate_key_id,
@@ -21,7 +21,7 @@ from keybrake.keys import (
     looks_like_vault_key,
     parse_duration,
 )
-from keybrake.policy import load_policy_file
+from keybrake.core.policy import load_policy_file
 
 H = dt.timedelta(hours=1)
 

@@ -1,4 +1,4 @@
-"""Tests for keybrake._keyspec: validation of ``POST /vault/keys`` and label budget bodies."""
+"""Tests for keybrake.vault.keyspec: validation of ``POST /vault/keys`` and label budget bodies."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from tests.conftest import ROOT
 
-from keybrake._keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
-from keybrake.keys import generate_vault_key, hash_vault_key
-from keybrake.policy import PolicySet, load_policies
+from keybrake.core.keys import generate_vault_key, hash_vault_key
+from keybrake.core.policy import PolicySet, load_policies
 from keybrake.store import BudgetState, KeyRecord
+from keybrake.vault.keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
 
 ALLOW = [
     "POST /v1/payment_intents",

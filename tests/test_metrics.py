@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import REDIS_URL, ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe
 
-from keybrake.admin import AdminApi
-from keybrake.core import Core, Runtime
-from keybrake.metrics import Metrics
+from keybrake.proxy.core import Core, Runtime
+from keybrake.proxy.metrics import Metrics
+from keybrake.web.admin import AdminApi
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Tests for keybrake._money: exact micro-USD parsing, formatting and conversion."""
+"""Tests for keybrake.core.money: exact micro-USD parsing, formatting and conversion."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import keybrake._money
-from keybrake._money import (
+import keybrake.core.money
+from keybrake.core.money import (
     MAX_MICROS,
     MICROS_PER_USD,
     BadAmount,
@@ -36,16 +36,16 @@ STRIPE_THREE_DECIMAL = ("bhd", "jod", "kwd", "omr", "tnd")
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(keybrake._money, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(keybrake.core.money, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 
 
 def test_all_is_sorted_and_complete() -> None:
-    names = keybrake._money.__all__
+    names = keybrake.core.money.__all__
     assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
     for name in names:
-        assert hasattr(keybrake._money, name)
+        assert hasattr(keybrake.core.money, name)
 
 
 # --- minor_unit_exponent -------------------------------------------------------------------

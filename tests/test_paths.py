@@ -1,4 +1,4 @@
-"""Tests for keybrake._paths: the allowlist decision on hostile request targets."""
+"""Tests for keybrake.core.paths: the allowlist decision on hostile request targets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keybrake import _paths
-from keybrake._paths import (
+from keybrake.core import paths as _paths
+from keybrake.core.paths import (
     MAX_PATH_BYTES,
     MAX_SEGMENTS,
     EndpointPattern,

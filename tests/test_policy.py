@@ -1,4 +1,4 @@
-"""Tests for keybrake.policy: vendor YAML validation and ``keybrake check-policy``.
+"""Tests for keybrake.core.policy: vendor YAML validation and ``keybrake check-policy``.
 
 Every bad file must fail with the file name and the dotted path of the bad field.
 """
@@ -20,7 +20,7 @@ from tests.conftest import KEYBRAKE, ROOT
 from typer.testing import CliRunner
 
 from keybrake.cli import app
-from keybrake.policy import (
+from keybrake.core.policy import (
     AmountFieldCost,
     FixedCost,
     PerUnitCost,

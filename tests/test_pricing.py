@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from keybrake.errors import Refusal
-from keybrake.policy import ActualRule, KnownObjectCost, PerUnitCost, VendorPolicy
+from keybrake.core.errors import Refusal
+from keybrake.core.policy import ActualRule, KnownObjectCost, PerUnitCost, VendorPolicy
 from keybrake.pricing import (
     ASYNC_COST_FUNCTIONS,
     COST_FUNCTIONS,

@@ -1,4 +1,4 @@
-"""Unit tests of `keybrake.reports`: time parsing, spend summaries and audit queries.
+"""Unit tests of `keybrake.auditlog.reports`: time parsing, spend summaries and audit queries.
 
 The summaries run on real sinks (a temporary SQLite ``audit.db`` and a schema of its own on
 the real PostgreSQL): the SQL must mean the same on both.
@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from tests.conftest import postgres_schema
 
-from keybrake._audit_sinks import COLUMNS, AuditSink, PostgresAuditSink, SQLiteAuditSink
-from keybrake.reports import (
+from keybrake.auditlog.reports import (
     ReportError,
     add_caps,
     audit_rows,
@@ -24,6 +23,7 @@ from keybrake.reports import (
     parse_time,
     spend_summary,
 )
+from keybrake.auditlog.sinks import COLUMNS, AuditSink, PostgresAuditSink, SQLiteAuditSink
 from keybrake.store import KeyRecord, SQLiteStore
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -167,7 +167,7 @@ def test_spend_by_key_counts_what_the_ledger_counts(sink: AuditSink) -> None:
 
 
 def test_an_overrun_is_spent_and_a_hold_is_not_yet(tmp_path: Path) -> None:
-    """As the ledger (and `keybrake.metrics`) count them: an overrun's actual was charged;
+    """As the ledger (and `keybrake.proxy.metrics`) count them: an overrun's actual was charged;
     a held call's amount can still be charged, so it is not spent yet."""
     sink = SQLiteAuditSink(tmp_path / "audit.db")
     sink.write(

@@ -1,4 +1,4 @@
-"""Tests for ``keybrake._sms``: Twilio SMS segment counting and calling-code pricing.
+"""Tests for ``keybrake.pricing.sms``: Twilio SMS segment counting and calling-code pricing.
 
 Expected segment counts follow Twilio's published rules (160/153 GSM-7 septets, 70/67
 UCS-2 code units, extension characters cost 2 septets, Smart Encoding off) and the
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keybrake import _sms
-from keybrake._sms import (
+from keybrake.pricing import sms as _sms
+from keybrake.pricing.sms import (
     GSM7_BASIC,
     GSM7_EXTENSION,
     calling_code_price,

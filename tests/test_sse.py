@@ -1,4 +1,4 @@
-"""`keybrake._sse`: streamed answers pass through as they come, and their usage is read."""
+"""`keybrake.pricing.sse`: streamed answers pass through as they come, and their usage is read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import keybrake.pricing  # noqa: F401  (registers the vendors' stream metering)
-from keybrake._sse import MAX_EVENT_BYTES, STREAMS, StreamMeter
+from keybrake.pricing import STREAMS
+from keybrake.pricing.sse import MAX_EVENT_BYTES, StreamMeter
 
 
 def sse(*events: Any, event_names: bool = False) -> bytes:

@@ -20,14 +20,14 @@ try:
 except ImportError:  # run as a plain script from a checkout: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from keybrake.admin import AdminApi
-from keybrake.audit import AuditTrail
-from keybrake.core import Core, Runtime
-from keybrake.dashboard import Dashboard
-from keybrake.egress import Egress, VendorPin
-from keybrake.guard import VaultGuard
-from keybrake.metrics import Metrics
-from keybrake.redaction import FlowRedaction
+from keybrake.proxy.audit import AuditTrail
+from keybrake.proxy.core import Core, Runtime
+from keybrake.proxy.egress import Egress, VendorPin
+from keybrake.proxy.guard import VaultGuard
+from keybrake.proxy.metrics import Metrics
+from keybrake.proxy.redaction import FlowRedaction
+from keybrake.web.admin import AdminApi
+from keybrake.web.dashboard import Dashboard
 
 runtime = Runtime()
 egress = Egress(runtime)

@@ -267,7 +267,7 @@ def key_body(cap: int, label: str) -> dict[str, Any]:
 
 
 def spent_micros(t: Topology, key_id: str) -> int:
-    from keybrake._money import parse_usd
+    from keybrake.core.money import parse_usd
 
     return parse_usd(t.admin(1, "GET", f"/vault/keys/{key_id}").json()["spent_today_usd"])
 

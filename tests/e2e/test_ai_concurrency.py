@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeAnthropic, FakeOpenAI, FakeTLS
 
-from keybrake._money import parse_usd
+from keybrake.core.money import parse_usd
 from keybrake.integrations import is_cap_hit
 
 pytestmark = pytest.mark.e2e

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeAnthropic, FakeOpenAI, FakeTLS
 
-from keybrake._money import format_usd
+from keybrake.core.money import format_usd
 from keybrake.integrations import is_cap_hit, keybrake_error_code
 
 pytestmark = pytest.mark.e2e
@@ -95,7 +95,7 @@ def issue(kb: KeybrakeProcess, vendor: str, cap: str, *endpoints: str) -> dict[s
 
 
 def spent_micros(kb: KeybrakeProcess, key: dict[str, Any]) -> int:
-    from keybrake._money import parse_usd
+    from keybrake.core.money import parse_usd
 
     detail: dict[str, Any] = kb.admin("GET", f"/vault/keys/{key['key_id']}").json()
     return parse_usd(str(detail["spent_today_usd"]))

@@ -26,9 +26,9 @@ import stripe
 from tests.conftest import KEYBRAKE, KeybrakeProcess, audit_query, postgres_schema
 from tests.fakes import FakeStripe, FakeTLS
 
-from keybrake._audit_pump import drain_outbox
-from keybrake._audit_sinks import SQLiteAuditSink
-from keybrake._idempotency import vendor_idempotency_key
+from keybrake.auditlog.pump import drain_outbox
+from keybrake.auditlog.sinks import SQLiteAuditSink
+from keybrake.proxy._idempotency import vendor_idempotency_key
 from keybrake.store import SQLiteStore
 
 pytestmark = pytest.mark.e2e

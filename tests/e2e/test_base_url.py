@@ -30,7 +30,7 @@ from twilio.base.exceptions import TwilioRestException  # type: ignore[import-un
 from twilio.http.http_client import TwilioHttpClient  # type: ignore[import-untyped]
 from twilio.rest import Client as TwilioClient  # type: ignore[import-untyped]
 
-from keybrake._money import format_usd
+from keybrake.core.money import format_usd
 from keybrake.integrations import (
     call_context,
     is_cap_hit,

@@ -18,7 +18,7 @@ from tests.conftest import KeybrakeProcess
 from tests.e2e.beam_app import ChargeInvoice, FlakyChargeInvoice, invoices, read_lines, run
 from tests.fakes import FakeStripe
 
-from keybrake._money import format_usd, parse_usd
+from keybrake.core.money import format_usd, parse_usd
 from keybrake.integrations.beam import KeybrakeDoFn, KeybrakeOptions, from_file
 
 pytestmark = pytest.mark.e2e

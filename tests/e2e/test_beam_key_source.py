@@ -23,7 +23,7 @@ from tests.conftest import KeybrakeProcess
 from tests.e2e.beam_app import ChargeInvoice, invoices, read_lines, run
 from tests.fakes import FakeStripe
 
-from keybrake._money import parse_usd
+from keybrake.core.money import parse_usd
 from keybrake.integrations.beam import FromEnv, KeybrakeDoFn, KeybrakeOptions, from_file
 
 pytestmark = pytest.mark.e2e

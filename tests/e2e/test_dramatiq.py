@@ -30,10 +30,10 @@ import stripe
 from tests.conftest import KEYBRAKE, REDIS_URL, ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe
 
-from keybrake._idempotency import vendor_idempotency_key
 from keybrake.integrations import BudgetExhausted as SharedBudgetExhausted
 from keybrake.integrations import call_context, is_cap_hit, is_retryable
 from keybrake.integrations.dramatiq import BudgetExhausted, retry_when
+from keybrake.proxy._idempotency import vendor_idempotency_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 DRAMATIQ = Path(sys.executable).with_name("dramatiq")

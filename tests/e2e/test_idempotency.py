@@ -27,7 +27,7 @@ import yaml
 from tests.conftest import ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS, FakeTwilio
 
-from keybrake._idempotency import vendor_idempotency_key
+from keybrake.proxy._idempotency import vendor_idempotency_key
 
 pytestmark = pytest.mark.e2e
 

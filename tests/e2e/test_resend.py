@@ -16,7 +16,7 @@ from resend.exceptions import ResendError, ValidationError
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeResend, FakeTLS
 
-from keybrake._money import format_usd
+from keybrake.core.money import format_usd
 
 pytestmark = pytest.mark.e2e
 

@@ -21,8 +21,8 @@ import yaml
 from tests.conftest import ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS
 
-from keybrake._money import format_usd, minor_to_micro_usd
-from keybrake.policy import load_policy_file
+from keybrake.core.money import format_usd, minor_to_micro_usd
+from keybrake.core.policy import load_policy_file
 
 pytestmark = pytest.mark.e2e
 

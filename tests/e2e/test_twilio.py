@@ -20,7 +20,7 @@ from twilio.base.exceptions import TwilioRestException  # type: ignore[import-un
 from twilio.http.http_client import TwilioHttpClient  # type: ignore[import-untyped]
 from twilio.rest import Client  # type: ignore[import-untyped]
 
-from keybrake._money import format_usd
+from keybrake.core.money import format_usd
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,7 @@ from tests.conftest import REDIS_URL, ROOT, KeybrakeProcess
 from tests.e2e.test_install import build_wheel
 from tests.fakes import FakeStripe
 
-from keybrake._money import parse_usd
+from keybrake.core.money import parse_usd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 

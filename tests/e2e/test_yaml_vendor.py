@@ -21,7 +21,7 @@ from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeTLS
 from tests.fakes.base import FakeRequest, FakeResponse, FakeVendor, json_response
 
-from keybrake._money import format_usd
+from keybrake.core.money import format_usd
 
 pytestmark = pytest.mark.e2e
 

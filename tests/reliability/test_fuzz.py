@@ -31,16 +31,9 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 from tests.conftest import ROOT
 
-from keybrake._forms import AmbiguousField, BadField, FormError, parse_json_body, parse_stripe_form
-from keybrake._limiter import FailureLimiter
-from keybrake._paths import EndpointPattern, match_any, normalize_path
-from keybrake.admin import AdminApi
-from keybrake.audit import AuditTrail
-from keybrake.calls import CallState, call_of
-from keybrake.core import Core, Runtime
-from keybrake.errors import Refusal
-from keybrake.guard import VaultGuard
-from keybrake.policy import (
+from keybrake.core.errors import Refusal
+from keybrake.core.paths import EndpointPattern, match_any, normalize_path
+from keybrake.core.policy import (
     AmountFieldCost,
     EndpointPolicy,
     PolicyError,
@@ -49,6 +42,19 @@ from keybrake.policy import (
     load_policy_file,
 )
 from keybrake.pricing import Body, estimate_cost, parse_body
+from keybrake.pricing.bodies import (
+    AmbiguousField,
+    BadField,
+    FormError,
+    parse_json_body,
+    parse_stripe_form,
+)
+from keybrake.proxy.audit import AuditTrail
+from keybrake.proxy.calls import CallState, call_of
+from keybrake.proxy.core import Core, Runtime
+from keybrake.proxy.guard import VaultGuard
+from keybrake.proxy.limiter import FailureLimiter
+from keybrake.web.admin import AdminApi
 
 POLICIES = load_policies(ROOT / "policies")
 FORM_ERRORS = (FormError, AmbiguousField, BadField)

@@ -299,7 +299,7 @@ def test_wrong_admin_tokens_are_rate_limited_per_source(kb: KeybrakeProcess) -> 
 def test_admin_token_check_hashes_both_sides_before_comparing() -> None:
     """The comparison is over fixed-length digests: its time depends on neither the length of
     the real token nor how much of it a guess gets right (measured in bench/admin_timing.py)."""
-    from keybrake.core import Runtime
+    from keybrake.proxy.core import Runtime
 
     rt = Runtime()
     assert not rt.admin_token_matches("anything")  # no token configured: nothing matches

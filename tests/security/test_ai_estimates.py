@@ -97,7 +97,7 @@ def claude(**fields: Any) -> dict[str, Any]:
 
 
 def spent(kb: KeybrakeProcess, key: dict[str, Any]) -> int:
-    from keybrake._money import parse_usd
+    from keybrake.core.money import parse_usd
 
     return parse_usd(str(key_detail(kb, key)["spent_today_usd"]))
 

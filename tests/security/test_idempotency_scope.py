@@ -18,7 +18,7 @@ from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe
 from tests.security.conftest import audit_rows, sdk
 
-from keybrake._idempotency import vendor_idempotency_key
+from keybrake.proxy._idempotency import vendor_idempotency_key
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from tests.fakes import FakeStripe, FakeTLS
 from tests.security.conftest import sdk
 from tests.test_cli_mistakes import keybrake, one_error_line, run_args
 
-from keybrake._mitm_chain import UNLOADED, refused_in_args
+from keybrake.proxy.mitm_chain import UNLOADED, refused_in_args
 
 pytestmark = pytest.mark.e2e
 

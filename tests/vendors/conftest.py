@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from keybrake._paths import normalize_path
-from keybrake.errors import Refusal
-from keybrake.policy import PolicySet, load_policies
+from keybrake.core.errors import Refusal
+from keybrake.core.paths import normalize_path
+from keybrake.core.policy import PolicySet, load_policies
 from keybrake.pricing import MEDIA_TYPES, Estimate, check_parameters, estimate_cost, parse_body
 
 ROOT = Path(__file__).resolve().parents[2]

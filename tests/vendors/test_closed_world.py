@@ -16,8 +16,8 @@ import re
 import pytest
 from tests.vendors.conftest import price_call
 
-from keybrake.errors import Refusal
-from keybrake.policy import EndpointPolicy, PolicySet
+from keybrake.core.errors import Refusal
+from keybrake.core.policy import EndpointPolicy, PolicySet
 
 # RequestOptions the stripe SDK mixes into every params TypedDict: never sent as parameters.
 REQUEST_OPTIONS = {

@@ -1,4 +1,4 @@
-"""Generic counters (keybrake.vendors.generic) that YAML-only vendors can name."""
+"""Generic counters (keybrake.pricing.vendors.generic) that YAML-only vendors can name."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from keybrake.errors import Refusal
-from keybrake.policy import PerUnitCost
+from keybrake.core.errors import Refusal
+from keybrake.core.policy import PerUnitCost
 from keybrake.pricing import Body
-from keybrake.vendors.generic import count_integer_fields, count_list_items
+from keybrake.pricing.vendors.generic import count_integer_fields, count_list_items
 
 
 def rule(counter: str, *fields: str) -> PerUnitCost:

@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.vendors.conftest import price_call, refusal_of
 
-from keybrake.policy import ModelPrice, PolicySet
+from keybrake.core.policy import ModelPrice, PolicySet
 from keybrake.pricing import Estimate, actual_cost
-from keybrake.vendors.llm import input_bound, token_cost
+from keybrake.pricing.vendors.llm import input_bound, token_cost
 
 CHAT = "/v1/chat/completions"
 

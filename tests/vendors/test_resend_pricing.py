@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tests.vendors.conftest import price_call, refusal_of
 
-from keybrake.policy import PolicySet
+from keybrake.core.policy import PolicySet
 
 PER = 900  # policies/resend.yaml: $0.0009 per recipient
 

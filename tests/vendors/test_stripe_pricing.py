@@ -1,4 +1,4 @@
-"""The shipped Stripe policy and keybrake.vendors.stripe, priced without a proxy."""
+"""The shipped Stripe policy and keybrake.pricing.vendors.stripe, priced without a proxy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 import pytest
 from tests.vendors.conftest import price_call, refusal_of
 
-from keybrake.policy import PolicySet
+from keybrake.core.policy import PolicySet
 
 
 def form(**fields: object) -> bytes:

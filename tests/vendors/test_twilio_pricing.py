@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 import pytest
 from tests.vendors.conftest import price_call, refusal_of
 
-from keybrake.policy import PolicySet
+from keybrake.core.policy import PolicySet
 from keybrake.pricing import Estimate, actual_cost
 
 SID = "AC" + "0" * 32

@@ -1,0 +1,236 @@
+"""Spend summaries and audit queries over the audit sink (SQLite or PostgreSQL).
+
+Used by ``keybrake spend`` / ``keybrake audit`` and by ``GET /vault/spend`` /
+``GET /vault/audit``. Spend counts what the ledger counts: settled actual costs of ``ok`` and
+``overrun`` calls plus the estimates kept for ``vendor_error``/``unknown`` calls that may have
+charged (amounts still held are not spent yet).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from keybrake.auditlog.sinks import AuditSink, audit_time
+from keybrake.core.money import format_usd
+from keybrake.store import Store
+
+__all__ = [
+    "GROUPS",
+    "OUTCOMES",
+    "SPENT_OUTCOMES_SQL",
+    "ReportError",
+    "add_caps",
+    "audit_rows",
+    "format_table",
+    "parse_time",
+    "spend_summary",
+]
+
+GROUPS = ("label", "key", "vendor", "hour", "day")
+OUTCOMES = ("ok", "held", "overrun", "refused", "replayed", "vendor_error", "unknown")
+# Money that moved: what `keybrake.proxy.metrics` counts as spent too. An overrun was charged (its
+# actual is booked); a held call's amount has not moved yet (actual 0).
+SPENT_OUTCOMES_SQL = "('ok', 'overrun', 'vendor_error', 'unknown')"
+_REL = re.compile(r"^(\d{1,6})([mhdw])$")
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ReportError(ValueError):
+    """A report parameter is invalid (the message names it)."""
+
+
+def parse_time(value: str, now: dt.datetime, name: str = "since") -> dt.datetime:
+    """``24h``/``7d``/``30m`` ago, or an ISO date/time (``2026-11-25``, ``2026-11-25T10:00Z``).
+
+    >>> parse_time("24h", dt.datetime(2026, 11, 25, tzinfo=dt.UTC))
+    datetime.datetime(2026, 11, 24, 0, 0, tzinfo=datetime.timezone.utc)
+    """
+    text = value.strip()
+    if m := _REL.match(text):
+        try:
+            return now - dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:
+            raise ReportError(f"{name}: {value!r} reaches before year 1") from None
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ReportError(f"{name}: {value!r} is not like '24h', '7d' or 2026-11-25") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def _where(
+    sink: AuditSink,
+    *,
+    label: str | None = None,
+    key_id: str | None = None,
+    vendor: str | None = None,
+    outcome: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    before_id: int | None = None,
+    after_id: int | None = None,
+) -> tuple[str, list[Any]]:
+    p = sink.placeholder
+    clauses: list[str] = []
+    params: list[Any] = []
+    for col, val in (
+        ("label", label),
+        ("key_id", key_id),
+        ("vendor", vendor),
+        ("outcome", outcome),
+    ):
+        if val is not None:
+            clauses.append(f"{col} = {p}")
+            params.append(val)
+    if since is not None:
+        clauses.append(f"ts >= {p}")
+        params.append(audit_time(since))
+    if until is not None:
+        clauses.append(f"ts < {p}")
+        params.append(audit_time(until))
+    if before_id is not None:
+        clauses.append(f"id < {p}")
+        params.append(before_id)
+    if after_id is not None:
+        clauses.append(f"id > {p}")
+        params.append(after_id)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+_GROUP_EXPR = {
+    "label": "label",
+    "key": "key_id",
+    "vendor": "vendor",
+    "hour": "substr(ts, 1, 13)",
+    "day": "substr(ts, 1, 10)",
+}
+
+
+def spend_summary(
+    sink: AuditSink,
+    *,
+    group_by: Literal["label", "key", "vendor", "hour", "day"] = "label",
+    label: str | None = None,
+    key_id: str | None = None,
+    vendor: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Calls, refusals, replays and dollars spent per group.
+
+    >>> spend_summary(sink, group_by="label", since=parse_time("24h", now))  # doctest: +SKIP
+    [{'group': 'dramatiq/nightly-billing', 'calls': 400, 'spent_usd': '300.00', ...}]
+    """
+    if group_by not in GROUPS:
+        raise ReportError(f"group_by must be one of {', '.join(GROUPS)}")
+    where, params = _where(
+        sink, label=label, key_id=key_id, vendor=vendor, since=since, until=until
+    )
+    expr = _GROUP_EXPR[group_by]
+    sql = (
+        f"SELECT {expr} AS grp, COUNT(*) AS calls, "  # noqa: S608 (expressions are constants)
+        "SUM(CASE WHEN outcome = 'refused' THEN 1 ELSE 0 END) AS refusals, "
+        "SUM(CASE WHEN outcome = 'replayed' THEN 1 ELSE 0 END) AS replays, "
+        "SUM(CASE WHEN code = 'cap_exhausted' THEN 1 ELSE 0 END) AS cap_hits, "
+        f"SUM(CASE WHEN outcome IN {SPENT_OUTCOMES_SQL} "
+        "THEN COALESCE(actual_micros, estimate_micros, 0) ELSE 0 END) AS spent_micros, "
+        "MIN(ts) AS first_ts, MAX(ts) AS last_ts "
+        f"FROM audit{where} GROUP BY {expr} ORDER BY {expr}"
+    )
+    out = []
+    for row in sink.query(sql, params):
+        spent = int(row["spent_micros"] or 0)
+        out.append(
+            {
+                "group_by": group_by,
+                "group": row["grp"],
+                "calls": int(row["calls"]),
+                "refusals": int(row["refusals"] or 0),
+                "cap_hits": int(row["cap_hits"] or 0),
+                "replays": int(row["replays"] or 0),
+                "spent_micros": spent,
+                "spent_usd": format_usd(spent),
+                "first_at": row["first_ts"],
+                "last_at": row["last_ts"],
+            }
+        )
+    return out
+
+
+def audit_rows(
+    sink: AuditSink,
+    *,
+    label: str | None = None,
+    key_id: str | None = None,
+    vendor: str | None = None,
+    outcome: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = 50,
+    before_id: int | None = None,
+    after_id: int | None = None,
+) -> list[dict[str, Any]]:
+    """Audit rows, newest first; page with ``before_id`` = the last row's id. With
+    ``after_id``: the rows written after that one, oldest first (``keybrake audit --follow``).
+    """
+    if outcome is not None and outcome not in OUTCOMES:
+        raise ReportError(f"outcome must be one of {', '.join(OUTCOMES)}")
+    if not 1 <= limit <= 1000:
+        raise ReportError("limit must be between 1 and 1000")
+    where, params = _where(
+        sink,
+        label=label,
+        key_id=key_id,
+        vendor=vendor,
+        outcome=outcome,
+        since=since,
+        until=until,
+        before_id=before_id,
+        after_id=after_id,
+    )
+    order = "DESC" if after_id is None else "ASC"
+    sql = f"SELECT * FROM audit{where} ORDER BY id {order} LIMIT {int(limit)}"  # noqa: S608
+    return sink.query(sql, params)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain text table for the CLI: a header line, then one line per row (none: the
+    header alone).
+
+    >>> print(format_table([{"calls": 3, "group": "key_1"}], ["calls", "group"]))
+    CALLS  GROUP
+    3      key_1
+    """
+    widths = [max([len(c), *(len(str(r.get(c, "") or "")) for r in rows)]) for c in columns]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    for r in rows:
+        lines.append(
+            "  ".join(
+                str(r.get(c, "") or "").ljust(w) for c, w in zip(columns, widths, strict=True)
+            )
+        )
+    return "\n".join(lines)
+
+
+async def add_caps(rows: list[dict[str, Any]], store: Store, now: dt.datetime) -> None:
+    """Add today's cap and remaining dollars from the store to ``key``/``label`` groups."""
+    for row in rows:
+        cap: int | None = None
+        remaining: int | None = None
+        if row["group_by"] == "key" and row["group"]:
+            key = await store.get_key(row["group"])
+            if key is not None:
+                budgets = await store.budgets(key, now)
+                cap = key.daily_cap_micros
+                rems = [b.remaining_micros for b in budgets if b.remaining_micros is not None]
+                remaining = min(rems) if rems else None
+                row["label"] = key.agent_run_label
+                row["vendor"] = key.vendor
+                row["status"] = key.state(now)
+        elif row["group_by"] == "label" and row["group"]:
+            cap = await store.get_label_budget(row["group"])
+        row["daily_cap_usd"] = format_usd(cap) if cap is not None else None
+        row["remaining_usd"] = format_usd(remaining) if remaining is not None else None

@@ -1,0 +1,1 @@
+"""The mitmproxy side: the addons on the request path and what they share."""

@@ -1,0 +1,1 @@
+"""Vault key use-cases shared by the admin API, the dashboard and the command line."""

@@ -1,0 +1,1 @@
+"""The admin listener: the JSON admin API and the dashboard."""

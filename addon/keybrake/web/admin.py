@@ -1,0 +1,484 @@
+"""The `AdminApi` addon: the admin listener's JSON API for vault keys and budgets.
+
+Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
+
+- ``POST /vault/keys`` issue a key (the vault key is shown once, in this response only)
+- ``GET /vault/keys``, ``GET /vault/keys/{key_id}`` (never secrets)
+- ``DELETE /vault/keys/{key_id}`` revoke (repeating it is harmless); ``POST /vault/revoke``
+  (``{"vault_key": "kbv_…"}``) revokes by the vault key itself, kept out of URLs and logs
+- ``PATCH /vault/keys/{key_id}`` (``{"daily_usd_cap": …, "usd_cap": … or null}``) raise or
+  lower a key's caps; every replica's next admission reads them
+- ``POST /vault/keys/{key_id}/suspend`` (``{"reason": …}``) / ``…/resume``: a suspended key is
+  refused until resumed; the proxy suspends a key itself after an estimate overrun
+- ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
+- ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows
+  (`keybrake.auditlog.reports`)
+- ``GET /healthz`` (no token) the process is up; ``GET /readyz`` (no token) store reachable,
+  policies loaded, audit log writable, clock in sync (``503`` and what is wrong otherwise)
+- ``GET /metrics`` Prometheus metrics (`keybrake.proxy.metrics`): the metrics token, or none on a
+  loopback listener when no metrics token is set
+- ``/``, ``/login``, ``/logout``, ``/dashboard/...``, ``/static/...`` the web dashboard
+  (`keybrake.web.dashboard`, its own login and session cookie)
+
+Every ``/vault`` call needs ``Authorization: Bearer <admin token>``, compared in constant time
+(see `Runtime.admin_token_matches`). ``/metrics`` takes the read-only metrics token (or the
+admin token); the metrics token opens nothing else. Without a metrics token ``/metrics`` is
+open when the admin listener is bound to loopback only, and refused on any other address, so
+an exposed listener never publishes its metrics by accident. Thirty wrong tokens from one
+address in a minute block that address (``429 rate_limited``) for the rest of the minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from keybrake.auditlog.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
+from keybrake.auditlog.sinks import AuditSink
+from keybrake.core.errors import Refusal, refusal_response
+from keybrake.core.paths import split_base_url
+from keybrake.proxy.core import Runtime
+from keybrake.proxy.limiter import source_of
+from keybrake.proxy.listeners import ADMIN, is_loopback_host
+from keybrake.store import StoreUnavailable
+from keybrake.vault.keyspec import (
+    IssueKeyRequest,
+    KeyCapsChange,
+    KeySpecError,
+    key_to_json,
+    parse_label_budget,
+)
+
+__all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path", "is_loopback_host"]
+
+log = logging.getLogger("keybrake")
+MAX_ADMIN_BODY = 64 * 1024
+_KEY_ACTIONS = ("suspend", "resume")
+
+
+def _json(status: int, payload: Any) -> http.Response:
+    return http.Response.make(
+        status,
+        json.dumps(payload, separators=(",", ":")).encode(),
+        {"Content-Type": "application/json", "Cache-Control": "no-store"},
+    )
+
+
+class Pages(Protocol):
+    """The dashboard: answers its own routes (see `is_dashboard_path`)."""
+
+    async def serve(self, flow: http.HTTPFlow, path: str) -> http.Response: ...
+
+
+class MetricsPage(Protocol):
+    """The ``/metrics`` exposition."""
+
+    async def exposition(self) -> http.Response: ...
+
+
+def is_dashboard_path(path: str) -> bool:
+    return path in ("/", "/login", "/logout") or path.startswith(("/dashboard/", "/static/"))
+
+
+class AdminApi:
+    """Answers ``/vault/...``, ``/healthz``, ``/metrics`` and the dashboard's routes."""
+
+    name = "keybrake_admin"
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        dashboard: Pages | None = None,
+        metrics: MetricsPage | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.dashboard = dashboard
+        self.metrics = metrics
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return
+        path = flow.request.path.split("?", 1)[0]
+        first, _ = split_base_url(flow.request.path)
+        rt = self.runtime
+        listeners = rt.listeners
+        roles = listeners.roles_of(flow.client_conn)
+        if listeners.plain_http_refused(flow):
+            flow.metadata["keybrake_admin"] = True
+            flow.response = refusal_response(
+                Refusal("tls_required", "this listener answers HTTPS only: use https://")
+            )
+            _redact_authorization(flow)
+            return
+        if rt.policies is not None and first in rt.policies.vendors:
+            return  # base-URL mode: the guard takes it (or refuses it on an admin-only listener)
+        flow.metadata["keybrake_admin"] = True
+        try:
+            if path == "/healthz":
+                flow.response = _json(200, {"status": "ok", "instance": rt.instance_id})
+            elif path == "/readyz":
+                flow.response = await self._ready()
+            elif ADMIN not in roles:
+                raise Refusal("not_found", f"no such vendor route: {path[:100]}")
+            elif path == "/vault" or path.startswith("/vault/"):
+                self._authorize(flow)
+                flow.response = await self._route(flow, path)
+            elif path == "/metrics" and self.metrics is not None:
+                self._authorize_scrape(flow)
+                flow.response = await self.metrics.exposition()
+            elif self.dashboard is not None and is_dashboard_path(path):
+                flow.response = await self.dashboard.serve(flow, path)
+            else:
+                raise Refusal("not_found", f"no such admin route or vendor: {path[:100]}")
+        except Refusal as r:
+            flow.response = refusal_response(r)
+        except StoreUnavailable as e:
+            log.error("keybrake admin: store unavailable: %s", e)
+            flow.response = refusal_response(
+                Refusal("store_unavailable", "the store is unavailable")
+            )
+        except Exception:
+            log.exception("keybrake admin: internal error")
+            flow.response = refusal_response(Refusal("internal_error", "internal error"))
+        _redact_authorization(flow)
+
+    def _authorize(self, flow: http.HTTPFlow) -> None:
+        rt = self.runtime
+        source = source_of(flow)
+        if rt.admin_failures.blocked(source):
+            raise Refusal(
+                "rate_limited",
+                "too many wrong admin tokens from this address; retry in a minute",
+            )
+        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        # Compared even when the scheme is wrong: the answer takes as long either way.
+        same = rt.admin_token_matches(token.strip())
+        if not (same and scheme.lower() == "bearer"):
+            if token.strip():  # a guess, not a forgotten header
+                rt.admin_failures.record(source)
+            raise Refusal("admin_token_invalid", "missing or wrong admin token")
+
+    def _authorize_scrape(self, flow: http.HTTPFlow) -> None:
+        """``/metrics``: the metrics or admin token; nothing on loopback without a metrics token."""
+        rt = self.runtime
+        mode = flow.client_conn.proxy_mode
+        if not rt.metrics_token and is_loopback_host(mode.listen_host(ctx.options.listen_host)):
+            return
+        source = source_of(flow)
+        if rt.admin_failures.blocked(source):
+            raise Refusal(
+                "rate_limited",
+                "too many wrong admin tokens from this address; retry in a minute",
+            )
+        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        # Both compared (`|`, not `or`) whatever the scheme: the answer takes as long either way.
+        known = rt.metrics_token_matches(token) | rt.admin_token_matches(token)
+        if known and scheme.lower() == "bearer":
+            return
+        if token:  # a guess, not a forgotten header
+            rt.admin_failures.record(source)
+        if rt.metrics_token:
+            raise Refusal(
+                "metrics_token_invalid",
+                "missing or wrong metrics token: send Authorization: Bearer <the metrics "
+                "token> (KEYBRAKE_METRICS_TOKEN or the keybrake_metrics_token_file option)",
+            )
+        raise Refusal(
+            "metrics_token_invalid",
+            "this admin listener is not bound to loopback, so /metrics needs a token: set "
+            "KEYBRAKE_METRICS_TOKEN (or the keybrake_metrics_token_file option) and give the "
+            "scraper Authorization: Bearer <that token>",
+        )
+
+    async def _ready(self) -> http.Response:
+        """``/readyz``: store reachable, policies loaded, audit sink writable, clock in sync.
+
+        Each check says ``ok`` or what is wrong, in words that name no secret (the store's
+        errors carry its URL without a password)."""
+        rt = self.runtime
+        checks: dict[str, str] = {}
+        try:
+            store = await rt.open_store()
+            await store.ping()
+            checks["store"] = "ok"
+        except StoreUnavailable as e:
+            checks["store"] = str(e)
+        checks["policies"] = (
+            "ok" if rt.policies is not None and rt.policies.vendors else "no vendor policy loaded"
+        )
+        checks["audit"] = await _audit_writable(rt.audit_sink)
+        skew = round(rt.clock_skew_seconds, 3)
+        checks["clock"] = rt.clock_problem() or "ok"
+        ready = all(v == "ok" for v in checks.values())
+        if ready:
+            status = "ok"
+        elif checks["store"] != "ok":
+            status = "unavailable"
+        elif checks["clock"] != "ok":
+            status = "clock_skewed"
+        else:
+            status = "not_ready"
+        body = {"status": status, "instance": rt.instance_id, "clock_skew_s": skew}
+        return _json(200 if ready else 503, body | {"checks": checks})
+
+    async def _route(self, flow: http.HTTPFlow, path: str) -> http.Response:
+        method = flow.request.method.upper()
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if parts == ["vault", "keys"]:
+            if method == "POST":
+                return await self._issue(flow)
+            if method == "GET":
+                return await self._list()
+            raise Refusal("method_not_allowed", f"{method} not allowed on /vault/keys")
+        if len(parts) == 3 and parts[:2] == ["vault", "keys"]:
+            if method == "GET":
+                return await self._get(parts[2])
+            if method == "DELETE":
+                return await self._revoke(parts[2])
+            if method == "PATCH":
+                return await self._set_caps(flow, parts[2])
+            raise Refusal("method_not_allowed", f"{method} not allowed on a key")
+        if len(parts) == 4 and parts[:2] == ["vault", "keys"] and parts[3] in _KEY_ACTIONS:
+            if method != "POST":
+                raise Refusal("method_not_allowed", f"{method} not allowed on {parts[3]}")
+            return await self._suspend_or_resume(flow, parts[2], parts[3])
+        if parts == ["vault", "revoke"] and method == "POST":
+            return await self._revoke_by_vault_key(flow)
+        if parts == ["vault", "spend"] and method == "GET":
+            return await self._spend(flow)
+        if parts == ["vault", "audit"] and method == "GET":
+            return await self._audit(flow)
+        if len(parts) >= 3 and parts[:2] == ["vault", "budgets"]:
+            # Labels contain "/" (dramatiq/nightly-billing): the rest of the path is the label.
+            label = unquote(path[len("/vault/budgets/") :])
+            if method == "PUT":
+                return await self._put_budget(label, flow)
+            if method == "GET":
+                return await self._get_budget(label)
+            raise Refusal("method_not_allowed", f"{method} not allowed on a budget")
+        raise Refusal("not_found", f"no such admin route: {path[:100]}")
+
+    def _body(self, flow: http.HTTPFlow) -> Any:
+        raw = flow.request.raw_content or b""
+        if len(raw) > MAX_ADMIN_BODY:
+            raise Refusal(
+                "body_too_large", f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
+            )
+        try:
+            return json.loads(
+                raw or b"{}", parse_float=str, parse_int=str, parse_constant=_no_constant
+            )
+        except (ValueError, RecursionError):
+            raise Refusal("invalid_request", "body must be a JSON object") from None
+
+    async def _issue(self, flow: http.HTTPFlow) -> http.Response:
+        rt = self.runtime
+        assert rt.policies is not None
+        try:
+            spec = IssueKeyRequest.from_json(self._body(flow), rt.policies)
+        except KeySpecError as e:
+            raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
+        now = rt.now()
+        record, vault_key = spec.new_key(now)
+        store = await rt.open_store()
+        await store.create_key(record)
+        log.info(
+            "keybrake: issued %s for %s label=%r",
+            record.key_id,
+            record.vendor,
+            record.agent_run_label,
+        )
+        body = key_to_json(record, now)
+        body["vault_key"] = vault_key
+        return _json(201, body)
+
+    async def _list(self) -> http.Response:
+        store = await self.runtime.open_store()
+        now = self.runtime.now()
+        keys = await store.list_keys()
+        out = []
+        for k in keys:
+            out.append(key_to_json(k, now, await store.budgets(k, now)))
+        return _json(200, {"object": "list", "data": out})
+
+    async def _get(self, key_id: str) -> http.Response:
+        store = await self.runtime.open_store()
+        key = await store.get_key(key_id)
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        now = self.runtime.now()
+        return _json(200, key_to_json(key, now, await store.budgets(key, now)))
+
+    async def _revoke(self, key_id: str) -> http.Response:
+        store = await self.runtime.open_store()
+        now = self.runtime.now()
+        key = await store.revoke_key(key_id, now)
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        log.info("keybrake: revoked %s", key.key_id)
+        return _json(200, key_to_json(key, now))
+
+    async def _revoke_by_vault_key(self, flow: http.HTTPFlow) -> http.Response:
+        """``POST /vault/revoke`` ``{"vault_key": "kbv_…"}``: the secret stays out of the URL."""
+        from keybrake.core.keys import hash_vault_key
+
+        data = self._body(flow)
+        vault_key = data.get("vault_key") if isinstance(data, dict) else None
+        if not isinstance(vault_key, str) or not vault_key:
+            raise Refusal("invalid_request", 'body must be {"vault_key": "kbv_..."}')
+        store = await self.runtime.open_store()
+        key = await store.get_key_by_secret_hash(hash_vault_key(vault_key))
+        if key is None:
+            raise Refusal("not_found", "no vault key matches the vault key given")
+        return await self._revoke(key.key_id)
+
+    async def _set_caps(self, flow: http.HTTPFlow, key_id: str) -> http.Response:
+        """``PATCH /vault/keys/{key_id}``: new caps, read by every replica's next admission."""
+        try:
+            change = KeyCapsChange.from_json(self._body(flow))
+        except KeySpecError as e:
+            raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
+        store = await self.runtime.open_store()
+        key = await store.set_key_caps(
+            key_id,
+            daily_cap_micros=change.daily_cap_micros,
+            usd_cap_micros=change.usd_cap_micros,
+            clear_usd_cap=change.clear_usd_cap,
+        )
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        log.info("keybrake: changed the caps of %s", key_id)
+        now = self.runtime.now()
+        return _json(200, key_to_json(key, now, await store.budgets(key, now)))
+
+    async def _suspend_or_resume(
+        self, flow: http.HTTPFlow, key_id: str, action: str
+    ) -> http.Response:
+        """``POST /vault/keys/{key_id}/suspend`` (``{"reason": "…"}``) and ``…/resume``."""
+        store = await self.runtime.open_store()
+        now = self.runtime.now()
+        if action == "suspend":
+            data = self._body(flow)
+            reason = data.get("reason") if isinstance(data, dict) else None
+            if reason is not None and not isinstance(reason, str):
+                raise Refusal("invalid_request", "reason must be a string")
+            reason = "".join(ch for ch in (reason or "by operator") if ch.isprintable())[:200]
+            key = await store.suspend_key(key_id, now, reason)
+        else:
+            key = await store.resume_key(key_id)
+        if key is None:
+            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
+        log.info("keybrake: %s %s", "suspended" if action == "suspend" else "resumed", key_id)
+        return _json(200, key_to_json(key, now))
+
+    async def _report_sink(self) -> AuditSink:
+        """The audit sink with the outbox moved to it: every call answered so far is in it."""
+        sink = await self.runtime.flushed_audit_sink()
+        if sink is None:
+            raise Refusal("store_unavailable", "the audit log is not configured")
+        return sink
+
+    async def _spend(self, flow: http.HTTPFlow) -> http.Response:
+        """``GET /vault/spend?label=&key=&vendor=&since=24h&until=&group_by=label``."""
+        now = self.runtime.now()
+        sink = await self._report_sink()
+        try:
+            rows = spend_summary(
+                sink,
+                group_by=_query(flow, "group_by") or "label",  # type: ignore[arg-type]
+                label=_query(flow, "label"),
+                key_id=_query(flow, "key"),
+                vendor=_query(flow, "vendor"),
+                since=parse_time(_query(flow, "since") or "24h", now),
+                until=parse_time(u, now, "until") if (u := _query(flow, "until")) else None,
+            )
+        except ReportError as e:
+            raise Refusal("invalid_request", str(e)) from None
+        await add_caps(rows, await self.runtime.open_store(), now)
+        return _json(200, {"object": "list", "data": rows})
+
+    async def _audit(self, flow: http.HTTPFlow) -> http.Response:
+        """``GET /vault/audit?label=&key=&vendor=&outcome=&since=&until=&limit=&before=``."""
+        now = self.runtime.now()
+        sink = await self._report_sink()
+        try:
+            limit = int(_query(flow, "limit") or 50)
+            before = int(b) if (b := _query(flow, "before")) else None
+            rows = audit_rows(
+                sink,
+                label=_query(flow, "label"),
+                key_id=_query(flow, "key"),
+                vendor=_query(flow, "vendor"),
+                outcome=_query(flow, "outcome"),
+                since=parse_time(_query(flow, "since") or "24h", now),
+                until=parse_time(u, now, "until") if (u := _query(flow, "until")) else None,
+                limit=limit,
+                before_id=before,
+            )
+        except (ReportError, ValueError) as e:
+            raise Refusal("invalid_request", str(e)) from None
+        next_before = rows[-1]["id"] if len(rows) == limit else None
+        return _json(200, {"object": "list", "data": rows, "next_before": next_before})
+
+    async def _put_budget(self, label: str, flow: http.HTTPFlow) -> http.Response:
+        try:
+            cap = parse_label_budget(label, self._body(flow))
+        except KeySpecError as e:
+            raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
+        store = await self.runtime.open_store()
+        await store.set_label_budget(label, cap)
+        return await self._get_budget(label)
+
+    async def _get_budget(self, label: str) -> http.Response:
+        from keybrake.core.money import format_usd
+
+        store = await self.runtime.open_store()
+        cap = await store.get_label_budget(label)
+        return _json(
+            200,
+            {
+                "object": "label_budget",
+                "label": label,
+                "daily_usd_cap": format_usd(cap) if cap is not None else None,
+                "as_of": self.runtime.now().isoformat().replace("+00:00", "Z"),
+            },
+        )
+
+
+def _redact_authorization(flow: http.HTTPFlow) -> None:
+    if "authorization" in flow.request.headers:
+        flow.request.headers["authorization"] = "[redacted by keybrake]"
+
+
+async def _audit_writable(sink: AuditSink | None) -> str:
+    """``ok``, or why the audit sink cannot take rows now (checked off the event loop)."""
+    if sink is None:
+        return "the audit log is not open"
+    check = getattr(sink, "check_writable", None)
+    if check is None:
+        return "ok"
+    try:
+        await asyncio.wait_for(asyncio.to_thread(check), timeout=5)
+    except TimeoutError:
+        return "the audit log did not answer within 5s"
+    except Exception as e:
+        return f"the audit log cannot be written: {type(e).__name__}"
+    return "ok"
+
+
+def _query(flow: http.HTTPFlow, name: str) -> str | None:
+    value = flow.request.query.get(name)
+    return value if value else None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
