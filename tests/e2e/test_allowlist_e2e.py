@@ -33,7 +33,7 @@ import pytest
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS
 
-from keybrake.core.errors import REFUSAL_STATUS
+from keybrake.wire import REFUSAL_STATUS
 
 pytestmark = pytest.mark.e2e
 

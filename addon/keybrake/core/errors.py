@@ -10,56 +10,13 @@ except for `RETRY_SAFE` codes: the call never left the proxy, so a retry cannot 
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import Any
 
 from mitmproxy import http
 
-__all__ = ["REFUSAL_STATUS", "RETRY_SAFE", "Refusal", "refusal_response"]
+from keybrake.wire import CAP_HIT_HEADER, ERROR_HEADER, REFUSAL_STATUS, RETRY_SAFE
 
-REFUSAL_STATUS: Final[dict[str, int]] = {
-    "vault_key_missing": 401,
-    "vault_key_unknown": 401,
-    "vault_key_revoked": 401,
-    "vault_key_expired": 401,
-    "admin_token_invalid": 401,
-    "metrics_token_invalid": 401,
-    "raw_secret_refused": 403,
-    "endpoint_not_allowed": 403,
-    "unpriced_endpoint": 403,
-    "ambiguous_amount": 403,
-    "unknown_currency": 403,
-    "path_rejected": 403,
-    "host_mismatch": 403,
-    "credential_ambiguous": 403,
-    "vault_key_in_query": 403,
-    "account_mismatch": 403,
-    "vendor_mismatch": 403,
-    "egress_denied": 403,
-    "unpriced_parameter": 403,
-    "object_not_owned": 403,
-    "key_suspended": 403,
-    "tls_required": 403,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "idempotency_in_flight": 409,
-    "body_too_large": 413,
-    "unsupported_media_type": 415,
-    "headers_too_large": 431,
-    "invalid_request": 422,
-    "output_limit_required": 422,
-    "idempotency_mismatch": 422,
-    "cap_exhausted": 429,
-    "rate_limited": 429,
-    "quota_exceeded": 429,
-    "upstream_unreachable": 502,
-    "upstream_failed": 502,
-    "store_unavailable": 503,
-    "secret_unavailable": 503,
-    "clock_skewed": 503,
-    "internal_error": 503,
-}
-RETRY_SAFE: Final = frozenset({"upstream_unreachable"})
-"""Codes whose answer says "retry": nothing reached the vendor and nothing stays counted."""
+__all__ = ["Refusal", "refusal_response"]
 
 
 class Refusal(Exception):
@@ -110,12 +67,12 @@ def refusal_response(refusal: Refusal) -> http.Response:
     retry = "true" if refusal.code in RETRY_SAFE else "false"
     headers = {
         "Content-Type": "application/json",
-        "X-Keybrake-Error": refusal.code,
+        ERROR_HEADER: refusal.code,
         "Stripe-Should-Retry": retry,
         "X-Should-Retry": retry,
         "Cache-Control": "no-store",
     }
     if refusal.code == "cap_exhausted":
-        headers["X-Keybrake-Cap-Hit"] = "true"
+        headers[CAP_HIT_HEADER] = "true"
     headers.update(refusal.headers)
     return http.Response.make(refusal.status, body, headers)

@@ -36,6 +36,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+from keybrake.wire import (
+    ACTOR_HEADER,
+    CAP_HIT_HEADER,
+    ERROR_HEADER,
+    MESSAGE_ID_HEADER,
+    RETRYABLE_CODES,
+)
+
 if TYPE_CHECKING:
     import requests
     import stripe
@@ -66,25 +74,7 @@ __all__ = [
     "vault_key",
 ]
 
-ACTOR_HEADER: Final = "X-Keybrake-Actor"
-MESSAGE_ID_HEADER: Final = "X-Keybrake-Message-Id"
-CAP_HIT_HEADER: Final = "X-Keybrake-Cap-Hit"
-ERROR_HEADER: Final = "X-Keybrake-Error"
 DEFAULT_BASE_URL: Final = "http://127.0.0.1:8081"
-# Keybrake refusals that may succeed later; every other refusal (cap hit, revoked or expired
-# key, endpoint not allowed, ...) fails the same way on every retry. ``upstream_unreachable``:
-# nothing was sent. ``upstream_failed`` is a timeout by another name: the message's retry is as
-# safe as its idempotency key (`keybrake.integrations.dramatiq.current_message_id`).
-RETRYABLE_CODES: Final = frozenset(
-    {
-        "store_unavailable",
-        "internal_error",
-        "idempotency_in_flight",
-        "rate_limited",
-        "upstream_unreachable",
-        "upstream_failed",
-    }
-)
 
 
 @dataclass(frozen=True)

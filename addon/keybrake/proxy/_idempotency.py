@@ -7,6 +7,7 @@ import hashlib
 from mitmproxy import http
 
 from keybrake.store import StoredResponse
+from keybrake.wire import HEADER_PREFIX, REPLAYED_HEADER
 
 __all__ = [
     "HOP_BY_HOP",
@@ -65,7 +66,7 @@ def stored_from(response: http.Response) -> StoredResponse:
         (k, v)
         for k, v in response.headers.items(multi=True)
         if k.lower() not in HOP_BY_HOP
-        and not k.lower().startswith("x-keybrake-")
+        and not k.lower().startswith(HEADER_PREFIX)
         and k.lower() != "content-encoding"
     )
     return StoredResponse(response.status_code, headers, response.content or b"")
@@ -78,5 +79,5 @@ def replay_response(stored: StoredResponse) -> http.Response:
         stored.body,
         [(k.encode(), v.encode()) for k, v in stored.headers],
     )
-    resp.headers["X-Keybrake-Replayed"] = "true"
+    resp.headers[REPLAYED_HEADER] = "true"
     return resp

@@ -60,6 +60,7 @@ from keybrake.store import (
     Store,
     StoredResponse,
 )
+from keybrake.wire import ACTOR_HEADER, HEADER_PREFIX, IDEMPOTENCY_KEY_HEADER, MESSAGE_ID_HEADER
 
 __all__ = [
     "IN_FLIGHT_SECONDS",
@@ -221,8 +222,8 @@ class Admitter:
         except PathRejected as e:
             raise Refusal("path_rejected", f"request target refused: {e}") from None
         call.method, call.path = method, path.path
-        call.actor = _header_text(req.headers.get("x-keybrake-actor"))
-        call.message_id = _header_text(req.headers.get("x-keybrake-message-id"))
+        call.actor = _header_text(req.headers.get(ACTOR_HEADER))
+        call.message_id = _header_text(req.headers.get(MESSAGE_ID_HEADER))
         if _mentions_vault_key(path.query) or _mentions_vault_key(req.path):
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
         try:
@@ -480,7 +481,7 @@ class Admitter:
         rt = self.runtime
         headers = flow.request.headers
         idem = headers.get(policy.idempotency_header) if policy.idempotency_header else None
-        idem = idem or headers.get("x-keybrake-idempotency-key")
+        idem = idem or headers.get(IDEMPOTENCY_KEY_HEADER)
         fingerprint = body_fingerprint(method, path, flow.request.raw_content or b"")
         ttl = rt.idempotency_ttl_seconds
         if idem:
@@ -567,7 +568,7 @@ class Admitter:
         query = c.path.query
         req = flow.request
         secrets_ = self.runtime.secrets[policy.vendor]
-        for name in [h for h in req.headers if h.lower().startswith("x-keybrake-")]:
+        for name in [h for h in req.headers if h.lower().startswith(HEADER_PREFIX)]:
             del req.headers[name]
         if presented.scheme == "api_key_header":
             assert secrets_.secret is not None

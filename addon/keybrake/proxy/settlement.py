@@ -35,6 +35,7 @@ from keybrake.proxy.admission import endpoint_for, json_object
 from keybrake.proxy.calls import CallState, audit_row
 from keybrake.proxy.core import Runtime
 from keybrake.store import Settlement, Store, StoredResponse
+from keybrake.wire import REMAINING_USD_HEADER, SPENT_USD_HEADER
 
 __all__ = ["MAX_STORED_RESPONSE", "VENDOR_REFUSED", "Settler"]
 
@@ -520,6 +521,6 @@ def spend_headers(response: http.Response, call: CallState, delta: int) -> None:
         for b in call.budgets
         if b.cap_micros is not None
     ]
-    response.headers["X-Keybrake-Spent-Usd"] = format_usd(max(0, spent))
+    response.headers[SPENT_USD_HEADER] = format_usd(max(0, spent))
     if remaining:
-        response.headers["X-Keybrake-Remaining-Usd"] = format_usd(max(0, min(remaining)))
+        response.headers[REMAINING_USD_HEADER] = format_usd(max(0, min(remaining)))

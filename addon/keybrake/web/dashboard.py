@@ -41,6 +41,7 @@ from keybrake.proxy.core import Runtime
 from keybrake.proxy.limiter import source_of
 from keybrake.store import StoreUnavailable
 from keybrake.vault.keyspec import IssueKeyRequest, KeySpecError
+from keybrake.wire import LIVE_HEADER
 
 __all__ = ["Dashboard", "Sessions", "axis_ticks", "spend_chart", "tick_label"]
 
@@ -224,7 +225,7 @@ class Dashboard:
         sid = _cookies(flow).get(SESSION_COOKIE)
         session = self.sessions.get(sid)
         if session is None:
-            if flow.request.headers.get("x-keybrake-live"):
+            if flow.request.headers.get(LIVE_HEADER):
                 return self._text(401, "signed out")
             return _redirect("/login")
         try:
