@@ -71,6 +71,7 @@ lint: venv worker-typecheck
 	$(BIN)/ruff check addon tests bench
 	$(BIN)/ruff format --check addon tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## What CI runs (`.ci/run` on a clean clone): lint, type checks, then the whole suite.
 check: lint
