@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import os
@@ -41,7 +42,6 @@ from keybrake.cli._packaged import (
     policies_dir,
 )
 from keybrake.cli._remote import RemoteAdmin, RemoteError, remote_admin
-from keybrake.core.keys import hash_vault_key, looks_like_vault_key
 from keybrake.core.money import MoneyError, format_usd, minor_unit_exponent
 from keybrake.core.policy import PolicyError, load_policies
 from keybrake.proxy._passthrough import parse_passthrough
@@ -52,7 +52,6 @@ from keybrake.proxy.mitm_chain import refused_in_args
 from keybrake.proxy.preflight import PreflightError, check_data_dir, check_listen, new_sqlite_file
 from keybrake.store import (
     PASSWORD_ENV,
-    KeyRecord,
     SQLiteStore,
     Store,
     StoreUnavailable,
@@ -60,10 +59,12 @@ from keybrake.store import (
     redact_url,
     split_password,
 )
-from keybrake.vault.keyspec import (
+from keybrake.vault import (
     IssueKeyRequest,
     KeyCapsChange,
     KeySpecError,
+    Vault,
+    is_vault_key,
     key_to_json,
     parse_label_budget,
 )
@@ -795,6 +796,14 @@ def _run_store(url: str, fn: Any) -> Any:
         _fail(f"store unavailable: {e}", 3)
 
 
+def _run_vault(store: str, data_dir: Path, fn: Callable[[Vault], Awaitable[Any]]) -> Any:
+    """Run one vault use-case (`keybrake.vault`) on the local store."""
+    now = functools.partial(dt.datetime.now, dt.UTC)
+    return _run_store(
+        _cli_store_url(store, data_dir), lambda s: fn(Vault(s, now=now, via="command line"))
+    )
+
+
 AdminUrl = Annotated[
     str | None,
     typer.Option(
@@ -831,13 +840,9 @@ def _remote(admin_url: str, token_file: Path | None, data_dir: Path) -> Iterator
         _fail(str(e), e.exit_code)
 
 
-def _is_vault_key(value: str) -> bool:
-    return value.startswith("kbv_") or looks_like_vault_key(value)
-
-
 def _no_key(value: str) -> str:
     """The message for a key that is not there: a vault key is never shown."""
-    if _is_vault_key(value):
+    if is_vault_key(value):
         return "no vault key matches the vault key given"
     return f"no vault key {value!r}"
 
@@ -862,13 +867,6 @@ def _amount(minor: Any, currency: Any) -> str:
         return f"{minor} {code} (minor units)"
     major = Decimal(int(minor)).scaleb(-places)
     return f"${major}" if code == "USD" else f"{major} {code}"
-
-
-async def _key_by_arg(s: Store, key: str) -> KeyRecord | None:
-    """The key an argument names: a key id, or a vault key (looked up by its hash)."""
-    if _is_vault_key(key):
-        return await s.get_key_by_secret_hash(hash_vault_key(key))
-    return await s.get_key(key)
 
 
 @keys_app.command("issue")
@@ -921,17 +919,11 @@ def keys_issue(
             body: dict[str, Any] = api.call("POST", "/vault/keys", body=sent)
     else:
         try:
-            spec = IssueKeyRequest.from_json(fields, load_policies(policies_dir(policies)))
+            request = IssueKeyRequest.from_json(fields, load_policies(policies_dir(policies)))
         except (PolicyError, KeySpecError) as e:
             _fail(str(e), 2)
-        now = dt.datetime.now(dt.UTC)
-        record, vault_key = spec.new_key(now)
-
-        async def create(s: Store) -> None:
-            await s.create_key(record)
-
-        _run_store(_cli_store_url(store, data_dir), create)
-        body = key_to_json(record, now) | {"vault_key": vault_key}
+        record, vault_key = _run_vault(store, data_dir, lambda v: v.issue(request))
+        body = key_to_json(record, dt.datetime.now(dt.UTC)) | {"vault_key": vault_key}
     if as_json:
         typer.echo(json.dumps(body, indent=2))
     else:
@@ -957,12 +949,8 @@ def keys_list(
         where = admin_url
     else:
         now = dt.datetime.now(dt.UTC)
-
-        async def fetch(s: Store) -> list[dict[str, Any]]:
-            return [key_to_json(k, now, await s.budgets(k, now)) for k in await s.list_keys()]
-
+        rows = [view.to_json(now) for view in _run_vault(store, data_dir, Vault.keys)]
         url = _cli_store_url(store, data_dir)
-        rows = _run_store(url, fetch)
         s = _open_store(url)
         where = str(s.path.resolve()) if isinstance(s, SQLiteStore) else redact_url(url)
     if as_json:
@@ -997,39 +985,33 @@ def keys_revoke(
     """
     if admin_url:
         with _remote(admin_url, admin_token_file, data_dir) as api:
-            if _is_vault_key(key):
+            if is_vault_key(key):
                 body = api.call("POST", "/vault/revoke", body={"vault_key": key})
             else:
                 body = api.call("DELETE", f"/vault/keys/{quote(key, safe='')}")
         typer.echo(f"revoked {body['key_id']}")
         return
-    now = dt.datetime.now(dt.UTC)
-
-    async def revoke(s: Store) -> KeyRecord | None:
-        found = await _key_by_arg(s, key)
-        return None if found is None else await s.revoke_key(found.key_id, now)
-
-    rec = _run_store(_cli_store_url(store, data_dir), revoke)
-    if rec is None:
-        _fail(_no_key(key), 4)
+    rec = _local_key_action(key, data_dir, store, Vault.revoke)
     typer.echo(f"revoked {rec.key_id}")
 
 
 def _local_key_action(
-    key: str, data_dir: Path, store: str, action: Callable[[Store, str], Awaitable[Any]]
+    key: str, data_dir: Path, store: str, action: Callable[[Vault, str], Awaitable[Any]]
 ) -> Any:
-    async def act(s: Store) -> Any:
-        found = await _key_by_arg(s, key)
-        return None if found is None else await action(s, found.key_id)
+    """Run ``action`` on the key an argument names (a key id or a vault key); exit 4 if none."""
 
-    rec = _run_store(_cli_store_url(store, data_dir), act)
+    async def act(vault: Vault) -> Any:
+        found = await vault.find(key)
+        return None if found is None else await action(vault, found.key_id)
+
+    rec = _run_vault(store, data_dir, act)
     if rec is None:
         _fail(_no_key(key), 4)
     return rec
 
 
 def _remote_key_path(key: str, action: str = "") -> str:
-    if _is_vault_key(key):
+    if is_vault_key(key):
         _fail("with --admin-url, name the key by its key id (key_...), not the vault key", 2)
     return f"/vault/keys/{quote(key, safe='')}{action}"
 
@@ -1055,10 +1037,7 @@ def keys_suspend(
             body = api.call("POST", path, body={"reason": reason})
         typer.echo(f"suspended {body['key_id']} ({body['suspended_reason']})")
         return
-    now = dt.datetime.now(dt.UTC)
-    rec = _local_key_action(
-        key, data_dir, store, lambda s, key_id: s.suspend_key(key_id, now, reason[:200])
-    )
+    rec = _local_key_action(key, data_dir, store, lambda v, key_id: v.suspend(key_id, reason))
     typer.echo(f"suspended {rec.key_id} ({rec.suspended_reason})")
 
 
@@ -1079,7 +1058,7 @@ def keys_resume(
             body = api.call("POST", _remote_key_path(key, "/resume"))
         typer.echo(f"resumed {body['key_id']}")
         return
-    rec = _local_key_action(key, data_dir, store, lambda s, key_id: s.resume_key(key_id))
+    rec = _local_key_action(key, data_dir, store, Vault.resume)
     typer.echo(f"resumed {rec.key_id}")
 
 
@@ -1126,22 +1105,8 @@ def keys_set_cap(
         with _remote(admin_url, admin_token_file, data_dir) as api:
             body = api.call("PATCH", _remote_key_path(key), body=fields)
     else:
-        now = dt.datetime.now(dt.UTC)
-
-        async def set_caps(s: Store) -> dict[str, Any] | None:
-            found = await _key_by_arg(s, key)
-            changed = found and await s.set_key_caps(
-                found.key_id,
-                daily_cap_micros=change.daily_cap_micros,
-                usd_cap_micros=change.usd_cap_micros,
-                clear_usd_cap=change.clear_usd_cap,
-            )
-            return key_to_json(changed, now, await s.budgets(changed, now)) if changed else None
-
-        found = _run_store(_cli_store_url(store, data_dir), set_caps)
-        if found is None:
-            _fail(_no_key(key), 4)
-        body = found
+        view = _local_key_action(key, data_dir, store, lambda v, key_id: v.set_caps(key_id, change))
+        body = view.to_json(dt.datetime.now(dt.UTC))
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
@@ -1162,16 +1127,6 @@ budgets_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(budgets_app, name="budgets")
-
-
-def _budget_json(label: str, cap: int | None) -> dict[str, Any]:
-    """What ``GET /vault/budgets/{label}`` answers."""
-    return {
-        "object": "label_budget",
-        "label": label,
-        "daily_usd_cap": format_usd(cap) if cap is not None else None,
-        "as_of": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
-    }
 
 
 def _show_budget(body: dict[str, Any], as_json: bool) -> None:
@@ -1212,12 +1167,7 @@ def budgets_set(
         cap = parse_label_budget(label, request)
     except KeySpecError as e:
         _fail(str(e), 2)
-
-    async def put(s: Store) -> None:
-        await s.set_label_budget(label, cap)
-
-    _run_store(_cli_store_url(store, data_dir), put)
-    _show_budget(_budget_json(label, cap), as_json)
+    _show_budget(_run_vault(store, data_dir, lambda v: v.set_label_budget(label, cap)), as_json)
 
 
 @budgets_app.command("show")
@@ -1237,11 +1187,7 @@ def budgets_show(
         with _remote(admin_url, admin_token_file, data_dir) as api:
             _show_budget(api.call("GET", f"/vault/budgets/{quote(label, safe='')}"), as_json)
         return
-
-    async def get(s: Store) -> int | None:
-        return await s.get_label_budget(label)
-
-    _show_budget(_budget_json(label, _run_store(_cli_store_url(store, data_dir), get)), as_json)
+    _show_budget(_run_vault(store, data_dir, lambda v: v.label_budget(label)), as_json)
 
 
 AuditUrl = Annotated[

@@ -175,7 +175,7 @@ def cap_refusal(exceeded: BudgetState | None, needed_micros: int) -> Refusal:
             "budget": b.scope,
             "window": b.window,
             "cap_usd": format_usd(b.cap_micros or 0),
-            "spent_usd": format_usd(b.spent_micros + b.reserved_micros),
+            "spent_usd": format_usd(b.used_micros),
             "remaining_usd": format_usd(b.remaining_micros or 0),
             "needed_usd": format_usd(needed_micros),
         },

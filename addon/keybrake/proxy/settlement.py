@@ -515,7 +515,7 @@ def spend_headers(response: http.Response, call: CallState, delta: int) -> None:
     if not call.budgets:
         return
     key_budget = call.budgets[0]
-    spent = key_budget.spent_micros + key_budget.reserved_micros + delta
+    spent = key_budget.used_micros + delta
     remaining = [
         b.cap_micros - b.spent_micros - b.reserved_micros - delta
         for b in call.budgets

@@ -96,10 +96,16 @@ class BudgetState:
     reserved_micros: int
 
     @property
+    def used_micros(self) -> int:
+        """What counts against the cap: spent, plus reserved for calls still in flight. The
+        one definition of a budget's "spent" that every report of the ledger shows."""
+        return self.spent_micros + self.reserved_micros
+
+    @property
     def remaining_micros(self) -> int | None:
         if self.cap_micros is None:
             return None
-        return max(0, self.cap_micros - self.spent_micros - self.reserved_micros)
+        return max(0, self.cap_micros - self.used_micros)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

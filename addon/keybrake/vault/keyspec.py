@@ -17,6 +17,7 @@ __all__ = [
     "IssueKeyRequest",
     "KeyCapsChange",
     "KeySpecError",
+    "api_time",
     "key_to_json",
     "parse_label_budget",
 ]
@@ -269,7 +270,8 @@ class KeyCapsChange:
         return cls(daily, usd, "usd_cap" in data and data["usd_cap"] is None)
 
 
-def _iso(t: dt.datetime | None) -> str | None:
+def api_time(t: dt.datetime | None) -> str | None:
+    """Times in the admin API's JSON: UTC ISO-8601 with ``Z`` (None stays None)."""
     return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if t else None
 
 
@@ -288,10 +290,10 @@ def key_to_json(
         "max_requests_per_minute": key.max_requests_per_minute,
         "allowed_accounts": list(key.allowed_accounts),
         "share_objects": key.share_objects,
-        "created_at": _iso(key.created_at),
-        "expires_at": _iso(key.expires_at),
-        "revoked_at": _iso(key.revoked_at),
-        "suspended_at": _iso(key.suspended_at),
+        "created_at": api_time(key.created_at),
+        "expires_at": api_time(key.expires_at),
+        "revoked_at": api_time(key.revoked_at),
+        "suspended_at": api_time(key.suspended_at),
         "suspended_reason": key.suspended_reason,
         "status": key.state(now),
     }
@@ -310,7 +312,7 @@ def key_to_json(
             for b in budgets
         ]
         key_b = budgets[0]
-        out["spent_today_usd"] = format_usd(key_b.spent_micros + key_b.reserved_micros)
+        out["spent_today_usd"] = format_usd(key_b.used_micros)
         rem = [b.remaining_micros for b in budgets if b.remaining_micros is not None]
         out["remaining_usd"] = format_usd(min(rem)) if rem else None
     return out

@@ -42,15 +42,17 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from keybrake.auditlog.reports import ReportError, add_caps, audit_rows, parse_time, spend_summary
 from keybrake.auditlog.sinks import AuditSink
 from keybrake.core.errors import Refusal, refusal_response
+from keybrake.core.keys import hash_vault_key
 from keybrake.core.paths import split_base_url
 from keybrake.proxy.core import Runtime
 from keybrake.proxy.limiter import source_of
 from keybrake.proxy.listeners import ADMIN, is_loopback_host
 from keybrake.store import StoreUnavailable
-from keybrake.vault.keyspec import (
+from keybrake.vault import (
     IssueKeyRequest,
     KeyCapsChange,
     KeySpecError,
+    Vault,
     key_to_json,
     parse_label_budget,
 )
@@ -280,63 +282,44 @@ class AdminApi:
         except (ValueError, RecursionError):
             raise Refusal("invalid_request", "body must be a JSON object") from None
 
+    async def _vault(self) -> Vault:
+        return Vault(await self.runtime.open_store(), now=self.runtime.now, via="admin API")
+
     async def _issue(self, flow: http.HTTPFlow) -> http.Response:
         rt = self.runtime
         assert rt.policies is not None
         try:
-            spec = IssueKeyRequest.from_json(self._body(flow), rt.policies)
+            request = IssueKeyRequest.from_json(self._body(flow), rt.policies)
         except KeySpecError as e:
             raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
-        now = rt.now()
-        record, vault_key = spec.new_key(now)
-        store = await rt.open_store()
-        await store.create_key(record)
-        log.info(
-            "keybrake: issued %s for %s label=%r",
-            record.key_id,
-            record.vendor,
-            record.agent_run_label,
-        )
-        body = key_to_json(record, now)
-        body["vault_key"] = vault_key
-        return _json(201, body)
+        record, vault_key = await (await self._vault()).issue(request)
+        return _json(201, key_to_json(record, rt.now()) | {"vault_key": vault_key})
 
     async def _list(self) -> http.Response:
-        store = await self.runtime.open_store()
         now = self.runtime.now()
-        keys = await store.list_keys()
-        out = []
-        for k in keys:
-            out.append(key_to_json(k, now, await store.budgets(k, now)))
-        return _json(200, {"object": "list", "data": out})
+        views = await (await self._vault()).keys()
+        return _json(200, {"object": "list", "data": [v.to_json(now) for v in views]})
 
     async def _get(self, key_id: str) -> http.Response:
-        store = await self.runtime.open_store()
-        key = await store.get_key(key_id)
-        if key is None:
-            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
-        now = self.runtime.now()
-        return _json(200, key_to_json(key, now, await store.budgets(key, now)))
+        view = await (await self._vault()).key(key_id)
+        if view is None:
+            raise _no_key(key_id)
+        return _json(200, view.to_json(self.runtime.now()))
 
     async def _revoke(self, key_id: str) -> http.Response:
-        store = await self.runtime.open_store()
-        now = self.runtime.now()
-        key = await store.revoke_key(key_id, now)
+        key = await (await self._vault()).revoke(key_id)
         if key is None:
-            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
-        log.info("keybrake: revoked %s", key.key_id)
-        return _json(200, key_to_json(key, now))
+            raise _no_key(key_id)
+        return _json(200, key_to_json(key, self.runtime.now()))
 
     async def _revoke_by_vault_key(self, flow: http.HTTPFlow) -> http.Response:
         """``POST /vault/revoke`` ``{"vault_key": "kbv_…"}``: the secret stays out of the URL."""
-        from keybrake.core.keys import hash_vault_key
-
         data = self._body(flow)
         vault_key = data.get("vault_key") if isinstance(data, dict) else None
         if not isinstance(vault_key, str) or not vault_key:
             raise Refusal("invalid_request", 'body must be {"vault_key": "kbv_..."}')
-        store = await self.runtime.open_store()
-        key = await store.get_key_by_secret_hash(hash_vault_key(vault_key))
+        vault = await self._vault()
+        key = await vault.store.get_key_by_secret_hash(hash_vault_key(vault_key))
         if key is None:
             raise Refusal("not_found", "no vault key matches the vault key given")
         return await self._revoke(key.key_id)
@@ -347,38 +330,27 @@ class AdminApi:
             change = KeyCapsChange.from_json(self._body(flow))
         except KeySpecError as e:
             raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
-        store = await self.runtime.open_store()
-        key = await store.set_key_caps(
-            key_id,
-            daily_cap_micros=change.daily_cap_micros,
-            usd_cap_micros=change.usd_cap_micros,
-            clear_usd_cap=change.clear_usd_cap,
-        )
-        if key is None:
-            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
-        log.info("keybrake: changed the caps of %s", key_id)
-        now = self.runtime.now()
-        return _json(200, key_to_json(key, now, await store.budgets(key, now)))
+        view = await (await self._vault()).set_caps(key_id, change)
+        if view is None:
+            raise _no_key(key_id)
+        return _json(200, view.to_json(self.runtime.now()))
 
     async def _suspend_or_resume(
         self, flow: http.HTTPFlow, key_id: str, action: str
     ) -> http.Response:
         """``POST /vault/keys/{key_id}/suspend`` (``{"reason": "…"}``) and ``…/resume``."""
-        store = await self.runtime.open_store()
-        now = self.runtime.now()
+        vault = await self._vault()
         if action == "suspend":
             data = self._body(flow)
             reason = data.get("reason") if isinstance(data, dict) else None
             if reason is not None and not isinstance(reason, str):
                 raise Refusal("invalid_request", "reason must be a string")
-            reason = "".join(ch for ch in (reason or "by operator") if ch.isprintable())[:200]
-            key = await store.suspend_key(key_id, now, reason)
+            key = await vault.suspend(key_id, reason)
         else:
-            key = await store.resume_key(key_id)
+            key = await vault.resume(key_id)
         if key is None:
-            raise Refusal("not_found", f"no vault key {key_id[:64]!r}")
-        log.info("keybrake: %s %s", "suspended" if action == "suspend" else "resumed", key_id)
-        return _json(200, key_to_json(key, now))
+            raise _no_key(key_id)
+        return _json(200, key_to_json(key, self.runtime.now()))
 
     async def _report_sink(self) -> AuditSink:
         """The audit sink with the outbox moved to it: every call answered so far is in it."""
@@ -434,24 +406,14 @@ class AdminApi:
             cap = parse_label_budget(label, self._body(flow))
         except KeySpecError as e:
             raise Refusal("invalid_request", str(e), extra={"fields": e.fields}) from None
-        store = await self.runtime.open_store()
-        await store.set_label_budget(label, cap)
-        return await self._get_budget(label)
+        return _json(200, await (await self._vault()).set_label_budget(label, cap))
 
     async def _get_budget(self, label: str) -> http.Response:
-        from keybrake.core.money import format_usd
+        return _json(200, await (await self._vault()).label_budget(label))
 
-        store = await self.runtime.open_store()
-        cap = await store.get_label_budget(label)
-        return _json(
-            200,
-            {
-                "object": "label_budget",
-                "label": label,
-                "daily_usd_cap": format_usd(cap) if cap is not None else None,
-                "as_of": self.runtime.now().isoformat().replace("+00:00", "Z"),
-            },
-        )
+
+def _no_key(key_id: str) -> Refusal:
+    return Refusal("not_found", f"no vault key {key_id[:64]!r}")
 
 
 def _redact_authorization(flow: http.HTTPFlow) -> None:

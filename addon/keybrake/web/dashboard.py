@@ -39,8 +39,8 @@ from keybrake.auditlog.sinks import audit_time
 from keybrake.core.money import MICROS_PER_USD, format_usd
 from keybrake.proxy.core import Runtime
 from keybrake.proxy.limiter import source_of
-from keybrake.store import StoreUnavailable
-from keybrake.vault.keyspec import IssueKeyRequest, KeySpecError
+from keybrake.store import KeyRecord, Store, StoreUnavailable
+from keybrake.vault import IssueKeyRequest, KeySpecError, Vault
 from keybrake.wire import LIVE_HEADER
 
 __all__ = ["Dashboard", "Sessions", "axis_ticks", "spend_chart", "tick_label"]
@@ -326,41 +326,31 @@ class Dashboard:
             raise _Forbidden("missing or wrong CSRF token")
 
     # -- keys ------------------------------------------------------------------------------------
+    def _vault(self, store: Store) -> Vault:
+        return Vault(store, now=self.runtime.now, via="dashboard")
+
     async def _key_rows(self, now: dt.datetime) -> list[KeyRow]:
-        store = await self.runtime.open_store()
-        rows = []
-        for key in (await store.list_keys())[:500]:
-            budgets = await store.budgets(key, now)
-            spent = budgets[0].spent_micros + budgets[0].reserved_micros if budgets else 0
-            rems = [b.remaining_micros for b in budgets if b.remaining_micros is not None]
-            used = max(
-                (
-                    (b.spent_micros + b.reserved_micros) / b.cap_micros
-                    for b in budgets
-                    if b.cap_micros
-                ),
-                default=0.0,
+        views = await self._vault(await self.runtime.open_store()).keys(limit=500)
+        return [
+            KeyRow(
+                key_id=v.key.key_id,
+                vendor=v.key.vendor,
+                label=v.key.agent_run_label,
+                status=v.key.state(now),
+                daily_cap=v.key.daily_cap_micros,
+                usd_cap=v.key.usd_cap_micros,
+                max_requests_per_minute=v.key.max_requests_per_minute,
+                spent=v.spent_today_micros,
+                remaining=v.remaining_micros,
+                used=v.used,
+                created_at=v.key.created_at,
+                expires_at=v.key.expires_at,
+                revoked_at=v.key.revoked_at,
+                allowed_endpoints=v.key.allowed_endpoints,
+                suspended_reason=v.key.suspended_reason,
             )
-            rows.append(
-                KeyRow(
-                    key_id=key.key_id,
-                    vendor=key.vendor,
-                    label=key.agent_run_label,
-                    status=key.state(now),
-                    daily_cap=key.daily_cap_micros,
-                    usd_cap=key.usd_cap_micros,
-                    max_requests_per_minute=key.max_requests_per_minute,
-                    spent=spent,
-                    remaining=min(rems) if rems else None,
-                    used=used,
-                    created_at=key.created_at,
-                    expires_at=key.expires_at,
-                    revoked_at=key.revoked_at,
-                    allowed_endpoints=key.allowed_endpoints,
-                    suspended_reason=key.suspended_reason,
-                )
-            )
-        return rows
+            for v in views
+        ]
 
     async def _keys_page(self, session: Session) -> http.Response:
         now = self.runtime.now()
@@ -410,7 +400,7 @@ class Dashboard:
         if form.get("max_requests_per_minute", "").strip():
             body["max_requests_per_minute"] = form["max_requests_per_minute"].strip()
         try:
-            spec = IssueKeyRequest.from_json(body, rt.policies)
+            request = IssueKeyRequest.from_json(body, rt.policies)
         except KeySpecError as e:
             now = rt.now()
             return self._page(
@@ -428,48 +418,32 @@ class Dashboard:
                 session,
                 status=422,
             )
-        now = rt.now()
-        record, vault_key = spec.new_key(now)
-        store = await rt.open_store()
-        await store.create_key(record)
-        log.info(
-            "keybrake: issued %s for %s label=%r (dashboard)",
-            record.key_id,
-            record.vendor,
-            record.agent_run_label,
-        )
+        record, vault_key = await self._vault(await rt.open_store()).issue(request)
         # Post/redirect/get: a reload must not issue a second key; the key is shown once.
         session.reveal = {"key_id": record.key_id, "vault_key": vault_key}
         return _redirect("/dashboard/keys")
 
     async def _revoke(self, session: Session, key_id: str) -> http.Response:
-        store = await self.runtime.open_store()
-        key = await store.revoke_key(key_id, self.runtime.now())
-        if key is None:
-            session.flash.append(f"No vault key {key_id[:64]}.")
-        else:
-            log.info("keybrake: revoked %s (dashboard)", key.key_id)
-            session.flash.append(f"Revoked {key.key_id} ({key.agent_run_label}).")
-        return _redirect("/dashboard/keys")
+        key = await self._vault(await self.runtime.open_store()).revoke(key_id)
+        return self._done(session, key_id, key, "Revoked")
 
     async def _suspend(self, session: Session, key_id: str) -> http.Response:
-        store = await self.runtime.open_store()
-        key = await store.suspend_key(key_id, self.runtime.now(), "by operator (dashboard)")
-        if key is None:
-            session.flash.append(f"No vault key {key_id[:64]}.")
-        else:
-            log.info("keybrake: suspended %s (dashboard)", key.key_id)
-            session.flash.append(f"Suspended {key.key_id} ({key.agent_run_label}).")
-        return _redirect("/dashboard/keys")
+        vault = self._vault(await self.runtime.open_store())
+        key = await vault.suspend(key_id, "by operator (dashboard)")
+        return self._done(session, key_id, key, "Suspended")
 
     async def _resume(self, session: Session, key_id: str) -> http.Response:
-        store = await self.runtime.open_store()
-        key = await store.resume_key(key_id)
+        key = await self._vault(await self.runtime.open_store()).resume(key_id)
+        return self._done(session, key_id, key, "Resumed")
+
+    def _done(
+        self, session: Session, key_id: str, key: KeyRecord | None, done: str
+    ) -> http.Response:
+        """Flash what an action did (or that the key is not there) and go back to the keys."""
         if key is None:
             session.flash.append(f"No vault key {key_id[:64]}.")
         else:
-            log.info("keybrake: resumed %s (dashboard)", key.key_id)
-            session.flash.append(f"Resumed {key.key_id} ({key.agent_run_label}).")
+            session.flash.append(f"{done} {key.key_id} ({key.agent_run_label}).")
         return _redirect("/dashboard/keys")
 
     # -- overview --------------------------------------------------------------------------------
