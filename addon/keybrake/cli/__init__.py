@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import typer
 
+from keybrake.cli._admin_api import RemoteAdmin, RemoteError, remote_admin
 from keybrake.cli._packaged import (
     CONFIG_NAME,
     PACKAGED_POLICIES,
@@ -41,7 +42,6 @@ from keybrake.cli._packaged import (
     init_deployment,
     policies_dir,
 )
-from keybrake.cli._remote import RemoteAdmin, RemoteError, remote_admin
 from keybrake.core.money import MoneyError, format_usd, minor_unit_exponent
 from keybrake.core.policy import PolicyError, load_policies
 from keybrake.proxy._passthrough import parse_passthrough
@@ -1409,7 +1409,7 @@ def audit_cmd(
     Example: keybrake audit --follow --key key_123 --admin-url http://10.0.0.5:8081
     """
     from keybrake.auditlog.reports import ReportError, format_table, parse_time
-    from keybrake.cli._follow import AuditFollower, LocalAuditSource, RemoteAuditSource
+    from keybrake.cli._audit_source import AuditFollower, LocalAuditSource, RemoteAuditSource
 
     filters = {"label": label, "key": key, "vendor": vendor, "outcome": outcome}
     if follow and until:

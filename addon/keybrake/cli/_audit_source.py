@@ -17,7 +17,7 @@ from keybrake.auditlog.reports import audit_rows
 
 if TYPE_CHECKING:
     from keybrake.auditlog.sinks import AuditSink
-    from keybrake.cli._remote import RemoteAdmin
+    from keybrake.cli._admin_api import RemoteAdmin
     from keybrake.store import Store
 
 __all__ = ["AuditFollower", "AuditSource", "LocalAuditSource", "RemoteAuditSource"]
