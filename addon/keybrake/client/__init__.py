@@ -19,7 +19,9 @@ Every refusal becomes an exception carrying the API's ``error.code``::
             e.code, e.status                                      # ('not_found', 404)
 
 ``admin_url`` defaults to ``$KEYBRAKE_ADMIN_URL`` (else ``http://127.0.0.1:8081``) and the
-token to ``$KEYBRAKE_ADMIN_TOKEN``. Dollar amounts are `decimal.Decimal`, never floats.
+token to ``$KEYBRAKE_ADMIN_TOKEN``. The token may be an issuer token (``kbi_…``, see
+``keybrake issuers create``): pipeline code should hold one of those, scoped to its vendors,
+label prefix and limits, never the admin token. Dollar amounts are `decimal.Decimal`, never floats.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "AsyncKeybrakeClient",
     "AuditEntry",
     "Budget",
+    "Forbidden",
     "InvalidRequest",
     "IssuedKey",
     "KeybrakeClient",
@@ -100,6 +103,11 @@ class Unauthorized(KeybrakeError):
     """401: the admin token is missing or wrong."""
 
 
+class Forbidden(KeybrakeError):
+    """403: the token may not do this (an issuer token outside its scope or limits:
+    ``code`` ``issuer_scope``, ``details["fields"]`` names each field)."""
+
+
 class NotFound(KeybrakeError):
     """404: no such key (or admin route)."""
 
@@ -125,6 +133,7 @@ class TransportError(KeybrakeError):
 _ERRORS_BY_STATUS: Final[dict[int, type[KeybrakeError]]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     405: InvalidRequest,
     413: InvalidRequest,
