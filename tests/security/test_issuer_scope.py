@@ -228,3 +228,43 @@ def test_revoked_expired_and_guessed_tokens_are_refused(kb: KeybrakeProcess) -> 
     assert charge(kb, short.token).json()["error"]["code"] == "vault_key_unknown"
     for token in (driver.token, short.token):
         assert token not in kb.log()
+
+
+def test_the_token_is_stored_as_its_hash_only(kb: KeybrakeProcess) -> None:
+    driver, issuer = new_driver(kb)
+    assert driver.issue().status_code == 201
+    token = issuer["token"].encode()
+    if kb.store:
+        import redis
+
+        prefix = kb.store.split("prefix=", 1)[1]
+        client = redis.Redis.from_url(kb.store.split("?", 1)[0])
+        try:
+            for name in client.scan_iter(f"{prefix}*", count=1000):
+                kind = client.type(name)
+                values: list[bytes] = [name]
+                if kind == b"hash":
+                    values += [v for kv in client.hgetall(name).items() for v in kv]
+                elif kind == b"string":
+                    values.append(client.get(name) or b"")
+                assert not any(token in v for v in values), name
+        finally:
+            client.close()
+    else:
+        for path in kb.data_dir.rglob("*"):
+            if path.is_file():
+                assert token not in path.read_bytes(), path
+
+
+def test_flow_files_never_keep_an_issuer_token() -> None:
+    from mitmproxy.test import tflow
+
+    from keybrake.proxy.redaction import redacted_state
+
+    token = "kbi_" + "Q" * 43
+    flow = tflow.tflow(resp=True)
+    assert flow.response is not None
+    flow.response.content = ('{"issuer_id":"iss_1","token":"' + token + '"}').encode()
+    state = redacted_state(flow)
+    assert token.encode() not in state["response"]["content"]
+    assert b"kbi_[redacted]" in state["response"]["content"]
