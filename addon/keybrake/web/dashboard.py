@@ -41,6 +41,7 @@ from keybrake.proxy.core import Runtime
 from keybrake.proxy.limiter import source_of
 from keybrake.store import KeyRecord, Store, StoreUnavailable
 from keybrake.vault import IssueKeyRequest, KeySpecError, Vault
+from keybrake.web.dashboard_issuers import IssuerPages
 from keybrake.wire import LIVE_HEADER
 
 __all__ = ["Dashboard", "Sessions", "axis_ticks", "spend_chart", "tick_label"]
@@ -73,6 +74,7 @@ class Session:
     seen: float
     flash: list[str] = dataclasses.field(default_factory=list)
     reveal: dict[str, str] | None = None  # the vault key just issued: shown once, then gone
+    reveal_issuer: dict[str, str] | None = None  # the issuer token just created: the same
 
 
 class Sessions:
@@ -194,7 +196,7 @@ def _https(flow: http.HTTPFlow) -> bool:
     return bool(flow.client_conn.tls_established) or proto == "https"
 
 
-class Dashboard:
+class Dashboard(IssuerPages):
     """Serves the dashboard's routes for `keybrake.web.admin.AdminApi`."""
 
     name = "keybrake_dashboard"
@@ -263,6 +265,14 @@ class Dashboard:
                 return await self._resume(session, parts[2])
             if len(parts) == 4 and parts[:2] == ["dashboard", "keys"] and parts[3] == "suspend":
                 return await self._suspend(session, parts[2])
+            if parts == ["dashboard", "issuers"]:
+                return await self._create_issuer(session, form)
+            if len(parts) == 4 and parts[:2] == ["dashboard", "issuers"] and parts[3] == "revoke":
+                return await self._revoke_issuer(session, parts[2], form)
+            if parts == ["dashboard", "freezes"]:
+                return await self._freeze(session, form.get("vendor", ""), "freeze", form)
+            if len(parts) == 4 and parts[:2] == ["dashboard", "freezes"]:
+                return await self._freeze(session, parts[2], parts[3], form)
             return self._text(405, "Method not allowed")
         if method not in ("GET", "HEAD"):
             return self._text(405, "Method not allowed")
@@ -276,6 +286,8 @@ class Dashboard:
             return self._page("spend.html", await self._spend(flow), session)
         if parts == ["dashboard", "audit"]:
             return self._page("audit.html", await self._audit(flow), session)
+        if parts == ["dashboard", "issuers"]:
+            return await self._issuers_page(session)
         return self._text(404, "No such page")
 
     # -- auth ------------------------------------------------------------------------------------
@@ -626,6 +638,9 @@ class Dashboard:
             html.encode(),
             {"Content-Type": "text/html; charset=utf-8", **_security_headers()},
         )
+
+    def _redirect_to(self, location: str) -> http.Response:
+        return _redirect(location)
 
     @staticmethod
     def _text(status: int, text: str) -> http.Response:
