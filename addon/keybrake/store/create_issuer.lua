@@ -1,7 +1,7 @@
 -- Insert an issuer token unless its id or its token hash is already taken.
--- KEYS[1]  issuer record hash           (<prefix>issuer:<issuer_id>)
--- KEYS[2]  token-hash index string      (<prefix>issuer-token:<token_sha256>), value: the id
--- KEYS[3]  issuers-by-creation sorted set (<prefix>issuers), score: created_at in epoch µs
+-- KEYS[1]  issuer record hash           (<prefix>{iss}issuer:<issuer_id>)
+-- KEYS[2]  token-hash index string      (<prefix>{iss}issuer-token:<token_sha256>), value: the id
+-- KEYS[3]  issuers-by-creation sorted set (<prefix>{iss}issuers), score: created_at in epoch µs
 -- ARGV[1]  issuer id
 -- ARGV[2]  created_at in epoch microseconds
 -- ARGV[3…] field, value, field, value, … of the issuer record hash

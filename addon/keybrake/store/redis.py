@@ -31,8 +31,9 @@ a later call. All keys live under ``prefix``:
 - ``idm:<key_id>:<scope>`` idempotency entry (a string: state, body hash, then the claim's
   start or the stored response), kept its TTL; ``idem-index:<key_id>`` the key's entries
 - ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
-- ``issuer:<issuer_id>`` hash, ``issuer-token:<sha256>`` → issuer id, ``issuers`` sorted set
-  by creation time
+- ``{iss}issuer:<issuer_id>`` hash, ``{iss}issuer-token:<sha256>`` → issuer id, ``{iss}issuers``
+  sorted set by creation time (one hash tag: ``create_issuer.lua`` stays in one slot on a
+  Redis Cluster)
 - ``frozen-vendors`` hash vendor → frozen_at (µs), a newline, the reason: the freezes; each
   freeze is also the field ``!frozen:<vendor>`` (value: the reason) of ``label-budgets``,
   which ``admit.lua`` reads already. On a Redis Cluster every budget tree has its own
@@ -690,14 +691,18 @@ class RedisStore:
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     # -- issuer tokens ---------------------------------------------------------------------------
+    def _iss(self, *parts: str) -> str:
+        """A name of the issuer records, all under one hash tag (``{iss}``)."""
+        return self.prefix + "{iss}" + ":".join(parts)
+
     async def create_issuer(self, record: IssuerRecord) -> None:
         """Insert ``record``; `ValueError` when its id or token hash already exists."""
         inserted = await self._script(
             "create_issuer",
             [
-                self._k("issuer", record.issuer_id),
-                self._k("issuer-token", record.token_sha256),
-                self._k("issuers"),
+                self._iss("issuer", record.issuer_id),
+                self._iss("issuer-token", record.token_sha256),
+                self._iss("issuers"),
             ],
             [
                 record.issuer_id,
@@ -712,31 +717,31 @@ class RedisStore:
 
     async def get_issuer(self, issuer_id: str) -> IssuerRecord | None:
         async with self._guard() as client:
-            raw = await client.hgetall(self._k("issuer", issuer_id))
+            raw = await client.hgetall(self._iss("issuer", issuer_id))
         return _issuer_record(raw)
 
     async def get_issuer_by_token_hash(self, token_sha256: str) -> IssuerRecord | None:
         async with self._guard() as client:
-            issuer_id = await client.get(self._k("issuer-token", token_sha256))
+            issuer_id = await client.get(self._iss("issuer-token", token_sha256))
             if issuer_id is None:
                 return None
-            raw = await client.hgetall(self._k("issuer", _text(issuer_id)))
+            raw = await client.hgetall(self._iss("issuer", _text(issuer_id)))
         return _issuer_record(raw)
 
     async def list_issuers(self) -> list[IssuerRecord]:
         """All issuer tokens, newest ``created_at`` first (ties: larger id first)."""
         async with self._guard() as client:
-            ids = await client.zrevrange(self._k("issuers"), 0, -1)
+            ids = await client.zrevrange(self._iss("issuers"), 0, -1)
             pipe = client.pipeline(transaction=False)
             for issuer_id in ids:
-                pipe.hgetall(self._k("issuer", _text(issuer_id)))
+                pipe.hgetall(self._iss("issuer", _text(issuer_id)))
             raws = await pipe.execute()
         return [record for raw in raws if (record := _issuer_record(raw)) is not None]
 
     async def revoke_issuer(self, issuer_id: str, now: dt.datetime) -> IssuerRecord | None:
         """``revoke.lua`` on the issuer's hash (it keeps the first revocation time)."""
         flat = await self._script(
-            "revoke", [self._k("issuer", issuer_id)], [str(epoch_micros(now))]
+            "revoke", [self._iss("issuer", issuer_id)], [str(epoch_micros(now))]
         )
         return _issuer_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
@@ -754,16 +759,19 @@ class RedisStore:
             stored = await client.hget(self._k("frozen-vendors"), vendor)
             kept = _text(stored) if stored is not None else f"{epoch_micros(now)}\n{reason}"
             since, _, kept_reason = kept.partition("\n")
-            pipe = client.pipeline(transaction=True)
+            # Not a transaction: on a cluster the hashes are in different slots. Each write is
+            # idempotent; freezing again repairs a freeze cut short.
+            pipe = client.pipeline(transaction=False)
             for name in self._freeze_hashes():
                 pipe.hset(name, FROZEN_FIELD + vendor, kept_reason or "frozen")
             await pipe.execute()
         return VendorFreeze(vendor, kept_reason, _moment(since))
 
     async def unfreeze_vendor(self, vendor: str) -> bool:
-        """Lifted in every admission hash first, then dropped from the list."""
+        """Lifted in every admission hash first, then dropped from the list (so a cut-short
+        unfreeze still lists the vendor: unfreezing again finishes it)."""
         async with self._guard() as client:
-            pipe = client.pipeline(transaction=True)
+            pipe = client.pipeline(transaction=False)
             for name in self._freeze_hashes():
                 pipe.hdel(name, FROZEN_FIELD + vendor)
             await pipe.execute()
