@@ -268,3 +268,23 @@ def test_flow_files_never_keep_an_issuer_token() -> None:
     state = redacted_state(flow)
     assert token.encode() not in state["response"]["content"]
     assert b"kbi_[redacted]" in state["response"]["content"]
+
+
+def test_the_new_codes_are_in_the_wire_contract_and_never_retried() -> None:
+    import stripe as stripe_sdk
+
+    from keybrake.integrations import is_retryable
+    from keybrake.wire import REFUSAL_STATUS, RETRY_SAFE, RETRYABLE_CODES
+
+    expected = {
+        "issuer_scope": 403,
+        "issuer_token_revoked": 401,
+        "issuer_token_expired": 401,
+        "vendor_frozen": 503,
+    }
+    for code, status in expected.items():
+        assert REFUSAL_STATUS[code] == status
+        assert code not in RETRYABLE_CODES and code not in RETRY_SAFE
+    body = {"error": {"type": "keybrake_error", "code": "vendor_frozen", "message": "frozen"}}
+    error = stripe_sdk.APIError("frozen", json_body=body, http_status=503)
+    assert is_retryable(error) is False
