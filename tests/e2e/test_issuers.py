@@ -250,3 +250,15 @@ def test_on_two_replicas_freeze_and_label_revoke_act_on_the_next_request(
         charge(b, key.vault_key)
     assert revoked.value.json_body["error"]["code"] == "vault_key_revoked"
     assert charge(b, spare["vault_key"]).status == "succeeded"
+
+    # A label-wide revoke through B stops the key A just served, on A's next request.
+    runs = [a.issue_key(agent_run_label=f"beam/nightly/run-{i}") for i in range(2)]
+    for run in runs:
+        assert charge(a, run["vault_key"]).status == "succeeded"
+    r = b.admin("POST", "/vault/bulk/revoke", {"label_prefix": "beam/nightly/"})
+    assert r.json()["count"] == 2
+    for run in runs:
+        with pytest.raises(stripe.AuthenticationError) as gone:
+            charge(a, run["vault_key"])
+        assert gone.value.json_body["error"]["code"] == "vault_key_revoked"
+    assert charge(a, spare["vault_key"]).status == "succeeded"
