@@ -69,6 +69,7 @@ def test_a_driver_with_an_issuer_token_issues_and_revokes_keys_under_its_prefix_
         )
         assert charge(kb, key.vault_key, 250).status == "succeeded"
         assert [k.key_id for k in driver.list_keys()] == [key.key_id]
+        assert key.issuer_id == issuer["issuer_id"]
         assert str(driver.get_key(key.key_id).spent_today_usd) == "2.50"
         with pytest.raises(Forbidden) as refused:
             driver.issue_key(
@@ -97,8 +98,10 @@ def test_a_driver_with_an_issuer_token_issues_and_revokes_keys_under_its_prefix_
         charge(kb, key.vault_key)
     assert len(fake_stripe.ledger) == 1
     # The key records the issuer that minted it; the operator's key is untouched.
+    minted = kb.admin("GET", f"/vault/keys/{key.key_id}").json()
+    assert minted["issuer_id"] == issuer["issuer_id"]
     detail = kb.admin("GET", f"/vault/keys/{other['key_id']}").json()
-    assert detail["status"] == "active"
+    assert detail["status"] == "active" and detail["issuer_id"] is None
     # Secrets: the token is in no log line.
     assert token not in kb.log()
 

@@ -204,6 +204,8 @@ class VaultKey:
     spent_today_usd: Decimal | None = None
     remaining_usd: Decimal | None = None
     budgets: tuple[Budget, ...] = ()
+    # The issuer token that minted it (None: the admin token or the command line).
+    issuer_id: str | None = None
 
     @classmethod
     def _fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +227,7 @@ class VaultKey:
             "spent_today_usd": _usd(data.get("spent_today_usd")),
             "remaining_usd": _usd(data.get("remaining_usd")),
             "budgets": tuple(Budget.from_json(b) for b in data.get("budgets") or ()),
+            "issuer_id": data.get("issuer_id"),
         }
 
     @classmethod
