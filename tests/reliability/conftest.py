@@ -1,15 +1,14 @@
-"""Shared helpers of the reliability suite: charges, audit rows, a private redis-server."""
+"""Shared helpers of the reliability suite: charges and audit rows (the private redis-server
+is the root conftest's `private_redis`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from tests._redis import PrivateRedis
 from tests.conftest import KeybrakeProcess, audit_query
 
 STRIPE = "https://api.stripe.com"
@@ -101,16 +100,3 @@ def vk(kb: KeybrakeProcess) -> str:
         allowed_endpoints=["POST /v1/payment_intents", "GET /v1/payment_intents/{id}"],
     )
     return str(key["vault_key"])
-
-
-# ------------------------------------------------------------------------ private redis-server
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    d = tmp_path / "redis"
-    d.mkdir()
-    r = PrivateRedis(d)
-    r.start()
-    try:
-        yield r
-    finally:
-        r.kill()
