@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from keybrake.auditlog.sinks import AuditSink, audit_time
 from keybrake.core.money import format_usd
@@ -20,6 +20,7 @@ from keybrake.store import Store
 __all__ = [
     "GROUPS",
     "OUTCOMES",
+    "SPENT_OUTCOMES",
     "SPENT_OUTCOMES_SQL",
     "SPENT_SQL",
     "ReportError",
@@ -38,7 +39,8 @@ GROUPS = ("label", "key", "vendor", "hour", "day")
 OUTCOMES = ("ok", "held", "overrun", "refused", "replayed", "vendor_error", "unknown")
 # Money that moved: what `keybrake.proxy.metrics` counts as spent too. An overrun was charged (its
 # actual is booked); a held call's amount has not moved yet (actual 0).
-SPENT_OUTCOMES_SQL = "('ok', 'overrun', 'vendor_error', 'unknown')"
+SPENT_OUTCOMES: Final = ("ok", "overrun", "vendor_error", "unknown")
+SPENT_OUTCOMES_SQL: Final = "(" + ", ".join(f"'{o}'" for o in SPENT_OUTCOMES) + ")"
 SPENT_SQL = (
     f"SUM(CASE WHEN outcome IN {SPENT_OUTCOMES_SQL} "
     "THEN COALESCE(actual_micros, estimate_micros, 0) ELSE 0 END)"
