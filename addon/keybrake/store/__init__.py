@@ -102,7 +102,7 @@ def open_store(url: str) -> Store:
                 f"store URL {redact_url(url)!r}: name a database file, e.g. sqlite:///data/kb.db"
             )
         return SQLiteStore(pathlib.Path(path))
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         from keybrake.store.redis import RedisStore
 
         return RedisStore(url, password=os.environ.get(PASSWORD_ENV) or None)
