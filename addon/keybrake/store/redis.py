@@ -427,6 +427,13 @@ class RedisStore:
         client = self._redis()
         try:
             yield client
+        except (TypeError, AttributeError) as exc:
+            if not self._cluster:
+                raise
+            # redis-py's cluster client can trip over a connection another task is closing
+            # while a node fails ("'NoneType' object is not callable" from the transport):
+            # the node is away, and the call fails closed like any other.
+            raise self._unavailable(exc) from exc
         except (redis.exceptions.RedisError, OSError, *_CLUSTER_ERRORS) as exc:
             if not self._cluster and isinstance(exc, redis.exceptions.ConnectionError | OSError):
                 # The server went away: every idle pooled connection is dead too. Dropped now,
@@ -505,7 +512,7 @@ class RedisStore:
                 await self._send_alone(pending)
             elif future.done():
                 continue
-            elif isinstance(result, redis.exceptions.RedisError):
+            elif isinstance(result, Exception):  # a RedisError, or a cluster client's own
                 future.set_exception(self._unavailable(result))
             else:
                 future.set_result(result)
