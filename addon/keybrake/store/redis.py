@@ -151,6 +151,7 @@ _SCRIPTS = (
     "idempotency_finish",
     "count_request",
     "own",
+    "audit_read",
 )
 
 
@@ -354,8 +355,6 @@ class RedisStore:
         self._tags: tuple[str, ...] = _CLUSTER_TAGS if self._cluster else ("",)
         # The tag of reservations this process has seen (on a cluster; forgotten when done).
         self._res_tags: dict[str, str] = {}
-        # Where `audit_batch` starts: the buckets' streams are read in turn.
-        self._audit_turn = 0
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
@@ -1139,11 +1138,11 @@ class RedisStore:
         if expiry_ms is not None:
             left = (expiry_ms - epoch_micros(s.now) // 1000) // 1000 + _CLOCK_MARGIN_SECONDS
             idem_ttl = max(1, min(idem_ttl, left))
-        created = s.created
+        created, claimed = s.created, []
         if self._cluster and created:
             # Owner records are in their own slots: claimed first (the call's answer must find
-            # them), then the rest in one script; the amount goes to the key's hash.
-            await self._own(tag, s.key_id, s.label, s.vendor, created, ends)
+            # them), indexed by the settling script; the amount goes to the key's hash.
+            claimed = await self._own(s.key_id, s.label, s.vendor, created)
             created = ()
         about = 0
         if s.remember and s.remember[0] in created:
@@ -1181,6 +1180,7 @@ class RedisStore:
                 str(len(usage)),
                 json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
                 indexes_expire,
+                *claimed,
             ],
         )
         if expiry_ms is not None:
@@ -1201,52 +1201,33 @@ class RedisStore:
     async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
         """This consumer's own unacknowledged rows first (a sink that failed), then rows
         another consumer left unacknowledged for 30 s (``audit_claim_idle_ms``: a replica
-        that died), then new ones.
+        that died), then new ones: one ``audit_read.lua`` step.
 
         On a cluster each bucket has its stream (a settlement appends to its own tree's, in the
-        same script); they are read in turn, starting one further each time, until ``limit``
-        rows are found or every stream was read once: no bucket waits behind a busy one.
+        same script): every stream is read in one pipeline (a round trip per master), up to
+        ``limit`` rows from each.
         """
+        args = [_AUDIT_GROUP, consumer, str(limit), str(self._audit_claim_idle_ms)]
+        streams = [self._kt(tag, "audit") for tag in self._tags]
+        if len(streams) == 1:
+            replies = [await self._script("audit_read", streams, args)]
+        else:
+            sha = self._scripts["audit_read"].sha
+            async with self._guard() as client:
+                pipe = client.pipeline(transaction=False)
+                for stream in streams:
+                    pipe.execute_command("EVALSHA", sha, 1, stream, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            for index, reply in enumerate(replies):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    # Redis lost its scripts (a restart): alone, redis-py loads it again.
+                    replies[index] = await self._script("audit_read", [streams[index]], args)
+                elif isinstance(reply, Exception):
+                    raise self._unavailable(reply)
         out: list[tuple[str, dict[str, object]]] = []
-        for step in range(len(self._tags)):
-            tag = self._tags[(self._audit_turn + step) % len(self._tags)]
-            out += await self._audit_batch_of(tag, consumer, limit - len(out))
-            if len(out) >= limit:
-                break
-        self._audit_turn = (self._audit_turn + 1) % len(self._tags)
-        return out
-
-    async def _audit_batch_of(
-        self, tag: str, consumer: str, limit: int
-    ) -> list[tuple[str, dict[str, object]]]:
-        stream = self._kt(tag, "audit")
-        async with self._guard() as client:
-            group: Any = client  # redis-py's stream replies are not typed usefully
-            try:
-                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
-            except redis.exceptions.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
-                # The stream was deleted (FLUSHDB, a prefix cleanup) since `open`.
-                await self._ensure_audit_group(client, tag)
-                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
-            entries: list[Any] = got[0][1] if got else []
-            if not entries:
-                claimed = await group.xautoclaim(
-                    stream, _AUDIT_GROUP, consumer, self._audit_claim_idle_ms, "0", count=limit
-                )
-                entries = claimed[1]
-            if not entries:
-                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: ">"}, count=limit)
-                entries = got[0][1] if got else []
-            gone = [entry_id for entry_id, fields in entries if not fields]
-            if gone:
-                # Deleted yet still pending: left pending, they would come back first forever.
-                await client.xack(stream, _AUDIT_GROUP, *gone)
-        out: list[tuple[str, dict[str, object]]] = []
-        for entry_id, fields in entries:
-            if fields:  # a deleted entry comes back without fields
-                out.append((self._audit_id(tag, entry_id), json.loads(fields[b"row"])))
+        for tag, flat in zip(self._tags, replies, strict=True):
+            for entry_id, row in zip(flat[::2], flat[1::2], strict=True):
+                out.append((self._audit_id(tag, entry_id), json.loads(row)))
         return out
 
     async def audit_peek(self, limit: int) -> list[tuple[str, dict[str, object]]]:
@@ -1384,8 +1365,15 @@ class RedisStore:
             return
         tag = self._tree(key.agent_run_label, key.key_id)
         if self._cluster:
-            ends = int(time.time() * 1000) + int(OBJECT_TTL.total_seconds()) * 1000
-            await self._own(tag, key.key_id, key.agent_run_label, vendor, object_ids, ends)
+            claimed = await self._own(key.key_id, key.agent_run_label, vendor, object_ids)
+            if claimed:
+                expires = int(time.time() * 1000) + int(OBJECT_TTL.total_seconds()) * 1000
+                index = self._kt(tag, "objs", key.key_id)
+                async with self._guard() as client:
+                    pipe = client.pipeline(transaction=True)
+                    pipe.zadd(index, dict.fromkeys(claimed, expires))
+                    pipe.pexpireat(index, expires)
+                    await pipe.execute()
             return
         await self._script(
             "record_objects",
@@ -1397,44 +1385,28 @@ class RedisStore:
         )
 
     async def _own(
-        self,
-        tag: str,
-        key_id: str,
-        label: str,
-        vendor: str,
-        object_ids: Sequence[str],
-        index_expires_ms: int,
-    ) -> None:
-        """Claim objects for a key on a cluster (``own.lua`` per object, in one pipeline),
-        then index the ones it owns in its tree (``objs``, by expiry, as ``record_objects``).
-        A crash between the two leaves an owner record out of the index: the key's object
-        count is one short and forgetting the key leaves the record to its TTL."""
-        ttl = int(OBJECT_TTL.total_seconds())
+        self, key_id: str, label: str, vendor: str, object_ids: Sequence[str]
+    ) -> list[str]:
+        """Claim objects for a key on a cluster (``own.lua`` per object, in one pipeline): the
+        names of the owner records that are the key's. The caller indexes them in the key's
+        tree (``objs``); a crash between the two leaves a record out of the index: the key's
+        object count is one short, and forgetting the key leaves the record to its TTL."""
+        ttl = str(int(OBJECT_TTL.total_seconds()))
         names = [self._owner_key(vendor, oid) for oid in object_ids]
         async with self._guard() as client:
             pipe = client.pipeline(transaction=False)
             for name in names:
                 pipe.execute_command(
-                    "EVALSHA", self._scripts["own"].sha, 1, name, key_id, label, str(ttl)
+                    "EVALSHA", self._scripts["own"].sha, 1, name, key_id, label, ttl
                 )
             mine = await pipe.execute(raise_on_error=False)
-        if any(isinstance(result, redis.exceptions.NoScriptError) for result in mine):
-            mine = [  # Redis lost its scripts (a restart): one by one, redis-py loads them
-                await self._script("own", [name], [key_id, label, str(ttl)]) for name in names
-            ]
-        for result in mine:
-            if isinstance(result, Exception):
+        for index, result in enumerate(mine):
+            if isinstance(result, redis.exceptions.NoScriptError):
+                # Redis lost its scripts (a restart): alone, redis-py loads it again.
+                mine[index] = await self._script("own", [names[index]], [key_id, label, ttl])
+            elif isinstance(result, Exception):
                 raise self._unavailable(result)
-        expires = int(time.time() * 1000) + ttl * 1000
-        owned = {name: expires for name, ok in zip(names, mine, strict=True) if int(ok)}
-        if owned:
-            index = self._kt(tag, "objs", key_id)
-            async with self._guard() as client:
-                pipe = client.pipeline(transaction=True)
-                pipe.zadd(index, owned)
-                pipe.pexpireat(index, max(index_expires_ms, expires), gt=True)
-                pipe.pexpireat(index, max(index_expires_ms, expires), nx=True)
-                await pipe.execute()
+        return [name for name, ok in zip(names, mine, strict=True) if int(ok)]
 
     def _owner_key(self, vendor: str, object_id: str) -> str:
         """An object's owner record: on a cluster in its own slot (no tag), found by anyone."""
