@@ -39,6 +39,18 @@ theirs once too (their name carries the day). A Redis restarted empty under a ru
 may leave that day's usage hashes without one (about 150 bytes per budget, that day only: the
 next day's have new names).
 
+On a Redis Cluster (``redis+cluster://``) the same keys carry a hash tag, so each admission and
+settlement is still one script on one master: every key of a budget tree (a vault key and its
+label: the key record, usage, reservations, idempotency entries, rate counts, object index,
+remembered amounts, hold sets) is named ``<prefix>{<tag>}…``, where the tag is one of 16 fixed
+buckets (`_CLUSTER_TAGS`) picked by a hash of the label (of the key id without one). Each bucket
+has its own ``audit`` stream and consumer group, ``open-reservations`` and ``label-budgets``,
+so the audit pump and crash recovery read a fixed set of keys (no ``KEYS``/``SCAN``, no index).
+What is looked up store-wide stays untagged, in its own slot, written outside the call's script:
+``keys``, ``keys-expiring``, ``secret:<sha256>``, ``key-label:<key_id>`` (the key's label, so
+its tree is found from its id) and ``owner:<vendor>:<object_id>`` (claimed by ``own.lua`` before
+the settlement that indexes it). Legacy entries (``obj:``, ``amount:``) are not read there.
+
 What stays behind a call (``tests/store/test_redis_footprint.py``): an owner record per object
 it created (90 days, or until its key is forgotten) and an idempotency entry per idempotency
 key (its TTL, 24 h by default). Everything else is per vault key, per budget and day, or
