@@ -55,6 +55,23 @@ def prefix() -> str:
         ("rediss://h/0?ssl_cert_reqs=none", dict(tls=True, verify=False)),
         ("rediss://h/0?ssl_cert_reqs=REQUIRED", dict(verify=True)),
         ("rediss://u:pw@h/0?prefix=p:", dict(url="rediss://u:***@h/0", prefix="p:")),
+        (
+            "redis+cluster://kb:pw@10.0.0.5:7000,10.0.0.6,[::1]:7002/?prefix=p:",
+            dict(
+                cluster=True,
+                nodes=(("10.0.0.5", 7000), ("10.0.0.6", 6379), ("::1", 7002)),
+                host="10.0.0.5",
+                port=7000,
+                db=0,
+                username="kb",
+                password="pw",
+                prefix="p:",
+                url="redis+cluster://kb:***@10.0.0.5:7000,10.0.0.6,[::1]:7002/",
+            ),
+        ),
+        ("redis+cluster://h:7000", dict(cluster=True, nodes=(("h", 7000),), tls=False)),
+        ("rediss+cluster://h:7000/0?ssl_cert_reqs=none", dict(cluster=True, tls=True)),
+        ("redis://h:7000", dict(cluster=False, nodes=())),
     ],
 )
 def test_parse(url: str, expected: dict[str, object]) -> None:
@@ -104,6 +121,11 @@ def test_password_sources() -> None:
         ("redis://kb@h/0", f"no password: put it in the URL .* or in the {PASSWORD_ENV}"),
         (f"postgres://u:{SECRET}@h/db", "unsupported scheme"),
         (f"sqlite://u:{SECRET}@h/state.db", "has no host"),
+        (f"redis+cluster://:{SECRET}@h:7000/1", "a Redis Cluster has database 0 only"),
+        (f"redis+cluster://:{SECRET}@h:7000,h:x/0", "each node's port must be a number"),
+        (f"redis+cluster://:{SECRET}@h:7000,/0", "name the cluster's nodes"),
+        (f"redis+cluster://:{SECRET}@h:7000/0?prefix=kb:{{x}}:", r"may not contain \{ or \}"),
+        (f"redis+cluster://:{SECRET}@h/0?ssl_ca_certs=/etc/ssl/ca.pem", "need TLS"),
     ],
 )
 def test_bad_urls_are_named_without_the_password(
@@ -127,6 +149,7 @@ def test_bad_urls_are_named_without_the_password(
         (f"redis://:ab/{SECRET}@h/0", "redis://:***@h/0"),  # malformed: hides more, not less
         (f"redis://h/0?password={SECRET}&prefix=p:", "redis://h/0?password=***&prefix=p:"),
         ("sqlite:///data/kb.db", "sqlite:///data/kb.db"),
+        (f"redis+cluster://kb:{SECRET}@h:1,h:2/0", "redis+cluster://kb:***@h:1,h:2/0"),
         ("", ""),
     ],
 )
@@ -141,6 +164,8 @@ def test_redact_url(url: str, shown: str) -> None:
         (f"redis://:{SECRET}@h:6379/0?prefix=p:", "redis://h:6379/0?prefix=p:", SECRET),
         ("rediss://kb:a%40b@[::1]:6380/0", "rediss://kb@[::1]:6380/0", "a@b"),
         ("sqlite:///x.db", "sqlite:///x.db", None),
+        (f"redis+cluster://kb:{SECRET}@h:1,h:2/0", "redis+cluster://kb@h:1,h:2/0", SECRET),
+        (f"rediss+cluster://:{SECRET}@h:1/0", "rediss+cluster://h:1/0", SECRET),
     ],
 )
 def test_split_password(url: str, without: str, password: str | None) -> None:
