@@ -146,7 +146,7 @@ _MUTABLE_KEY_FIELDS = frozenset(
     }
 )
 # The hot path's scripts: sent together when asked for in the same event-loop turn.
-_BATCHED = frozenset({"admit", "settle_call"})
+_BATCHED = frozenset({"admit", "settle_call", "own"})
 _SCRIPTS = (
     "create_key",
     "revoke",
@@ -1399,25 +1399,16 @@ class RedisStore:
     async def _own(
         self, key_id: str, label: str, vendor: str, object_ids: Sequence[str]
     ) -> list[str]:
-        """Claim objects for a key on a cluster (``own.lua`` per object, in one pipeline): the
-        names of the owner records that are the key's. The caller indexes them in the key's
-        tree (``objs``); a crash between the two leaves a record out of the index: the key's
-        object count is one short, and forgetting the key leaves the record to its TTL."""
+        """Claim objects for a key on a cluster (``own.lua`` per object, sent with the other
+        hot-path scripts of the event-loop turn): the names of the owner records that are the
+        key's. The caller indexes them in the key's tree (``objs``); a crash between the two
+        leaves a record out of the index: the key's object count is one short, and forgetting
+        the key leaves the record to its TTL."""
         ttl = str(int(OBJECT_TTL.total_seconds()))
         names = [self._owner_key(vendor, oid) for oid in object_ids]
-        async with self._guard() as client:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                pipe.execute_command(
-                    "EVALSHA", self._scripts["own"].sha, 1, name, key_id, label, ttl
-                )
-            mine = await pipe.execute(raise_on_error=False)
-        for index, result in enumerate(mine):
-            if isinstance(result, redis.exceptions.NoScriptError):
-                # Redis lost its scripts (a restart): alone, redis-py loads it again.
-                mine[index] = await self._script("own", [names[index]], [key_id, label, ttl])
-            elif isinstance(result, Exception):
-                raise self._unavailable(result)
+        mine = await asyncio.gather(
+            *(self._script("own", [name], [key_id, label, ttl]) for name in names)
+        )
         return [name for name, ok in zip(names, mine, strict=True) if int(ok)]
 
     def _owner_key(self, vendor: str, object_id: str) -> str:
