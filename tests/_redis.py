@@ -26,6 +26,7 @@ from tests._ports import free_port
 
 __all__ = [
     "KEYBRAKE_ACL_COMMANDS",
+    "KEYBRAKE_CLUSTER_ACL_COMMANDS",
     "REDIS_ACL_PASSWORD",
     "REDIS_ACL_USER",
     "REDIS_ADMIN_PASSWORD",
@@ -49,6 +50,9 @@ KEYBRAKE_ACL_COMMANDS = (
     "+sadd +srem +smembers +xadd +xrange +xreadgroup +xautoclaim +xack +xdel +xlen +xgroup|create "
     "+multi +exec +evalsha +script|load"
 )
+
+#: What a Redis Cluster's ACL user needs besides: topology discovery and redis-py's command table.
+KEYBRAKE_CLUSTER_ACL_COMMANDS = "+cluster|slots +command"
 
 
 def keybrake_acl(user: str, password: str, key_pattern: str) -> str:
@@ -252,7 +256,8 @@ class PrivateRedisCluster:
     persisted), made with ``redis-cli --cluster create``.
 
     ``cluster-node-timeout`` is ``node_timeout_ms``: a killed master's replica takes over
-    about that long (plus an election) after the kill.
+    about that long (plus an election) after the kill. ``password`` and ``users`` are every
+    node's (see `PrivateRedis`).
 
     Example::
 
@@ -271,12 +276,16 @@ class PrivateRedisCluster:
         masters: int = 3,
         replicas: int = 1,
         node_timeout_ms: int = 1000,
+        password: str | None = None,
+        users: Sequence[str] = (),
     ) -> None:
         self.replicas = replicas
         self.nodes = [
             PrivateRedis(
                 workdir / f"node{i}",
                 port=_cluster_port(),
+                password=password,
+                users=users,
                 config=[
                     "cluster-enabled yes",
                     f"cluster-config-file nodes-{i}.conf",
@@ -284,6 +293,8 @@ class PrivateRedisCluster:
                     # A master without a replica may answer for its slots again once it is
                     # back (the restart path when there are no replicas).
                     "cluster-require-full-coverage yes",
+                    # A replica logs in to its master as the default user.
+                    *([f"masterauth {password}"] if password is not None else []),
                 ],
             )
             for i in range(masters * (1 + replicas))

@@ -13,17 +13,22 @@ from collections.abc import Iterator
 import pytest
 from tests._redis import (
     KEYBRAKE_ACL_COMMANDS,
+    KEYBRAKE_CLUSTER_ACL_COMMANDS,
     REDIS_ACL_PASSWORD,
     REDIS_ACL_USER,
     REDIS_ADMIN_PASSWORD,
     PrivateRedis,
+    PrivateRedisCluster,
     RedisTLS,
+    keybrake_acl,
 )
 from tests.store.conftest import USD, make_key
 
 from keybrake.store import (
     PASSWORD_ENV,
+    AdmissionRequest,
     RedisStore,
+    Settlement,
     StoreUnavailable,
     open_store,
     redact_url,
@@ -354,3 +359,45 @@ def test_readme_gives_the_tested_acl() -> None:
     """The README's ``ACL SETUSER`` line is the one `acl_redis` runs the contract under."""
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     assert f"resetchannels {KEYBRAKE_ACL_COMMANDS}\n" in readme
+    assert f"`{KEYBRAKE_CLUSTER_ACL_COMMANDS}`" in readme
+
+
+async def test_acl_user_on_a_cluster(tmp_path: pathlib.Path) -> None:
+    """The README's ACL plus `KEYBRAKE_CLUSTER_ACL_COMMANDS` on a Redis Cluster: admission,
+    settlement, the outbox and the listings run; nothing but ``CONFIG GET`` is refused."""
+    acl = keybrake_acl(REDIS_ACL_USER, REDIS_ACL_PASSWORD, "kbtest:*")
+    cluster = PrivateRedisCluster(
+        tmp_path / "cluster",
+        replicas=0,
+        password=REDIS_ADMIN_PASSWORD,
+        users=[f"{acl} {KEYBRAKE_CLUSTER_ACL_COMMANDS}"],
+    ).start()
+    try:
+        url = cluster.url.replace("://", f"://{REDIS_ACL_USER}:{REDIS_ACL_PASSWORD}@")
+        store = open_store(f"{url}?prefix={prefix()}")
+        await store.open()
+        try:
+            key = make_key("kb_a", label="team-1", daily=10 * USD)
+            await store.create_key(key)
+            admitted = await store.admit(
+                AdmissionRequest("kb_a", NOON, reservation_id="res_1", estimate_micros=USD)
+            )
+            assert admitted.status == "admitted"
+            settled = Settlement(
+                "kb_a", "team-1", "stripe", NOON, reservation_id="res_1",
+                ledger_rows=admitted.ledger_rows, finish="settled", actual_micros=USD,
+                created=("pi_1",), audit={"n": 1},
+            )  # fmt: skip
+            assert await store.settle_call(settled)
+            assert await store.object_owner("stripe", "pi_1") is not None
+            assert [row for _, row in await store.audit_batch("c1", 10)] == [{"n": 1}]
+            assert [k.key_id for k in await store.list_keys()] == ["kb_a"]
+            assert await store.revoke_key("kb_a", NOON) is not None
+        finally:
+            await store.close()
+        for node in cluster.nodes:
+            refused = node.cli("ACL", "LOG").stdout.split()
+            objects = {refused[i + 1] for i, w in enumerate(refused) if w == "object"}
+            assert objects <= {"config|get"}, objects
+    finally:
+        cluster.kill()
