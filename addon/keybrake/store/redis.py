@@ -990,12 +990,15 @@ class RedisStore:
     async def recover_reservations(self, older_than: dt.datetime) -> int:
         """Mark every open reservation created before ``older_than`` unknown, one script call
         each (each is atomic, so a concurrent settle still wins or loses cleanly)."""
-        count = 0
-        for tag in self._tags:
-            async with self._guard() as client:
-                ids = await client.zrangebyscore(
+        async with self._guard() as client:
+            pipe = client.pipeline(transaction=False)
+            for tag in self._tags:  # one bucket on one server; every bucket on a cluster
+                pipe.zrangebyscore(
                     self._kt(tag, "open-reservations"), "-inf", f"({epoch_micros(older_than)}"
                 )
+            found = await pipe.execute()
+        count = 0
+        for tag, ids in zip(self._tags, found, strict=True):
             for reservation_id in ids:
                 count += await self._finish(_text(reservation_id), "unknown", 0, tag)
         return count
@@ -1245,13 +1248,13 @@ class RedisStore:
     async def audit_peek(self, limit: int) -> list[tuple[str, dict[str, object]]]:
         """The oldest entries of the stream (``XRANGE``), claimed by a consumer or not; on a
         cluster up to ``limit`` of each bucket's stream, oldest first."""
+        async with self._guard() as client:
+            pipe: Any = client.pipeline(transaction=False)  # stream replies are not typed usefully
+            for tag in self._tags:
+                pipe.xrange(self._kt(tag, "audit"), "-", "+", count=limit)
+            streams: list[Any] = await pipe.execute()
         found: list[tuple[str, str, dict[str, object]]] = []
-        for tag in self._tags:
-            async with self._guard() as client:
-                stream: Any = client  # redis-py's stream replies are not typed usefully
-                entries: list[Any] = await stream.xrange(
-                    self._kt(tag, "audit"), "-", "+", count=limit
-                )
+        for tag, entries in zip(self._tags, streams, strict=True):
             found += [
                 (_text(i), self._audit_id(tag, i), json.loads(fields[b"row"]))
                 for i, fields in entries
