@@ -256,8 +256,8 @@ class PrivateRedisCluster:
     persisted), made with ``redis-cli --cluster create``.
 
     ``cluster-node-timeout`` is ``node_timeout_ms``: a killed master's replica takes over
-    about that long (plus an election) after the kill. ``password`` and ``users`` are every
-    node's (see `PrivateRedis`).
+    about that long (plus an election) after the kill. ``password``, ``users`` and ``tls``
+    are every node's (see `PrivateRedis`; with TLS the cluster bus is TLS too).
 
     Example::
 
@@ -278,14 +278,17 @@ class PrivateRedisCluster:
         node_timeout_ms: int = 1000,
         password: str | None = None,
         users: Sequence[str] = (),
+        tls: RedisTLS | None = None,
     ) -> None:
         self.replicas = replicas
+        self.tls = tls
         self.nodes = [
             PrivateRedis(
                 workdir / f"node{i}",
                 port=_cluster_port(),
                 password=password,
                 users=users,
+                tls=tls,
                 config=[
                     "cluster-enabled yes",
                     f"cluster-config-file nodes-{i}.conf",
@@ -295,6 +298,8 @@ class PrivateRedisCluster:
                     "cluster-require-full-coverage yes",
                     # A replica logs in to its master as the default user.
                     *([f"masterauth {password}"] if password is not None else []),
+                    # TLS only: the cluster bus and replication too.
+                    *(["tls-cluster yes", "tls-replication yes"] if tls is not None else []),
                 ],
             )
             for i in range(masters * (1 + replicas))
@@ -303,7 +308,8 @@ class PrivateRedisCluster:
     @property
     def url(self) -> str:
         """The store URL naming every node (no options)."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
 
     def start(self) -> PrivateRedisCluster:
         for node in self.nodes:

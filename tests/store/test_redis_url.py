@@ -401,3 +401,27 @@ async def test_acl_user_on_a_cluster(tmp_path: pathlib.Path) -> None:
             assert objects <= {"config|get"}, objects
     finally:
         cluster.kill()
+
+
+async def test_tls_on_a_cluster(tmp_path: pathlib.Path, redis_tls: RedisTLS) -> None:
+    """``rediss+cluster://``: every node, the cluster bus included, speaks TLS only; the
+    store verifies each node against ``ssl_ca_certs`` and shows its client certificate."""
+    cluster = PrivateRedisCluster(tmp_path / "cluster", replicas=0, tls=redis_tls).start()
+    try:
+        store = open_store(f"{cluster.url}?{redis_tls.query()}&prefix={prefix()}")
+        await store.open()
+        try:
+            await store.create_key(make_key("kb_a", label="team-1"))
+            admitted = await store.admit(
+                AdmissionRequest("kb_a", NOON, reservation_id="res_1", estimate_micros=USD)
+            )
+            assert admitted.status == "admitted"
+        finally:
+            await store.close()
+        other_ca = RedisTLS.make(tmp_path / "other-ca")
+        untrusted = open_store(f"{cluster.url}?{redis_tls.query(ca_pem=other_ca.ca_pem)}")
+        with pytest.raises(StoreUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            await untrusted.open()
+        await untrusted.close()
+    finally:
+        cluster.kill()
