@@ -257,7 +257,8 @@ class PrivateRedisCluster:
 
     ``cluster-node-timeout`` is ``node_timeout_ms``: a killed master's replica takes over
     about that long (plus an election) after the kill. ``password``, ``users`` and ``tls``
-    are every node's (see `PrivateRedis`; with TLS the cluster bus is TLS too).
+    are every node's (see `PrivateRedis`; with TLS the cluster bus is TLS too), and so are
+    the ``config`` lines (they come last: ``appendonly yes`` wins over the default ``no``).
 
     Example::
 
@@ -279,6 +280,7 @@ class PrivateRedisCluster:
         password: str | None = None,
         users: Sequence[str] = (),
         tls: RedisTLS | None = None,
+        config: Sequence[str] = (),
     ) -> None:
         self.replicas = replicas
         self.tls = tls
@@ -300,6 +302,7 @@ class PrivateRedisCluster:
                     *([f"masterauth {password}"] if password is not None else []),
                     # TLS only: the cluster bus and replication too.
                     *(["tls-cluster yes", "tls-replication yes"] if tls is not None else []),
+                    *config,
                 ],
             )
             for i in range(masters * (1 + replicas))

@@ -6,10 +6,14 @@ While the replica takes over, calls of that tree are refused ``503 store_unavail
 another error, never let through); every other answer is a charge or ``429 cap_exhausted``;
 no key is charged past its cap, before, during or after; and once the replica serves the
 slots, the key works again on the same budget, up to its cap.
+
+Without replicas, the documented restart path: the killed master started again as it was
+(its AOF, its cluster config file) serves its budgets as they were.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections import Counter
@@ -22,10 +26,10 @@ from tests._redis import PrivateRedisCluster
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe
 from tests.reliability.conftest import USD, charge, code_of, key_detail, usd_micros, wait_for
+from tests.store.conftest import make_key
 
+from keybrake.store import Admission, AdmissionRequest, KeyRecord, Settlement, StoreUnavailable
 from keybrake.store.redis import RedisStore
-
-pytestmark = [pytest.mark.e2e]
 
 KEYS = 6
 CAP_USD = 12
@@ -75,6 +79,21 @@ class Load:
         assert not any(t.is_alive() for t in self._threads), "a client thread hung"
 
 
+NOON = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
+
+
+def paid(key: KeyRecord, rid: str, micros: int) -> AdmissionRequest:
+    return AdmissionRequest(key.key_id, NOON, reservation_id=rid, estimate_micros=micros)
+
+
+def settled(key: KeyRecord, rid: str, admitted: Admission, micros: int) -> Settlement:
+    return Settlement(
+        key.key_id, key.agent_run_label, "stripe", NOON, reservation_id=rid,
+        ledger_rows=admitted.ledger_rows, finish="settled", actual_micros=micros,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
 def test_a_master_killed_under_load_refuses_503_and_the_caps_hold(
     keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
 ) -> None:
@@ -139,5 +158,52 @@ def test_a_master_killed_under_load_refuses_503_and_the_caps_hold(
         after = [status for i, status, _, t in answers if i == 0 and t > back_at + 1]
         assert 200 in after and set(after) <= {200, 429}, after
         assert fake_stripe.charged_usd_micros() <= KEYS * CAP_USD * USD
+    finally:
+        cluster.kill()
+
+
+async def test_a_master_without_replica_restarted_from_its_aof_keeps_its_budgets(
+    tmp_path: Path,
+) -> None:
+    """The restart path of a cluster without replicas (README): a master killed with
+    ``kill -9`` and started again as it was (same port, cluster config file and AOF) serves
+    its slots again with every budget as it was; meanwhile its trees' calls fail closed and
+    the other masters' go on (``cluster-require-full-coverage no``)."""
+    cluster = PrivateRedisCluster(
+        tmp_path / "cluster",
+        replicas=0,
+        config=["appendonly yes", "appendfsync always", "cluster-require-full-coverage no"],
+    ).start()
+    try:
+        store = RedisStore(cluster.url, prefix=PREFIX)
+        await store.open()
+        labels = [f"restart/{i}" for i in range(32)]
+        by_master: dict[int, str] = {}
+        for label in labels:
+            by_master.setdefault(
+                cluster.master_of(store._kt(store._tree(label, ""), "x")).port, label
+            )
+        (down_port, down_label), (_, up_label) = list(by_master.items())[:2]
+        down_key = make_key("kb_down", label=down_label, daily=10 * USD)
+        up_key = make_key("kb_up", label=up_label, daily=10 * USD)
+        for key in (down_key, up_key):
+            await store.create_key(key)
+            admitted = await store.admit(paid(key, f"res_{key.key_id}_1", 3 * USD))
+            assert admitted.status == "admitted"
+            await store.settle_call(settled(key, f"res_{key.key_id}_1", admitted, 3 * USD))
+
+        victim = next(n for n in cluster.nodes if n.port == down_port)
+        cluster.kill_node(victim)
+        with pytest.raises(StoreUnavailable):
+            await store.admit(paid(down_key, "res_down_2", USD))
+        assert (await store.admit(paid(up_key, "res_up_2", USD))).status == "admitted"
+
+        victim.start()
+        cluster.wait_ok()
+        assert [b.spent_micros for b in await store.budgets(down_key, NOON)] == [3 * USD]
+        assert (await store.admit(paid(down_key, "res_down_3", 7 * USD))).status == "admitted"
+        refused = await store.admit(paid(down_key, "res_down_4", 1))
+        assert (refused.status, refused.code) == ("refused", "cap_exhausted")
+        await store.close()
     finally:
         cluster.kill()
