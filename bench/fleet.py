@@ -124,9 +124,11 @@ class Fleet:
         if self.args.cluster:
             from tests._redis import PrivateRedisCluster
 
+            # Kept before it starts: `stop` kills whatever nodes did.
             self.cluster = PrivateRedisCluster(
                 self.work / "cluster", masters=self.args.cluster, replicas=0
-            ).start()
+            )
+            self.cluster.start()
             return str(self.cluster.url)
         port = free_port()
         self.redis_pidfile = self.work / "redis.pid"

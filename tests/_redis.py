@@ -331,6 +331,7 @@ class PrivateRedisCluster:
             "--cluster-yes",
         )
         if made.returncode != 0:
+            self.kill()
             raise AssertionError(f"redis-cli --cluster create failed: {made.stdout}{made.stderr}")
         self.wait_ok()
         return self
