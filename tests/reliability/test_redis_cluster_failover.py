@@ -14,7 +14,6 @@ Without replicas, the documented restart path: the killed master started again a
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,14 @@ import pytest
 from tests._redis import PrivateRedisCluster
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe
-from tests.reliability.conftest import USD, charge, code_of, key_detail, usd_micros, wait_for
+from tests.reliability.conftest import (
+    USD,
+    ChargeLoad,
+    code_of,
+    key_detail,
+    usd_micros,
+    wait_for,
+)
 from tests.store.conftest import make_key
 
 from keybrake.store import Admission, AdmissionRequest, KeyRecord, Settlement, StoreUnavailable
@@ -36,47 +42,16 @@ CAP_USD = 12
 PREFIX = "kbfail:"
 
 
-class Load:
-    """Two client threads per vault key sending $1 charges until stopped; every answer is kept
-    as ``(key index, status, code, monotonic time)``."""
+def _answer(index: int, r: httpx.Response) -> tuple[int, int, str, float]:
+    """``(key index, status, code, monotonic time)`` of one charge."""
+    return index, r.status_code, "" if r.status_code == 200 else code_of(r), time.monotonic()
 
-    def __init__(self, kb: KeybrakeProcess, vault_keys: list[str]) -> None:
-        self.kb, self.vks = kb, vault_keys
-        self.stop_evt = threading.Event()
-        self.answers: list[tuple[int, int, str, float]] = []
-        self.lost = 0
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,)) for i in [*range(len(vault_keys))] * 2
-        ]
 
-    def _run(self, index: int) -> None:
-        while not self.stop_evt.is_set():
-            try:
-                r = charge(self.kb, self.vks[index], 100, timeout=15)
-            except httpx.HTTPError:
-                with self._lock:
-                    self.lost += 1
-                continue
-            code = "" if r.status_code == 200 else code_of(r)
-            with self._lock:
-                self.answers.append((index, r.status_code, code, time.monotonic()))
-            time.sleep(0.02)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.answers)
-
-    def start(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def join(self) -> None:
-        self.stop_evt.set()
-        for t in self._threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
+def two_per_key(
+    kb: KeybrakeProcess, vault_keys: list[str]
+) -> ChargeLoad[tuple[int, int, str, float]]:
+    """Two client threads per vault key sending $1 charges until stopped."""
+    return ChargeLoad(kb, vault_keys, 2 * len(vault_keys), _answer, pause=0.02, pause_after_loss=0)
 
 
 NOON = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
@@ -114,7 +89,7 @@ def test_a_master_killed_under_load_refuses_503_and_the_caps_hold(
         assert len(set(masters)) >= 2, "the keys' trees should span masters"
         victim = cluster.master_of(trees._kt(trees._tree("failover/0", keys[0]["key_id"]), "x"))
 
-        load = Load(kb, [k["vault_key"] for k in keys]).start()
+        load = two_per_key(kb, [k["vault_key"] for k in keys]).start()
         try:
             wait_for(lambda: load.count() >= 4 * KEYS, 60, "load on every key")
             killed_at = time.monotonic()
