@@ -3,6 +3,7 @@
     make fleet                      # = .venv/bin/python bench/fleet.py
     .venv/bin/python bench/fleet.py --replicas 3 --keys 8 --concurrency 96 --rounds 5
     .venv/bin/python bench/fleet.py --addon /tmp/main/addon   # another checkout's Keybrake
+    .venv/bin/python bench/fleet.py --cluster 3 --keys 16 --labels 16   # a 3-master cluster
 
 Every replica shares one Redis, so Redis, not the replicas, sets how many vendor calls per
 second a whole fleet can make. This starts a private ``redis-server`` on a free loopback port
@@ -18,6 +19,10 @@ over the replicas and the keys. Per vendor call, medians of ``--rounds`` rounds:
 - Redis commands (``INFO commandstats``: the scripts and every command they run);
 - bytes to and from Redis (``INFO stats``: ``total_net_input_bytes``/``…output…``);
 - replica CPU (``/proc``: every replica process, all threads).
+
+With ``--cluster N`` the store is a private Redis Cluster of ``N`` masters on loopback
+(``redis+cluster://``, `tests._redis.PrivateRedisCluster`): the figures are summed over the
+masters, and the fleet ceiling is set by the busiest master (its CPU per call over all calls).
 
 Then the cap check: fresh keys with small daily caps and a label cap, more calls than fit,
 from the same clients: no key and no label spends a micro-dollar over its cap, every call
@@ -45,6 +50,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -78,6 +84,7 @@ class Figures:
     calls: int
     seconds: float
     redis_cpu_ms: float
+    busiest_master_cpu_ms: float
     redis_cmds: dict[str, float]
     bytes_in: float
     bytes_out: float
@@ -94,6 +101,7 @@ class Fleet:
         self.token = f"kba_fleet_{uuid.uuid4().hex}"
         self.redis_pidfile: Path | None = None
         self.calls_made = 0
+        self.cluster: Any = None
 
     # -- processes ---------------------------------------------------------------------------
     def spawn(
@@ -113,6 +121,15 @@ class Fleet:
     def start_redis(self) -> str:
         if self.args.redis_url:
             return str(self.args.redis_url)
+        if self.args.cluster:
+            from tests._redis import PrivateRedisCluster
+
+            # Kept before it starts: `stop` kills whatever nodes did.
+            self.cluster = PrivateRedisCluster(
+                self.work / "cluster", masters=self.args.cluster, replicas=0
+            )
+            self.cluster.start()
+            return str(self.cluster.url)
         port = free_port()
         self.redis_pidfile = self.work / "redis.pid"
         subprocess.run(
@@ -151,7 +168,10 @@ class Fleet:
         from keybrake.proxy.ca import ensure_ca
 
         self.redis_url = self.start_redis()
-        self.redis = redis.Redis.from_url(self.redis_url)
+        if self.cluster is not None:
+            self.nodes = [redis.Redis(port=n.port) for n in self.cluster.nodes]
+        else:
+            self.nodes = [redis.Redis.from_url(self.redis_url)]
         self.fake_tls = load_or_make_fake_ca(self.work / "fake-tls")
         self.certs = self.work / "certs"
         self.client_ctx = ssl.create_default_context(cafile=str(ensure_ca(self.certs)))
@@ -217,7 +237,9 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        if self.redis_pidfile is not None:
+        if self.cluster is not None:
+            self.cluster.kill()
+        elif self.redis_pidfile is not None:
             try:
                 pid = int(self.redis_pidfile.read_text().strip())
                 os.kill(pid, signal.SIGTERM)
@@ -226,7 +248,7 @@ class Fleet:
                     time.sleep(0.05)  # gone before its work dir is removed
             except (OSError, ValueError) as e:
                 print(f"(could not stop the private redis-server: {e})")
-        elif self.args.redis_url:
+        if self.args.redis_url:
             client = redis.Redis.from_url(self.args.redis_url)
             for name in client.scan_iter(f"{self.prefix}*", count=1000):
                 client.delete(name)
@@ -293,15 +315,30 @@ class Fleet:
 
     # -- measuring ---------------------------------------------------------------------------
     def redis_now(self) -> tuple[float, dict[str, int], int, int]:
-        cpu = self.redis.info("cpu")
-        stats = self.redis.info("stats")
-        cmds = self.redis.info("commandstats")
-        return (
-            float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
-            {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in cmds.items()},
-            int(stats["total_net_input_bytes"]),
-            int(stats["total_net_output_bytes"]),
-        )
+        """CPU seconds, command counts and bytes in and out, summed over the servers."""
+        cpu_s, cmds, bytes_in, bytes_out = 0.0, Counter[str](), 0, 0
+        for cpu_node, node_cmds, node_in, node_out in self.nodes_now():
+            cpu_s += cpu_node
+            cmds.update(node_cmds)
+            bytes_in += node_in
+            bytes_out += node_out
+        return cpu_s, dict(cmds), bytes_in, bytes_out
+
+    def nodes_now(self) -> list[tuple[float, dict[str, int], int, int]]:
+        out = []
+        for node in self.nodes:
+            cpu = node.info("cpu")
+            stats = node.info("stats")
+            cmds = node.info("commandstats")
+            out.append(
+                (
+                    float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+                    {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in cmds.items()},
+                    int(stats["total_net_input_bytes"]),
+                    int(stats["total_net_output_bytes"]),
+                )
+            )
+        return out
 
     def idle_cpu(self, seconds: float = 3.0) -> float:
         """Redis CPU (ms per second) while the replicas are up and nothing calls."""
@@ -315,6 +352,7 @@ class Fleet:
 
     def round(self, vault_keys: list[str]) -> Figures:
         n = self.args.requests
+        per_node0 = [c for c, *_ in self.nodes_now()]
         cpu0, cmds0, in0, out0 = self.redis_now()
         rcpu0 = self.replica_cpu()
         started = time.perf_counter()
@@ -322,6 +360,7 @@ class Fleet:
         seconds = time.perf_counter() - started
         rcpu1 = self.replica_cpu()
         cpu1, cmds1, in1, out1 = self.redis_now()
+        per_node1 = [c for c, *_ in self.nodes_now()]
         if set(statuses) != {200}:
             raise RuntimeError(f"not every call succeeded: {dict(statuses)}")
         # The INFO calls themselves are not the fleet's: leave them out.
@@ -330,6 +369,9 @@ class Fleet:
             calls=n,
             seconds=seconds,
             redis_cpu_ms=1000 * (cpu1 - cpu0) / n,
+            busiest_master_cpu_ms=1000
+            * max(b - a for a, b in zip(per_node0, per_node1, strict=True))
+            / n,
             redis_cmds={k: v for k, v in cmds.items() if v > 0},
             bytes_in=(in1 - in0) / n,
             bytes_out=(out1 - out0) / n,
@@ -407,10 +449,24 @@ class Fleet:
 
         return asyncio.run(read())
 
+    def outbox_backlog(self) -> int:
+        """Rows in the store's audit outbox (every bucket's stream on a cluster)."""
+        from keybrake.store import open_store
+
+        async def read() -> int:
+            store = open_store(f"{self.redis_url}?prefix={self.prefix}")
+            await store.open()
+            try:
+                return await store.audit_backlog()
+            finally:
+                await store.close()
+
+        return asyncio.run(read())
+
     def audit_rows(self) -> int:
         """Rows in the replicas' audit logs once the Redis outbox is drained."""
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.redis.xlen(f"{self.prefix}audit"):
+        while time.monotonic() < deadline and self.outbox_backlog():
             time.sleep(0.2)
         time.sleep(1)
         rows = 0
@@ -425,6 +481,7 @@ class Fleet:
 def report(rounds: list[Figures], args: argparse.Namespace, idle_ms_per_s: float) -> list[str]:
     med = statistics.median
     cpu = med(f.redis_cpu_ms for f in rounds)
+    busiest = med(f.busiest_master_cpu_ms for f in rounds)
     # The idle fleet's background (audit pumps polling, cron) does not grow with the calls.
     net = med(f.redis_cpu_ms - idle_ms_per_s * f.seconds / f.calls for f in rounds)
     cmds: dict[str, float] = {}
@@ -434,7 +491,9 @@ def report(rounds: list[Figures], args: argparse.Namespace, idle_ms_per_s: float
     inside = sum(v for k, v in cmds.items() if k not in {"evalsha", "eval"})
     lines = [
         f"per vendor call (medians of {len(rounds)} rounds of {args.requests} calls, "
-        f"{args.replicas} replicas, {args.keys} keys, {args.concurrency} clients):",
+        f"{args.replicas} replicas, {args.keys} keys, {args.concurrency} clients"
+        + (f", a {args.cluster}-master cluster" if args.cluster else "")
+        + "):",
         f"  Redis CPU            {cpu:.3f} ms   -> fleet ceiling {1000 / cpu:,.0f} calls/s "
         "per Redis core",
         f"    net of the idle fleet ({idle_ms_per_s:.1f} ms/s): {net:.3f} ms -> "
@@ -442,6 +501,14 @@ def report(rounds: list[Figures], args: argparse.Namespace, idle_ms_per_s: float
         f"  Redis commands       {scripts + inside:.1f} ({scripts:.1f} scripts running "
         f"{inside:.1f} commands)",
         "    " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])),
+        *(
+            [
+                f"  busiest master CPU   {busiest:.3f} ms   -> fleet ceiling "
+                f"{1000 / busiest:,.0f} calls/s with {args.cluster} masters (one core each)"
+            ]
+            if args.cluster
+            else []
+        ),
         f"  bytes to Redis       {med(f.bytes_in for f in rounds):.0f}",
         f"  bytes from Redis     {med(f.bytes_out for f in rounds):.0f}",
         f"  replica CPU          {med(f.replica_cpu_ms for f in rounds):.2f} ms (all replicas)",
@@ -467,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--addon", help="run the replicas from this addon/ directory (another checkout)"
+    )
+    ap.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="MASTERS",
+        help="a private Redis Cluster of this many masters (redis+cluster://), not one server",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = ap.parse_args(argv)

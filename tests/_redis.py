@@ -1,4 +1,5 @@
-"""The one helper that starts a private redis-server for a test: `PrivateRedis`.
+"""The one helper that starts a private redis-server for a test: `PrivateRedis`, and a
+Redis Cluster of them on loopback: `PrivateRedisCluster`.
 
 On a free loopback port, nothing persisted (unless ``stop(save=True)``), optionally with a
 password for the default user and ACL users (AUTH), and optionally TLS only (``port 0``,
@@ -25,10 +26,12 @@ from tests._ports import free_port
 
 __all__ = [
     "KEYBRAKE_ACL_COMMANDS",
+    "KEYBRAKE_CLUSTER_ACL_COMMANDS",
     "REDIS_ACL_PASSWORD",
     "REDIS_ACL_USER",
     "REDIS_ADMIN_PASSWORD",
     "PrivateRedis",
+    "PrivateRedisCluster",
     "RedisTLS",
     "keybrake_acl",
     "port_open",
@@ -47,6 +50,9 @@ KEYBRAKE_ACL_COMMANDS = (
     "+sadd +srem +smembers +xadd +xrange +xreadgroup +xautoclaim +xack +xdel +xlen +xgroup|create "
     "+multi +exec +evalsha +script|load"
 )
+
+#: What a Redis Cluster's ACL user needs besides: topology discovery and redis-py's command table.
+KEYBRAKE_CLUSTER_ACL_COMMANDS = "+cluster|slots +command"
 
 
 def keybrake_acl(user: str, password: str, key_pattern: str) -> str:
@@ -139,8 +145,9 @@ class PrivateRedis:
         tls: RedisTLS | None = None,
         tls_auth_clients: str = "yes",
         config: Sequence[str] = (),
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pidfile = workdir / f"redis-{self.port}.pid"
@@ -227,3 +234,146 @@ class PrivateRedis:
             self.cli("SHUTDOWN", "NOSAVE")
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(self.pidfile.read_text().strip()), signal.SIGKILL)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free and valid too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of `PrivateRedis` servers on loopback: ``masters`` masters with
+    ``replicas`` replicas each (``cluster-enabled yes``, each node in its own directory, nothing
+    persisted), made with ``redis-cli --cluster create``.
+
+    ``cluster-node-timeout`` is ``node_timeout_ms``: a killed master's replica takes over
+    about that long (plus an election) after the kill. ``password``, ``users`` and ``tls``
+    are every node's (see `PrivateRedis`; with TLS the cluster bus is TLS too), and so are
+    the ``config`` lines (they come last: ``appendonly yes`` wins over the default ``no``).
+
+    Example::
+
+        cluster = PrivateRedisCluster(tmp_path).start()
+        try:
+            store = open_store(cluster.url + "?prefix=kb:")
+            cluster.kill_master_of("some-key")
+        finally:
+            cluster.kill()
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        password: str | None = None,
+        users: Sequence[str] = (),
+        tls: RedisTLS | None = None,
+        config: Sequence[str] = (),
+    ) -> None:
+        self.replicas = replicas
+        self.tls = tls
+        self.nodes = [
+            PrivateRedis(
+                workdir / f"node{i}",
+                port=_cluster_port(),
+                password=password,
+                users=users,
+                tls=tls,
+                config=[
+                    "cluster-enabled yes",
+                    f"cluster-config-file nodes-{i}.conf",
+                    f"cluster-node-timeout {node_timeout_ms}",
+                    # A master without a replica may answer for its slots again once it is
+                    # back (the restart path when there are no replicas).
+                    "cluster-require-full-coverage yes",
+                    # A replica logs in to its master as the default user.
+                    *([f"masterauth {password}"] if password is not None else []),
+                    # TLS only: the cluster bus and replication too.
+                    *(["tls-cluster yes", "tls-replication yes"] if tls is not None else []),
+                    *config,
+                ],
+            )
+            for i in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        """The store URL naming every node (no options)."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
+
+    def start(self) -> PrivateRedisCluster:
+        for node in self.nodes:
+            node.start()
+        if len(self.nodes) == 1:
+            # One master (a baseline for benchmarks): redis-cli --cluster wants three.
+            self.nodes[0].cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+            self.wait_ok()
+            return self
+        made = self.nodes[0].cli(
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            "--cluster-replicas",
+            str(self.replicas),
+            "--cluster-yes",
+        )
+        if made.returncode != 0:
+            self.kill()
+            raise AssertionError(f"redis-cli --cluster create failed: {made.stdout}{made.stderr}")
+        self.wait_ok()
+        return self
+
+    def _state_ok(self, node: PrivateRedis) -> bool:
+        info = node.cli("CLUSTER", "INFO").stdout
+        return "cluster_state:ok" in info and "cluster_slots_ok:16384" in info
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every live node says the cluster is whole (every slot served)."""
+        _wait_for(
+            lambda: all(self._state_ok(n) for n in self.nodes if port_open(n.port)),
+            timeout,
+            "the cluster to be ok",
+        )
+
+    def masters(self) -> list[PrivateRedis]:
+        """The live nodes that are masters now."""
+        return [
+            n
+            for n in self.nodes
+            if port_open(n.port) and "role:master" in n.cli("INFO", "replication").stdout
+        ]
+
+    def master_of(self, key: str) -> PrivateRedis:
+        """The node serving ``key``'s slot now."""
+        slot = int(self.nodes[0].cli("CLUSTER", "KEYSLOT", key).stdout.strip())
+        for node in self.masters():
+            for line in node.cli("CLUSTER", "NODES").stdout.splitlines():
+                fields = line.split()
+                if "myself" in fields[2]:
+                    for served in fields[8:]:
+                        low, _, high = served.partition("-")
+                        if not low.startswith("[") and int(low) <= slot <= int(high or low):
+                            return node
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def kill_node(self, node: PrivateRedis) -> None:
+        """SIGKILL the node's process (no SHUTDOWN: a crash)."""
+        os.kill(int(node.pidfile.read_text().strip()), signal.SIGKILL)
+        _wait_for(lambda: not port_open(node.port), 10, "the node to die")
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()

@@ -384,6 +384,19 @@ def _private_redis(directory: Path, tls: RedisTLS | None = None) -> PrivateRedis
     ).start()
 
 
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A throw-away redis-server of this test's own on a free port (nothing persisted, no
+    password), stopped afterwards: for tests that stop, restart or reconfigure Redis."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    r = PrivateRedis(directory).start()
+    try:
+        yield r
+    finally:
+        r.kill()
+
+
 @pytest.fixture(scope="session")
 def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
     """A private redis-server with AUTH: the default user has `REDIS_ADMIN_PASSWORD`; the

@@ -26,7 +26,7 @@ import stripe
 from tests.conftest import KEYBRAKE, ROOT, KeybrakeProcess, free_port
 from tests.fakes import FakeStripe
 
-from keybrake.cli import _amount
+from keybrake.cli._common import _amount
 
 # Every output of every command run here: none may hold a vault key, except `keys issue`'s.
 OUTPUTS: list[str] = []

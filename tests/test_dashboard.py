@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from keybrake.web.dashboard import axis_ticks, spend_chart, tick_label
+from keybrake.web._charts import axis_ticks, spend_chart, tick_label
 
 USD = 1_000_000
 

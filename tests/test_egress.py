@@ -647,7 +647,7 @@ def test_passthrough_flags_become_the_option(
 ) -> None:
     monkeypatch.setenv("KEYBRAKE_PASSTHROUGH", "ignored.example")
     monkeypatch.setenv("KEYBRAKE_ADMIN_TOKEN", "kba_egress_cli_test_token_0123456789abcdef")
-    monkeypatch.setattr("keybrake.cli.ensure_ca", lambda d: keybrake_certs / "bundle.pem")
+    monkeypatch.setattr("keybrake.cli._run.ensure_ca", lambda d: keybrake_certs / "bundle.pem")
     result, argv = run_cli(
         monkeypatch,
         tmp_path,
@@ -667,7 +667,7 @@ def test_passthrough_comes_from_the_environment_comma_separated(
 ) -> None:
     monkeypatch.setenv("KEYBRAKE_PASSTHROUGH", "*.googleapis.com, pypi.org")
     monkeypatch.setenv("KEYBRAKE_ADMIN_TOKEN", "kba_egress_cli_test_token_0123456789abcdef")
-    monkeypatch.setattr("keybrake.cli.ensure_ca", lambda d: keybrake_certs / "bundle.pem")
+    monkeypatch.setattr("keybrake.cli._run.ensure_ca", lambda d: keybrake_certs / "bundle.pem")
     result, argv = run_cli(monkeypatch, tmp_path, "run")
     assert result.exit_code == 0, result.output
     assert passthrough_sets(argv) == ["*.googleapis.com", "pypi.org"]

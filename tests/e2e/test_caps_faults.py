@@ -16,7 +16,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,25 +178,15 @@ def test_kill_9_mid_request_keeps_the_budget_conservative_and_consistent(
 # ------------------------------------------------------------------------------- redis outage
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A throw-away redis-server on a free port (nothing persisted), stopped afterwards."""
-    r = PrivateRedis(tmp_path / "redis").start()
-    try:
-        yield r
-    finally:
-        r.kill()
-
-
 @pytest.mark.redis
 def test_redis_outage_fails_closed_and_recovers_without_restart(
     keybrake_factory: Any,
     fake_stripe: FakeStripe,
-    own_redis: PrivateRedis,
+    private_redis: PrivateRedis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    port = own_redis.port
+    port = private_redis.port
     kb: KeybrakeProcess = keybrake_factory(
         {"stripe": fake_stripe}, store=f"redis://127.0.0.1:{port}/0"
     )
@@ -206,7 +195,7 @@ def test_redis_outage_fails_closed_and_recovers_without_restart(
     assert ok.status_code == 200, ok.text
     assert len(fake_stripe.ledger) == 1
 
-    own_redis.stop()
+    private_redis.stop()
 
     # Raw HTTP: fail closed, quickly, the vendor is not contacted.
     started = time.monotonic()
@@ -234,7 +223,7 @@ def test_redis_outage_fails_closed_and_recovers_without_restart(
     assert refusal_code(issue) == "store_unavailable"
 
     # Redis comes back (empty: nothing was persisted); the same proxy process recovers.
-    own_redis.start()
+    private_redis.start()
     wait_for(
         lambda: httpx.get(f"{kb.admin_url}/readyz", timeout=10).status_code == 200,
         10,

@@ -1,15 +1,15 @@
-"""Shared helpers of the reliability suite: charges, audit rows, a private redis-server."""
+"""Shared helpers of the reliability suite: charges and audit rows (the private redis-server
+is the root conftest's `private_redis`)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from tests._redis import PrivateRedis
 from tests.conftest import KeybrakeProcess, audit_query
 
 STRIPE = "https://api.stripe.com"
@@ -103,14 +103,57 @@ def vk(kb: KeybrakeProcess) -> str:
     return str(key["vault_key"])
 
 
-# ------------------------------------------------------------------------ private redis-server
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    d = tmp_path / "redis"
-    d.mkdir()
-    r = PrivateRedis(d)
-    r.start()
-    try:
-        yield r
-    finally:
-        r.kill()
+class ChargeLoad[T]:
+    """Client threads sending $1 charges through ``kb`` until stopped: thread ``i`` uses
+    ``vault_keys[i % len(vault_keys)]``. Every answer is kept as ``record(index, response)``;
+    a request that got no answer (a replica or a store master died under it) counts in
+    ``lost``."""
+
+    def __init__(
+        self,
+        kb: KeybrakeProcess,
+        vault_keys: list[str],
+        threads: int,
+        record: Callable[[int, httpx.Response], T],
+        *,
+        pause: float = 0.01,
+        pause_after_loss: float = 0.05,
+    ) -> None:
+        self.kb, self.vks, self.record = kb, vault_keys, record
+        self.pause, self.pause_after_loss = pause, pause_after_loss
+        self.stop_evt = threading.Event()
+        self.answers: list[T] = []
+        self.lost = 0
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i % len(vault_keys),)) for i in range(threads)
+        ]
+
+    def _run(self, index: int) -> None:
+        while not self.stop_evt.is_set():
+            try:
+                r = charge(self.kb, self.vks[index], 100, timeout=15)
+            except httpx.HTTPError:
+                with self._lock:
+                    self.lost += 1
+                time.sleep(self.pause_after_loss)
+                continue
+            answer = self.record(index, r)
+            with self._lock:
+                self.answers.append(answer)
+            time.sleep(self.pause)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def start(self) -> ChargeLoad[T]:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self) -> None:
+        self.stop_evt.set()
+        for t in self._threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in self._threads), "a client thread hung"

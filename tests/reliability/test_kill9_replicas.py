@@ -7,7 +7,6 @@ cleanly on the same store. (One replica on SQLite: test_faults.py.)"""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tests.conftest import REDIS_URL, KeybrakeProcess, audit_query
 from tests.fakes import FakeStripe
 from tests.reliability.conftest import (
     USD,
+    ChargeLoad,
     charge,
     code_of,
     key_detail,
@@ -49,45 +49,9 @@ def answer_of(r: httpx.Response) -> Answer:
     return Answer(r.status_code, None, r.headers.get("Request-Id"), code_of(r))
 
 
-class Clients:
-    """``threads`` workers sending $1 charges to one replica until stopped; every answer is
-    kept. A request that got no answer (the replica died under it) counts in ``lost``."""
-
-    def __init__(self, kb: KeybrakeProcess, vault_key: str, threads: int = THREADS) -> None:
-        self.kb, self.vk = kb, vault_key
-        self.stop_evt = threading.Event()
-        self.answers: list[Answer] = []
-        self.lost = 0
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
-
-    def _run(self) -> None:
-        while not self.stop_evt.is_set():
-            try:
-                r = charge(self.kb, self.vk, 100, timeout=15)
-            except httpx.HTTPError:
-                with self._lock:
-                    self.lost += 1
-                time.sleep(0.05)
-                continue
-            with self._lock:
-                self.answers.append(answer_of(r))
-            time.sleep(0.01)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.answers)
-
-    def start(self) -> Clients:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def join(self) -> None:
-        self.stop_evt.set()
-        for t in self._threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
+def clients(kb: KeybrakeProcess, vault_key: str, threads: int = THREADS) -> ChargeLoad[Answer]:
+    """``threads`` workers sending $1 charges to one replica until stopped."""
+    return ChargeLoad(kb, [vault_key], threads, lambda _, r: answer_of(r))
 
 
 def audit_via_api(kb: KeybrakeProcess, key_id: str) -> list[dict[str, Any]]:
@@ -156,7 +120,7 @@ def test_kill_9_of_one_of_two_redis_replicas_under_load(
     first_id = first.json()["id"]
 
     fake_stripe.delay_seconds = 0.2  # calls are in flight at the vendor when A dies
-    on_a, on_b = Clients(a, vk).start(), Clients(b, vk).start()
+    on_a, on_b = clients(a, vk).start(), clients(b, vk).start()
     try:
         wait_for(
             lambda: on_a.count() >= 10 and on_b.count() >= 10, 30, "load through both replicas"
@@ -300,7 +264,7 @@ def test_rows_a_killed_replica_had_claimed_are_moved_by_the_survivors_pump(
     key = a.issue_key(daily_usd_cap=100_000, agent_run_label="reliability/kill9-claim")
     key_id, vk = key["key_id"], key["vault_key"]
     fake_stripe.delay_seconds = 0.1
-    on_a, on_b = Clients(a, vk, threads=2).start(), Clients(b, vk, threads=2).start()
+    on_a, on_b = clients(a, vk, threads=2).start(), clients(b, vk, threads=2).start()
     locker = psycopg.connect(postgres_audit_url)
     try:
         wait_for(lambda: on_a.count() >= 3 and on_b.count() >= 3, 30, "load on both")

@@ -1,6 +1,8 @@
 """Fixtures for the store contract: the same tests against SQLite (tmp_path) and real Redis:
-the shared one on 127.0.0.1:6379, and private ones with AUTH as an ACL user (``redis-acl``)
-and with TLS, a client certificate and the password from the environment (``redis-tls``)."""
+the shared one on 127.0.0.1:6379, private ones with AUTH as an ACL user (``redis-acl``)
+and with TLS, a client certificate and the password from the environment (``redis-tls``), and
+a private Redis Cluster of three masters on loopback (``redis-cluster``, ``redis+cluster://``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis
-from tests._redis import REDIS_ACL_PASSWORD, REDIS_ACL_USER, PrivateRedis, RedisTLS
+from tests._redis import (
+    REDIS_ACL_PASSWORD,
+    REDIS_ACL_USER,
+    PrivateRedis,
+    PrivateRedisCluster,
+    RedisTLS,
+)
 
 from keybrake.store import PASSWORD_ENV, KeyRecord, RedisStore, SQLiteStore, Store, open_store
 
@@ -75,7 +83,13 @@ def make_key(
 
 
 @pytest.fixture(
-    params=["sqlite", pytest.param("redis", marks=pytest.mark.redis), "redis-acl", "redis-tls"]
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        "redis-acl",
+        "redis-tls",
+        "redis-cluster",
+    ]
 )
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param
@@ -88,6 +102,9 @@ def private_store_url(
     backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> str:
     """The store URL of a private Redis backend, opened the way an operator would."""
+    if backend == "redis-cluster":
+        cluster: PrivateRedisCluster = request.getfixturevalue("redis_cluster")
+        return f"{cluster.url}?"
     if backend == "redis-acl":
         acl: PrivateRedis = request.getfixturevalue("acl_redis")
         return f"redis://{REDIS_ACL_USER}:{REDIS_ACL_PASSWORD}@127.0.0.1:{acl.port}/0?"
@@ -95,6 +112,17 @@ def private_store_url(
     certs: RedisTLS = request.getfixturevalue("redis_tls")
     monkeypatch.setenv(PASSWORD_ENV, REDIS_ACL_PASSWORD)
     return f"rediss://{REDIS_ACL_USER}@127.0.0.1:{tls.port}/0?{certs.query()}&"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedisCluster]:
+    """A private Redis Cluster: three masters, no replicas (the failover tests start their
+    own, with replicas), shared by the tests of one worker; each test has its own prefix."""
+    cluster = PrivateRedisCluster(tmp_path_factory.mktemp("redis-cluster"), replicas=0)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.kill()
 
 
 @pytest.fixture

@@ -21,7 +21,15 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from tests._redis import PrivateRedisCluster
 from tests.store.conftest import (
     REDIS_URL,
     USD,
@@ -74,6 +82,7 @@ class Call:
 
 class HotPathMachine(RuleBasedStateMachine):
     backend: ClassVar[str]
+    url: ClassVar[str] = REDIS_URL  # a Redis backend's
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,7 +107,7 @@ class HotPathMachine(RuleBasedStateMachine):
     def new_store(self) -> Store:
         if self.tmpdir is not None:
             return SQLiteStore(self.tmpdir / "state.db")
-        return RedisStore(REDIS_URL, prefix=self.prefix)
+        return RedisStore(self.url, prefix=self.prefix)
 
     def run(self, coro: Any) -> Any:
         return self.runner.run(coro)
@@ -269,3 +278,12 @@ class TestRedisHotPath(RedisHotPath.TestCase):  # type: ignore[misc,valid-type]
 
     def setUp(self) -> None:
         require_redis()
+
+
+class ClusterHotPath(HotPathMachine):
+    backend = "redis-cluster"
+
+
+def test_the_hot_path_model_on_a_redis_cluster(redis_cluster: PrivateRedisCluster) -> None:
+    ClusterHotPath.url = redis_cluster.url
+    run_state_machine_as_test(ClusterHotPath, settings=MODEL_SETTINGS)

@@ -25,7 +25,9 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
+from tests._redis import PrivateRedisCluster
 from tests.store.conftest import (
     REDIS_URL,
     USD,
@@ -62,6 +64,7 @@ def touched(key: KeyRecord, day: str) -> list[tuple[Usage, int | None]]:
 
 class LedgerMachine(RuleBasedStateMachine):
     backend: ClassVar[str]
+    url: ClassVar[str] = REDIS_URL  # a Redis backend's
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,7 +78,7 @@ class LedgerMachine(RuleBasedStateMachine):
             store = SQLiteStore(self.tmpdir / "state.db")
         else:
             self.prefix = redis_prefix()
-            store = RedisStore(REDIS_URL, prefix=self.prefix)
+            store = RedisStore(self.url, prefix=self.prefix)
         self.store = store
         self.now = START
         self.days = {utc_day(START): START}
@@ -239,3 +242,12 @@ class TestRedisLedger(RedisLedger.TestCase):  # type: ignore[misc,valid-type]
 
     def setUp(self) -> None:
         require_redis()
+
+
+class ClusterLedger(LedgerMachine):
+    backend = "redis-cluster"
+
+
+def test_the_ledger_model_on_a_redis_cluster(redis_cluster: PrivateRedisCluster) -> None:
+    ClusterLedger.url = redis_cluster.url
+    run_state_machine_as_test(ClusterLedger, settings=LEDGER_SETTINGS)

@@ -13,17 +13,22 @@ from collections.abc import Iterator
 import pytest
 from tests._redis import (
     KEYBRAKE_ACL_COMMANDS,
+    KEYBRAKE_CLUSTER_ACL_COMMANDS,
     REDIS_ACL_PASSWORD,
     REDIS_ACL_USER,
     REDIS_ADMIN_PASSWORD,
     PrivateRedis,
+    PrivateRedisCluster,
     RedisTLS,
+    keybrake_acl,
 )
 from tests.store.conftest import USD, make_key
 
 from keybrake.store import (
     PASSWORD_ENV,
+    AdmissionRequest,
     RedisStore,
+    Settlement,
     StoreUnavailable,
     open_store,
     redact_url,
@@ -55,6 +60,23 @@ def prefix() -> str:
         ("rediss://h/0?ssl_cert_reqs=none", dict(tls=True, verify=False)),
         ("rediss://h/0?ssl_cert_reqs=REQUIRED", dict(verify=True)),
         ("rediss://u:pw@h/0?prefix=p:", dict(url="rediss://u:***@h/0", prefix="p:")),
+        (
+            "redis+cluster://kb:pw@10.0.0.5:7000,10.0.0.6,[::1]:7002/?prefix=p:",
+            dict(
+                cluster=True,
+                nodes=(("10.0.0.5", 7000), ("10.0.0.6", 6379), ("::1", 7002)),
+                host="10.0.0.5",
+                port=7000,
+                db=0,
+                username="kb",
+                password="pw",
+                prefix="p:",
+                url="redis+cluster://kb:***@10.0.0.5:7000,10.0.0.6,[::1]:7002/",
+            ),
+        ),
+        ("redis+cluster://h:7000", dict(cluster=True, nodes=(("h", 7000),), tls=False)),
+        ("rediss+cluster://h:7000/0?ssl_cert_reqs=none", dict(cluster=True, tls=True)),
+        ("redis://h:7000", dict(cluster=False, nodes=())),
     ],
 )
 def test_parse(url: str, expected: dict[str, object]) -> None:
@@ -104,6 +126,11 @@ def test_password_sources() -> None:
         ("redis://kb@h/0", f"no password: put it in the URL .* or in the {PASSWORD_ENV}"),
         (f"postgres://u:{SECRET}@h/db", "unsupported scheme"),
         (f"sqlite://u:{SECRET}@h/state.db", "has no host"),
+        (f"redis+cluster://:{SECRET}@h:7000/1", "a Redis Cluster has database 0 only"),
+        (f"redis+cluster://:{SECRET}@h:7000,h:x/0", "each node's port must be a number"),
+        (f"redis+cluster://:{SECRET}@h:7000,/0", "name the cluster's nodes"),
+        (f"redis+cluster://:{SECRET}@h:7000/0?prefix=kb:{{x}}:", r"may not contain \{ or \}"),
+        (f"redis+cluster://:{SECRET}@h/0?ssl_ca_certs=/etc/ssl/ca.pem", "need TLS"),
     ],
 )
 def test_bad_urls_are_named_without_the_password(
@@ -127,6 +154,7 @@ def test_bad_urls_are_named_without_the_password(
         (f"redis://:ab/{SECRET}@h/0", "redis://:***@h/0"),  # malformed: hides more, not less
         (f"redis://h/0?password={SECRET}&prefix=p:", "redis://h/0?password=***&prefix=p:"),
         ("sqlite:///data/kb.db", "sqlite:///data/kb.db"),
+        (f"redis+cluster://kb:{SECRET}@h:1,h:2/0", "redis+cluster://kb:***@h:1,h:2/0"),
         ("", ""),
     ],
 )
@@ -141,6 +169,8 @@ def test_redact_url(url: str, shown: str) -> None:
         (f"redis://:{SECRET}@h:6379/0?prefix=p:", "redis://h:6379/0?prefix=p:", SECRET),
         ("rediss://kb:a%40b@[::1]:6380/0", "rediss://kb@[::1]:6380/0", "a@b"),
         ("sqlite:///x.db", "sqlite:///x.db", None),
+        (f"redis+cluster://kb:{SECRET}@h:1,h:2/0", "redis+cluster://kb@h:1,h:2/0", SECRET),
+        (f"rediss+cluster://:{SECRET}@h:1/0", "rediss+cluster://h:1/0", SECRET),
     ],
 )
 def test_split_password(url: str, without: str, password: str | None) -> None:
@@ -329,3 +359,69 @@ def test_readme_gives_the_tested_acl() -> None:
     """The README's ``ACL SETUSER`` line is the one `acl_redis` runs the contract under."""
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     assert f"resetchannels {KEYBRAKE_ACL_COMMANDS}\n" in readme
+    assert f"`{KEYBRAKE_CLUSTER_ACL_COMMANDS}`" in readme
+
+
+async def test_acl_user_on_a_cluster(tmp_path: pathlib.Path) -> None:
+    """The README's ACL plus `KEYBRAKE_CLUSTER_ACL_COMMANDS` on a Redis Cluster: admission,
+    settlement, the outbox and the listings run; nothing but ``CONFIG GET`` is refused."""
+    acl = keybrake_acl(REDIS_ACL_USER, REDIS_ACL_PASSWORD, "kbtest:*")
+    cluster = PrivateRedisCluster(
+        tmp_path / "cluster",
+        replicas=0,
+        password=REDIS_ADMIN_PASSWORD,
+        users=[f"{acl} {KEYBRAKE_CLUSTER_ACL_COMMANDS}"],
+    ).start()
+    try:
+        url = cluster.url.replace("://", f"://{REDIS_ACL_USER}:{REDIS_ACL_PASSWORD}@")
+        store = open_store(f"{url}?prefix={prefix()}")
+        await store.open()
+        try:
+            key = make_key("kb_a", label="team-1", daily=10 * USD)
+            await store.create_key(key)
+            admitted = await store.admit(
+                AdmissionRequest("kb_a", NOON, reservation_id="res_1", estimate_micros=USD)
+            )
+            assert admitted.status == "admitted"
+            settled = Settlement(
+                "kb_a", "team-1", "stripe", NOON, reservation_id="res_1",
+                ledger_rows=admitted.ledger_rows, finish="settled", actual_micros=USD,
+                created=("pi_1",), audit={"n": 1},
+            )  # fmt: skip
+            assert await store.settle_call(settled)
+            assert await store.object_owner("stripe", "pi_1") is not None
+            assert [row for _, row in await store.audit_batch("c1", 10)] == [{"n": 1}]
+            assert [k.key_id for k in await store.list_keys()] == ["kb_a"]
+            assert await store.revoke_key("kb_a", NOON) is not None
+        finally:
+            await store.close()
+        for node in cluster.nodes:
+            refused = node.cli("ACL", "LOG").stdout.split()
+            objects = {refused[i + 1] for i, w in enumerate(refused) if w == "object"}
+            assert objects <= {"config|get"}, objects
+    finally:
+        cluster.kill()
+
+
+async def test_tls_on_a_cluster(tmp_path: pathlib.Path, redis_tls: RedisTLS) -> None:
+    """``rediss+cluster://``: every node, the cluster bus included, speaks TLS only; the
+    store verifies each node against ``ssl_ca_certs`` and shows its client certificate."""
+    cluster = PrivateRedisCluster(tmp_path / "cluster", replicas=0, tls=redis_tls).start()
+    try:
+        store = open_store(f"{cluster.url}?{redis_tls.query()}&prefix={prefix()}")
+        await store.open()
+        try:
+            await store.create_key(make_key("kb_a", label="team-1"))
+            admitted = await store.admit(
+                AdmissionRequest("kb_a", NOON, reservation_id="res_1", estimate_micros=USD)
+            )
+            assert admitted.status == "admitted"
+        finally:
+            await store.close()
+        other_ca = RedisTLS.make(tmp_path / "other-ca")
+        untrusted = open_store(f"{cluster.url}?{redis_tls.query(ca_pem=other_ca.ca_pem)}")
+        with pytest.raises(StoreUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            await untrusted.open()
+        await untrusted.close()
+    finally:
+        cluster.kill()

@@ -19,6 +19,9 @@ RESPONSE = StoredResponse(200, (("Content-Type", "application/json"),), b'{"id":
 async def test_the_first_owner_of_an_object_stays(store: Store) -> None:
     a = make_key("kb_a", label="run-1")
     b = make_key("kb_b", label="run-2")
+    # Stored: on a cluster a key's entries are in its label's tree, found from its id.
+    await store.create_key(a)
+    await store.create_key(b)
     await store.record_objects(a, "stripe", ["pi_1", "pi_2"], NOON)
     await store.record_objects(b, "stripe", ["pi_2", "pi_3"], NOON)
 

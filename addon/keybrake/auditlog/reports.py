@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from keybrake.auditlog.sinks import AuditSink, audit_time
 from keybrake.core.money import format_usd
@@ -20,20 +20,33 @@ from keybrake.store import Store
 __all__ = [
     "GROUPS",
     "OUTCOMES",
+    "SPENT_OUTCOMES",
     "SPENT_OUTCOMES_SQL",
+    "SPENT_SQL",
     "ReportError",
     "add_caps",
     "audit_rows",
     "format_table",
     "parse_time",
+    "recent_problems",
+    "refusals_by_code",
+    "spend_by_label",
     "spend_summary",
+    "totals_since",
 ]
 
 GROUPS = ("label", "key", "vendor", "hour", "day")
 OUTCOMES = ("ok", "held", "overrun", "refused", "replayed", "vendor_error", "unknown")
 # Money that moved: what `keybrake.proxy.metrics` counts as spent too. An overrun was charged (its
 # actual is booked); a held call's amount has not moved yet (actual 0).
-SPENT_OUTCOMES_SQL = "('ok', 'overrun', 'vendor_error', 'unknown')"
+SPENT_OUTCOMES: Final = ("ok", "overrun", "vendor_error", "unknown")
+SPENT_OUTCOMES_SQL: Final = "(" + ", ".join(f"'{o}'" for o in SPENT_OUTCOMES) + ")"
+SPENT_SQL = (
+    f"SUM(CASE WHEN outcome IN {SPENT_OUTCOMES_SQL} "
+    "THEN COALESCE(actual_micros, estimate_micros, 0) ELSE 0 END)"
+)
+"""The audit log's "spent" of a set of rows, in micro-USD: the one definition every report
+uses (the ledger's exact figure for a budget is `keybrake.store.BudgetState.used_micros`)."""
 _REL = re.compile(r"^(\d{1,6})([mhdw])$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -156,8 +169,7 @@ def spend_summary(
         "SUM(CASE WHEN outcome = 'refused' THEN 1 ELSE 0 END) AS refusals, "
         "SUM(CASE WHEN outcome = 'replayed' THEN 1 ELSE 0 END) AS replays, "
         "SUM(CASE WHEN code = 'cap_exhausted' THEN 1 ELSE 0 END) AS cap_hits, "
-        f"SUM(CASE WHEN outcome IN {SPENT_OUTCOMES_SQL} "
-        "THEN COALESCE(actual_micros, estimate_micros, 0) ELSE 0 END) AS spent_micros, "
+        f"{SPENT_SQL} AS spent_micros, "
         "MIN(ts) AS first_ts, MAX(ts) AS last_ts "
         f"FROM audit{where} GROUP BY {expr} ORDER BY {expr}"
     )
@@ -260,3 +272,51 @@ async def add_caps(rows: list[dict[str, Any]], store: Store, now: dt.datetime) -
             cap = await store.get_label_budget(row["group"])
         row["daily_cap_usd"] = format_usd(cap) if cap is not None else None
         row["remaining_usd"] = format_usd(remaining) if remaining is not None else None
+
+
+# -- the dashboard's views -------------------------------------------------------------------
+def refusals_by_code(
+    sink: AuditSink, since: dt.datetime, recent: dt.datetime
+) -> list[dict[str, Any]]:
+    """Refusals since ``since`` per code, most first: ``n``, ``last_hour`` (since ``recent``),
+    ``last_ts``."""
+    p = sink.placeholder
+    return sink.query(
+        f"SELECT code, COUNT(*) AS n, "  # noqa: S608 (constant SQL, values are parameters)
+        f"SUM(CASE WHEN ts >= {p} THEN 1 ELSE 0 END) AS last_hour, MAX(ts) AS last_ts "
+        f"FROM audit WHERE outcome = 'refused' AND ts >= {p} GROUP BY code ORDER BY n DESC",
+        [audit_time(recent), audit_time(since)],
+    )
+
+
+def totals_since(sink: AuditSink, since: dt.datetime) -> dict[str, Any]:
+    """``calls``, ``spent`` (micro-USD), ``unknown`` and ``vendor_errors`` since ``since``."""
+    rows = sink.query(
+        f"SELECT COUNT(*) AS calls, {SPENT_SQL} AS spent, "  # noqa: S608
+        "SUM(CASE WHEN outcome = 'unknown' THEN 1 ELSE 0 END) AS unknown, "
+        "SUM(CASE WHEN outcome = 'vendor_error' THEN 1 ELSE 0 END) AS vendor_errors "
+        f"FROM audit WHERE ts >= {sink.placeholder}",
+        [audit_time(since)],
+    )
+    return rows[0] if rows else {}
+
+
+def recent_problems(sink: AuditSink, since: dt.datetime, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest refused, unknown and vendor-error rows since ``since``."""
+    return sink.query(
+        "SELECT * FROM audit WHERE outcome IN ('refused', 'unknown', 'vendor_error') "  # noqa: S608
+        f"AND ts >= {sink.placeholder} ORDER BY id DESC LIMIT {int(limit)}",
+        [audit_time(since)],
+    )
+
+
+def spend_by_label(sink: AuditSink, since: dt.datetime, width: int) -> list[dict[str, Any]]:
+    """``spent``, ``calls`` and ``refusals`` per label per time bucket since ``since``; a
+    bucket is the first ``width`` characters of the timestamp (13: an hour, 10: a day)."""
+    bucket = f"substr(ts, 1, {int(width)})"
+    return sink.query(
+        f"SELECT label, {bucket} AS bucket, {SPENT_SQL} AS spent, "  # noqa: S608
+        "COUNT(*) AS calls, SUM(CASE WHEN outcome = 'refused' THEN 1 ELSE 0 END) AS refusals "
+        f"FROM audit WHERE ts >= {sink.placeholder} GROUP BY label, {bucket}",
+        [audit_time(since)],
+    )

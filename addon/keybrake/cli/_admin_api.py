@@ -23,8 +23,8 @@ from keybrake.client import (
     TransportError,
     Unauthorized,
     Unavailable,
-    _Call,
 )
+from keybrake.client._calls import Op
 
 __all__ = ["RemoteAdmin", "RemoteError", "admin_token", "remote_admin"]
 
@@ -79,12 +79,16 @@ class RemoteAdmin(KeybrakeClient):
         body: Mapping[str, Any] | None = None,
     ) -> Any:
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        return self._send(_Call(method, path, query, body))
+        return self._run(Op(method, path, _as_is, query, body))
 
     def items(self, path: str, params: Mapping[str, str | int | None] | None = None) -> Any:
         """The ``data`` of a list answer."""
         payload = self.call("GET", path, params)
         return payload.get("data", []) if isinstance(payload, dict) else []
+
+
+def _as_is(payload: Any) -> Any:
+    return payload
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from keybrake.auditlog.reports import SPENT_OUTCOMES
 from keybrake.proxy.calls import call_of
 from keybrake.proxy.core import Runtime
 from keybrake.store import Store, StoreUnavailable
@@ -46,7 +47,6 @@ __all__ = ["MAX_LABELS", "Metrics", "TimedStore", "load_metrics_token"]
 MAX_LABELS = 500
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 VENDOR_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-SPENT_OUTCOMES = frozenset({"ok", "overrun", "vendor_error", "unknown"})
 _DONE = "keybrake_metrics_counted"
 METRICS_TOKEN_ENV = "KEYBRAKE_METRICS_TOKEN"
 

@@ -79,6 +79,8 @@ def open_store(url: str) -> Store:
       with ``?prefix=keybrake-prod:`` (default ``keybrake:``) and, for TLS, ``ssl_ca_certs``,
       ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs=none`` → `RedisStore`. Without a
       password in the URL, the ``KEYBRAKE_STORE_PASSWORD`` environment variable's is used.
+    - ``redis+cluster://host:port[,host:port…]`` (``rediss+cluster://`` with TLS), the same
+      options → `RedisStore` on a Redis Cluster (or Valkey's), discovered from those nodes
 
     Errors (`ValueError`) show the URL with its password replaced by ``***``.
 
@@ -87,6 +89,7 @@ def open_store(url: str) -> Store:
         store = open_store("sqlite:///var/lib/keybrake/state.db")
         store = open_store("redis://127.0.0.1:6379/0?prefix=kb-staging:")
         store = open_store("rediss://keybrake@10.0.0.5:6380/0?ssl_ca_certs=/etc/kb/ca.pem")
+        store = open_store("redis+cluster://10.0.0.5:7000,10.0.0.6:7000/0")
     """
     scheme, _, rest = url.partition(":")
     scheme = scheme.lower()
@@ -106,7 +109,7 @@ def open_store(url: str) -> Store:
                 f"store URL {redact_url(url)!r}: name a database file, e.g. sqlite:///data/kb.db"
             )
         return SQLiteStore(pathlib.Path(path))
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         from keybrake.store.redis import RedisStore
 
         return RedisStore(url, password=os.environ.get(PASSWORD_ENV) or None)

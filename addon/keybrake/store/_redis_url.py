@@ -1,5 +1,6 @@
-"""Redis store URLs: ``redis://`` and ``rediss://`` parsed into connection settings, and the
-same URLs shown without their password.
+"""Redis store URLs: ``redis://`` and ``rediss://`` (one server) and ``redis+cluster://`` and
+``rediss+cluster://`` (a Redis Cluster, or Valkey's, named by one or more of its nodes) parsed
+into connection settings, and the same URLs shown without their password.
 
 The password goes no further than `RedisTarget.password`, which its ``repr`` leaves out;
 every message, log line, ``repr(store)`` and banner shows a URL through `redact_url`.
@@ -32,6 +33,8 @@ _FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 # Query options other than ours may hold anything (``?password=``): their values are hidden.
 _QUERY_VALUE = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 _ENCODE_HINT = "percent-encode / ? # @ in a password: %2F %3F %23 %40"
+_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+_SCHEMES_SEP = tuple(f"{scheme}://" for scheme in _SCHEMES)
 
 
 def redact_url(url: str) -> str:
@@ -75,7 +78,7 @@ def split_password(url: str) -> tuple[str, str | None]:
     >>> split_password("sqlite:///data/keybrake.db")
     ('sqlite:///data/keybrake.db', None)
     """
-    if not url.lower().startswith(("redis://", "rediss://")):
+    if not url.lower().startswith(_SCHEMES_SEP):
         return url, None
     parts = urllib.parse.urlsplit(url)
     if not parts.password:
@@ -106,9 +109,15 @@ class RedisTarget:
     prefix: str = DEFAULT_PREFIX
     # Start even though Redis may evict keys (its maxmemory-policy is not noeviction).
     allow_eviction: bool = False
+    # A Redis Cluster: ``nodes`` are where to start discovering it (``host``/``port`` is the
+    # first of them).
+    cluster: bool = False
+    nodes: tuple[tuple[str, int], ...] = ()
 
     def connection_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for a redis-py connection (pool), TLS aside."""
+        if self.cluster:
+            return {"username": self.username, "password": self.password}
         return {
             "host": self.host,
             "port": self.port,
@@ -139,10 +148,39 @@ class RedisTarget:
         return context
 
 
-def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
-    """The `RedisTarget` of a ``redis://`` or ``rediss://`` store URL.
+def _cluster_nodes(netloc: str, shown: str) -> tuple[tuple[str, int], ...]:
+    """The ``host:port`` list of a cluster URL (after any user info), each port defaulting to
+    6379; IPv6 addresses in brackets.
 
-    ``redis[s]://[[user]:password@]host[:port][/db][?option=value&…]``; options: ``prefix``
+    >>> _cluster_nodes("kb@10.0.0.5:7000,10.0.0.6", "")
+    (('10.0.0.5', 7000), ('10.0.0.6', 6379))
+    """
+    nodes: list[tuple[str, int]] = []
+    for item in netloc.rpartition("@")[2].split(","):
+        one = urllib.parse.urlsplit(f"//{item.strip()}")
+        try:
+            host, port = one.hostname, one.port
+        except ValueError:
+            raise ValueError(
+                f"store URL {shown!r}: each node's port must be a number ({_ENCODE_HINT})"
+            ) from None
+        if not host:
+            raise ValueError(
+                f"store URL {shown!r}: name the cluster's nodes, e.g. "
+                "redis+cluster://10.0.0.5:7000,10.0.0.6:7000"
+            )
+        nodes.append((host, port if port is not None else 6379))
+    return tuple(nodes)
+
+
+def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
+    """The `RedisTarget` of a ``redis://``, ``rediss://``, ``redis+cluster://`` or
+    ``rediss+cluster://`` store URL.
+
+    ``redis[s]://[[user]:password@]host[:port][/db][?option=value&…]``, or for a Redis
+    Cluster ``redis[s]+cluster://[[user]:password@]host[:port][,host[:port]…][/0][?…]`` (the
+    nodes to discover the cluster from; any one that answers will do; a cluster has database 0
+    only). Options: ``prefix``
     (key prefix, default ``keybrake:``), ``allow_eviction`` (``1``: start even when Redis's
     ``maxmemory-policy`` may evict budget state; default ``0``: refuse) and, with
     ``rediss://`` only, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (PEM files) and
@@ -159,14 +197,25 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
     shown = redact_url(url)
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss"):
-        raise ValueError(f"store URL {shown!r}: a Redis URL starts with redis:// or rediss://")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
+    if scheme not in _SCHEMES:
         raise ValueError(
-            f"store URL {shown!r}: the port must be a number ({_ENCODE_HINT})"
-        ) from None
+            f"store URL {shown!r}: a Redis URL starts with redis:// or rediss:// (one server), "
+            "or redis+cluster:// or rediss+cluster:// (a Redis Cluster)"
+        )
+    cluster = scheme.endswith("+cluster")
+    nodes: tuple[tuple[str, int], ...] = ()
+    host: str | None
+    port: int | None
+    if cluster:
+        nodes = _cluster_nodes(parts.netloc, shown)
+        host, port = nodes[0]
+    else:
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            raise ValueError(
+                f"store URL {shown!r}: the port must be a number ({_ENCODE_HINT})"
+            ) from None
     if not host:
         raise ValueError(
             f"store URL {shown!r}: name the Redis host, e.g. redis://10.0.0.5:6379/0 "
@@ -175,6 +224,8 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
     db = parts.path.strip("/") or "0"
     if not db.isdigit():
         raise ValueError(f"store URL {shown!r}: the path is a database number, e.g. /0")
+    if cluster and db != "0":
+        raise ValueError(f"store URL {shown!r}: a Redis Cluster has database 0 only")
     options: dict[str, str] = {}
     for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if name not in _OPTIONS:
@@ -185,9 +236,14 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
                 + (hint if "pass" in name.lower() else "")
             )
         options[name] = value
-    tls = scheme == "rediss"
+    tls = scheme.startswith("rediss")
     if not tls and any(name in options for name in _TLS_OPTIONS):
         raise ValueError(f"store URL {shown!r}: ssl_* options need TLS: write rediss://")
+    prefix = options.get("prefix", DEFAULT_PREFIX)
+    if cluster and ("{" in prefix or "}" in prefix):
+        # Every key's hash tag is the store's own (one per budget tree): a brace in the
+        # prefix would make the prefix the tag, putting everything on one shard or none.
+        raise ValueError(f"store URL {shown!r}: on a cluster the prefix may not contain {{ or }}")
     cert_reqs = options.get("ssl_cert_reqs", "required").lower()
     if cert_reqs not in ("required", "none"):
         raise ValueError(f"store URL {shown!r}: ssl_cert_reqs is 'required' (default) or 'none'")
@@ -220,6 +276,8 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
         certfile=options.get("ssl_certfile"),
         keyfile=options.get("ssl_keyfile"),
         verify=cert_reqs == "required",
-        prefix=options.get("prefix", DEFAULT_PREFIX),
+        prefix=prefix,
         allow_eviction=allow_eviction in _YES,
+        cluster=cluster,
+        nodes=nodes,
     )

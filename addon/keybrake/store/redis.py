@@ -47,6 +47,18 @@ theirs once too (their name carries the day). A Redis restarted empty under a ru
 may leave that day's usage hashes without one (about 150 bytes per budget, that day only: the
 next day's have new names).
 
+On a Redis Cluster (``redis+cluster://``) the same keys carry a hash tag, so each admission and
+settlement is still one script on one master: every key of a budget tree (a vault key and its
+label: the key record, usage, reservations, idempotency entries, rate counts, object index,
+remembered amounts, hold sets) is named ``<prefix>{<tag>}…``, where the tag is one of 16 fixed
+buckets (`_CLUSTER_TAGS`) picked by a hash of the label (of the key id without one). Each bucket
+has its own ``audit`` stream and consumer group, ``open-reservations`` and ``label-budgets``,
+so the audit pump and crash recovery read a fixed set of keys (no ``KEYS``/``SCAN``, no index).
+What is looked up store-wide stays untagged, in its own slot, written outside the call's script:
+``keys``, ``keys-expiring``, ``secret:<sha256>``, ``key-label:<key_id>`` (the key's label, so
+its tree is found from its id) and ``owner:<vendor>:<object_id>`` (claimed by ``own.lua`` before
+the settlement that indexes it). Legacy entries (``obj:``, ``amount:``) are not read there.
+
 What stays behind a call (``tests/store/test_redis_footprint.py``): an owner record per object
 it created (90 days, or until its key is forgotten) and an idempotency entry per idempotency
 key (its TTL, 24 h by default). Everything else is per vault key, per budget and day, or
@@ -71,9 +83,11 @@ from typing import Any
 
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from keybrake.store._base import (
     OBJECT_TTL,
@@ -144,7 +158,7 @@ _MUTABLE_KEY_FIELDS = frozenset(
     }
 )
 # The hot path's scripts: sent together when asked for in the same event-loop turn.
-_BATCHED = frozenset({"admit", "settle_call"})
+_BATCHED = frozenset({"admit", "settle_call", "own"})
 _SCRIPTS = (
     "create_key",
     "create_issuer",
@@ -161,8 +175,42 @@ _SCRIPTS = (
     "idempotency_begin",
     "idempotency_finish",
     "count_request",
+    "own",
+    "audit_read",
 )
 
+
+# On a Redis Cluster every budget tree (a vault key and its label: the key record, usage,
+# reservations, idempotency entries, objects, holds) lives in one of this many hash-tag
+# buckets, each with its own audit stream, open-reservation index and label budgets. Fixed:
+# replicas must agree on it, and a budget tree never moves. Up to this many masters share the
+# load of the trees.
+_CLUSTER_BUCKETS = 16
+
+
+def _spread_tags(count: int) -> tuple[str, ...]:
+    """``count`` hash tags whose slots split the slot space evenly (``t<n>``, the first ``n``
+    that falls in each range): a cluster whose masters hold even slot ranges (as
+    ``redis-cli --cluster create`` makes them) holds even numbers of buckets.
+
+    >>> _spread_tags(2)
+    ('t2', 't0')
+    """
+    width = REDIS_CLUSTER_HASH_SLOTS // count
+    tags: list[str | None] = [None] * count
+    n = 0
+    while None in tags:
+        tag = f"t{n}"
+        index = key_slot(tag.encode()) // width
+        if index < count and tags[index] is None:
+            tags[index] = tag
+        n += 1
+    return tuple(tag for tag in tags if tag is not None)
+
+
+_CLUSTER_TAGS = _spread_tags(_CLUSTER_BUCKETS)
+# Errors of a cluster client that are not `RedisError`s (a slot no node serves).
+_CLUSTER_ERRORS = (redis.exceptions.RedisClusterException,)
 
 # A script call waiting for its turn's pipeline: name, keys, args, and where its answer goes.
 _Pending = tuple[str, Sequence[str], Sequence[str | bytes], "asyncio.Future[Any]"]
@@ -385,12 +433,19 @@ class RedisStore:
         self._pending: list[_Pending] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._warned_unverified = False
+        self._cluster = self._target.cluster
+        # Hash tags of the budget trees: one empty tag (names as ever) on a single server.
+        self._tags: tuple[str, ...] = _CLUSTER_TAGS if self._cluster else ("",)
+        # The tag of reservations this process has seen (on a cluster; forgotten when done).
+        self._res_tags: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
 
     # -- plumbing ------------------------------------------------------------------------------
     def _redis(self) -> redis.asyncio.Redis:
+        if self._client is None and self._cluster:
+            self._client = self._cluster_client()
         if self._client is None:
             # No client-side retries: a replica must fail closed fast, not hang a request.
             # A bounded pool that waits briefly for a free connection absorbs bursts (the
@@ -408,21 +463,61 @@ class RedisStore:
                 **tls,
             )
             client = redis.asyncio.Redis.from_pool(pool)
-            package = importlib.resources.files("keybrake.store")
-            self._scripts = {
-                name: client.register_script(package.joinpath(f"{name}.lua").read_text("utf-8"))
-                for name in _SCRIPTS
-            }
+            self._register_scripts(client)
             self._client = client
         return self._client
+
+    def _register_scripts(self, client: Any) -> None:
+        package = importlib.resources.files("keybrake.store")
+        self._scripts = {
+            name: client.register_script(package.joinpath(f"{name}.lua").read_text("utf-8"))
+            for name in _SCRIPTS
+        }
+
+    def _cluster_client(self) -> Any:
+        """A `RedisCluster` client: it discovers the topology from any node the URL names and
+        follows ``MOVED`` after a failover. No retries: during a failover calls fail closed
+        (503) fast, and a later call finds the new master."""
+        t = self._target
+        tls: dict[str, Any] = {}
+        if t.tls:
+            # redis-py's cluster client makes its own TLS contexts from the same files.
+            tls = {
+                "ssl": True,
+                "ssl_ca_certs": t.ca_certs,
+                "ssl_certfile": t.certfile,
+                "ssl_keyfile": t.keyfile,
+                "ssl_cert_reqs": "required" if t.verify else "none",
+                "ssl_check_hostname": t.verify,
+            }
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in t.nodes],
+            require_full_coverage=True,
+            retry=Retry(NoBackoff(), 0),
+            # Per node; the cluster client fails rather than waits when they are all busy.
+            max_connections=_MAX_CONNECTIONS * 4,
+            socket_connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+            socket_timeout=_OPERATION_TIMEOUT_SECONDS,
+            **t.connection_kwargs(),
+            **tls,
+        )
+        self._register_scripts(client)
+        return client
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[redis.asyncio.Redis]:
         client = self._redis()
         try:
             yield client
-        except (redis.exceptions.RedisError, OSError) as exc:
-            if isinstance(exc, redis.exceptions.ConnectionError | OSError):
+        except (TypeError, AttributeError) as exc:
+            if not self._cluster:
+                raise
+            # redis-py's cluster client can trip over a connection another task is closing
+            # while a node fails ("'NoneType' object is not callable" from the transport):
+            # the node is away, and the call fails closed like any other.
+            raise self._unavailable(exc) from exc
+        except (redis.exceptions.RedisError, OSError, *_CLUSTER_ERRORS) as exc:
+            if not self._cluster and isinstance(exc, redis.exceptions.ConnectionError | OSError):
                 # The server went away: every idle pooled connection is dead too. Dropped now,
                 # so the first calls after it is back do not each meet a stale one.
                 with contextlib.suppress(Exception):
@@ -499,7 +594,7 @@ class RedisStore:
                 await self._send_alone(pending)
             elif future.done():
                 continue
-            elif isinstance(result, redis.exceptions.RedisError):
+            elif isinstance(result, Exception):  # a RedisError, or a cluster client's own
                 future.set_exception(self._unavailable(result))
             else:
                 future.set_result(result)
@@ -519,7 +614,66 @@ class RedisStore:
                 future.set_result(result)
 
     def _k(self, *parts: str) -> str:
+        """A name of the whole store (the key listings, a secret hash's key id)."""
         return self.prefix + ":".join(parts)
+
+    def _kt(self, tag: str, *parts: str) -> str:
+        """A name in the budget tree of hash tag ``tag`` (see `_tree`)."""
+        return f"{self.prefix}{{{tag}}}" + ":".join(parts) if tag else self._k(*parts)
+
+    def _tree(self, label: str, key_id: str) -> str:
+        """The hash tag of the budget tree of a key with ``label`` (its label's, shared by
+        every key of the label) or, without one, of the key alone; ``""`` on one server.
+
+        A hash of the label picks one of a fixed set of tags, not the label itself: a label is
+        the operator's text (braces and all), and the per-bucket keys (audit stream, open
+        reservations, label budgets) then stay a fixed, known set.
+        """
+        if not self._cluster:
+            return ""
+        name = f"l:{label}" if label else f"k:{key_id}"
+        return self._tags[zlib.crc32(name.encode()) % len(self._tags)]
+
+    async def _label(self, key_id: str) -> str | None:
+        """The key's label (it never changes: kept), ``None`` for an unknown key."""
+        label = self._labels.get(key_id)
+        if label is None:
+            async with self._guard() as client:
+                if self._cluster:
+                    raw = await client.get(self._k("key-label", key_id))
+                else:
+                    raw = await client.hget(self._k("key", key_id), "agent_run_label")
+            if raw is None:
+                return None
+            label = self._labels[key_id] = _text(raw)
+        return label
+
+    async def _key_tree(self, key_id: str) -> str:
+        """The hash tag of the key's budget tree (an unknown key's: where it would be)."""
+        if not self._cluster:
+            return ""
+        return self._tree(await self._label(key_id) or "", key_id)
+
+    def _res_seen(self, reservation_id: str, tag: str) -> None:
+        if self._cluster:
+            if len(self._res_tags) > _TTL_MEMORY:
+                self._res_tags.clear()
+            self._res_tags[reservation_id] = tag
+
+    async def _res_tree(self, reservation_id: str) -> str:
+        """The hash tag of a reservation's tree: known when this process made or listed it,
+        else looked for in every bucket (one pipeline; a reservation another replica made)."""
+        if not self._cluster:
+            return ""
+        tag = self._res_tags.get(reservation_id)
+        if tag is None:
+            async with self._guard() as client:
+                pipe = client.pipeline(transaction=False)
+                for candidate in self._tags:
+                    pipe.exists(self._kt(candidate, "res", reservation_id))
+                found = await pipe.execute()
+            tag = next((t for t, n in zip(self._tags, found, strict=True) if n), self._tags[0])
+        return tag
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -535,18 +689,25 @@ class RedisStore:
         async with self._guard() as client:
             await client.ping()
             for script in self._scripts.values():
+                # On a cluster: loaded on every master.
                 script.sha = await client.script_load(script.script)
-            await self._ensure_audit_group(client)
-            await self._check_eviction(client)
+            for tag in self._tags:
+                await self._ensure_audit_group(client, tag)
+            if self._cluster:
+                cluster: Any = client
+                for node in cluster.get_primaries():
+                    await self._check_eviction(client, node)
+            else:
+                await self._check_eviction(client)
 
-    async def _ensure_audit_group(self, client: redis.asyncio.Redis) -> None:
+    async def _ensure_audit_group(self, client: redis.asyncio.Redis, tag: str) -> None:
         try:
-            await client.xgroup_create(self._k("audit"), _AUDIT_GROUP, id="0", mkstream=True)
+            await client.xgroup_create(self._kt(tag, "audit"), _AUDIT_GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    async def _check_eviction(self, client: redis.asyncio.Redis) -> None:
+    async def _check_eviction(self, client: redis.asyncio.Redis, node: Any = None) -> None:
         """Refuse a Redis that may evict keys, unless the URL says ``allow_eviction=1``.
 
         Only ``noeviction`` is safe: ``allkeys-*`` may drop anything, and ``volatile-*``
@@ -555,7 +716,10 @@ class RedisStore:
         reads as unspent: the cap would no longer hold.
         """
         try:
-            got = await client.config_get("maxmemory-policy")
+            if node is None:
+                got = await client.config_get("maxmemory-policy")
+            else:  # one master of a cluster
+                got = await client.config_get("maxmemory-policy", target_nodes=node)
         except redis.exceptions.RedisError:
             # CONFIG is disabled on some managed services, or not granted to our ACL user.
             log.warning(
@@ -607,64 +771,103 @@ class RedisStore:
         """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
         check_label(record.agent_run_label)
         created = epoch_micros(record.created_at)
-        inserted = await self._script(
-            "create_key",
-            [
-                self._k("key", record.key_id),
-                self._k("secret", record.secret_sha256),
-                self._k("keys"),
-                self._k("keys-expiring"),
-            ],
-            [
-                record.key_id,
-                str(created),
-                str(epoch_micros(record.expires_at)),
-                *_key_fields(record),
-            ],
-        )
+        if self._cluster:
+            inserted = await self._create_key_on_cluster(record)
+        else:
+            inserted = await self._script(
+                "create_key",
+                [
+                    self._k("key", record.key_id),
+                    self._k("secret", record.secret_sha256),
+                    self._k("keys"),
+                    self._k("keys-expiring"),
+                ],
+                [
+                    record.key_id,
+                    str(created),
+                    str(epoch_micros(record.expires_at)),
+                    *_key_fields(record),
+                ],
+            )
         if inserted == 0:
             raise ValueError(f"vault key {record.key_id!r} already exists")
         if inserted == -1:
             raise ValueError(f"a vault key with the secret hash of {record.key_id!r} exists")
 
-    async def get_key(self, key_id: str) -> KeyRecord | None:
+    async def _create_key_on_cluster(self, record: KeyRecord) -> int:
+        """`create_key` on a cluster, where the key's names are in three slots: its id's
+        label record, its secret hash's record, its tree. Claimed in that order (``SET NX``;
+        a claim given back when the next is taken), then the record and the listings. A crash
+        part way leaves at most a claim without a key record: that key does not exist."""
+        label_key = self._k("key-label", record.key_id)
+        secret_key = self._k("secret", record.secret_sha256)
         async with self._guard() as client:
-            raw = await client.hgetall(self._k("key", key_id))
+            if not await client.set(label_key, record.agent_run_label, nx=True):
+                return 0
+            if not await client.set(secret_key, record.key_id, nx=True):
+                await client.delete(label_key)
+                return -1
+            tag = self._tree(record.agent_run_label, record.key_id)
+            await client.hset(self._kt(tag, "key", record.key_id), items=_key_fields(record))
+            await client.zadd(self._k("keys"), {record.key_id: epoch_micros(record.created_at)})
+            await client.zadd(
+                self._k("keys-expiring"), {record.key_id: epoch_micros(record.expires_at)}
+            )
+        return 1
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        tag = await self._key_tree(key_id)
+        async with self._guard() as client:
+            raw = await client.hgetall(self._kt(tag, "key", key_id))
         return _key_record(raw)
 
     async def get_key_by_secret_hash(self, secret_sha256: str) -> KeyRecord | None:
         async with self._guard() as client:
             key_id = await client.get(self._k("secret", secret_sha256))
-            if key_id is None:
-                return None
-            raw = await client.hgetall(self._k("key", _text(key_id)))
-        return _key_record(raw)
+        if key_id is None:
+            return None
+        return await self.get_key(_text(key_id))
 
     async def list_keys(self) -> list[KeyRecord]:
         """All keys, newest ``created_at`` first (ties: larger ``key_id`` first)."""
         async with self._guard() as client:
-            key_ids = await client.zrevrange(self._k("keys"), 0, -1)
+            key_ids = [_text(k) for k in await client.zrevrange(self._k("keys"), 0, -1)]
+            if self._cluster:
+                pipe = client.pipeline(transaction=False)
+                for key_id in key_ids:
+                    pipe.get(self._k("key-label", key_id))
+                labels = await pipe.execute()
+                tags = [
+                    self._tree(_text(raw or b""), k) for k, raw in zip(key_ids, labels, strict=True)
+                ]
+            else:
+                tags = [""] * len(key_ids)
             pipe = client.pipeline(transaction=False)
-            for key_id in key_ids:
-                pipe.hgetall(self._k("key", _text(key_id)))
+            for key_id, tag in zip(key_ids, tags, strict=True):
+                pipe.hgetall(self._kt(tag, "key", key_id))
             raws = await pipe.execute()
         return [record for raw in raws if (record := _key_record(raw)) is not None]
 
     async def revoke_key(self, key_id: str, now: dt.datetime) -> KeyRecord | None:
-        flat = await self._script("revoke", [self._k("key", key_id)], [str(epoch_micros(now))])
+        tag = await self._key_tree(key_id)
+        flat = await self._script(
+            "revoke", [self._kt(tag, "key", key_id)], [str(epoch_micros(now))]
+        )
         record = _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
         if record is not None:
             await self.forget_key(key_id)
         return record
 
     async def suspend_key(self, key_id: str, now: dt.datetime, reason: str) -> KeyRecord | None:
+        tag = await self._key_tree(key_id)
         flat = await self._script(
-            "suspend", [self._k("key", key_id)], ["suspend", str(epoch_micros(now)), reason]
+            "suspend", [self._kt(tag, "key", key_id)], ["suspend", str(epoch_micros(now)), reason]
         )
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def resume_key(self, key_id: str) -> KeyRecord | None:
-        flat = await self._script("suspend", [self._k("key", key_id)], ["resume"])
+        tag = await self._key_tree(key_id)
+        flat = await self._script("suspend", [self._kt(tag, "key", key_id)], ["resume"])
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def set_key_caps(
@@ -683,9 +886,10 @@ class RedisStore:
         usd = "" if usd_cap_micros is None else str(usd_cap_micros)
         if clear_usd_cap and usd_cap_micros is None:
             usd = "-"
+        tag = await self._key_tree(key_id)
         flat = await self._script(
             "set_caps",
-            [self._k("key", key_id)],
+            [self._kt(tag, "key", key_id)],
             ["" if daily_cap_micros is None else str(daily_cap_micros), usd],
         )
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
@@ -749,7 +953,7 @@ class RedisStore:
     def _freeze_hashes(self) -> list[str]:
         """The hashes ``admit.lua`` reads a freeze from: the label-budgets hash of every budget
         tree (one on a single server; on a Redis Cluster, one per hash tag)."""
-        return [self._k("label-budgets")]
+        return [self._kt(tag, "label-budgets") for tag in self._tags]
 
     async def freeze_vendor(self, vendor: str, reason: str, now: dt.datetime) -> VendorFreeze:
         """The freeze in ``frozen-vendors`` (kept first when repeated), then in every hash
@@ -792,9 +996,10 @@ class RedisStore:
         """One ``count_request.lua`` call: check and count in one step for every replica."""
         check_rate_limit(limit)
         bucket = rate_bucket(now)
+        tag = await self._key_tree(key_id)
         reply = await self._script(
             "count_request",
-            [self._k("rate", key_id)],
+            [self._kt(tag, "rate", key_id)],
             [
                 str(limit),
                 str(bucket),
@@ -809,20 +1014,21 @@ class RedisStore:
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
+        budgets = self._kt(self._tree(label, ""), "label-budgets")
         async with self._guard() as client:
             if daily_cap_micros is None:
-                await client.hdel(self._k("label-budgets"), label)
+                await client.hdel(budgets, label)
             else:
                 check_micros("daily_cap_micros", daily_cap_micros)
-                await client.hset(self._k("label-budgets"), label, str(daily_cap_micros))
+                await client.hset(budgets, label, str(daily_cap_micros))
 
     async def get_label_budget(self, label: str) -> int | None:
         async with self._guard() as client:
-            cap = await client.hget(self._k("label-budgets"), label)
+            cap = await client.hget(self._kt(self._tree(label, ""), "label-budgets"), label)
         return None if cap is None else int(cap)
 
-    def _usage_key(self, scope: str, window: str) -> str:
-        return self._k("usage", scope, window)
+    def _usage_key(self, tag: str, scope: str, window: str) -> str:
+        return self._kt(tag, "usage", scope, window)
 
     async def reserve(
         self,
@@ -840,13 +1046,15 @@ class RedisStore:
         day = utc_day(now)
         # The label cap is read inside the script; the plan here only names the hashes.
         plan = usage_plan(key, day, None)
+        tag = self._tree(key.agent_run_label, key.key_id)
+        self._res_seen(reservation_id, tag)
         reply = await self._script(
             "reserve",
             [
-                self._k("res", reservation_id),
-                self._k("open-reservations"),
-                self._k("label-budgets"),
-                *(self._usage_key(scope, window) for scope, window, _cap in plan),
+                self._kt(tag, "res", reservation_id),
+                self._kt(tag, "open-reservations"),
+                self._kt(tag, "label-budgets"),
+                *(self._usage_key(tag, scope, window) for scope, window, _cap in plan),
             ],
             [
                 str(estimate_micros),
@@ -874,21 +1082,26 @@ class RedisStore:
                 states.append(state)
         return ReserveResult(status != 0, reservation_id, tuple(states), exceeded=exceeded)
 
-    async def _finish(self, reservation_id: str, state: str, actual_micros: int) -> bool:
+    async def _finish(
+        self, reservation_id: str, state: str, actual_micros: int, tag: str | None = None
+    ) -> bool:
         """Run ``finish.lua`` on one reservation.
 
         The usage hashes a reservation touched are read first because a script must be told
         every key it touches; they never change after `reserve`, and the state check that makes
         finishing happen at most once is inside the script, so the extra read is not a race.
         """
-        res_key = self._k("res", reservation_id)
+        if tag is None:
+            tag = await self._res_tree(reservation_id)
+        res_key = self._kt(tag, "res", reservation_id)
         for _attempt in range(3):
             touched, hold = await self._reservation_keys(res_key)
             if not touched:
+                self._res_tags.pop(reservation_id, None)
                 return False
             finished = await self._script(
                 "finish",
-                [res_key, self._k("open-reservations"), hold or res_key, *touched],
+                [res_key, self._kt(tag, "open-reservations"), hold or res_key, *touched],
                 [
                     state,
                     str(actual_micros),
@@ -899,6 +1112,7 @@ class RedisStore:
                 ],
             )
             if int(finished) != -1:  # -1: held after we looked; look again
+                self._res_tags.pop(reservation_id, None)
                 return bool(finished)
         raise StoreUnavailable(f"reservation {reservation_id} keeps changing; not finished")
 
@@ -925,12 +1139,14 @@ class RedisStore:
 
     async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
         plan = usage_plan(key, utc_day(now), None)
+        tag = self._tree(key.agent_run_label, key.key_id)
         async with self._guard() as client:
-            # MULTI/EXEC: the label cap and the usage come from one consistent moment.
+            # MULTI/EXEC: the label cap and the usage come from one consistent moment (on a
+            # cluster too: they are in one slot).
             pipe = client.pipeline(transaction=True)
-            pipe.hget(self._k("label-budgets"), key.agent_run_label or "")
+            pipe.hget(self._kt(tag, "label-budgets"), key.agent_run_label or "")
             for scope, window, _cap in plan:
-                pipe.hmget(self._usage_key(scope, window), ["spent", "reserved"])
+                pipe.hmget(self._usage_key(tag, scope, window), ["spent", "reserved"])
             label_cap, *usage = await pipe.execute()
         label = int(label_cap) if label_cap is not None and key.agent_run_label else None
         plan = usage_plan(key, utc_day(now), label)
@@ -944,12 +1160,16 @@ class RedisStore:
         """Mark every open reservation created before ``older_than`` unknown, one script call
         each (each is atomic, so a concurrent settle still wins or loses cleanly)."""
         async with self._guard() as client:
-            ids = await client.zrangebyscore(
-                self._k("open-reservations"), "-inf", f"({epoch_micros(older_than)}"
-            )
+            pipe = client.pipeline(transaction=False)
+            for tag in self._tags:  # one bucket on one server; every bucket on a cluster
+                pipe.zrangebyscore(
+                    self._kt(tag, "open-reservations"), "-inf", f"({epoch_micros(older_than)}"
+                )
+            found = await pipe.execute()
         count = 0
-        for reservation_id in ids:
-            count += await self._finish(_text(reservation_id), "unknown", 0)
+        for tag, ids in zip(self._tags, found, strict=True):
+            for reservation_id in ids:
+                count += await self._finish(_text(reservation_id), "unknown", 0, tag)
         return count
 
     # -- one call, two steps -------------------------------------------------------------------
@@ -968,29 +1188,29 @@ class RedisStore:
             check_idempotency_times(claim.ttl_seconds, claim.in_flight_seconds)
         day = utc_day(r.now)
         usage: list[str] = []
+        label = ""
+        if r.reservation_id is not None or self._cluster:
+            label = await self._label(r.key_id) or ""
+        tag = self._tree(label, r.key_id)
         if r.reservation_id is not None:
-            label = self._labels.get(r.key_id)
-            if label is None:
-                async with self._guard() as client:
-                    raw = await client.hget(self._k("key", r.key_id), "agent_run_label")
-                label = _text(raw) if raw is not None else ""
-                self._labels[r.key_id] = label
+            self._res_seen(r.reservation_id, tag)
             stub = KeyRecord(r.key_id, "", "", label, 0, (), EPOCH, EPOCH)
             usage = [
-                self._usage_key(scope, window) for scope, window, _ in usage_plan(stub, day, None)
+                self._usage_key(tag, scope, window)
+                for scope, window, _ in usage_plan(stub, day, None)
             ]
-        idem_index = self._k("idem-index", r.key_id)
+        idem_index = self._kt(tag, "idem-index", r.key_id)
         reply = await self._script(
             "admit",
             [
-                self._k("key", r.key_id),
-                self._k("rate", r.key_id),
-                self._k("objs", r.key_id),
-                self._k("idm", r.key_id, claim.scope if claim else ""),
+                self._kt(tag, "key", r.key_id),
+                self._kt(tag, "rate", r.key_id),
+                self._kt(tag, "objs", r.key_id),
+                self._kt(tag, "idm", r.key_id, claim.scope if claim else ""),
                 idem_index,
-                self._k("res", r.reservation_id or ""),
-                self._k("open-reservations"),
-                self._k("label-budgets"),
+                self._kt(tag, "res", r.reservation_id or ""),
+                self._kt(tag, "open-reservations"),
+                self._kt(tag, "label-budgets"),
                 *usage,
             ],
             [
@@ -1074,18 +1294,21 @@ class RedisStore:
         included."""
         s = settlement
         finish = s.finish if s.reservation_id is not None and s.finish is not None else ""
+        tag = await self._key_tree(s.key_id)
         usage = (
-            [self._usage_key(scope, window) for scope, window in s.ledger_rows] if finish else []
+            [self._usage_key(tag, scope, window) for scope, window in s.ledger_rows]
+            if finish
+            else []
         )
         idem = ""
         if s.idempotency_scope is not None:
             idem = "complete" if s.idempotency_response is not None else "abandon"
         response = s.idempotency_response
-        indexes = [self._k("objs", s.key_id)] if s.created else []
-        if s.remember and s.remember[0] not in s.created:
-            indexes.append(self._k("amounts", s.key_id))
+        indexes = [self._kt(tag, "objs", s.key_id)] if s.created else []
+        if s.remember and (self._cluster or s.remember[0] not in s.created):
+            indexes.append(self._kt(tag, "amounts", s.key_id))
         if idem == "complete":
-            indexes.append(self._k("idem-index", s.key_id))
+            indexes.append(self._kt(tag, "idem-index", s.key_id))
         # Their TTL is the key's expiry plus the longest any entry lives (an object's 90 days):
         # set once, by this process, when it knows the key's expiry.
         expiry_ms = self._key_expiry_ms.get(s.key_id)
@@ -1099,22 +1322,28 @@ class RedisStore:
         if expiry_ms is not None:
             left = (expiry_ms - epoch_micros(s.now) // 1000) // 1000 + _CLOCK_MARGIN_SECONDS
             idem_ttl = max(1, min(idem_ttl, left))
+        created, claimed = s.created, []
+        if self._cluster and created:
+            # Owner records are in their own slots: claimed first (the call's answer must find
+            # them), indexed by the settling script; the amount goes to the key's hash.
+            claimed = await self._own(s.key_id, s.label, s.vendor, created)
+            created = ()
         about = 0
-        if s.remember and s.remember[0] in s.created:
-            about = 9 + len(usage) + s.created.index(s.remember[0])
+        if s.remember and s.remember[0] in created:
+            about = 9 + len(usage) + created.index(s.remember[0])
         finished = await self._script(
             "settle_call",
             [
-                self._k("res", s.reservation_id or ""),
-                self._k("open-reservations"),
-                self._k("hold", s.vendor, s.hold[0] if s.hold else ""),
-                self._k("objs", s.key_id),
-                self._k("amounts", s.key_id),
-                self._k("idm", s.key_id, s.idempotency_scope or ""),
-                self._k("idem-index", s.key_id),
-                self._k("audit"),
+                self._kt(tag, "res", s.reservation_id or ""),
+                self._kt(tag, "open-reservations"),
+                self._kt(tag, "hold", s.vendor, s.hold[0] if s.hold else ""),
+                self._kt(tag, "objs", s.key_id),
+                self._kt(tag, "amounts", s.key_id),
+                self._kt(tag, "idm", s.key_id, s.idempotency_scope or ""),
+                self._kt(tag, "idem-index", s.key_id),
+                self._kt(tag, "audit"),
                 *usage,
-                *(self._k("owner", s.vendor, oid) for oid in s.created),
+                *(self._kt(tag, "owner", s.vendor, oid) for oid in created),
             ],
             [
                 finish,
@@ -1135,76 +1364,99 @@ class RedisStore:
                 str(len(usage)),
                 json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
                 indexes_expire,
+                *claimed,
             ],
         )
         if expiry_ms is not None:
             self._ttl_done(indexes)
+        if s.reservation_id is not None and finish != "held":
+            self._res_tags.pop(s.reservation_id, None)
         return bool(finished)
 
     # -- the audit outbox: a stream read by a consumer group ----------------------------------
     async def append_audit(self, row: dict[str, object]) -> None:
         async with self._guard() as client:
-            await client.xadd(self._k("audit"), {"row": json.dumps(row)})
+            await client.xadd(self._kt(self._tags[0], "audit"), {"row": json.dumps(row)})
+
+    def _audit_id(self, tag: str, entry_id: object) -> str:
+        """A row's id for `audit_ack`: its stream entry id, after its bucket on a cluster."""
+        return f"{tag}/{_text(entry_id)}" if tag else _text(entry_id)
 
     async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
         """This consumer's own unacknowledged rows first (a sink that failed), then rows
         another consumer left unacknowledged for 30 s (``audit_claim_idle_ms``: a replica
-        that died), then new ones."""
-        stream = self._k("audit")
-        async with self._guard() as client:
-            group: Any = client  # redis-py's stream replies are not typed usefully
-            try:
-                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
-            except redis.exceptions.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
-                # The stream was deleted (FLUSHDB, a prefix cleanup) since `open`.
-                await self._ensure_audit_group(client)
-                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: "0"}, count=limit)
-            entries: list[Any] = got[0][1] if got else []
-            if not entries:
-                claimed = await group.xautoclaim(
-                    stream, _AUDIT_GROUP, consumer, self._audit_claim_idle_ms, "0", count=limit
-                )
-                entries = claimed[1]
-            if not entries:
-                got = await group.xreadgroup(_AUDIT_GROUP, consumer, {stream: ">"}, count=limit)
-                entries = got[0][1] if got else []
-            gone = [entry_id for entry_id, fields in entries if not fields]
-            if gone:
-                # Deleted yet still pending: left pending, they would come back first forever.
-                await client.xack(stream, _AUDIT_GROUP, *gone)
+        that died), then new ones: one ``audit_read.lua`` step.
+
+        On a cluster each bucket has its stream (a settlement appends to its own tree's, in the
+        same script): every stream is read in one pipeline (a round trip per master), up to
+        ``limit`` rows from each.
+        """
+        args = [_AUDIT_GROUP, consumer, str(limit), str(self._audit_claim_idle_ms)]
+        streams = [self._kt(tag, "audit") for tag in self._tags]
+        if len(streams) == 1:
+            replies = [await self._script("audit_read", streams, args)]
+        else:
+            sha = self._scripts["audit_read"].sha
+            async with self._guard() as client:
+                pipe = client.pipeline(transaction=False)
+                for stream in streams:
+                    pipe.execute_command("EVALSHA", sha, 1, stream, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            for index, reply in enumerate(replies):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    # Redis lost its scripts (a restart): alone, redis-py loads it again.
+                    replies[index] = await self._script("audit_read", [streams[index]], args)
+                elif isinstance(reply, Exception):
+                    raise self._unavailable(reply)
         out: list[tuple[str, dict[str, object]]] = []
-        for entry_id, fields in entries:
-            if fields:  # a deleted entry comes back without fields
-                out.append((_text(entry_id), json.loads(fields[b"row"])))
+        for tag, flat in zip(self._tags, replies, strict=True):
+            for entry_id, row in zip(flat[::2], flat[1::2], strict=True):
+                out.append((self._audit_id(tag, entry_id), json.loads(row)))
         return out
 
     async def audit_peek(self, limit: int) -> list[tuple[str, dict[str, object]]]:
-        """The oldest entries of the stream (``XRANGE``), claimed by a consumer or not."""
+        """The oldest entries of the stream (``XRANGE``), claimed by a consumer or not; on a
+        cluster up to ``limit`` of each bucket's stream, oldest first."""
         async with self._guard() as client:
-            stream: Any = client  # redis-py's stream replies are not typed usefully
-            entries: list[Any] = await stream.xrange(self._k("audit"), "-", "+", count=limit)
-        return [(_text(i), json.loads(fields[b"row"])) for i, fields in entries]
+            pipe: Any = client.pipeline(transaction=False)  # stream replies are not typed usefully
+            for tag in self._tags:
+                pipe.xrange(self._kt(tag, "audit"), "-", "+", count=limit)
+            streams: list[Any] = await pipe.execute()
+        found: list[tuple[str, str, dict[str, object]]] = []
+        for tag, entries in zip(self._tags, streams, strict=True):
+            found += [
+                (_text(i), self._audit_id(tag, i), json.loads(fields[b"row"]))
+                for i, fields in entries
+            ]
+        if self._cluster:
+            found.sort(key=lambda item: tuple(int(n) for n in item[0].split("-")))
+        return [(audit_id, row) for _, audit_id, row in found[:limit]]
 
     async def audit_ack(self, ids: Sequence[str]) -> None:
-        if not ids:
-            return
-        stream = self._k("audit")
-        async with self._guard() as client:
-            await client.xack(stream, _AUDIT_GROUP, *ids)
-            await client.xdel(stream, *ids)
+        by_tag: dict[str, list[str]] = {}
+        for audit_id in ids:
+            tag, _, entry_id = audit_id.rpartition("/")
+            by_tag.setdefault(tag, []).append(entry_id)
+        for tag, entry_ids in by_tag.items():
+            stream = self._kt(tag, "audit")
+            async with self._guard() as client:
+                await client.xack(stream, _AUDIT_GROUP, *entry_ids)
+                await client.xdel(stream, *entry_ids)
 
     async def audit_backlog(self) -> int:
         async with self._guard() as client:
-            return int(await client.xlen(self._k("audit")))
+            pipe = client.pipeline(transaction=False)
+            for tag in self._tags:
+                pipe.xlen(self._kt(tag, "audit"))
+            return sum(int(n) for n in await pipe.execute())
 
     # -- holds ---------------------------------------------------------------------------------
     async def hold(
         self, reservation_id: str, vendor: str, object_id: str, amount_micros: int
     ) -> bool:
         check_micros("amount_micros", amount_micros)
-        res_key = self._k("res", reservation_id)
+        tag = await self._res_tree(reservation_id)
+        res_key = self._kt(tag, "res", reservation_id)
         touched, _ = await self._reservation_keys(res_key)
         if not touched:
             return False
@@ -1212,8 +1464,8 @@ class RedisStore:
             "hold",
             [
                 res_key,
-                self._k("open-reservations"),
-                self._k("hold", vendor, object_id),
+                self._kt(tag, "open-reservations"),
+                self._kt(tag, "hold", vendor, object_id),
                 *touched,
             ],
             [str(amount_micros), reservation_id],
@@ -1221,19 +1473,30 @@ class RedisStore:
         return bool(held)
 
     async def holds(self, vendor: str, object_id: str) -> tuple[Hold, ...]:
+        """The open holds on an object, oldest first. On a cluster an object's holds may be in
+        any tree (keys of several labels may act on one object): every bucket's hold set is
+        read, in one pipeline."""
         async with self._guard() as client:
+            pipe = client.pipeline(transaction=False)
+            for tag in self._tags:
+                pipe.smembers(self._kt(tag, "hold", vendor, object_id))
+            members = await pipe.execute()
             ids = sorted(
-                _text(i) for i in await client.smembers(self._k("hold", vendor, object_id))
+                (_text(i), tag)
+                for tag, found in zip(self._tags, members, strict=True)
+                for i in found
             )
             pipe = client.pipeline(transaction=False)
-            for reservation_id in ids:
+            for reservation_id, tag in ids:
+                self._res_seen(reservation_id, tag)
                 pipe.hmget(
-                    self._k("res", reservation_id), ["state", "key_id", "estimate", "created_at"]
+                    self._kt(tag, "res", reservation_id),
+                    ["state", "key_id", "estimate", "created_at"],
                 )
             rows = await pipe.execute()
         found = [
             (int(row[3]), Hold(reservation_id, _text(row[1]), int(row[2])))
-            for reservation_id, row in zip(ids, rows, strict=True)
+            for (reservation_id, _tag), row in zip(ids, rows, strict=True)
             if row[0] is not None and _text(row[0]) == "reserved"
         ]
         return tuple(hold for _created, hold in sorted(found, key=lambda item: item[0]))
@@ -1242,13 +1505,14 @@ class RedisStore:
         self, reservation_id: str, amount_micros: int, key: KeyRecord
     ) -> ReserveResult:
         check_micros("amount_micros", amount_micros)
-        res_key = self._k("res", reservation_id)
+        tag = await self._res_tree(reservation_id)
+        res_key = self._kt(tag, "res", reservation_id)
         touched, _ = await self._reservation_keys(res_key)
         if not touched:
             return ReserveResult(False, reservation_id, ())
         reply = await self._script(
             "raise_hold",
-            [res_key, self._k("label-budgets"), *touched],
+            [res_key, self._kt(tag, "label-budgets"), *touched],
             [
                 str(amount_micros),
                 key.agent_run_label,
@@ -1267,7 +1531,7 @@ class RedisStore:
         states: list[BudgetState] = []
         exceeded: BudgetState | None = None
         for index, usage_key in enumerate(touched):
-            scope, window = usage_key.removeprefix(self._k("usage", "")).rsplit(":", 1)
+            scope, window = usage_key.removeprefix(self._kt(tag, "usage", "")).rsplit(":", 1)
             state = BudgetState(
                 scope, window, caps[index], int(reply[3 + 2 * index]), int(reply[4 + 2 * index])
             )
@@ -1283,25 +1547,66 @@ class RedisStore:
     ) -> None:
         if not object_ids:
             return
+        tag = self._tree(key.agent_run_label, key.key_id)
+        if self._cluster:
+            claimed = await self._own(key.key_id, key.agent_run_label, vendor, object_ids)
+            if claimed:
+                expires = int(time.time() * 1000) + int(OBJECT_TTL.total_seconds()) * 1000
+                index = self._kt(tag, "objs", key.key_id)
+                async with self._guard() as client:
+                    pipe = client.pipeline(transaction=True)
+                    pipe.zadd(index, dict.fromkeys(claimed, expires))
+                    pipe.pexpireat(index, expires)
+                    await pipe.execute()
+            return
         await self._script(
             "record_objects",
-            [self._k("objs", key.key_id), *(self._k("owner", vendor, oid) for oid in object_ids)],
+            [
+                self._kt(tag, "objs", key.key_id),
+                *(self._kt(tag, "owner", vendor, oid) for oid in object_ids),
+            ],
             [key.key_id, key.agent_run_label, str(int(OBJECT_TTL.total_seconds()))],
         )
 
+    async def _own(
+        self, key_id: str, label: str, vendor: str, object_ids: Sequence[str]
+    ) -> list[str]:
+        """Claim objects for a key on a cluster (``own.lua`` per object, sent with the other
+        hot-path scripts of the event-loop turn): the names of the owner records that are the
+        key's. The caller indexes them in the key's tree (``objs``); a crash between the two
+        leaves a record out of the index: the key's object count is one short, and forgetting
+        the key leaves the record to its TTL."""
+        ttl = str(int(OBJECT_TTL.total_seconds()))
+        names = [self._owner_key(vendor, oid) for oid in object_ids]
+        mine = await asyncio.gather(
+            *(self._script("own", [name], [key_id, label, ttl]) for name in names)
+        )
+        return [name for name, ok in zip(names, mine, strict=True) if int(ok)]
+
+    def _owner_key(self, vendor: str, object_id: str) -> str:
+        """An object's owner record: on a cluster in its own slot (no tag), found by anyone."""
+        return self._k("owner", vendor, object_id)
+
     async def object_owner(self, vendor: str, object_id: str) -> ObjectOwner | None:
         async with self._guard() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.get(self._k("owner", vendor, object_id))
-            pipe.hmget(self._k("obj", vendor, object_id), ["key", "label"])  # written before
-            record, (owner, label) = await pipe.execute()
+            if self._cluster:
+                record, owner, label = (
+                    await client.get(self._owner_key(vendor, object_id)),
+                    None,
+                    None,
+                )
+            else:
+                pipe = client.pipeline(transaction=False)
+                pipe.get(self._k("owner", vendor, object_id))
+                pipe.hmget(self._k("obj", vendor, object_id), ["key", "label"])  # written before
+                record, (owner, label) = await pipe.execute()
         if record is not None:
             owner, _amount, label = _text(record).split("\n", 2)
             return ObjectOwner(owner, label)
         return None if owner is None else ObjectOwner(_text(owner), _text(label or b""))
 
     async def count_objects(self, key_id: str) -> int:
-        index = self._k("objs", key_id)
+        index = self._kt(await self._key_tree(key_id), "objs", key_id)
         async with self._guard() as client:
             pipe = client.pipeline(transaction=True)
             pipe.zremrangebyscore(index, "-inf", int(time.time() * 1000))
@@ -1313,7 +1618,7 @@ class RedisStore:
         self, key_id: str, vendor: str, object_id: str, amount_micros: int
     ) -> None:
         check_micros("amount_micros", amount_micros)
-        amounts = self._k("amounts", key_id)
+        amounts = self._kt(await self._key_tree(key_id), "amounts", key_id)
         expires = int(time.time()) + _AMOUNT_TTL_SECONDS
         async with self._guard() as client:
             pipe = client.pipeline(transaction=True)
@@ -1324,12 +1629,16 @@ class RedisStore:
             await pipe.execute()
 
     async def recall_amount(self, key_id: str, vendor: str, object_id: str) -> int | None:
+        # An owner record with this key's amount is in this key's tree.
+        tag = await self._key_tree(key_id)
         async with self._guard() as client:
             pipe = client.pipeline(transaction=False)
-            pipe.hget(self._k("amounts", key_id), f"{vendor}:{object_id}")
-            pipe.get(self._k("owner", vendor, object_id))
-            pipe.get(self._k("amount", key_id, vendor, object_id))  # written before
-            value, record, legacy = await pipe.execute()
+            pipe.hget(self._kt(tag, "amounts", key_id), f"{vendor}:{object_id}")
+            pipe.get(self._kt(tag, "owner", vendor, object_id))  # with the amount it created
+            if not self._cluster:
+                pipe.get(self._k("amount", key_id, vendor, object_id))  # written before
+            value, record, *before = await pipe.execute()
+        legacy = before[0] if before else None
         # The newest of what this key remembered: in its hash, or with the object it created.
         found: list[tuple[int, int]] = []
         if value is not None:
@@ -1362,17 +1671,19 @@ class RedisStore:
         """Deletes the key's indexed entries and its remembered amounts (found with SCAN on
         the key's own prefix: revocation is rare, never on a call's path)."""
         gone = 0
+        tag = await self._key_tree(key_id)
         async with self._guard() as client:
             names: list[str] = []
-            for index in (self._k("idem-index", key_id), self._k("objs", key_id)):
+            for index in (self._kt(tag, "idem-index", key_id), self._kt(tag, "objs", key_id)):
                 names += [_text(n) for n in await client.zrange(index, 0, -1)]
                 names.append(index)
-            amounts = self._k("amounts", key_id)
+            amounts = self._kt(tag, "amounts", key_id)
             names.append(amounts)
-            async for name in client.scan_iter(
-                match=_glob_escape(self._k("amount", key_id, "")) + "*", count=500
-            ):
-                names.append(_text(name))
+            if not self._cluster:  # entries of earlier versions (a cluster never had them)
+                async for name in client.scan_iter(
+                    match=_glob_escape(self._k("amount", key_id, "")) + "*", count=500
+                ):
+                    names.append(_text(name))
             for start in range(0, len(names), 500):
                 gone += int(await client.delete(*names[start : start + 500]))
         return gone
@@ -1394,9 +1705,10 @@ class RedisStore:
         a different body hash is ``mismatch``; otherwise ``in_flight`` or ``replay``.
         """
         check_idempotency_times(ttl_seconds, in_flight_seconds)
+        tag = await self._key_tree(key_id)
         reply = await self._script(
             "idempotency_begin",
-            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
+            [self._kt(tag, "idm", key_id, scope), self._kt(tag, "idem-index", key_id)],
             [body_sha256, str(ttl_seconds), str(in_flight_seconds), str(max_entries)],
         )
         status = _text(reply[0])
@@ -1416,16 +1728,18 @@ class RedisStore:
         """Store ``response`` on the in-flight claim of ``scope``; no-op when there is none
         (abandoned, expired or already complete), since its body hash would be unknown."""
         check_idempotency_times(ttl_seconds, 0)
+        tag = await self._key_tree(key_id)
         await self._script(
             "idempotency_finish",
-            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
+            [self._kt(tag, "idm", key_id, scope), self._kt(tag, "idem-index", key_id)],
             ["complete", str(ttl_seconds), _pack_response(response)],
         )
 
     async def idempotency_abandon(self, key_id: str, scope: str) -> None:
         """Drop the in-flight claim of ``scope``; a completed response is kept."""
+        tag = await self._key_tree(key_id)
         await self._script(
             "idempotency_finish",
-            [self._k("idm", key_id, scope), self._k("idem-index", key_id)],
+            [self._kt(tag, "idm", key_id, scope), self._kt(tag, "idem-index", key_id)],
             ["abandon"],
         )

@@ -25,6 +25,8 @@
 -- ARGV[18] when the key's objects index, remembered amounts and idempotency index expire,
 --          epoch ms, or '' when the caller has set it already (it is the same every call:
 --          the key's expiry plus the longest TTL of what they index)
+-- ARGV[19…] names of owner records of created objects that own.lua claimed for the key (on a
+--          Redis Cluster, where they are in their own slots and not in KEYS): indexed only
 -- A finished reservation is deleted: its amount is in the usage hashes and its audit row.
 -- Returns 1 when the reservation was finished now, else 0 (the rest is applied all the same).
 local n = tonumber(ARGV[16])
@@ -96,6 +98,16 @@ if not remembered then
   amount = ARGV[10] .. ':' .. string.format('%d', math.floor(now_ms() / 1000) + tonumber(ARGV[11]))
 end
 local indexes_expire = ARGV[18]
+
+if #ARGV > 18 then
+  local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
+  for i = 19, #ARGV do
+    redis.call('ZADD', KEYS[4], expires, ARGV[i])
+  end
+  if indexes_expire ~= '' then
+    redis.call('PEXPIREAT', KEYS[4], indexes_expire)
+  end
+end
 
 if #KEYS > 8 + n then
   local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
