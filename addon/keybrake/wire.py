@@ -51,6 +51,8 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "vault_key_revoked": 401,
     "vault_key_expired": 401,
     "admin_token_invalid": 401,
+    "issuer_token_revoked": 401,
+    "issuer_token_expired": 401,
     "metrics_token_invalid": 401,
     "raw_secret_refused": 403,
     "endpoint_not_allowed": 403,
@@ -68,6 +70,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "object_not_owned": 403,
     "key_suspended": 403,
     "tls_required": 403,
+    "issuer_scope": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "idempotency_in_flight": 409,
@@ -85,9 +88,12 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "store_unavailable": 503,
     "secret_unavailable": 503,
     "clock_skewed": 503,
+    "vendor_frozen": 503,
     "internal_error": 503,
 }
-"""Every refusal code and its HTTP status."""
+"""Every refusal code and its HTTP status. ``issuer_scope``: an issuer token asked for something
+outside its scope or limits (``error.fields`` names each field). ``vendor_frozen``: an operator
+froze every call to the vendor; a 503 that is never retried (it lasts until lifted)."""
 
 RETRY_SAFE: Final = frozenset({"upstream_unreachable"})
 """Codes whose answer says "retry" (``Stripe-Should-Retry``/``X-Should-Retry: true``):

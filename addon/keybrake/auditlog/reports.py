@@ -85,10 +85,21 @@ def _where(
     until: dt.datetime | None = None,
     before_id: int | None = None,
     after_id: int | None = None,
+    label_prefix: str | None = None,
+    vendors: Sequence[str] | None = None,
 ) -> tuple[str, list[Any]]:
     p = sink.placeholder
     clauses: list[str] = []
     params: list[Any] = []
+    if label_prefix is not None:
+        # Segment-wise, as `keybrake.vault.issuers.label_under`: the label itself, or below it.
+        base = label_prefix.rstrip("/")
+        # Not LIKE: SQLite's is case-insensitive, and "_" would match any character.
+        clauses.append(f"(label = {p} OR substr(label, 1, {len(base) + 1:d}) = {p})")
+        params += [base, base + "/"]
+    if vendors is not None:
+        clauses.append(f"vendor IN ({', '.join([p] * len(vendors)) or 'NULL'})")
+        params += list(vendors)
     for col, val in (
         ("label", label),
         ("key_id", key_id),
@@ -131,8 +142,11 @@ def spend_summary(
     vendor: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    label_prefix: str | None = None,
+    vendors: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Calls, refusals, replays and dollars spent per group.
+    """Calls, refusals, replays and dollars spent per group (``label_prefix``/``vendors``:
+    only rows of labels under the prefix and of those vendors; an issuer token's view).
 
     >>> spend_summary(sink, group_by="label", since=parse_time("24h", now))  # doctest: +SKIP
     [{'group': 'dramatiq/nightly-billing', 'calls': 400, 'spent_usd': '300.00', ...}]
@@ -140,7 +154,14 @@ def spend_summary(
     if group_by not in GROUPS:
         raise ReportError(f"group_by must be one of {', '.join(GROUPS)}")
     where, params = _where(
-        sink, label=label, key_id=key_id, vendor=vendor, since=since, until=until
+        sink,
+        label=label,
+        key_id=key_id,
+        vendor=vendor,
+        since=since,
+        until=until,
+        label_prefix=label_prefix,
+        vendors=vendors,
     )
     expr = _GROUP_EXPR[group_by]
     sql = (
@@ -184,9 +205,12 @@ def audit_rows(
     limit: int = 50,
     before_id: int | None = None,
     after_id: int | None = None,
+    label_prefix: str | None = None,
+    vendors: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Audit rows, newest first; page with ``before_id`` = the last row's id. With
-    ``after_id``: the rows written after that one, oldest first (``keybrake audit --follow``).
+    """Audit rows, newest first (``label_prefix``/``vendors`` as in `spend_summary`); page
+    with ``before_id`` = the last row's id. With ``after_id``: the rows written after that
+    one, oldest first (``keybrake audit --follow``).
     """
     if outcome is not None and outcome not in OUTCOMES:
         raise ReportError(f"outcome must be one of {', '.join(OUTCOMES)}")
@@ -202,6 +226,8 @@ def audit_rows(
         until=until,
         before_id=before_id,
         after_id=after_id,
+        label_prefix=label_prefix,
+        vendors=vendors,
     )
     order = "DESC" if after_id is None else "ASC"
     sql = f"SELECT * FROM audit{where} ORDER BY id {order} LIMIT {int(limit)}"  # noqa: S608

@@ -7,6 +7,9 @@
         --allow "POST /v1/payment_intents" --expires-in 2h --label dramatiq/nightly-billing
     keybrake keys list | keybrake keys revoke KEY_ID | keybrake keys set-cap KEY_ID ...
     keybrake budgets set LABEL --daily-usd-cap 500
+    keybrake issuers create|list|revoke   scoped tokens for pipeline drivers
+    keybrake keys revoke-all --label-prefix beam/billing/ [--dry-run]   kill switch
+    keybrake freeze stripe | keybrake unfreeze stripe | keybrake frozen
     keybrake spend | keybrake audit [--follow]
 
 Key, budget, spend and audit commands open the store (and audit log) directly, or with
@@ -14,7 +17,8 @@ Key, budget, spend and audit commands open the store (and audit log) directly, o
 
 This module builds the command tree and lists every command once (below); the commands are
 in `keybrake.cli._run` (run, web, ca, check-policy, init), `keybrake.cli._keys` (keys,
-budgets) and `keybrake.cli._reports` (spend, audit), what they share in `keybrake.cli._common`.
+budgets), `keybrake.cli._reports` (spend, audit) and `keybrake.cli._issuers` (issuers, the
+kill switches, freezes), what they share in `keybrake.cli._common`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ from typing import Annotated, Any
 
 import typer
 
+from keybrake.cli._issuers import (
+    freeze,
+    frozen,
+    issuers_create,
+    issuers_list,
+    issuers_revoke,
+    keys_resume_all,
+    keys_revoke_all,
+    keys_suspend_all,
+    unfreeze,
+)
 from keybrake.cli._keys import (
     budgets_set,
     budgets_show,
@@ -100,6 +115,15 @@ budgets_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(budgets_app, name="budgets")
+issuers_app = typer.Typer(
+    help="Issuer tokens: bearer tokens for pipeline drivers that issue, read and revoke vault "
+    "keys under one label prefix, within set limits (never the admin token in pipeline code)."
+    "\n\nExample: keybrake issuers create --vendor stripe --label-prefix beam/billing/ "
+    "--allow 'POST /v1/payment_intents' --max-daily-usd-cap 300",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+)
+app.add_typer(issuers_app, name="issuers")
 
 
 # -- the commands, in the order `keybrake --help` lists them ----------------------------------
@@ -113,10 +137,19 @@ keys_app.command("revoke")(keys_revoke)
 keys_app.command("suspend")(keys_suspend)
 keys_app.command("resume")(keys_resume)
 keys_app.command("set-cap")(keys_set_cap)
+keys_app.command("revoke-all")(keys_revoke_all)
+keys_app.command("suspend-all")(keys_suspend_all)
+keys_app.command("resume-all")(keys_resume_all)
 budgets_app.command("set")(budgets_set)
 budgets_app.command("show")(budgets_show)
+issuers_app.command("create")(issuers_create)
+issuers_app.command("list")(issuers_list)
+issuers_app.command("revoke")(issuers_revoke)
 app.command()(spend)
 app.command("audit")(audit_cmd)
+app.command()(freeze)
+app.command()(unfreeze)
+app.command()(frozen)
 app.command()(init)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from keybrake.client import (
+    Forbidden,
     InvalidRequest,
     KeybrakeClient,
     KeybrakeError,
@@ -110,6 +111,8 @@ def remote_admin(admin_url: str, token_file: Path | None, data_dir: Path) -> Ite
         ) from None
     except NotFound as e:
         raise RemoteError(e.message, 4) from None
+    except Forbidden as e:
+        raise RemoteError(f"refused (403 {e.code}): {e.message}", 2) from None
     except InvalidRequest as e:
         raise RemoteError(e.message, 2) from None
     except Unavailable as e:

@@ -19,7 +19,9 @@ Every refusal becomes an exception carrying the API's ``error.code``::
             e.code, e.status                                      # ('not_found', 404)
 
 ``admin_url`` defaults to ``$KEYBRAKE_ADMIN_URL`` (else ``http://127.0.0.1:8081``) and the
-token to ``$KEYBRAKE_ADMIN_TOKEN``. Dollar amounts are `decimal.Decimal`, never floats.
+token to ``$KEYBRAKE_ADMIN_TOKEN``. The token may be an issuer token (``kbi_…``, see
+``keybrake issuers create``): pipeline code should hold one of those, scoped to its vendors,
+label prefix and limits, never the admin token. Dollar amounts are `decimal.Decimal`, never floats.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from keybrake.client._calls import Dollars, GroupBy, Outcome
 from keybrake.client._models import (
     AuditEntry,
     Budget,
+    Forbidden,
     InvalidRequest,
     IssuedKey,
     KeybrakeError,
@@ -57,6 +60,7 @@ __all__ = [
     "AsyncKeybrakeClient",
     "AuditEntry",
     "Budget",
+    "Forbidden",
     "InvalidRequest",
     "IssuedKey",
     "KeybrakeClient",

@@ -16,6 +16,7 @@ import httpx
 __all__ = [
     "AuditEntry",
     "Budget",
+    "Forbidden",
     "InvalidRequest",
     "IssuedKey",
     "KeybrakeError",
@@ -66,6 +67,11 @@ class Unauthorized(KeybrakeError):
     """401: the admin token is missing or wrong."""
 
 
+class Forbidden(KeybrakeError):
+    """403: the token may not do this (an issuer token outside its scope or limits:
+    ``code`` ``issuer_scope``, ``details["fields"]`` names each field)."""
+
+
 class NotFound(KeybrakeError):
     """404: no such key (or admin route)."""
 
@@ -91,6 +97,7 @@ class TransportError(KeybrakeError):
 _ERRORS_BY_STATUS: Final[dict[int, type[KeybrakeError]]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     405: InvalidRequest,
     413: InvalidRequest,
@@ -161,6 +168,8 @@ class VaultKey:
     spent_today_usd: Decimal | None = None
     remaining_usd: Decimal | None = None
     budgets: tuple[Budget, ...] = ()
+    # The issuer token that minted it (None: the admin token or the command line).
+    issuer_id: str | None = None
 
     @classmethod
     def _fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,6 +191,7 @@ class VaultKey:
             "spent_today_usd": _usd(data.get("spent_today_usd")),
             "remaining_usd": _usd(data.get("remaining_usd")),
             "budgets": tuple(Budget.from_json(b) for b in data.get("budgets") or ()),
+            "issuer_id": data.get("issuer_id"),
         }
 
     @classmethod

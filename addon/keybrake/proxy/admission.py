@@ -464,6 +464,12 @@ class Admitter:
             )
         if code == "idempotency_mismatch":
             return Refusal(code, "this idempotency key was used with a different request body")
+        if code == "vendor_frozen":
+            return Refusal(
+                code,
+                f"every call to {key.vendor} is frozen by an operator ({admission.detail}); "
+                "refused until the freeze is lifted",
+            )
         if admission.key is not None:
             self._refuse_inactive(admission.key)
         return Refusal(code, "unknown vault key")

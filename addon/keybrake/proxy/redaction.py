@@ -104,6 +104,7 @@ def _plain(value: Any) -> Any:
 
 
 _VAULT_KEY_BYTES = re.compile(rb"kbv_[a-z][a-z0-9_-]{0,31}_[A-Za-z0-9_-]{43}")
+_ISSUER_TOKEN_BYTES = re.compile(rb"kbi_[A-Za-z0-9_-]{43}")
 
 
 def _redact_state(state: dict[str, Any], names: frozenset[str]) -> None:
@@ -112,8 +113,10 @@ def _redact_state(state: dict[str, Any], names: frozenset[str]) -> None:
         if isinstance(message, dict) and "headers" in message:
             message["headers"] = _redact_pairs(message["headers"], names)
         if isinstance(message, dict) and isinstance(message.get("content"), bytes):
-            # A vault key is shown once, in the issue response: never keep it in a file.
-            message["content"] = _VAULT_KEY_BYTES.sub(b"kbv_[redacted]", message["content"])
+            # A vault key (an issuer token) is shown once, in the answer that made it: never
+            # keep it in a file.
+            content = _VAULT_KEY_BYTES.sub(b"kbv_[redacted]", message["content"])
+            message["content"] = _ISSUER_TOKEN_BYTES.sub(b"kbi_[redacted]", content)
     if isinstance(state.get("metadata"), dict):
         state["metadata"] = {k: _plain(v) for k, v in state["metadata"].items()}
     backup = state.get("backup")

@@ -15,6 +15,7 @@ from keybrake.store._base import (
     Hold,
     IdempotencyBegin,
     IdempotencyClaim,
+    IssuerRecord,
     KeyRecord,
     ObjectOwner,
     RateResult,
@@ -23,6 +24,7 @@ from keybrake.store._base import (
     Store,
     StoredResponse,
     StoreUnavailable,
+    VendorFreeze,
     utc_day,
 )
 from keybrake.store._redis_url import PASSWORD_ENV, redact_url, split_password
@@ -40,6 +42,7 @@ __all__ = [
     "Hold",
     "IdempotencyBegin",
     "IdempotencyClaim",
+    "IssuerRecord",
     "KeyRecord",
     "ObjectOwner",
     "RateResult",
@@ -50,6 +53,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "StoredResponse",
+    "VendorFreeze",
     "open_store",
     "redact_url",
     "split_password",

@@ -21,6 +21,7 @@ __all__ = [
     "Hold",
     "IdempotencyBegin",
     "IdempotencyClaim",
+    "IssuerRecord",
     "KeyRecord",
     "ObjectOwner",
     "RateResult",
@@ -29,6 +30,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "StoredResponse",
+    "VendorFreeze",
     "utc_day",
 ]
 
@@ -74,6 +76,8 @@ class KeyRecord:
     # Whose objects the key may act on besides its own: "none", or "label" (every key with
     # the same agent_run_label; issued so by an operator).
     share_objects: str = "none"
+    # The issuer token that minted the key (None: the admin token or the command line).
+    issuer_id: str | None = None
 
     def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired", "suspended"]:
         if self.revoked_at is not None:
@@ -83,6 +87,56 @@ class KeyRecord:
         if self.suspended_at is not None:
             return "suspended"
         return "active"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IssuerRecord:
+    """An issuer token as stored: never the token, only its SHA-256 hex digest.
+
+    With the token as its bearer, a caller of the admin API may issue keys within these
+    limits (``vendors``, labels under ``label_prefix``, a subset of ``allowed_endpoints`` per
+    vendor, caps and lifetimes at most the ``max_*``), and revoke, read and report on the keys
+    under its prefix (see `keybrake.vault.issuers`). ``budget_daily_micros`` and
+    ``budget_lifetime_micros`` are the issuer's own budget, kept for the budget tree; they
+    are not enforced by admission yet.
+    """
+
+    issuer_id: str
+    token_sha256: str
+    name: str
+    vendors: tuple[str, ...]
+    label_prefix: str
+    # vendor -> endpoint patterns ("POST /v1/payment_intents") a minted key may list.
+    allowed_endpoints: tuple[tuple[str, tuple[str, ...]], ...]
+    max_daily_cap_micros: int
+    max_expires_in_seconds: int
+    created_at: dt.datetime
+    max_usd_cap_micros: int | None = None
+    allowed_accounts: tuple[str, ...] = ()
+    budget_daily_micros: int | None = None
+    budget_lifetime_micros: int | None = None
+    expires_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+    def endpoints_of(self, vendor: str) -> tuple[str, ...]:
+        """The endpoint patterns a key of ``vendor`` minted with this token may list."""
+        return dict(self.allowed_endpoints).get(vendor, ())
+
+    def state(self, now: dt.datetime) -> Literal["active", "revoked", "expired"]:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VendorFreeze:
+    """A vendor every call to which is refused (``503 vendor_frozen``) until it is lifted."""
+
+    vendor: str
+    reason: str
+    frozen_at: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -206,7 +260,8 @@ class Admission:
     - ``admitted``: counted, claimed and reserved as asked; ``key`` is the key as stored now.
     - ``replay``: the idempotency claim found a stored ``response`` (nothing reserved).
     - ``refused``: ``code`` says why (``vault_key_unknown``, ``vault_key_revoked``,
-      ``vault_key_expired``, ``key_suspended``, ``rate_limited`` with
+      ``vault_key_expired``, ``key_suspended``, ``vendor_frozen`` (``detail``: the
+      reason the operator gave), ``rate_limited`` with
       ``retry_after_seconds``, ``quota_exceeded`` with ``detail`` ``objects`` or
       ``idempotency``, ``idempotency_in_flight``, ``idempotency_mismatch``,
       ``cap_exhausted`` with ``exceeded``). Nothing was claimed or reserved; a refusal after
@@ -306,10 +361,38 @@ class Store(Protocol):
         `admit` reads: a cap lowered below what is spent refuses the key's paid calls from
         then on; nothing already spent or reserved moves."""
 
+    # -- issuer tokens ---------------------------------------------------------------------------
+    async def create_issuer(self, record: IssuerRecord) -> None:
+        """Insert a new issuer token; ``issuer_id`` and ``token_sha256`` are unique
+        (`ValueError` otherwise)."""
+
+    async def get_issuer(self, issuer_id: str) -> IssuerRecord | None: ...
+
+    async def get_issuer_by_token_hash(self, token_sha256: str) -> IssuerRecord | None: ...
+
+    async def list_issuers(self) -> list[IssuerRecord]:
+        """All issuer tokens, newest first."""
+
+    async def revoke_issuer(self, issuer_id: str, now: dt.datetime) -> IssuerRecord | None:
+        """Mark revoked (keeps the first revocation time when repeated); None if unknown. The
+        keys it minted are left alone (the vault revokes them when asked)."""
+
+    # -- vendor freezes ----------------------------------------------------------------------------
+    async def freeze_vendor(self, vendor: str, reason: str, now: dt.datetime) -> VendorFreeze:
+        """Refuse every call to ``vendor`` from the next `admit` on, on every replica (the
+        flag is read inside the admission step). Repeated: keeps the first time and reason."""
+
+    async def unfreeze_vendor(self, vendor: str) -> bool:
+        """Lift a freeze; False when ``vendor`` was not frozen."""
+
+    async def frozen_vendors(self) -> list[VendorFreeze]:
+        """The vendors frozen now, by name."""
+
     # -- one call, two steps -------------------------------------------------------------------
     async def admit(self, request: AdmissionRequest) -> Admission:
         """In ONE atomic step, everything a call needs before it is forwarded: the key's
-        state (revocation and suspension are immediate on every replica), the request-rate
+        state (revocation and suspension are immediate on every replica), whether its vendor
+        is frozen (`freeze_vendor`), the request-rate
         count, the key's object quota, the idempotency claim or replay, and the reservation
         over every budget (with the caps as stored now). See `Admission`."""
 

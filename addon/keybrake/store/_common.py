@@ -10,9 +10,11 @@ from keybrake.store._base import KeyRecord, RateResult
 
 __all__ = [
     "EPOCH",
+    "FROZEN_FIELD",
     "RATE_BUCKETS",
     "RATE_BUCKET_MS",
     "check_idempotency_times",
+    "check_label",
     "check_micros",
     "check_rate_limit",
     "epoch_micros",
@@ -33,6 +35,18 @@ def epoch_micros(moment: dt.datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError(f"naive datetime {moment!r}: the store needs an aware UTC datetime")
     return (moment - EPOCH) // dt.timedelta(microseconds=1)
+
+
+FROZEN_FIELD = "!frozen:"
+"""Redis: the field ``!frozen:<vendor>`` of the label-budgets hash marks a frozen vendor (a
+label never starts with ``!``, see `check_label`): admit.lua reads it from a hash it already
+reads, so a freeze costs no key, no round trip and no slot of its own."""
+
+
+def check_label(label: str) -> None:
+    """A key's label is never a reserved field of the label-budgets hash (`FROZEN_FIELD`)."""
+    if label.startswith("!"):
+        raise ValueError(f"a label must not start with '!', got {label[:40]!r}")
 
 
 def check_micros(name: str, value: int) -> None:

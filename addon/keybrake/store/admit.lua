@@ -8,7 +8,9 @@
 -- KEYS[5]  the key's idempotency index (<prefix>idem-index:<key_id>)
 -- KEYS[6]  reservation hash           (<prefix>res:<reservation_id>)
 -- KEYS[7]  open reservations          (<prefix>open-reservations)
--- KEYS[8]  label budgets hash         (<prefix>label-budgets)
+-- KEYS[8]  label budgets hash         (<prefix>label-budgets): label -> daily cap, and
+--          '!frozen:<vendor>' -> reason while that vendor is frozen (written into the label
+--          budgets hash of every budget tree, so the check needs no key of its own)
 -- KEYS[9…] usage hashes: key day, key lifetime, label day (only with a label)
 -- ARGV[1]  now, epoch µs (the caller's clock: expiry, the reservation's time)
 -- ARGV[2]  request-rate limit, or '' for none
@@ -62,6 +64,11 @@ if tonumber(ARGV[1]) >= tonumber(key['expires_at']) then
 end
 if key['suspended_at'] then
   return {'refused', 'key_suspended', '', {}, fields}
+end
+local frozen = redis.call('HGET', KEYS[8],
+  '!frozen:' .. (key['vendor'] or redis.call('HGET', KEYS[1], 'vendor') or ''))
+if frozen then
+  return {'refused', 'vendor_frozen', frozen, {}, fields}
 end
 
 if ARGV[2] ~= '' then

@@ -31,6 +31,14 @@ a later call. All keys live under ``prefix``:
 - ``idm:<key_id>:<scope>`` idempotency entry (a string: state, body hash, then the claim's
   start or the stored response), kept its TTL; ``idem-index:<key_id>`` the key's entries
 - ``rate:<key_id>`` hash of a key's requests per 5-second bucket, kept 70 seconds
+- ``{iss}issuer:<issuer_id>`` hash, ``{iss}issuer-token:<sha256>`` → issuer id, ``{iss}issuers``
+  sorted set by creation time (one hash tag: ``create_issuer.lua`` stays in one slot on a
+  Redis Cluster)
+- ``frozen-vendors`` hash vendor → frozen_at (µs), a newline, the reason: the freezes; each
+  freeze is also the field ``!frozen:<vendor>`` (value: the reason) of ``label-budgets``,
+  which ``admit.lua`` reads already. On a Redis Cluster every budget tree has its own
+  label-budgets hash: a freeze is written into each of them (`_freeze_hashes`), so the check
+  stays inside the admission's one slot and costs no extra round trip
 
 The indexes kept per vault key (``objs``, ``amounts``, ``idem-index``) get their TTL once, from
 the key's expiry (every replica sets it the first time it touches one): `forget_key` deletes
@@ -88,6 +96,7 @@ from keybrake.store._base import (
     BudgetState,
     Hold,
     IdempotencyBegin,
+    IssuerRecord,
     KeyRecord,
     ObjectOwner,
     RateResult,
@@ -95,13 +104,16 @@ from keybrake.store._base import (
     Settlement,
     StoredResponse,
     StoreUnavailable,
+    VendorFreeze,
     utc_day,
 )
 from keybrake.store._common import (
     EPOCH,
+    FROZEN_FIELD,
     RATE_BUCKET_MS,
     RATE_BUCKETS,
     check_idempotency_times,
+    check_label,
     check_micros,
     check_rate_limit,
     epoch_micros,
@@ -149,6 +161,7 @@ _MUTABLE_KEY_FIELDS = frozenset(
 _BATCHED = frozenset({"admit", "settle_call", "own"})
 _SCRIPTS = (
     "create_key",
+    "create_issuer",
     "revoke",
     "suspend",
     "set_caps",
@@ -267,7 +280,64 @@ def _key_fields(record: KeyRecord) -> list[str]:
     if record.suspended_at is not None:
         fields["suspended_at"] = str(epoch_micros(record.suspended_at))
         fields["suspended_reason"] = record.suspended_reason or ""
+    if record.issuer_id is not None:
+        fields["issuer_id"] = record.issuer_id
     return [item for pair in fields.items() for item in pair]
+
+
+def _issuer_fields(record: IssuerRecord) -> list[str]:
+    fields = {
+        "issuer_id": record.issuer_id,
+        "token_sha256": record.token_sha256,
+        "name": record.name,
+        "vendors": json.dumps(list(record.vendors)),
+        "label_prefix": record.label_prefix,
+        "allowed_endpoints": json.dumps(
+            [[vendor, list(eps)] for vendor, eps in record.allowed_endpoints]
+        ),
+        "max_daily_cap_micros": str(record.max_daily_cap_micros),
+        "max_expires_in_seconds": str(record.max_expires_in_seconds),
+        "allowed_accounts": json.dumps(list(record.allowed_accounts)),
+        "created_at": str(epoch_micros(record.created_at)),
+    }
+    optional = {
+        "max_usd_cap_micros": record.max_usd_cap_micros,
+        "budget_daily_micros": record.budget_daily_micros,
+        "budget_lifetime_micros": record.budget_lifetime_micros,
+        "expires_at": None if record.expires_at is None else epoch_micros(record.expires_at),
+        "revoked_at": None if record.revoked_at is None else epoch_micros(record.revoked_at),
+    }
+    fields.update({name: str(value) for name, value in optional.items() if value is not None})
+    return [item for pair in fields.items() for item in pair]
+
+
+def _issuer_record(raw: Mapping[bytes | str, bytes | str]) -> IssuerRecord | None:
+    if not raw:
+        return None
+    f = {_text(k): _text(v) for k, v in raw.items()}
+
+    def number(name: str) -> int | None:
+        return int(f[name]) if name in f else None
+
+    return IssuerRecord(
+        issuer_id=f["issuer_id"],
+        token_sha256=f["token_sha256"],
+        name=f["name"],
+        vendors=tuple(json.loads(f["vendors"])),
+        label_prefix=f["label_prefix"],
+        allowed_endpoints=tuple(
+            (vendor, tuple(eps)) for vendor, eps in json.loads(f["allowed_endpoints"])
+        ),
+        max_daily_cap_micros=int(f["max_daily_cap_micros"]),
+        max_usd_cap_micros=number("max_usd_cap_micros"),
+        max_expires_in_seconds=int(f["max_expires_in_seconds"]),
+        allowed_accounts=tuple(json.loads(f["allowed_accounts"])),
+        budget_daily_micros=number("budget_daily_micros"),
+        budget_lifetime_micros=number("budget_lifetime_micros"),
+        created_at=_moment(f["created_at"]),
+        expires_at=_moment(f["expires_at"]) if "expires_at" in f else None,
+        revoked_at=_moment(f["revoked_at"]) if "revoked_at" in f else None,
+    )
 
 
 def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
@@ -293,6 +363,7 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
         suspended_at=_moment(f["suspended_at"]) if "suspended_at" in f else None,
         suspended_reason=f.get("suspended_reason"),
         share_objects=f.get("share_objects", "none"),
+        issuer_id=f.get("issuer_id"),
     )
 
 
@@ -698,6 +769,7 @@ class RedisStore:
     # -- vault keys ----------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord) -> None:
         """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
+        check_label(record.agent_run_label)
         created = epoch_micros(record.created_at)
         if self._cluster:
             inserted = await self._create_key_on_cluster(record)
@@ -821,6 +893,103 @@ class RedisStore:
             ["" if daily_cap_micros is None else str(daily_cap_micros), usd],
         )
         return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    # -- issuer tokens ---------------------------------------------------------------------------
+    def _iss(self, *parts: str) -> str:
+        """A name of the issuer records, all under one hash tag (``{iss}``)."""
+        return self.prefix + "{iss}" + ":".join(parts)
+
+    async def create_issuer(self, record: IssuerRecord) -> None:
+        """Insert ``record``; `ValueError` when its id or token hash already exists."""
+        inserted = await self._script(
+            "create_issuer",
+            [
+                self._iss("issuer", record.issuer_id),
+                self._iss("issuer-token", record.token_sha256),
+                self._iss("issuers"),
+            ],
+            [
+                record.issuer_id,
+                str(epoch_micros(record.created_at)),
+                *_issuer_fields(record),
+            ],
+        )
+        if inserted == 0:
+            raise ValueError(f"issuer {record.issuer_id!r} already exists")
+        if inserted == -1:
+            raise ValueError(f"an issuer with the token hash of {record.issuer_id!r} exists")
+
+    async def get_issuer(self, issuer_id: str) -> IssuerRecord | None:
+        async with self._guard() as client:
+            raw = await client.hgetall(self._iss("issuer", issuer_id))
+        return _issuer_record(raw)
+
+    async def get_issuer_by_token_hash(self, token_sha256: str) -> IssuerRecord | None:
+        async with self._guard() as client:
+            issuer_id = await client.get(self._iss("issuer-token", token_sha256))
+            if issuer_id is None:
+                return None
+            raw = await client.hgetall(self._iss("issuer", _text(issuer_id)))
+        return _issuer_record(raw)
+
+    async def list_issuers(self) -> list[IssuerRecord]:
+        """All issuer tokens, newest ``created_at`` first (ties: larger id first)."""
+        async with self._guard() as client:
+            ids = await client.zrevrange(self._iss("issuers"), 0, -1)
+            pipe = client.pipeline(transaction=False)
+            for issuer_id in ids:
+                pipe.hgetall(self._iss("issuer", _text(issuer_id)))
+            raws = await pipe.execute()
+        return [record for raw in raws if (record := _issuer_record(raw)) is not None]
+
+    async def revoke_issuer(self, issuer_id: str, now: dt.datetime) -> IssuerRecord | None:
+        """``revoke.lua`` on the issuer's hash (it keeps the first revocation time)."""
+        flat = await self._script(
+            "revoke", [self._iss("issuer", issuer_id)], [str(epoch_micros(now))]
+        )
+        return _issuer_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    # -- vendor freezes ----------------------------------------------------------------------------
+    def _freeze_hashes(self) -> list[str]:
+        """The hashes ``admit.lua`` reads a freeze from: the label-budgets hash of every budget
+        tree (one on a single server; on a Redis Cluster, one per hash tag)."""
+        return [self._kt(tag, "label-budgets") for tag in self._tags]
+
+    async def freeze_vendor(self, vendor: str, reason: str, now: dt.datetime) -> VendorFreeze:
+        """The freeze in ``frozen-vendors`` (kept first when repeated), then in every hash
+        `_freeze_hashes` names: refused from the next admission on, on every replica."""
+        async with self._guard() as client:
+            await client.hsetnx(self._k("frozen-vendors"), vendor, f"{epoch_micros(now)}\n{reason}")
+            stored = await client.hget(self._k("frozen-vendors"), vendor)
+            kept = _text(stored) if stored is not None else f"{epoch_micros(now)}\n{reason}"
+            since, _, kept_reason = kept.partition("\n")
+            # Not a transaction: on a cluster the hashes are in different slots. Each write is
+            # idempotent; freezing again repairs a freeze cut short.
+            pipe = client.pipeline(transaction=False)
+            for name in self._freeze_hashes():
+                pipe.hset(name, FROZEN_FIELD + vendor, kept_reason or "frozen")
+            await pipe.execute()
+        return VendorFreeze(vendor, kept_reason, _moment(since))
+
+    async def unfreeze_vendor(self, vendor: str) -> bool:
+        """Lifted in every admission hash first, then dropped from the list (so a cut-short
+        unfreeze still lists the vendor: unfreezing again finishes it)."""
+        async with self._guard() as client:
+            pipe = client.pipeline(transaction=False)
+            for name in self._freeze_hashes():
+                pipe.hdel(name, FROZEN_FIELD + vendor)
+            await pipe.execute()
+            gone = await client.hdel(self._k("frozen-vendors"), vendor)
+        return bool(gone)
+
+    async def frozen_vendors(self) -> list[VendorFreeze]:
+        async with self._guard() as client:
+            raw = await client.hgetall(self._k("frozen-vendors"))
+        out = []
+        for vendor, value in raw.items():
+            since, _, reason = _text(value).partition("\n")
+            out.append(VendorFreeze(_text(vendor), reason, _moment(since)))
+        return sorted(out, key=lambda f: f.vendor)
 
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:

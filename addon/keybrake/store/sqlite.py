@@ -32,6 +32,7 @@ from keybrake.store._base import (
     Hold,
     IdempotencyBegin,
     IdempotencyClaim,
+    IssuerRecord,
     KeyRecord,
     ObjectOwner,
     RateResult,
@@ -39,12 +40,14 @@ from keybrake.store._base import (
     Settlement,
     StoredResponse,
     StoreUnavailable,
+    VendorFreeze,
     utc_day,
 )
 from keybrake.store._common import (
     EPOCH,
     RATE_BUCKETS,
     check_idempotency_times,
+    check_label,
     check_micros,
     check_rate_limit,
     epoch_micros,
@@ -84,9 +87,32 @@ CREATE TABLE IF NOT EXISTS keys (
     allowed_accounts TEXT NOT NULL DEFAULT '[]',
     suspended_at INTEGER,
     suspended_reason TEXT,
-    share_objects TEXT NOT NULL DEFAULT 'none'
+    share_objects TEXT NOT NULL DEFAULT 'none',
+    issuer_id TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);
+CREATE TABLE IF NOT EXISTS issuers (
+    issuer_id TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    vendors TEXT NOT NULL,
+    label_prefix TEXT NOT NULL,
+    allowed_endpoints TEXT NOT NULL,
+    max_daily_cap_micros INTEGER NOT NULL,
+    max_usd_cap_micros INTEGER,
+    max_expires_in_seconds INTEGER NOT NULL,
+    allowed_accounts TEXT NOT NULL,
+    budget_daily_micros INTEGER,
+    budget_lifetime_micros INTEGER,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS frozen_vendors (
+    vendor TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    frozen_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS label_budgets (
     label TEXT PRIMARY KEY,
     daily_cap_micros INTEGER NOT NULL
@@ -202,6 +228,7 @@ _ADDED_COLUMNS = (
     ("keys", "suspended_at", "INTEGER"),
     ("keys", "suspended_reason", "TEXT"),
     ("keys", "share_objects", "TEXT NOT NULL DEFAULT 'none'"),
+    ("keys", "issuer_id", "TEXT"),
 )
 
 
@@ -242,6 +269,29 @@ def _row_to_key(row: sqlite3.Row) -> KeyRecord:
         suspended_at=None if row["suspended_at"] is None else _moment(row["suspended_at"]),
         suspended_reason=row["suspended_reason"],
         share_objects=row["share_objects"],
+        issuer_id=row["issuer_id"],
+    )
+
+
+def _row_to_issuer(row: sqlite3.Row) -> IssuerRecord:
+    return IssuerRecord(
+        issuer_id=row["issuer_id"],
+        token_sha256=row["token_sha256"],
+        name=row["name"],
+        vendors=tuple(json.loads(row["vendors"])),
+        label_prefix=row["label_prefix"],
+        allowed_endpoints=tuple(
+            (vendor, tuple(eps)) for vendor, eps in json.loads(row["allowed_endpoints"])
+        ),
+        max_daily_cap_micros=row["max_daily_cap_micros"],
+        max_usd_cap_micros=row["max_usd_cap_micros"],
+        max_expires_in_seconds=row["max_expires_in_seconds"],
+        allowed_accounts=tuple(json.loads(row["allowed_accounts"])),
+        budget_daily_micros=row["budget_daily_micros"],
+        budget_lifetime_micros=row["budget_lifetime_micros"],
+        created_at=_moment(row["created_at"]),
+        expires_at=None if row["expires_at"] is None else _moment(row["expires_at"]),
+        revoked_at=None if row["revoked_at"] is None else _moment(row["revoked_at"]),
     )
 
 
@@ -458,6 +508,7 @@ class SQLiteStore:
     # -- vault keys ----------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord) -> None:
         """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
+        check_label(record.agent_run_label)
         values = (
             record.key_id,
             record.secret_sha256,
@@ -475,6 +526,7 @@ class SQLiteStore:
             None if record.suspended_at is None else epoch_micros(record.suspended_at),
             record.suspended_reason,
             record.share_objects,
+            record.issuer_id,
         )
         with self._transaction() as conn:
             try:
@@ -482,8 +534,8 @@ class SQLiteStore:
                     "INSERT INTO keys (key_id, secret_sha256, vendor, agent_run_label, "
                     "daily_cap_micros, usd_cap_micros, allowed_endpoints, vendor_account, "
                     "created_at, expires_at, revoked_at, max_requests_per_minute, "
-                    "allowed_accounts, suspended_at, suspended_reason, share_objects) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "allowed_accounts, suspended_at, suspended_reason, share_objects, "
+                    "issuer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     values,
                 )
             except sqlite3.IntegrityError as exc:
@@ -568,6 +620,89 @@ class SQLiteStore:
                 )
             row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return None if row is None else _row_to_key(row)
+
+    # -- issuer tokens ---------------------------------------------------------------------------
+    async def create_issuer(self, record: IssuerRecord) -> None:
+        """Insert ``record``; `ValueError` when its id or token hash already exists."""
+        values = (
+            record.issuer_id,
+            record.token_sha256,
+            record.name,
+            json.dumps(list(record.vendors)),
+            record.label_prefix,
+            json.dumps([[vendor, list(eps)] for vendor, eps in record.allowed_endpoints]),
+            record.max_daily_cap_micros,
+            record.max_usd_cap_micros,
+            record.max_expires_in_seconds,
+            json.dumps(list(record.allowed_accounts)),
+            record.budget_daily_micros,
+            record.budget_lifetime_micros,
+            epoch_micros(record.created_at),
+            None if record.expires_at is None else epoch_micros(record.expires_at),
+            None if record.revoked_at is None else epoch_micros(record.revoked_at),
+        )
+        with self._transaction() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO issuers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(
+                    f"issuer {record.issuer_id!r} or its token hash already exists"
+                ) from exc
+
+    async def get_issuer(self, issuer_id: str) -> IssuerRecord | None:
+        with self._session() as conn:
+            row = conn.execute("SELECT * FROM issuers WHERE issuer_id = ?", (issuer_id,)).fetchone()
+        return None if row is None else _row_to_issuer(row)
+
+    async def get_issuer_by_token_hash(self, token_sha256: str) -> IssuerRecord | None:
+        with self._session() as conn:
+            row = conn.execute(
+                "SELECT * FROM issuers WHERE token_sha256 = ?", (token_sha256,)
+            ).fetchone()
+        return None if row is None else _row_to_issuer(row)
+
+    async def list_issuers(self) -> list[IssuerRecord]:
+        """All issuer tokens, newest ``created_at`` first (ties: larger id first)."""
+        with self._session() as conn:
+            rows = conn.execute(
+                "SELECT * FROM issuers ORDER BY created_at DESC, issuer_id DESC"
+            ).fetchall()
+        return [_row_to_issuer(row) for row in rows]
+
+    async def revoke_issuer(self, issuer_id: str, now: dt.datetime) -> IssuerRecord | None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE issuers SET revoked_at = ? WHERE issuer_id = ? AND revoked_at IS NULL",
+                (epoch_micros(now), issuer_id),
+            )
+            row = conn.execute("SELECT * FROM issuers WHERE issuer_id = ?", (issuer_id,)).fetchone()
+        return None if row is None else _row_to_issuer(row)
+
+    # -- vendor freezes ----------------------------------------------------------------------------
+    async def freeze_vendor(self, vendor: str, reason: str, now: dt.datetime) -> VendorFreeze:
+        """One row of ``frozen_vendors``, read by `admit` in its own transaction."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO frozen_vendors VALUES (?, ?, ?) ON CONFLICT (vendor) DO NOTHING",
+                (vendor, reason, epoch_micros(now)),
+            )
+            row = conn.execute(
+                "SELECT * FROM frozen_vendors WHERE vendor = ?", (vendor,)
+            ).fetchone()
+        return VendorFreeze(row["vendor"], row["reason"], _moment(row["frozen_at"]))
+
+    async def unfreeze_vendor(self, vendor: str) -> bool:
+        with self._transaction() as conn:
+            gone = conn.execute("DELETE FROM frozen_vendors WHERE vendor = ?", (vendor,))
+        return gone.rowcount > 0
+
+    async def frozen_vendors(self) -> list[VendorFreeze]:
+        with self._session() as conn:
+            rows = conn.execute("SELECT * FROM frozen_vendors ORDER BY vendor").fetchall()
+        return [VendorFreeze(r["vendor"], r["reason"], _moment(r["frozen_at"])) for r in rows]
 
     # -- request rate --------------------------------------------------------------------------
     async def count_request(self, key_id: str, limit: int, now: dt.datetime) -> RateResult:
@@ -1088,6 +1223,11 @@ class SQLiteStore:
         state = key.state(request.now)
         if state != "active":
             return Admission("refused", key, code=_STATE_CODES[state])
+        frozen = conn.execute(
+            "SELECT reason FROM frozen_vendors WHERE vendor = ?", (key.vendor,)
+        ).fetchone()
+        if frozen is not None:
+            return Admission("refused", key, code="vendor_frozen", detail=frozen[0])
         if request.rate_limit is not None:
             rate = self._count(conn, key.key_id, request.rate_limit, request.now)
             if not rate.ok:

@@ -23,7 +23,18 @@ from typing import Any
 
 from keybrake.core.keys import hash_vault_key, looks_like_vault_key
 from keybrake.core.money import format_usd
-from keybrake.store import BudgetState, KeyRecord, Store
+from keybrake.store import BudgetState, IssuerRecord, KeyRecord, Store, VendorFreeze
+from keybrake.vault.issuers import (
+    ACTIONS,
+    CreateIssuerRequest,
+    IssuerScopeError,
+    KeySelector,
+    check_issue,
+    covers,
+    issuer_to_json,
+    label_under,
+    looks_like_issuer_token,
+)
 from keybrake.vault.keyspec import (
     IssueKeyRequest,
     KeyCapsChange,
@@ -34,14 +45,23 @@ from keybrake.vault.keyspec import (
 )
 
 __all__ = [
+    "ACTIONS",
+    "CreateIssuerRequest",
     "IssueKeyRequest",
+    "IssuerScopeError",
     "KeyCapsChange",
+    "KeySelector",
     "KeySpecError",
     "KeyView",
     "Vault",
     "api_time",
+    "covers",
+    "freeze_to_json",
     "is_vault_key",
+    "issuer_to_json",
     "key_to_json",
+    "label_under",
+    "looks_like_issuer_token",
     "parse_label_budget",
 ]
 
@@ -88,6 +108,15 @@ class KeyView:
         return key_to_json(self.key, now, self.budgets)
 
 
+def freeze_to_json(freeze: VendorFreeze) -> dict[str, Any]:
+    return {
+        "object": "vendor_freeze",
+        "vendor": freeze.vendor,
+        "reason": freeze.reason,
+        "frozen_at": api_time(freeze.frozen_at),
+    }
+
+
 class Vault:
     """The use-cases over one store. ``via`` names the caller in the log lines."""
 
@@ -97,24 +126,38 @@ class Vault:
         self.via = via
 
     # -- keys ------------------------------------------------------------------------------------
-    async def issue(self, request: IssueKeyRequest) -> tuple[KeyRecord, str]:
+    async def issue(
+        self, request: IssueKeyRequest, issuer: IssuerRecord | None = None
+    ) -> tuple[KeyRecord, str]:
         """Create the key a validated request (`IssueKeyRequest.from_json`) describes; the vault
-        key is returned once and never stored (only its hash is)."""
+        key is returned once and never stored (only its hash is). With ``issuer`` (the caller
+        is an issuer token) the key must be within its limits (`IssuerScopeError`) and records
+        that it minted it."""
+        if issuer is not None:
+            check_issue(issuer, request)
         record, vault_key = request.new_key(self.now())
+        if issuer is not None:
+            record = dataclasses.replace(record, issuer_id=issuer.issuer_id)
         await self.store.create_key(record)
         log.info(
-            "keybrake: issued %s for %s label=%r (%s)",
+            "keybrake: issued %s for %s label=%r (%s%s)",
             record.key_id,
             record.vendor,
             record.agent_run_label,
             self.via,
+            f", issuer {issuer.issuer_id}" if issuer is not None else "",
         )
         return record, vault_key
 
-    async def keys(self, limit: int | None = None) -> list[KeyView]:
-        """Every key (the first ``limit``), with its budgets."""
+    async def keys(
+        self, limit: int | None = None, issuer: IssuerRecord | None = None
+    ) -> list[KeyView]:
+        """Every key (the first ``limit``), with its budgets; with ``issuer``, only the keys in
+        its scope (`covers`)."""
         now = self.now()
         records = await self.store.list_keys()
+        if issuer is not None:
+            records = [k for k in records if covers(issuer, k)]
         return [KeyView(k, await self.store.budgets(k, now)) for k in records[:limit]]
 
     async def key(self, key_id: str) -> KeyView | None:
@@ -163,6 +206,121 @@ class Vault:
             return None
         log.info("keybrake: changed the caps of %s (%s)", key_id, self.via)
         return KeyView(key, await self.store.budgets(key, self.now()))
+
+    # -- issuer tokens ---------------------------------------------------------------------------
+    async def create_issuer(self, request: CreateIssuerRequest) -> tuple[IssuerRecord, str]:
+        """Create an issuer token (`CreateIssuerRequest.from_json`); the token is returned
+        once and never stored (only its SHA-256 is)."""
+        record, token = request.new_issuer(self.now())
+        await self.store.create_issuer(record)
+        log.info(
+            "keybrake: created issuer %s for %s under %r (%s)",
+            record.issuer_id,
+            ",".join(record.vendors),
+            record.label_prefix,
+            self.via,
+        )
+        return record, token
+
+    async def issuers(self) -> list[IssuerRecord]:
+        return await self.store.list_issuers()
+
+    async def issuer(self, issuer_id: str) -> IssuerRecord | None:
+        return await self.store.get_issuer(issuer_id)
+
+    async def issuer_of_token(self, token: str) -> IssuerRecord | None:
+        """The issuer a bearer token is (looked up by its SHA-256); None for anything else."""
+        if not looks_like_issuer_token(token):
+            return None
+        return await self.store.get_issuer_by_token_hash(hash_vault_key(token))
+
+    async def revoke_issuer(
+        self, issuer_id: str, *, revoke_keys: bool = False
+    ) -> tuple[IssuerRecord | None, list[KeyRecord]]:
+        """Revoke an issuer token (its next use is refused); with ``revoke_keys``, every key it
+        minted too. Returns the issuer (None if unknown) and the keys revoked now."""
+        issuer = await self.store.revoke_issuer(issuer_id, self.now())
+        if issuer is None:
+            return None, []
+        log.info("keybrake: revoked issuer %s (%s)", issuer_id, self.via)
+        keys: list[KeyRecord] = []
+        if revoke_keys:
+            keys = await self.stop_keys(KeySelector(issuer_id=issuer_id), "revoke")
+        return issuer, keys
+
+    # -- kill switches ---------------------------------------------------------------------------
+    async def select_keys(
+        self, selector: KeySelector, action: str, issuer: IssuerRecord | None = None
+    ) -> list[KeyRecord]:
+        """The keys ``action`` (`ACTIONS`) would change now: selected, in the issuer's scope
+        when one asks, and not already in the state the action leaves them in."""
+        now = self.now()
+        wanted = {
+            "revoke": ("active", "suspended"),
+            "suspend": ("active",),
+            "resume": ("suspended",),
+        }[action]
+        return [
+            k
+            for k in await self.store.list_keys()
+            if selector.selects(k)
+            and (issuer is None or covers(issuer, k))
+            and k.state(now) in wanted
+        ]
+
+    async def stop_keys(
+        self,
+        selector: KeySelector,
+        action: str,
+        *,
+        reason: str | None = None,
+        dry_run: bool = False,
+        issuer: IssuerRecord | None = None,
+    ) -> list[KeyRecord]:
+        """Revoke, suspend (or resume) every key `select_keys` names; with ``dry_run`` only say
+        which. Each change is read by every replica's next admission of that key. A key
+        issued while this runs may be missed: run it again, or freeze the vendor."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+        selected = await self.select_keys(selector, action, issuer)
+        if dry_run:
+            return selected
+        done: list[KeyRecord] = []
+        for key in selected:
+            if action == "revoke":
+                changed = await self.store.revoke_key(key.key_id, self.now())
+            elif action == "suspend":
+                text = "".join(ch for ch in (reason or "kill switch") if ch.isprintable())
+                changed = await self.store.suspend_key(key.key_id, self.now(), text[:MAX_REASON])
+            else:
+                changed = await self.store.resume_key(key.key_id)
+            if changed is not None:
+                done.append(changed)
+        log.info(
+            "keybrake: %s %d keys (%s; %s)",
+            {"revoke": "revoked", "suspend": "suspended", "resume": "resumed"}[action],
+            len(done),
+            ", ".join(f"{k}={v}" for k, v in selector.to_json().items() if v is not None),
+            self.via,
+        )
+        return done
+
+    async def freeze(self, vendor: str, reason: str | None) -> VendorFreeze:
+        """Refuse every call to ``vendor`` (``503 vendor_frozen``) on every replica until
+        `unfreeze`; ``reason`` is shown with every refusal."""
+        text = "".join(ch for ch in (reason or "frozen by an operator") if ch.isprintable())
+        frozen = await self.store.freeze_vendor(vendor, text[:MAX_REASON], self.now())
+        log.warning("keybrake: froze every call to %s (%s)", vendor, self.via)
+        return frozen
+
+    async def unfreeze(self, vendor: str) -> bool:
+        lifted = await self.store.unfreeze_vendor(vendor)
+        if lifted:
+            log.warning("keybrake: lifted the freeze of %s (%s)", vendor, self.via)
+        return lifted
+
+    async def freezes(self) -> list[VendorFreeze]:
+        return await self.store.frozen_vendors()
 
     # -- label budgets ---------------------------------------------------------------------------
     async def set_label_budget(self, label: str, cap: int | None) -> dict[str, Any]:

@@ -290,6 +290,8 @@ def key_to_json(
         "max_requests_per_minute": key.max_requests_per_minute,
         "allowed_accounts": list(key.allowed_accounts),
         "share_objects": key.share_objects,
+        # The issuer token that minted the key (None: the admin token or the command line).
+        "issuer_id": key.issuer_id,
         "created_at": api_time(key.created_at),
         "expires_at": api_time(key.expires_at),
         "revoked_at": api_time(key.revoked_at),

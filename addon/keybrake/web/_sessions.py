@@ -45,6 +45,7 @@ class Session:
     seen: float
     flash: list[str] = dataclasses.field(default_factory=list)
     reveal: dict[str, str] | None = None  # the vault key just issued: shown once, then gone
+    reveal_issuer: dict[str, str] | None = None  # the issuer token just created: the same
 
 
 class Sessions:

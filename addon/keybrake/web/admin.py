@@ -13,6 +13,8 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows
   (`keybrake.auditlog.reports`)
+- ``/vault/issuers…``, ``/vault/bulk/…``, ``/vault/freezes…``: issuer tokens, kill switches
+  and vendor freezes (`keybrake.web.delegated`)
 - ``GET /healthz`` (no token) the process is up; ``GET /readyz`` (no token) store reachable,
   policies loaded, audit log writable, clock in sync (``503`` and what is wrong otherwise)
 - ``GET /metrics`` Prometheus metrics (`keybrake.proxy.metrics`): the metrics token, or none on a
@@ -21,11 +23,13 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
   (`keybrake.web.dashboard`, its own login and session cookie)
 
 Every ``/vault`` call needs ``Authorization: Bearer <admin token>``, compared in constant time
-(see `Runtime.admin_token_matches`). ``/metrics`` takes the read-only metrics token (or the
-admin token); the metrics token opens nothing else. Without a metrics token ``/metrics`` is
-open when the admin listener is bound to loopback only, and refused on any other address, so
-an exposed listener never publishes its metrics by accident. Thirty wrong tokens from one
-address in a minute block that address (``429 rate_limited``) for the rest of the minute.
+(see `Runtime.admin_token_matches`), or an issuer token (``kbi_…``, found by its SHA-256),
+which opens the routes `IssuerRoutes.route_for_issuer` lists, within its scope. ``/metrics``
+takes the read-only metrics token (or the admin token); the metrics token opens nothing
+else. Without a metrics token ``/metrics`` is open when the admin listener is bound to
+loopback only, and refused on any other address, so an exposed listener never publishes its
+metrics by accident. Thirty wrong tokens from one address in a minute block that address
+(``429 rate_limited``) for the rest of the minute.
 """
 
 from __future__ import annotations
@@ -47,15 +51,17 @@ from keybrake.core.paths import split_base_url
 from keybrake.proxy.core import Runtime
 from keybrake.proxy.limiter import source_of
 from keybrake.proxy.listeners import ADMIN, is_loopback_host
-from keybrake.store import StoreUnavailable
+from keybrake.store import IssuerRecord, StoreUnavailable
 from keybrake.vault import (
     IssueKeyRequest,
     KeyCapsChange,
     KeySpecError,
     Vault,
     key_to_json,
+    looks_like_issuer_token,
     parse_label_budget,
 )
+from keybrake.web.delegated import IssuerRoutes
 
 __all__ = ["AdminApi", "MetricsPage", "Pages", "is_dashboard_path", "is_loopback_host"]
 
@@ -88,7 +94,7 @@ def is_dashboard_path(path: str) -> bool:
     return path in ("/", "/login", "/logout") or path.startswith(("/dashboard/", "/static/"))
 
 
-class AdminApi:
+class AdminApi(IssuerRoutes):
     """Answers ``/vault/...``, ``/healthz``, ``/metrics`` and the dashboard's routes."""
 
     name = "keybrake_admin"
@@ -131,8 +137,8 @@ class AdminApi:
             elif ADMIN not in roles:
                 raise Refusal("not_found", f"no such vendor route: {path[:100]}")
             elif path == "/vault" or path.startswith("/vault/"):
-                self._authorize(flow)
-                flow.response = await self._route(flow, path)
+                issuer = await self._authorize_vault(flow)
+                flow.response = await self._route(flow, path, issuer)
             elif path == "/metrics" and self.metrics is not None:
                 self._authorize_scrape(flow)
                 flow.response = await self.metrics.exposition()
@@ -167,6 +173,38 @@ class AdminApi:
             if token.strip():  # a guess, not a forgotten header
                 rt.admin_failures.record(source)
             raise Refusal("admin_token_invalid", "missing or wrong admin token")
+
+    async def _authorize_vault(self, flow: http.HTTPFlow) -> IssuerRecord | None:
+        """The admin token (None: full power), or an active issuer token (its record).
+
+        A wrong token counts against the address as with `_authorize`; an issuer token is
+        found by its SHA-256 (the store's lookup by digest leaks nothing of the token)."""
+        rt = self.runtime
+        source = source_of(flow)
+        if rt.admin_failures.blocked(source):
+            raise Refusal(
+                "rate_limited",
+                "too many wrong admin tokens from this address; retry in a minute",
+            )
+        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        bearer = scheme.lower() == "bearer"
+        # Compared even when the scheme is wrong: the answer takes as long either way.
+        if rt.admin_token_matches(token) and bearer:
+            return None
+        issuer = None
+        if bearer and looks_like_issuer_token(token):
+            issuer = await (await self._vault()).issuer_of_token(token)
+        if issuer is None:
+            if token:  # a guess, not a forgotten header
+                rt.admin_failures.record(source)
+            raise Refusal("admin_token_invalid", "missing or wrong admin token")
+        state = issuer.state(rt.now())
+        if state == "revoked":
+            raise Refusal("issuer_token_revoked", f"issuer token {issuer.issuer_id} was revoked")
+        if state == "expired":
+            raise Refusal("issuer_token_expired", f"issuer token {issuer.issuer_id} expired")
+        return issuer
 
     def _authorize_scrape(self, flow: http.HTTPFlow) -> None:
         """``/metrics``: the metrics or admin token; nothing on loopback without a metrics token."""
@@ -232,9 +270,15 @@ class AdminApi:
         body = {"status": status, "instance": rt.instance_id, "clock_skew_s": skew}
         return _json(200 if ready else 503, body | {"checks": checks})
 
-    async def _route(self, flow: http.HTTPFlow, path: str) -> http.Response:
+    async def _route(
+        self, flow: http.HTTPFlow, path: str, issuer: IssuerRecord | None = None
+    ) -> http.Response:
         method = flow.request.method.upper()
         parts = [unquote(p) for p in path.strip("/").split("/")]
+        if issuer is not None:
+            return await self.route_for_issuer(flow, method, parts, path, issuer)
+        if (delegated := await self.route_delegation(flow, method, parts)) is not None:
+            return delegated
         if parts == ["vault", "keys"]:
             if method == "POST":
                 return await self._issue(flow)
@@ -359,8 +403,11 @@ class AdminApi:
             raise Refusal("store_unavailable", "the audit log is not configured")
         return sink
 
-    async def _spend(self, flow: http.HTTPFlow) -> http.Response:
-        """``GET /vault/spend?label=&key=&vendor=&since=24h&until=&group_by=label``."""
+    async def _spend(
+        self, flow: http.HTTPFlow, issuer: IssuerRecord | None = None
+    ) -> http.Response:
+        """``GET /vault/spend?label=&key=&vendor=&since=24h&until=&group_by=label`` (an
+        issuer token: the rows of its prefix and vendors only)."""
         now = self.runtime.now()
         sink = await self._report_sink()
         try:
@@ -372,14 +419,19 @@ class AdminApi:
                 vendor=_query(flow, "vendor"),
                 since=parse_time(_query(flow, "since") or "24h", now),
                 until=parse_time(u, now, "until") if (u := _query(flow, "until")) else None,
+                label_prefix=issuer.label_prefix if issuer else None,
+                vendors=issuer.vendors if issuer else None,
             )
         except ReportError as e:
             raise Refusal("invalid_request", str(e)) from None
         await add_caps(rows, await self.runtime.open_store(), now)
         return _json(200, {"object": "list", "data": rows})
 
-    async def _audit(self, flow: http.HTTPFlow) -> http.Response:
-        """``GET /vault/audit?label=&key=&vendor=&outcome=&since=&until=&limit=&before=``."""
+    async def _audit(
+        self, flow: http.HTTPFlow, issuer: IssuerRecord | None = None
+    ) -> http.Response:
+        """``GET /vault/audit?label=&key=&vendor=&outcome=&since=&until=&limit=&before=`` (an
+        issuer token: the rows of its prefix and vendors only)."""
         now = self.runtime.now()
         sink = await self._report_sink()
         try:
@@ -395,6 +447,8 @@ class AdminApi:
                 until=parse_time(u, now, "until") if (u := _query(flow, "until")) else None,
                 limit=limit,
                 before_id=before,
+                label_prefix=issuer.label_prefix if issuer else None,
+                vendors=issuer.vendors if issuer else None,
             )
         except (ReportError, ValueError) as e:
             raise Refusal("invalid_request", str(e)) from None

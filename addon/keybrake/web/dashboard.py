@@ -58,6 +58,7 @@ from keybrake.web._sessions import (
     form_of,
     session_cookie,
 )
+from keybrake.web.dashboard_issuers import IssuerPages
 from keybrake.wire import LIVE_HEADER
 
 __all__ = ["Dashboard"]
@@ -123,7 +124,7 @@ def _store_where(url: str) -> str:
     return f"{parts.scheme} {host}{parts.path}"
 
 
-class Dashboard:
+class Dashboard(IssuerPages):
     """Serves the dashboard's routes for `keybrake.web.admin.AdminApi`."""
 
     name = "keybrake_dashboard"
@@ -192,6 +193,14 @@ class Dashboard:
                 return await self._resume(session, parts[2])
             if len(parts) == 4 and parts[:2] == ["dashboard", "keys"] and parts[3] == "suspend":
                 return await self._suspend(session, parts[2])
+            if parts == ["dashboard", "issuers"]:
+                return await self._create_issuer(session, form)
+            if len(parts) == 4 and parts[:2] == ["dashboard", "issuers"] and parts[3] == "revoke":
+                return await self._revoke_issuer(session, parts[2], form)
+            if parts == ["dashboard", "freezes"]:
+                return await self._freeze(session, form.get("vendor", ""), "freeze", form)
+            if len(parts) == 4 and parts[:2] == ["dashboard", "freezes"]:
+                return await self._freeze(session, parts[2], parts[3], form)
             return text(405, "Method not allowed")
         if method not in ("GET", "HEAD"):
             return text(405, "Method not allowed")
@@ -205,6 +214,8 @@ class Dashboard:
             return self._page("spend.html", await self._spend(flow), session)
         if parts == ["dashboard", "audit"]:
             return self._page("audit.html", await self._audit(flow), session)
+        if parts == ["dashboard", "issuers"]:
+            return await self._issuers_page(session)
         return text(404, "No such page")
 
     # -- auth ------------------------------------------------------------------------------------
@@ -496,6 +507,9 @@ class Dashboard:
         }
 
     # -- responses -------------------------------------------------------------------------------
+    def _redirect_to(self, location: str) -> http.Response:
+        return redirect(location)
+
     def _page(
         self,
         template: str,
