@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import importlib.resources
 import json
 import pathlib
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from keybrake.store._base import (
     OBJECT_TTL,
@@ -67,158 +68,19 @@ _STATE_CODES = {
     "suspended": "key_suspended",
 }
 
+
 # Timestamps the caller passes (``now``, key times) are integer epoch microseconds so they
 # round-trip exactly and sort; wall-clock timestamps of the cache are REAL epoch seconds.
-_SCHEMA = """
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    secret_sha256 TEXT NOT NULL UNIQUE,
-    vendor TEXT NOT NULL,
-    agent_run_label TEXT NOT NULL,
-    daily_cap_micros INTEGER NOT NULL,
-    usd_cap_micros INTEGER,
-    allowed_endpoints TEXT NOT NULL,
-    vendor_account TEXT,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    revoked_at INTEGER,
-    max_requests_per_minute INTEGER,
-    allowed_accounts TEXT NOT NULL DEFAULT '[]',
-    suspended_at INTEGER,
-    suspended_reason TEXT,
-    share_objects TEXT NOT NULL DEFAULT 'none',
-    issuer_id TEXT
-);
-CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);
-CREATE TABLE IF NOT EXISTS issuers (
-    issuer_id TEXT PRIMARY KEY,
-    token_sha256 TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    vendors TEXT NOT NULL,
-    label_prefix TEXT NOT NULL,
-    allowed_endpoints TEXT NOT NULL,
-    max_daily_cap_micros INTEGER NOT NULL,
-    max_usd_cap_micros INTEGER,
-    max_expires_in_seconds INTEGER NOT NULL,
-    allowed_accounts TEXT NOT NULL,
-    budget_daily_micros INTEGER,
-    budget_lifetime_micros INTEGER,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER,
-    revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS frozen_vendors (
-    vendor TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    frozen_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS label_budgets (
-    label TEXT PRIMARY KEY,
-    daily_cap_micros INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS budget_usage (
-    scope TEXT NOT NULL,
-    "window" TEXT NOT NULL,
-    spent_micros INTEGER NOT NULL DEFAULT 0,
-    reserved_micros INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (scope, "window")
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    budgets TEXT NOT NULL,
-    estimate_micros INTEGER NOT NULL,
-    actual_micros INTEGER,
-    state TEXT NOT NULL CHECK (state IN ('reserved', 'settled', 'released', 'unknown')),
-    created_at INTEGER NOT NULL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, created_at);
-CREATE TABLE IF NOT EXISTS holds (
-    reservation_id TEXT PRIMARY KEY,
-    vendor TEXT NOT NULL,
-    object_id TEXT NOT NULL,
-    key_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS holds_by_object ON holds (vendor, object_id);
-CREATE TABLE IF NOT EXISTS key_amounts (
-    key_id TEXT NOT NULL,
-    vendor TEXT NOT NULL,
-    object_id TEXT NOT NULL,
-    micros INTEGER NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (key_id, vendor, object_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS objects (
-    vendor TEXT NOT NULL,
-    object_id TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    label TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (vendor, object_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS objects_by_key ON objects (key_id, expires_at);
-CREATE TABLE IF NOT EXISTS request_counts (
-    key_id TEXT NOT NULL,
-    bucket INTEGER NOT NULL,  -- 5-second buckets since the epoch
-    count INTEGER NOT NULL,
-    PRIMARY KEY (key_id, bucket)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    row TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency_entries (
-    key_id TEXT NOT NULL,
-    scope TEXT NOT NULL,
-    body_sha256 TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
-    status_code INTEGER,
-    headers TEXT,
-    body BLOB,
-    started_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (key_id, scope)
-);
-CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency_entries (key_id, expires_at);
--- How many objects and idempotency entries each key holds, kept by triggers so that the
--- quota checks on the hot path read one row instead of counting the key's rows (a key near
--- its 100,000-object quota made every admission count 100,000 index entries). Rows past
--- their expiry still count until they are deleted: admission deletes the key's expired ones
--- first. Filled from the tables once for a database made before the counts existed.
-CREATE TABLE IF NOT EXISTS key_counts (
-    key_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('objects', 'idempotency')),
-    n INTEGER NOT NULL,
-    PRIMARY KEY (key_id, kind)
-) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS objects_counted AFTER INSERT ON objects BEGIN
-    INSERT INTO key_counts VALUES (NEW.key_id, 'objects', 1)
-        ON CONFLICT (key_id, kind) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS objects_uncounted AFTER DELETE ON objects BEGIN
-    UPDATE key_counts SET n = n - 1 WHERE key_id = OLD.key_id AND kind = 'objects';
-END;
-CREATE TRIGGER IF NOT EXISTS idempotency_counted AFTER INSERT ON idempotency_entries BEGIN
-    INSERT INTO key_counts VALUES (NEW.key_id, 'idempotency', 1)
-        ON CONFLICT (key_id, kind) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS idempotency_uncounted AFTER DELETE ON idempotency_entries BEGIN
-    UPDATE key_counts SET n = n - 1 WHERE key_id = OLD.key_id AND kind = 'idempotency';
-END;
-COMMIT;
-"""
+def _sql(name: str) -> str:
+    """A SQL file of this package (``store/*.sql``), like the Redis store's Lua scripts."""
+    return importlib.resources.files("keybrake.store").joinpath(name).read_text("utf-8")
 
-# Run inside `_SCHEMA`'s transaction (before its COMMIT), with the triggers it creates, when
-# the file had no ``key_counts`` yet: the counts of the rows an older version wrote. Whoever
-# creates the table fills it in the same transaction, so a file that has it is filled.
-_FILL_COUNTS = """
-INSERT OR IGNORE INTO key_counts
-    SELECT key_id, 'objects', COUNT(*) FROM objects GROUP BY key_id;
-INSERT OR IGNORE INTO key_counts
-    SELECT key_id, 'idempotency', COUNT(*) FROM idempotency_entries GROUP BY key_id;
-"""
+
+_SCHEMA: Final = _sql("schema.sql")
+"""The tables, indexes and triggers (``store/schema.sql``), in one transaction."""
+_FILL_COUNTS: Final = _sql("fill_counts.sql")
+"""Run inside `_SCHEMA`'s transaction when the file had no ``key_counts`` yet
+(``store/fill_counts.sql``)."""
 
 
 # Columns added after a table was first released: (table, column, declaration).
