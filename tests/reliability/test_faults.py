@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from tests._redis import PrivateRedis
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe
 from tests.reliability.conftest import (
     USD,
-    PrivateRedis,
     audit_rows,
     charge,
     code_of,
