@@ -21,6 +21,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote_plus, urlencode
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake.core.errors import Refusal
@@ -571,6 +572,16 @@ class Admitter:
         query = c.path.query
         req = flow.request
         secrets_ = self.runtime.secrets[policy.vendor]
+        # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
+        if policy.upstream is not None:
+            scheme, _, hostport = policy.upstream.url.partition("://")
+            host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+            dest = (scheme, host, int(port) if port else (443 if scheme == "https" else 80))
+        elif isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            dest = ("https", policy.hosts[0], 443)
+        else:
+            # Never plain HTTP: a cleartext request to the proxy still leaves over TLS.
+            dest = ("https", req.host, 443)
         changed: dict[str, str] = {}
         if presented.scheme == "api_key_header":
             assert secrets_.secret is not None
@@ -584,24 +595,17 @@ class Admitter:
             # worker is about to use. Deterministic, so the vendor still deduplicates retries.
             call.vendor_idempotency_key = vendor_idempotency_key(call.key_id, worker_idem[:255])
             changed[policy.idempotency_header] = call.vendor_idempotency_key
+        if "host" in c.headers:
+            # What mitmproxy's host/port setters do to a Host header, once instead of twice.
+            changed["Host"] = url.hostport(*dest)
         # Every Keybrake header out, the real secret in: one pass over the fields.
         rewrite(req.headers, changed, drop_prefix=HEADER_PREFIX)
         query = _ask_for_expansions(req, method, query, call)
-        # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
         req.method = method
         req.authority = ""
         req.path = new_path + (f"?{query}" if query else "")
-        if policy.upstream is not None:
-            scheme, _, hostport = policy.upstream.url.partition("://")
-            host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
-            req.scheme = scheme
-            req.host = host
-            req.port = int(port) if port else (443 if scheme == "https" else 80)
-        else:
-            # Never plain HTTP: a cleartext request to the proxy still leaves over TLS.
-            if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-                req.host = policy.hosts[0]
-            req.scheme, req.port = "https", 443
+        req.scheme = dest[0]
+        req.data.host, req.data.port = dest[1], dest[2]  # the Host header is set above
         call.outcome = "forwarded"
 
     @staticmethod
