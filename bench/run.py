@@ -182,11 +182,16 @@ class Bench:
         self.upstream_url = f"https://127.0.0.1:{self.upstream_port}"
 
         targets = [Target("direct (no proxy)", None, STRIPE_SECRET), self.start_bare()]
+        base = self.args.baseline
         if not self.args.skip_sqlite:
+            if base is not None:
+                targets.append(self.start_keybrake("baseline sqlite", "", base))
             targets.append(self.start_keybrake("keybrake sqlite", ""))
         if not self.args.skip_redis:
             store = f"{REDIS_URL}?prefix={self.redis_prefix}"
             self.used_redis = True
+            if base is not None:
+                targets.append(self.start_keybrake("baseline redis", store + "b:", base))
             targets.append(self.start_keybrake("keybrake redis", store))
         return targets
 
@@ -205,7 +210,9 @@ class Bench:
         wait_port(port, proc, log)
         return Target("bare mitmdump", port, STRIPE_SECRET, [proc])
 
-    def start_keybrake(self, name: str, store: str) -> Target:
+    def start_keybrake(self, name: str, store: str, code: Path | None = None) -> Target:
+        """``keybrake run`` on ``store``; ``code``: another checkout's package directory
+        (``…/addon``) to run instead of this one's (``--baseline``)."""
         slug = name.replace(" ", "-")
         workdir = self.work / slug
         policies = workdir / "policies"
@@ -228,6 +235,8 @@ class Bench:
         if store:
             cmd += ["--store", store]
         env = {"KEYBRAKE_ADMIN_TOKEN": token, "STRIPE_SECRET_KEY": STRIPE_SECRET}
+        if code is not None:
+            env["PYTHONPATH"] = str(code)
         for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY"):
             os.environ.pop(var, None)
         proc, log = self.spawn(slug, cmd, env)
@@ -445,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-sqlite", action="store_true")
     ap.add_argument("--skip-redis", action="store_true")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="ADDON_DIR",
+        help="also run another checkout's Keybrake (its addon/ directory, e.g. from "
+        "`git archive <commit> addon | tar -x -C /tmp/base`), interleaved in the same rounds",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (proxy logs)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument(

@@ -506,6 +506,32 @@ async def test_real_secret_never_leaves_in_cleartext(proxy: Proxy, scheme: str, 
         assert SECRET not in str(f.request.headers)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "port", "host_header"),
+    [
+        ("https", 443, "api.stripe.com"),
+        ("http", 80, "api.stripe.com"),
+        ("https", 443, "api.stripe.com:443"),
+    ],
+)
+async def test_destination_and_host_header_as_mitmproxy_setters_leave_them(
+    proxy: Proxy, scheme: str, port: int, host_header: str
+) -> None:
+    """The swap sets scheme, host and port without mitmproxy's setters (each rewrites the
+    Host header); the request leaves exactly as those setters would have left it."""
+    key = await proxy.issue()
+    f = vendor_flow(auth=bearer(key["vault_key"]), host_header=host_header)
+    f.request.scheme, f.request.port = scheme, port
+    expected = f.request.copy()
+    expected.scheme, expected.port = "https", 443
+    await proxy.send(f)
+    forwarded(f)
+    req = f.request
+    assert (req.scheme, req.host, req.port) == ("https", "api.stripe.com", 443)
+    assert req.headers.get_all("Host") == expected.headers.get_all("Host") == ["api.stripe.com"]
+    assert req.authority == ""
+
+
 async def test_basic_auth_form_gets_basic_secret(proxy: Proxy) -> None:
     key = await proxy.issue()
     f = vendor_flow(auth="Basic " + base64.b64encode(f"{key['vault_key']}:".encode()).decode())

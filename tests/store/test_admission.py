@@ -396,3 +396,28 @@ async def test_caps_changed_are_read_by_the_next_admission(
         assert await store.set_key_caps("kb_never", daily_cap_micros=USD) is None
     finally:
         await other.close()
+
+
+async def test_sqlite_runs_a_lone_call_at_once_and_shares_a_transaction_otherwise(
+    tmp_path: Path,
+) -> None:
+    """Group commit: calls asked for in one turn of the loop share one transaction; a lone
+    call (nothing else ready to run) does not wait a turn for company that cannot come."""
+    store = SQLiteStore(tmp_path / "keybrake.db")
+    key = make_key("kb_a", daily=10 * USD)
+    await store.create_key(key)
+    commits: list[str] = []
+    store._connect().set_trace_callback(
+        lambda sql: commits.append(sql) if sql == "COMMIT" else None
+    )
+    await asyncio.sleep(0)  # the loop's ready queue is empty now
+    lone = store.admit(paid(key, "res_lone", USD))
+    with pytest.raises(StopIteration) as done:
+        lone.send(None)  # finishes without suspending: no turn of the loop waited
+    assert (done.value.value.status, len(commits)) == ("admitted", 1)
+    # Together: one commit for all of them, each admitted in the order asked.
+    results = await asyncio.gather(*(store.admit(paid(key, f"res_{i}", USD)) for i in range(5)))
+    assert [r.status for r in results] == ["admitted"] * 5
+    assert len(commits) == 2
+    assert [b.reserved_micros for b in results[-1].budgets] == [6 * USD] * len(results[-1].budgets)
+    await store.close()

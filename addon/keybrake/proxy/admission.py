@@ -21,6 +21,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote_plus, urlencode
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from keybrake.core.errors import Refusal
@@ -37,6 +38,7 @@ from keybrake.core.paths import (
 )
 from keybrake.core.policy import EndpointPolicy, VendorPolicy, _parse_pattern
 from keybrake.pricing import STREAMS, Body, Estimate, check_parameters, estimate_cost, parse_body
+from keybrake.proxy._headers import HeaderView, rewrite
 from keybrake.proxy._idempotency import body_fingerprint, vendor_idempotency_key
 from keybrake.proxy.calls import CallState
 from keybrake.proxy.core import Runtime
@@ -193,6 +195,7 @@ class _Checked:
     method: str
     path: NormalizedPath
     call: CallState
+    headers: HeaderView
 
 
 class Admitter:
@@ -222,12 +225,13 @@ class Admitter:
         except PathRejected as e:
             raise Refusal("path_rejected", f"request target refused: {e}") from None
         call.method, call.path = method, path.path
-        call.actor = _header_text(req.headers.get(ACTOR_HEADER))
-        call.message_id = _header_text(req.headers.get(MESSAGE_ID_HEADER))
+        headers = HeaderView(req.headers.fields)  # read once: every check below asks it
+        call.actor = _header_text(headers.get(ACTOR_HEADER))
+        call.message_id = _header_text(headers.get(MESSAGE_ID_HEADER))
         if _mentions_vault_key(path.query) or _mentions_vault_key(req.path):
             raise Refusal("vault_key_in_query", "a vault key must not be sent in the URL")
         try:
-            key, presented = await self._authenticate(policy, req, call)
+            key, presented = await self._authenticate(policy, headers, call)
         except Refusal as r:
             if r.code in ("vault_key_unknown", "raw_secret_refused", "vault_key_missing"):
                 # Only requests whose key does not verify are limited: an address shared by
@@ -242,25 +246,25 @@ class Admitter:
                     ) from None
                 self.key_failures.record(source)
             raise
-        self._check_accounts(policy, key, req)
+        self._check_accounts(policy, key, headers)
         return await self._price_and_admit(
-            _Checked(flow, policy, key, presented, method, path, call)
+            _Checked(flow, policy, key, presented, method, path, call, headers)
         )
 
     # -- who is calling ------------------------------------------------------------------------
     async def _authenticate(
-        self, policy: VendorPolicy, req: http.Request, call: CallState
+        self, policy: VendorPolicy, headers: HeaderView, call: CallState
     ) -> tuple[KeyRecord, Presented]:
         """The vault key presented on the request (looked up by its SHA-256)."""
         rt = self.runtime
-        if "api_key_header" in policy.auth.schemes and policy.auth.key_header in req.headers:
+        if "api_key_header" in policy.auth.schemes and policy.auth.key_header in headers:
             presented = extract_header_credential(
                 policy.auth,
-                req.headers.get_all(policy.auth.key_header),
-                req.headers.get_all("authorization"),
+                headers.get_all(policy.auth.key_header),
+                headers.get_all("authorization"),
             )
         else:
-            presented = extract_credential(policy.auth, req.headers.get_all("authorization"))
+            presented = extract_credential(policy.auth, headers.get_all("authorization"))
         if rt.secrets[policy.vendor].is_real_secret(presented.credential) or matches_raw_secret(
             policy.auth, presented.credential
         ):
@@ -317,11 +321,11 @@ class Admitter:
             )
 
     @staticmethod
-    def _check_accounts(policy: VendorPolicy, key: KeyRecord, req: http.Request) -> None:
+    def _check_accounts(policy: VendorPolicy, key: KeyRecord, headers: HeaderView) -> None:
         """Headers that switch the vendor account (Stripe Connect) only name accounts the
         key lists; otherwise the key could act on every connected account."""
         for name in policy.account_headers:
-            values = req.headers.get_all(name)
+            values = headers.get_all(name)
             if not values:
                 continue
             if len(values) > 1 or values[0].strip() not in key.allowed_accounts:
@@ -346,7 +350,7 @@ class Admitter:
         endpoint, params = endpoint_for(policy, method, path.segments)
         call.endpoint = endpoint
         for name, reason in policy.refused_headers.items():
-            if name in req.headers:
+            if name in c.headers:
                 raise Refusal("unpriced_parameter", f"the {name} header is refused: {reason}")
         if endpoint is not None:
             await self._check_path_owner(store, c, endpoint, granted, params)
@@ -365,7 +369,7 @@ class Admitter:
                 "is refused",
             )
         accepted = endpoint.body_types(policy) if endpoint is not None else policy.body
-        body = parse_body(accepted, req.headers.get_all("content-type"), req.raw_content or b"")
+        body = parse_body(accepted, c.headers.get_all("content-type"), req.raw_content or b"")
         estimate = Estimate(0, basis="free")
         if endpoint is not None:
             if endpoint.expand and body.kind == "form":
@@ -485,7 +489,7 @@ class Admitter:
         if method in READS:
             return None
         rt = self.runtime
-        headers = flow.request.headers
+        headers = c.headers
         idem = headers.get(policy.idempotency_header) if policy.idempotency_header else None
         idem = idem or headers.get(IDEMPOTENCY_KEY_HEADER)
         fingerprint = body_fingerprint(method, path, flow.request.raw_content or b"")
@@ -574,45 +578,50 @@ class Admitter:
         query = c.path.query
         req = flow.request
         secrets_ = self.runtime.secrets[policy.vendor]
-        for name in [h for h in req.headers if h.lower().startswith(HEADER_PREFIX)]:
-            del req.headers[name]
+        # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
+        if policy.upstream is not None:
+            scheme, _, hostport = policy.upstream.url.partition("://")
+            host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+            dest = (scheme, host, int(port) if port else (443 if scheme == "https" else 80))
+        elif isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            dest = ("https", policy.hosts[0], 443)
+        else:
+            # Never plain HTTP: a cleartext request to the proxy still leaves over TLS.
+            dest = ("https", req.host, 443)
+        changed: dict[str, str] = {}
         if presented.scheme == "api_key_header":
             assert secrets_.secret is not None
-            req.headers[policy.auth.key_header] = secrets_.secret
+            changed[policy.auth.key_header] = secrets_.secret
         else:
-            req.headers["Authorization"] = authorization_for(presented, secrets_)
-        worker_idem = req.headers.get(policy.idempotency_header or "")
+            changed["Authorization"] = authorization_for(presented, secrets_)
+        worker_idem = c.headers.get(policy.idempotency_header or "")
         if policy.idempotency_header and worker_idem:
             # Vendors scope idempotency keys to the whole account: namespaced per vault key, a
             # worker can neither read another key's stored answer nor poison a key another
             # worker is about to use. Deterministic, so the vendor still deduplicates retries.
             call.vendor_idempotency_key = vendor_idempotency_key(call.key_id, worker_idem[:255])
-            req.headers[policy.idempotency_header] = call.vendor_idempotency_key
+            changed[policy.idempotency_header] = call.vendor_idempotency_key
+        if "host" in c.headers:
+            # What mitmproxy's host/port setters do to a Host header, once instead of twice.
+            changed["Host"] = url.hostport(*dest)
+        # Every Keybrake header out, the real secret in: one pass over the fields.
+        rewrite(req.headers, changed, drop_prefix=HEADER_PREFIX)
         query = _ask_for_expansions(req, method, query, call)
-        # Forward exactly what was checked: method, origin-form path, vendor host over TLS.
         req.method = method
         req.authority = ""
         req.path = new_path + (f"?{query}" if query else "")
-        if policy.upstream is not None:
-            scheme, _, hostport = policy.upstream.url.partition("://")
-            host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
-            req.scheme = scheme
-            req.host = host
-            req.port = int(port) if port else (443 if scheme == "https" else 80)
-        else:
-            # Never plain HTTP: a cleartext request to the proxy still leaves over TLS.
-            if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-                req.host = policy.hosts[0]
-            req.scheme, req.port = "https", 443
+        req.scheme = dest[0]
+        req.data.host, req.data.port = dest[1], dest[2]  # the Host header is set above
         call.outcome = "forwarded"
 
     @staticmethod
     def _check_host_consistency(flow: http.HTTPFlow, policy: VendorPolicy) -> None:
-        names = [flow.request.host]
-        if flow.request.authority:
-            names.append(_host_only(flow.request.authority))
-        if flow.request.host_header:
-            names.append(_host_only(flow.request.host_header))
+        req = flow.request
+        names = [req.host]
+        if req.authority:
+            names.append(_host_only(req.authority))
+        if host_header := req.host_header:  # a header scan each time it is read
+            names.append(_host_only(host_header))
         if flow.client_conn.sni:
             names.append(flow.client_conn.sni)
         for n in names:

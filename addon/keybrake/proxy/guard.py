@@ -25,6 +25,7 @@ from keybrake.core.errors import Refusal, refusal_response
 from keybrake.pricing import STREAMS
 from keybrake.pricing.sse import StreamMeter
 from keybrake.proxy._failed_flows import allow_error_answers, answer_flow, request_was_sent
+from keybrake.proxy._headers import redact
 from keybrake.proxy._idempotency import replay_response
 from keybrake.proxy.admission import (
     MAX_HEADER_BYTES,
@@ -237,9 +238,7 @@ class VaultGuard:
     @staticmethod
     def _redact(flow: http.HTTPFlow) -> None:
         """Remove credentials from the flow before mitmweb, flow files or logs can show it."""
-        for name in ("authorization", "proxy-authorization", "x-api-key"):
-            if name in flow.request.headers:
-                flow.request.headers[name] = REDACTED
+        redact(flow.request.headers, REDACTED)
 
 
 def _unanswered(vendor: str, sent: bool) -> Refusal:

@@ -223,6 +223,7 @@ class Metrics:
         # `metric.labels(...)` takes a lock and builds a key on every call: the children are
         # looked up once per label set (bounded: vendors x outcomes x codes, MAX_LABELS labels).
         self._children: dict[tuple[object, ...], Any] = {}
+        self._store_timers: dict[tuple[str, str], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -256,7 +257,11 @@ class Metrics:
 
     def _observe_store(self, op: str, seconds: float, failed: bool) -> None:
         backend = self._backend()
-        self._child(self.store_latency, backend, op).observe(seconds)
+        # One dict lookup per store call: the histogram child of (backend, op).
+        timer = self._store_timers.get((backend, op))
+        if timer is None:
+            timer = self._store_timers[(backend, op)] = self.store_latency.labels(backend, op)
+        timer.observe(seconds)
         if failed:
             self._child(self.store_errors, backend, op).inc()
 

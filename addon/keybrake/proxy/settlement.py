@@ -30,6 +30,7 @@ from keybrake.core.paths import PathRejected, normalize_path
 from keybrake.core.policy import EndpointPolicy, FixedCost, VendorPolicy
 from keybrake.pricing import Estimate, actual_cost, hold_amount, releases_hold, values_at
 from keybrake.proxy._followup import PriceFollowup
+from keybrake.proxy._headers import rewrite
 from keybrake.proxy._idempotency import stored_from
 from keybrake.proxy.admission import endpoint_for, json_object
 from keybrake.proxy.calls import CallState, audit_row
@@ -108,10 +109,7 @@ class Settler:
             call.actual_micros = call.estimate.micros if call.estimate else None
             call.note = "settlement failed: estimate kept as spent"
         self._collapse_expansions(response, call)
-        plan = dataclasses.replace(
-            plan, idempotency_response=self._replayable(policy, response, call)
-        )
-        await self._commit(store, flow, call, plan)
+        await self._commit(store, flow, call, plan, self._replayable(policy, response, call))
         counted = call.kept_held if call.kept_held is not None else (call.actual_micros or 0)
         spend_headers(response, call, counted - (call.estimate.micros if call.estimate else 0))
         flow.comment = f"keybrake {call.key_id} [{call.label}] {call.outcome}"
@@ -153,13 +151,22 @@ class Settler:
         call.reservation_id = None
 
     async def _commit(
-        self, store: Store | None, flow: http.HTTPFlow | None, call: CallState, plan: Settlement
+        self,
+        store: Store | None,
+        flow: http.HTTPFlow | None,
+        call: CallState,
+        plan: Settlement,
+        replayable: StoredResponse | None = None,
     ) -> None:
-        """The one store step; on failure the reservation stays counted and the audit row
-        is left to `keybrake.proxy.audit.AuditTrail` (``call.audited`` stays False)."""
-        if plan.reservation_id is None:
-            plan = dataclasses.replace(plan, finish=None)
-        plan = dataclasses.replace(plan, audit=audit_row(call, flow, self.runtime))
+        """The one store step (``replayable``: the answer kept for idempotent replay); on
+        failure the reservation stays counted and the audit row is left to
+        `keybrake.proxy.audit.AuditTrail` (``call.audited`` stays False)."""
+        plan = dataclasses.replace(  # one copy: `replace` costs microseconds per call
+            plan,
+            finish=plan.finish if plan.reservation_id is not None else None,
+            idempotency_response=replayable,
+            audit=audit_row(call, flow, self.runtime),
+        )
         if store is None:
             return
         try:
@@ -521,6 +528,7 @@ def spend_headers(response: http.Response, call: CallState, delta: int) -> None:
         for b in call.budgets
         if b.cap_micros is not None
     ]
-    response.headers[SPENT_USD_HEADER] = format_usd(max(0, spent))
+    values = {SPENT_USD_HEADER: format_usd(max(0, spent))}
     if remaining:
-        response.headers[REMAINING_USD_HEADER] = format_usd(max(0, min(remaining)))
+        values[REMAINING_USD_HEADER] = format_usd(max(0, min(remaining)))
+    rewrite(response.headers, values)  # both in one pass (a vendor's own copies replaced)

@@ -280,8 +280,16 @@ class SQLiteStore:
         (`StoreUnavailable`: the callers fail closed); when one op raises anything else, the
         transaction is rolled back and each op is run again in a transaction of its own, so
         one call's failure is never another's.
+
+        A lone call does not wait: when no batch is open and nothing else is ready to run in
+        this turn of the loop (its ready queue is empty), no other op can join the batch, so
+        the op runs at once in a transaction of its own, exactly what a batch of one would do
+        a turn later (that turn cost ~15 µs of CPU per op, two per vendor call).
         """
         loop = asyncio.get_running_loop()
+        if not self._batch and not getattr(loop, "_ready", True):
+            with self._transaction() as conn:
+                return op(conn)
         future: asyncio.Future[_T] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._run_batch)
