@@ -334,6 +334,18 @@ class PrivateRedisCluster:
             self.kill()
             raise AssertionError(f"redis-cli --cluster create failed: {made.stdout}{made.stderr}")
         self.wait_ok()
+        # A replica that has not synced with its master yet would not take over (its data is
+        # "too old"), and a test that kills a master right after the start would wait for a
+        # failover that never comes: every replica's link must be up first.
+        _wait_for(
+            lambda: all(
+                "master_link_status:up" in n.cli("INFO", "replication").stdout
+                for n in self.nodes
+                if "role:slave" in n.cli("INFO", "replication").stdout
+            ),
+            30,
+            "every replica to sync with its master",
+        )
         return self
 
     def _state_ok(self, node: PrivateRedis) -> bool:
