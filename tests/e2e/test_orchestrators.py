@@ -194,8 +194,12 @@ def test_airflow_dag_runs_get_a_key_each_and_revoke_it(
         assert run["tasks"]["keybrake_revoke_run_key"]["state"] == "success", run
     check_run(kb, issuer, ok["label"], 3, 0, "kb_billing.charge")
     check_run(kb, issuer, capped["label"], 2, 2, "kb_billing_capped.charge")
-    assert fake_stripe.charged_usd_micros() == 5_000_000
-    assert len(fake_stripe.ledger) == 5
+    # Without a teardown task, the DAG's on_success_callback revoked the run's key.
+    callbacks = summary["billing_callbacks"]
+    assert callbacks["state"] == "success" and "keybrake_revoke_run_key" not in callbacks["tasks"]
+    check_run(kb, issuer, callbacks["label"], 1, 0, "kb_billing_callbacks.charge")
+    assert fake_stripe.charged_usd_micros() == 6_000_000
+    assert len(fake_stripe.ledger) == 6
 
     # Airflow keeps the sealed key in XCom, never the key; the token and keys are nowhere.
     database = (home / "airflow.db").read_bytes()
@@ -227,6 +231,7 @@ def test_prefect_flow_runs_get_a_key_each_and_revoke_it(
     refusal = summary["scope_refusal"]
     assert refusal.startswith("issuer_scope 403: the issuer token may not issue the run key")
     assert "'elsewhere/prefect/kb-elsewhere/" in refusal and "agent_run_label" in refusal
+    assert summary["block_saved"] is True
     states = summary["states"]
     assert states["kb-billing"] == "COMPLETED"
     assert states["kb-billing-capped"] == "FAILED"
@@ -243,7 +248,8 @@ def test_prefect_flow_runs_get_a_key_each_and_revoke_it(
     assert fake_stripe.charged_usd_micros() == 6_000_000
     assert not [k for k in kb.admin("GET", "/vault/keys").json()["data"] if "elsewhere" in k]
 
-    # Prefect stored the runs (their ids are in its database) but no token and no key.
+    # Prefect stored the runs (their ids are in its database) and the saved block (its secret
+    # field encrypted at rest) but no token and no key in clear.
     hits = summary["database_hits"]
     assert hits["flow_runs"] > 0 and summary["database_bytes"] > 0
     assert (hits["issuer_token"], hits["vault_key"]) == (0, 0), hits

@@ -10,8 +10,10 @@ Airflow and the stripe SDK only; it must not import pytest.
 - ``kb_billing``: 3 invoices at $1 under a $5 run key: the run succeeds.
 - ``kb_billing_capped``: 4 invoices at $1 under a $2 run key, ``retries=3``: two are charged,
   the other two hit the cap and fail at once (one try each), the run fails.
-Both end with the teardown task that revokes the run's key. The last line of stdout is a JSON
-summary; the pytest side checks it against the proxy's audit and the fake's ledger.
+- ``kb_billing_callbacks``: 1 invoice under a $1 key, no teardown task: the DAG's
+  ``on_success_callback`` revokes the key.
+The first two end with the teardown task that revokes the run's key. The last line of stdout
+is a JSON summary; the pytest side checks it against the proxy's audit and the fake's ledger.
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 PI = "POST /v1/payment_intents"
 
 
-def billing_dag(dag_id: str, cap: str, invoices: int) -> DAG:
+def billing_dag(dag_id: str, cap: str, invoices: int, teardown: bool = True) -> DAG:
     run_key = KeybrakeRunKey(
         vendor="stripe", daily_usd_cap=cap, usd_cap=cap, allowed_endpoints=[PI], expires_in="1h"
     )
-    with DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag:
+    # Without the teardown task: the DAG's own callbacks revoke the run's key.
+    callbacks: dict[str, Any] = (
+        {}
+        if teardown
+        else {
+            "on_success_callback": run_key.revoke_callback,
+            "on_failure_callback": run_key.revoke_callback,
+        }
+    )
+    with DAG(dag_id, schedule=None, start_date=START, catchup=False, **callbacks) as dag:
         key = run_key.issue_task()
 
         @task
@@ -58,12 +69,14 @@ def billing_dag(dag_id: str, cap: str, invoices: int) -> DAG:
                 return str(pi.id)
 
         charged = charge.partial(key=key).expand(invoice=invoice_list())
-        charged >> run_key.revoke_task(key)
+        if teardown:
+            charged >> run_key.revoke_task(key)
     return dag
 
 
 billing = billing_dag("kb_billing", cap="5", invoices=3)
 billing_capped = billing_dag("kb_billing_capped", cap="2", invoices=4)
+billing_callbacks = billing_dag("kb_billing_callbacks", cap="1", invoices=1, teardown=False)
 
 
 def _run(dag: DAG) -> dict[str, Any]:
@@ -97,6 +110,7 @@ if __name__ == "__main__":
         "scope_refusal": _scope_refusal(),
         "billing": _run(billing),
         "billing_capped": _run(billing_capped),
+        "billing_callbacks": _run(billing_callbacks),
         "python": sys.version.split()[0],
         "airflow_home": os.environ["AIRFLOW_HOME"],
     }

@@ -113,6 +113,12 @@ def _final(fn: Any) -> str:
 
 def _run_all() -> dict[str, Any]:
     out: dict[str, Any] = {"states": {}}
+    # The block as users keep it: saved once (the token a secret field), loaded by the flow.
+    FIVE.save("kb-billing", overwrite=True)
+    loaded = KeybrakeIssuer.load("kb-billing")
+    assert loaded.token.get_secret_value() == FIVE.token.get_secret_value()
+    assert loaded.spec() == FIVE.spec() and "kbi_" not in repr(loaded)
+    out["block_saved"] = True
     out["states"]["kb_billing"] = _final(kb_billing)
     out["states"]["kb_billing_capped"] = _final(kb_billing_capped)
     with contextlib.suppress(KeyboardInterrupt):
