@@ -29,7 +29,9 @@ import pytest
 from tests.conftest import ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe
 
-pytestmark = pytest.mark.e2e
+# Each runs an orchestrator in a process of its own: ~25 s on a quiet machine, minutes on a
+# loaded one (its own server or database, its own imports).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 VENVS = ROOT / ".venv" / "orchestrators"
 SCRIPTS = ROOT / "tests" / "orchestrators"
@@ -68,7 +70,7 @@ def create_issuer(kb: KeybrakeProcess) -> dict[str, Any]:
 
 
 def run_script(
-    python: Path, script: Path, env: dict[str, str], cwd: Path, timeout: float = 240
+    python: Path, script: Path, env: dict[str, str], cwd: Path, timeout: float = 480
 ) -> tuple[dict[str, Any], str]:
     clean = {
         k: v
@@ -166,6 +168,9 @@ def test_airflow_dag_runs_get_a_key_each_and_revoke_it(
                 "extra": {"label_prefix": "elsewhere/"},
             }
         ),
+        "AIRFLOW_CONN_KEYBRAKE_OTHER_TOKEN": json.dumps(
+            {"conn_type": "http", "host": kb.admin_url, "password": "kbi_another_issuer"}
+        ),
     }
     migrate = subprocess.run(
         [str(python.with_name("airflow")), "db", "migrate"],
@@ -181,6 +186,13 @@ def test_airflow_dag_runs_get_a_key_each_and_revoke_it(
     refusal = summary["scope_refusal"]
     assert "issuer_scope" in refusal and "elsewhere/airflow/kb_billing/manual__x" in refusal
     assert "agent_run_label" in refusal
+
+    # A sealed key opens for its own run and issuer token only, and not once tampered with.
+    seals = summary["seal_refusals"]
+    assert set(seals) == {"other_run", "relabelled", "tampered", "other_token"}
+    assert "belongs to another run" in seals["other_run"]
+    for attempt in ("relabelled", "tampered", "other_token"):
+        assert seals[attempt].startswith("cannot unseal the run key"), seals
 
     ok, capped = summary["billing"], summary["billing_capped"]
     assert ok["state"] == "success", ok

@@ -105,9 +105,48 @@ def _scope_refusal() -> str:
     raise AssertionError("an issuer token minted outside its prefix")
 
 
+def _seal_checks() -> dict[str, str]:
+    """What a reader of XCom can do with a sealed key: nothing without the issuer token, and
+    a run's sealed key opens in that run only."""
+    from keybrake.client import IssuedKey
+
+    hook = KeybrakeHook()
+    label = hook.run_label("kb_billing", "manual__a")
+    key = IssuedKey.from_json(
+        {
+            "key_id": "key_test",
+            "vendor": "stripe",
+            "agent_run_label": label,
+            "daily_usd_cap": "1",
+            "status": "active",
+            "vault_key": "not-a-real-key-but-secret",
+        }
+    )
+    sealed = hook.seal(key)
+    assert "not-a-real-key" not in json.dumps(sealed)
+    assert hook.unseal(sealed, label) == "not-a-real-key-but-secret"
+    out = {}
+    tampered = dict(sealed, sealed=sealed["sealed"][:-6] + "AAAAAA")
+    moved = dict(sealed, label=hook.run_label("kb_billing", "manual__b"))
+    for name, attempt in (
+        ("other_run", lambda: hook.unseal(sealed, hook.run_label("kb_billing", "manual__b"))),
+        ("relabelled", lambda: hook.unseal(moved, moved["label"])),
+        ("tampered", lambda: hook.unseal(tampered, label)),
+        ("other_token", lambda: KeybrakeHook("keybrake_other_token").unseal(sealed, label)),
+    ):
+        try:
+            attempt()
+        except ValueError as e:
+            out[name] = str(e)
+        else:
+            raise AssertionError(f"unsealed: {name}")
+    return out
+
+
 if __name__ == "__main__":
     summary = {
         "scope_refusal": _scope_refusal(),
+        "seal_refusals": _seal_checks(),
         "billing": _run(billing),
         "billing_capped": _run(billing_capped),
         "billing_callbacks": _run(billing_callbacks),

@@ -62,22 +62,36 @@ def _segment(value: str) -> str:
     return cleaned if cleaned[0].isalnum() else f"x{cleaned}"
 
 
+def _shorten(part: str, limit: int) -> str:
+    if len(part) <= limit:
+        return part
+    digest = hashlib.sha256(part.encode()).hexdigest()[:8]
+    return f"{part[: max(limit - len(digest) - 1, 1)]}-{digest}"
+
+
 def run_label(prefix: str, orchestrator: str, *parts: str) -> str:
     """``<prefix><orchestrator>/<part>/<part>``: the label of one run's key.
 
-    Characters a label may not hold become ``-``; a label longer than the API's 128
-    characters keeps its start and ends with a digest of the whole, so two runs never share
-    one.
+    Characters a label may not hold (``/`` among them: a name is one segment, never more)
+    become ``-``. When the whole would pass the API's 128 characters, each too-long part keeps
+    its start and ends with a digest of itself, so every segment stays and two runs never
+    share a label.
 
     >>> run_label("pipelines/", "airflow", "nightly_billing", "manual__2026-12-03T13:30:00+00:00")
     'pipelines/airflow/nightly_billing/manual__2026-12-03T13:30:00+00:00'
     """
     head = prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
-    label = head + "/".join(_segment(p) for p in (orchestrator, *parts))
+    segments = [_segment(p) for p in (orchestrator, *parts)]
+    label = head + "/".join(segments)
     if len(label) <= MAX_LABEL:
         return label
-    digest = hashlib.sha256(label.encode()).hexdigest()[:16]
-    return f"{label[: MAX_LABEL - len(digest) - 1]}-{digest}"
+    room = MAX_LABEL - len(head) - len(segments[0]) - len(parts)  # the slashes
+    limit = room // max(len(parts), 1)
+    if limit >= 12:
+        label = head + "/".join([segments[0], *(_shorten(p, limit) for p in segments[1:])])
+    if len(label) <= MAX_LABEL:
+        return label
+    return _shorten(label, MAX_LABEL)  # a prefix too long to leave room: the whole, digested
 
 
 def issue_run_key(client: KeybrakeClient, spec: RunKeySpec, label: str) -> IssuedKey:
@@ -103,7 +117,10 @@ def issue_run_key(client: KeybrakeClient, spec: RunKeySpec, label: str) -> Issue
         fields = "; ".join(f"{k}: {v}" for k, v in raw.items()) if isinstance(raw, dict) else ""
         message = f"the issuer token may not issue the run key {label!r}: {e.message}"
         raise Forbidden(
-            e.code, f"{message} ({fields})" if fields else message, e.status, e.details
+            e.code,
+            f"{message} ({fields})" if fields and fields not in e.message else message,
+            e.status,
+            e.details,
         ) from None
 
 

@@ -198,8 +198,8 @@ class KeybrakeHook(BaseHook):  # type: ignore[misc]
             return self._fernet(label).decrypt(str(sealed["sealed"]).encode()).decode()
         except InvalidToken:
             raise ValueError(
-                "cannot unseal the run key: the connection's issuer token is not the one "
-                "that issued it"
+                "cannot unseal the run key: it was altered, or belongs to another run, or "
+                "the connection's issuer token is not the one that issued it"
             ) from None
 
 
