@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -135,6 +136,28 @@ def no_secrets(where: str, text: str | bytes, *secrets: str) -> None:
     assert not any(leaked), f"{where} holds a secret"
     has_key = b"kbv_stripe_" in blob
     assert not has_key, f"{where} holds a vault key"
+
+
+def test_keybrake_imports_without_the_orchestrators() -> None:
+    """This venv has neither: the worker side imports, the integrations say what to install."""
+    code = (
+        "import importlib, importlib.util as u\n"
+        "assert u.find_spec('airflow') is None and u.find_spec('prefect') is None\n"
+        "import keybrake.client, keybrake.integrations, keybrake.integrations._runkeys\n"
+        "for name in ('airflow', 'prefect'):\n"
+        "    try:\n"
+        "        importlib.import_module('keybrake.integrations.' + name)\n"
+        "    except ImportError as e:\n"
+        "        print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    assert "pip install 'keybrake[airflow]'" in lines[0]
+    assert "pip install 'keybrake[prefect]'" in lines[1]
 
 
 def test_airflow_dag_runs_get_a_key_each_and_revoke_it(

@@ -58,9 +58,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from airflow.sdk import BaseHook, get_current_context, setup, task, teardown
-from airflow.sdk.exceptions import AirflowFailException
-from cryptography.fernet import Fernet, InvalidToken
+try:
+    from airflow.sdk import BaseHook, get_current_context, setup, task, teardown
+    from airflow.sdk.exceptions import AirflowFailException
+    from cryptography.fernet import Fernet, InvalidToken
+except ImportError as e:  # pragma: no cover - what a worker without the extra sees
+    raise ImportError(
+        f"keybrake.integrations.airflow needs Apache Airflow 3 ({e}): "
+        "pip install 'keybrake[airflow]'"
+    ) from e
 
 from keybrake.client import Forbidden, IssuedKey, KeybrakeClient, VaultKey
 from keybrake.client._calls import Dollars
@@ -279,7 +285,8 @@ class KeybrakeRunKey:
         helper = self
 
         @setup  # type: ignore[untyped-decorator]
-        @task(task_id=task_id, retries=0)  # type: ignore[untyped-decorator]
+        # A retry is safe: it revokes what an earlier try issued before issuing again.
+        @task(task_id=task_id, retries=2)  # type: ignore[untyped-decorator]
         def issue_run_key() -> dict[str, str]:
             return helper.issue()
 

@@ -43,8 +43,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
-from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+try:
+    from prefect.blocks.core import Block
+    from pydantic import Field, SecretStr
+except ImportError as e:  # pragma: no cover - what a worker without the extra sees
+    raise ImportError(
+        f"keybrake.integrations.prefect needs Prefect 3 ({e}): pip install 'keybrake[prefect]'"
+    ) from e
 
 from keybrake.client import IssuedKey, KeybrakeClient, VaultKey
 from keybrake.integrations import (
