@@ -133,9 +133,16 @@ class KeybrakeHook(BaseHook):  # type: ignore[misc]
     def __init__(self, keybrake_conn_id: str = DEFAULT_CONN_ID) -> None:
         super().__init__()
         self.keybrake_conn_id = keybrake_conn_id
+        self._settings: _Settings | None = None
 
     def settings(self) -> _Settings:
-        """The connection's admin URL, issuer token, base URL, label prefix and CA file."""
+        """The connection's admin URL, issuer token, base URL, label prefix and CA file
+        (read once per hook)."""
+        if self._settings is None:
+            self._settings = self._read_settings()
+        return self._settings
+
+    def _read_settings(self) -> _Settings:
         conn = self.get_connection(self.keybrake_conn_id)
         extra: dict[str, Any] = dict(conn.extra_dejson or {})
         admin_url = str(extra.get("admin_url") or "")
@@ -265,7 +272,7 @@ class KeybrakeRunKey:
         (``AirflowFailException`` naming the label and the refused fields).
         """
         hook = self.hook()
-        label = self.label(context)
+        label = hook.run_label(*_run_of(context or get_current_context()))
         try:
             key = hook.issue_run_key(self.spec, label)
         except Forbidden as e:
@@ -275,8 +282,9 @@ class KeybrakeRunKey:
 
     def revoke(self, context: Mapping[str, Any] | None = None) -> list[str]:
         """Revoke every live key of the current run; the ids revoked."""
-        label = self.label(context)
-        revoked = [k.key_id for k in self.hook().revoke_run_keys(label)]
+        hook = self.hook()
+        label = hook.run_label(*_run_of(context or get_current_context()))
+        revoked = [k.key_id for k in hook.revoke_run_keys(label)]
         log.info("keybrake: revoked %s for %s", revoked or "no key", label)
         return revoked
 
@@ -309,15 +317,20 @@ class KeybrakeRunKey:
         (logged, never raised: a callback's error changes nothing)."""
         try:
             dag_run = context["dag_run"]
-            label = self.hook().run_label(str(dag_run.dag_id), str(dag_run.run_id))
-            self.hook().revoke_run_keys(label)
+            hook = self.hook()
+            hook.revoke_run_keys(hook.run_label(str(dag_run.dag_id), str(dag_run.run_id)))
         except Exception as e:
             log.error("keybrake: could not revoke the run's keys: %s", e)
 
     # -- in a task -----------------------------------------------------------------------------
     def vault_key(self, sealed: SealedKey, context: Mapping[str, Any] | None = None) -> str:
         """The run's vault key, unsealed in this task's memory (never log or return it)."""
-        return self.hook().unseal(sealed, self.label(context))
+        return self._unseal(self.hook(), sealed, context)
+
+    @staticmethod
+    def _unseal(hook: KeybrakeHook, sealed: SealedKey, context: Mapping[str, Any] | None) -> str:
+        dag_id, run_id = _run_of(context or get_current_context())
+        return hook.unseal(sealed, hook.run_label(dag_id, run_id))
 
     def base_url(self) -> str:
         """Where tasks call vendors (the connection's ``extra.base_url``, else the admin URL)."""
@@ -325,9 +338,10 @@ class KeybrakeRunKey:
 
     def stripe_client(self, sealed: SealedKey, **kwargs: Any) -> Any:
         """A ``stripe.StripeClient`` on the run's key through Keybrake's base URL."""
-        settings = self.hook().settings()
+        hook = self.hook()
+        settings = hook.settings()
         kwargs.setdefault("ca_bundle", settings.ca_bundle)
-        return stripe_client(self.vault_key(sealed), settings.base_url, **kwargs)
+        return stripe_client(self._unseal(hook, sealed, None), settings.base_url, **kwargs)
 
     def idempotency_key(self, item: str = "", context: Mapping[str, Any] | None = None) -> str:
         """``<dag_id>:<run_id>:<task_id>[:<map_index>][:<item>]``: the same on every try of
