@@ -281,6 +281,10 @@ def test_prefect_flow_runs_get_a_key_each_and_revoke_it(
     check_run(kb, issuer, labels["kb-billing-capped"], 2, 2, "kb-billing-capped.charge")
     check_run(kb, issuer, labels["kb-crash"], 1, 0, "kb-crash.charge")
     assert fake_stripe.charged_usd_micros() == 6_000_000
+    # A second process of one run is refused a key instead of doubling the run's cap.
+    assert "was issued in another process" in summary["second_process"]
+    (only,) = keys_of(kb, labels["kb-two-processes"])
+    assert only["status"] == "revoked"
     assert not [k for k in kb.admin("GET", "/vault/keys").json()["data"] if "elsewhere" in k]
 
     # Prefect stored the runs (their ids are in its database) and the saved block (its secret

@@ -10,6 +10,7 @@ only; it must not import pytest.
 - ``kb_billing_capped``: 4 invoices at $1 under a $2 run key, ``retries=3``: two charged,
   two stopped by the cap after one attempt each; the flow fails.
 - ``kb_crash``: one charge, then the process is interrupted: crashed.
+- ``kb_two_processes``: a second process of one run asks for the key: refused, not issued.
 - ``kb_elsewhere``: a block whose prefix the issuer token does not cover: a clear 403.
 Each run's key is revoked by the block's flow hooks. The last line of stdout is a JSON summary.
 """
@@ -52,7 +53,12 @@ ELSEWHERE = issuer("1", prefix="elsewhere/")
 ATTEMPTS: Counter[str] = Counter()  # task attempts per invoice: retries would show here
 LOCK = threading.Lock()
 RUNS: dict[str, str] = {}  # flow name (kb-billing: Prefect's, from the function's) -> run id
-BLOCKS = {"kb-billing": FIVE, "kb-billing-capped": TWO, "kb-crash": ONE}
+BLOCKS = {
+    "kb-billing": FIVE,
+    "kb-billing-capped": TWO,
+    "kb-crash": ONE,
+    "kb-two-processes": ONE,
+}
 
 
 def _charge(block: KeybrakeIssuer, invoice: str) -> str:
@@ -96,6 +102,26 @@ def kb_crash() -> None:
     raise KeyboardInterrupt  # what Prefect reports as a crash
 
 
+@flow(**ONE.flow_hooks())
+def kb_two_processes() -> str:
+    """A task in another process (Dask, Ray) has no key in memory: it must not mint a second
+    key for the run (that would double the run's cap)."""
+    _note_run()
+    ONE.run_key()
+    from keybrake.integrations import prefect as integration
+
+    with integration._RUN_KEYS_LOCK:  # what another process's memory looks like
+        held = integration._RUN_KEYS.pop(ONE.current_label())
+    try:
+        ONE.run_key()
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        with integration._RUN_KEYS_LOCK:
+            integration._RUN_KEYS[ONE.current_label()] = held
+    raise AssertionError("a second key was issued for one run")
+
+
 @flow(**ELSEWHERE.flow_hooks())
 def kb_elsewhere() -> str:
     _note_run()
@@ -125,6 +151,7 @@ def _run_all() -> dict[str, Any]:
         kb_crash()
     out["states"]["kb_crash"] = "CRASHED?"
     out["scope_refusal"] = kb_elsewhere()
+    out["second_process"] = kb_two_processes()
     return out
 
 

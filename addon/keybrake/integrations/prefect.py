@@ -29,7 +29,8 @@ What it does, and where the key lives:
 - **The key lives only in the memory of the process running the flow**: it is never a flow
   or task parameter, never a result and never logged, so Prefect's API, database and UI never
   see it. Tasks on the default thread-pool runner share it; a task runner that ships tasks to
-  other processes (Dask, Ray) cannot, and each of its processes would need its own key.
+  other processes (Dask, Ray) cannot: there `run_key` refuses (``RuntimeError``) rather than
+  issue a second key for the run, which would double its cap.
 - **Revoked when the run ends**: `flow_hooks` returns ``on_completion``, ``on_failure``,
   ``on_crashed`` and ``on_cancellation`` hooks that revoke every key of the run by its
   label (and forget it here). ``expires_in`` is the backstop for a process killed outright.
@@ -141,6 +142,19 @@ class KeybrakeIssuer(Block):  # type: ignore[misc]
             key = _RUN_KEYS.get(label)
             if key is None:
                 with self.client() as kb:
+                    live = [
+                        k.key_id
+                        for k in kb.list_keys()
+                        if k.agent_run_label == label and k.revoked_at is None
+                    ]
+                    if live:
+                        # Another process of this run holds it: a key per process would
+                        # multiply the run's cap, so none is issued here.
+                        raise RuntimeError(
+                            f"the key of run {label!r} ({live[0]}) was issued in another "
+                            "process: run this flow's tasks in its own process (the default "
+                            "thread-pool task runner), one key per run"
+                        )
                     key = issue_run_key(kb, self.spec(), label)
                 _RUN_KEYS[label] = key
         return key.vault_key
