@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt check bench bench-litellm fleet soak clean worker-wheelhouses worker-typecheck
+.PHONY: venv run web test lint fmt check bench bench-litellm fleet soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
@@ -50,6 +50,21 @@ $(MATRIX)/%/.done: pyproject.toml tests/matrix/wheelhouse.sh
 worker-wheelhouses:
 	$(MAKE) -j 4 $(foreach v,$(WORKER_PYTHONS),$(MATRIX)/$(v)/.done)
 
+# Airflow and Prefect bring dependency sets of their own (SQLAlchemy, FastAPI, their own pins),
+# so each gets its own venv on the proxy's Python with `keybrake[<name>]` from this tree
+# (editable: the tests run the tree's integrations) and the stripe SDK, for
+# tests/e2e/test_orchestrators.py (network: here only, never in a test). Built in parallel.
+ORCHESTRATORS := $(VENV)/orchestrators
+$(ORCHESTRATORS)/%/.done: pyproject.toml
+	rm -rf $(ORCHESTRATORS)/$*
+	$(PY312) -m venv $(ORCHESTRATORS)/$*
+	$(ORCHESTRATORS)/$*/bin/python -m pip install --quiet --disable-pip-version-check \
+	  -e '.[$*]' 'stripe>=10'
+	touch $@
+
+orchestrator-venvs:
+	$(MAKE) -j 2 $(ORCHESTRATORS)/airflow/.done $(ORCHESTRATORS)/prefect/.done
+
 # mypy on the worker modules as Python 3.9 sees them (mypy 2 cannot target 3.9: mypy 1.x,
 # run on 3.9 itself, with the worker's real dependencies).
 $(MATRIX)/typecheck/.done: pyproject.toml
@@ -63,8 +78,9 @@ $(MATRIX)/typecheck/.done: pyproject.toml
 worker-typecheck: $(MATRIX)/typecheck/.done
 	$(MATRIX)/typecheck/bin/mypy --config-file tests/matrix/mypy-py39.ini
 
-## The whole test suite (unit, addon, store contract, end to end, the worker side on 3.9-3.13).
-test: venv $(VENV)/wheelhouse/.done worker-wheelhouses
+## The whole test suite (unit, addon, store contract, end to end, the worker side on 3.9-3.13,
+## Airflow and Prefect in their own venvs).
+test: venv $(VENV)/wheelhouse/.done worker-wheelhouses orchestrator-venvs
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q
 
 lint: venv worker-typecheck
