@@ -52,7 +52,7 @@ def test_a_driver_with_an_issuer_token_issues_and_revokes_keys_under_its_prefix_
     kb = keybrake_stripe
     issuer = create_issuer(kb)
     token = issuer["token"]
-    assert token.startswith("kbi_") and issuer["budget_enforced"] is False
+    assert token.startswith("kbi_") and issuer["budget_enforced"] is True
     listed = kb.admin("GET", "/vault/issuers").json()["data"]
     assert [i["issuer_id"] for i in listed] == [issuer["issuer_id"]]
     assert token not in kb.admin("GET", "/vault/issuers").text

@@ -317,6 +317,7 @@ def _issuer_fields(record: IssuerRecord) -> list[str]:
         "max_usd_cap_micros": record.max_usd_cap_micros,
         "budget_daily_micros": record.budget_daily_micros,
         "budget_lifetime_micros": record.budget_lifetime_micros,
+        "max_requests_per_minute": record.max_requests_per_minute,
         "expires_at": None if record.expires_at is None else epoch_micros(record.expires_at),
         "revoked_at": None if record.revoked_at is None else epoch_micros(record.revoked_at),
     }
@@ -347,6 +348,7 @@ def _issuer_record(raw: Mapping[bytes | str, bytes | str]) -> IssuerRecord | Non
         allowed_accounts=tuple(json.loads(f["allowed_accounts"])),
         budget_daily_micros=number("budget_daily_micros"),
         budget_lifetime_micros=number("budget_lifetime_micros"),
+        max_requests_per_minute=number("max_requests_per_minute"),
         created_at=_moment(f["created_at"]),
         expires_at=_moment(f["expires_at"]) if "expires_at" in f else None,
         revoked_at=_moment(f["revoked_at"]) if "revoked_at" in f else None,

@@ -12,6 +12,7 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
   refused until resumed; the proxy suspends a key itself after an estimate overrun
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows
+- ``GET /vault/tree`` the budget tree (issuer → label → key): spent, reserved, remaining
   (`keybrake.auditlog.reports`)
 - ``/vault/issuers…``, ``/vault/bulk/…``, ``/vault/freezes…``: issuer tokens, kill switches
   and vendor freezes (`keybrake.web.delegated`)
@@ -301,6 +302,8 @@ class AdminApi(IssuerRoutes):
             return await self._revoke_by_vault_key(flow)
         if parts == ["vault", "spend"] and method == "GET":
             return await self._spend(flow)
+        if parts == ["vault", "tree"] and method == "GET":
+            return _json(200, await (await self._vault()).tree())
         if parts == ["vault", "audit"] and method == "GET":
             return await self._audit(flow)
         if len(parts) >= 3 and parts[:2] == ["vault", "budgets"]:
