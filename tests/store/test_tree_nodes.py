@@ -133,9 +133,7 @@ async def test_a_label_rate_limit_counts_every_key_of_the_label(store: Store) ->
     await store.set_label_limits(LabelBudget("run-1", max_requests_per_minute=3))
     results = [await store.admit(free(k)) for k in ("kb_a", "kb_b", "kb_c", "kb_a", "kb_b")]
     assert [r.status for r in results] == ["admitted"] * 3 + ["refused"] * 2
-    assert {(r.code, r.detail, r.rate_limit) for r in results[3:]} == {
-        ("rate_limited", "label", 3)
-    }
+    assert {(r.code, r.detail, r.rate_limit) for r in results[3:]} == {("rate_limited", "label", 3)}
     assert all(r.retry_after_seconds >= 1 for r in results[3:])
     # Another label is not counted with it; a minute later the label has room again.
     assert (await store.admit(free("kb_other"))).status == "admitted"
