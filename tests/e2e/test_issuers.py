@@ -111,8 +111,10 @@ def test_revoking_an_issuer_can_revoke_every_key_it_minted(
 ) -> None:
     kb = keybrake_stripe
     issuer = create_issuer(kb)
+    # An operator's key under the prefix, with a label of its own (a label's keys are all the
+    # operator's or all one issuer's: label_tree_conflict otherwise).
     keys = [
-        kb.issue_key(agent_run_label=f"beam/billing/run-{i}", daily_usd_cap="10", usd_cap="10")
+        kb.issue_key(agent_run_label=f"beam/billing/ops-{i}", daily_usd_cap="10", usd_cap="10")
         for i in range(1)
     ]
     with KeybrakeClient(kb.admin_url, issuer["token"]) as driver:
