@@ -59,6 +59,7 @@ from keybrake.web._sessions import (
     session_cookie,
 )
 from keybrake.web.dashboard_issuers import IssuerPages
+from keybrake.web.dashboard_tree import TreePage
 from keybrake.wire import LIVE_HEADER
 
 __all__ = ["Dashboard"]
@@ -124,7 +125,7 @@ def _store_where(url: str) -> str:
     return f"{parts.scheme} {host}{parts.path}"
 
 
-class Dashboard(IssuerPages):
+class Dashboard(IssuerPages, TreePage):
     """Serves the dashboard's routes for `keybrake.web.admin.AdminApi`."""
 
     name = "keybrake_dashboard"
@@ -216,6 +217,8 @@ class Dashboard(IssuerPages):
             return self._page("audit.html", await self._audit(flow), session)
         if parts == ["dashboard", "issuers"]:
             return await self._issuers_page(session)
+        if parts == ["dashboard", "tree"]:
+            return await self._tree_page(flow, session)
         return text(404, "No such page")
 
     # -- auth ------------------------------------------------------------------------------------
