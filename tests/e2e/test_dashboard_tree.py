@@ -3,6 +3,7 @@ labels, to a label's keys, to a key's audit rows; spent, reserved and remaining 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -88,5 +89,19 @@ def test_drill_down_from_issuer_to_label_to_key_to_audit_rows(
     ops = httpx.get(base, params={"issuer": "operator"}, cookies=jar)
     assert ops.status_code == 200 and "ops/run" in ops.text
     assert httpx.get(base, params={"issuer": "iss_nope"}, cookies=jar).status_code == 404
+    # Issuing a key into the issuer's label from the dashboard: refused, naming the tree.
+    page = httpx.get(f"{kb.admin_url}/dashboard/keys", cookies=jar)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    form = {
+        "csrf": csrf.group(1),
+        "vendor": "stripe",
+        "label": "beam/nightly/run-9",
+        "daily_usd_cap": "5",
+        "expires_in": "1h",
+        "allowed_endpoints": PI,
+    }
+    conflict = httpx.post(f"{kb.admin_url}/dashboard/keys", cookies=jar, data=form)
+    assert conflict.status_code == 409 and "budget tree" in conflict.text
     # Signed out: the sign-in page, not the tree.
     assert "beam/nightly" not in httpx.get(base, follow_redirects=True).text
