@@ -310,7 +310,7 @@ def _show_budget(body: dict[str, Any], as_json: bool) -> None:
     if not parts:
         typer.echo(f"{body['label']}: no label cap (each key's own caps still apply)")
     else:
-        typer.echo(f"{body['label']}: {', '.join(parts)} (shared by every key of the label)")
+        typer.echo(f"{body['label']}: {', '.join(parts)} (shared)")
 
 
 def budgets_set(
