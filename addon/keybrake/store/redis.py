@@ -979,7 +979,8 @@ class RedisStore:
         if record.max_requests_per_minute is not None:
             check_rate_limit(record.max_requests_per_minute)
         async with self._guard() as client:
-            await client.hset(
+            # HSETNX: an issuer id already taken (refused below) keeps its own limits.
+            await client.hsetnx(
                 self._kt(self._tree("", "", record.issuer_id), "label-budgets"),
                 f"!iss:{record.issuer_id}",
                 issuer_limits_field(
