@@ -86,6 +86,11 @@ def test_drill_down_from_issuer_to_label_to_key_to_audit_rows(
     audit = httpx.get(f"{kb.admin_url}/dashboard/audit?key={minted['key_id']}", cookies=jar)
     assert audit.status_code == 200 and minted["key_id"] in audit.text
 
+    # The issuers page shows the budget and leads to the issuer's tree.
+    issuers = httpx.get(f"{kb.admin_url}/dashboard/issuers", cookies=jar).text
+    assert f'href="/dashboard/tree?issuer={issuer["issuer_id"]}"' in issuers
+    assert "$20.00 / \u2013" in issuers  # no lifetime budget
+
     ops = httpx.get(base, params={"issuer": "operator"}, cookies=jar)
     assert ops.status_code == 200 and "ops/run" in ops.text
     assert httpx.get(base, params={"issuer": "iss_nope"}, cookies=jar).status_code == 404
