@@ -140,6 +140,16 @@ def test_label_budget_set_read_and_remove(kb: KeybrakeClient) -> None:
     assert kb.set_label_budget(LABEL, None).daily_usd_cap is None
     with pytest.raises(InvalidRequest):
         kb.set_label_budget(LABEL, "-3")
+    # The label node's lifetime cap and request-rate limit, set together with the daily cap.
+    both = kb.set_label_budget(LABEL, "5", usd_cap="50", max_requests_per_minute=120)
+    assert (both.daily_usd_cap, both.usd_cap, both.max_requests_per_minute) == (
+        Decimal("5.00"),
+        Decimal("50.00"),
+        120,
+    )
+    assert kb.get_label_budget(LABEL) == both
+    scopes = [b.scope for b in kb.get_key(key.key_id).budgets]
+    assert scopes == [f"key:{key.key_id}", f"label:{LABEL}", f"label-lifetime:{LABEL}"]
 
 
 def test_spend_and_audit_after_real_calls(

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 from keybrake.core.keys import generate_vault_key, hash_vault_key
 from keybrake.core.policy import PolicySet, load_policies
-from keybrake.store import BudgetState, KeyRecord
+from keybrake.store import BudgetState, KeyRecord, LabelBudget
 from keybrake.vault.keyspec import IssueKeyRequest, KeySpecError, key_to_json, parse_label_budget
 
 ALLOW = [
@@ -268,9 +268,12 @@ def test_unpriced_endpoint_is_not_checked_for_unknown_vendor(policies: PolicySet
 
 # -- label budgets -----------------------------------------------------------------------------
 def test_parse_label_budget() -> None:
-    assert parse_label_budget("dramatiq/nightly", {"daily_usd_cap": "500"}) == 500_000_000
-    assert parse_label_budget("dramatiq/nightly", {"daily_usd_cap": None}) is None
-    assert parse_label_budget("dramatiq/nightly", {}) is None
+    label = "dramatiq/nightly"
+    assert parse_label_budget(label, {"daily_usd_cap": "500"}) == LabelBudget(label, 500_000_000)
+    assert parse_label_budget(label, {"daily_usd_cap": None}) == LabelBudget(label)
+    assert parse_label_budget(label, {}) == LabelBudget(label)
+    both = {"daily_usd_cap": "5", "usd_cap": "50", "max_requests_per_minute": "600"}
+    assert parse_label_budget(label, both) == LabelBudget(label, 5_000_000, 50_000_000, 600)
 
 
 @pytest.mark.parametrize(
@@ -280,6 +283,9 @@ def test_parse_label_budget() -> None:
         ("ok", {"daily_usd_cap": "0"}, "daily_usd_cap"),
         ("ok", {"daily_usd_cap": "NaN"}, "daily_usd_cap"),
         ("ok", {"daily_usd_cap": 5, "other": 1}, "(body)"),
+        ("ok", {"usd_cap": "0"}, "usd_cap"),
+        ("ok", {"max_requests_per_minute": "1.5"}, "max_requests_per_minute"),
+        ("ok", {"max_requests_per_minute": 0}, "max_requests_per_minute"),
         ("ok", [], "(body)"),
         ("", {"daily_usd_cap": "5"}, "label"),
         ("bad\nlabel", {"daily_usd_cap": "5"}, "label"),

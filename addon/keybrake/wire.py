@@ -74,6 +74,7 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
     "not_found": 404,
     "method_not_allowed": 405,
     "idempotency_in_flight": 409,
+    "label_tree_conflict": 409,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "headers_too_large": 431,
@@ -93,7 +94,10 @@ REFUSAL_STATUS: Final[dict[str, int]] = {
 }
 """Every refusal code and its HTTP status. ``issuer_scope``: an issuer token asked for something
 outside its scope or limits (``error.fields`` names each field). ``vendor_frozen``: an operator
-froze every call to the vendor; a 503 that is never retried (it lasts until lifted)."""
+froze every call to the vendor; a 503 that is never retried (it lasts until lifted).
+``label_tree_conflict``: a key was asked for with a label whose keys are in another budget
+tree (minted by another issuer token, or by the operator when the caller is an issuer, or the
+other way round): a label's spend is never split between two trees."""
 
 RETRY_SAFE: Final = frozenset({"upstream_unreachable"})
 """Codes whose answer says "retry" (``Stripe-Should-Retry``/``X-Should-Retry: true``):

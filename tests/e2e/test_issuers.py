@@ -52,7 +52,7 @@ def test_a_driver_with_an_issuer_token_issues_and_revokes_keys_under_its_prefix_
     kb = keybrake_stripe
     issuer = create_issuer(kb)
     token = issuer["token"]
-    assert token.startswith("kbi_") and issuer["budget_enforced"] is False
+    assert token.startswith("kbi_") and issuer["budget_enforced"] is True
     listed = kb.admin("GET", "/vault/issuers").json()["data"]
     assert [i["issuer_id"] for i in listed] == [issuer["issuer_id"]]
     assert token not in kb.admin("GET", "/vault/issuers").text
@@ -111,8 +111,10 @@ def test_revoking_an_issuer_can_revoke_every_key_it_minted(
 ) -> None:
     kb = keybrake_stripe
     issuer = create_issuer(kb)
+    # An operator's key under the prefix, with a label of its own (a label's keys are all the
+    # operator's or all one issuer's: label_tree_conflict otherwise).
     keys = [
-        kb.issue_key(agent_run_label=f"beam/billing/run-{i}", daily_usd_cap="10", usd_cap="10")
+        kb.issue_key(agent_run_label=f"beam/billing/ops-{i}", daily_usd_cap="10", usd_cap="10")
         for i in range(1)
     ]
     with KeybrakeClient(kb.admin_url, issuer["token"]) as driver:

@@ -58,7 +58,12 @@ async def test_admission_reserves_over_every_budget(store: Store) -> None:
 
     assert admitted.status == "admitted" and admitted.key == key
     assert usage(admitted.budgets) == [(0, 3 * USD)] * 3
-    assert [r[0] for r in admitted.ledger_rows] == ["key:kb_a", "key-lifetime:kb_a", "label:run-1"]
+    assert [r[0] for r in admitted.ledger_rows] == [
+        "key:kb_a",
+        "key-lifetime:kb_a",
+        "label:run-1",
+        "label-lifetime:run-1",
+    ]
     assert usage(await store.budgets(key, NOON)) == [(0, 3 * USD)] * 3
 
 

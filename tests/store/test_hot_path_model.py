@@ -2,8 +2,9 @@
 
 A hypothesis state machine drives `Store.admit` / `Store.settle_call` with idempotency keys,
 replays, revocations, restarts (a new store object on the same state, then crash recovery)
-and audit pumping over two keys sharing a capped label, and checks after every step that the
-store agrees with a plain-Python model: budgets never above a cap, spent and reserved equal to
+and audit pumping over three keys minted by one capped issuer, two of them sharing a capped
+label (the budget tree issuer → label → key), and checks after every step that the store
+agrees with a plain-Python model: budgets never above a cap, spent and reserved equal to
 the model's, a replay only for a completed claim and reserving nothing, a revoked key refused
 at once, and every settled call's audit row in the outbox exactly once.
 """
@@ -42,6 +43,7 @@ from tests.store.conftest import (
 from keybrake.store import (
     AdmissionRequest,
     IdempotencyClaim,
+    IssuerRecord,
     KeyRecord,
     RedisStore,
     Settlement,
@@ -52,9 +54,26 @@ from keybrake.store import (
 
 NOW = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
 LABEL_CAP = 6 * USD
-KEYS = (
-    make_key("kb_a", label="shared", daily=5 * USD),
-    make_key("kb_b", label="shared", daily=4 * USD),
+ISSUER_CAP = 8 * USD
+ISSUER = IssuerRecord(
+    issuer_id="iss_m",
+    token_sha256="0" * 64,
+    name="model",
+    vendors=("stripe",),
+    label_prefix="",
+    allowed_endpoints=(),
+    max_daily_cap_micros=10 * USD,
+    max_expires_in_seconds=3600,
+    created_at=NOW,
+    budget_daily_micros=ISSUER_CAP,
+)
+KEYS = tuple(
+    dataclasses.replace(key, issuer_id="iss_m")
+    for key in (
+        make_key("kb_a", label="shared", daily=5 * USD),
+        make_key("kb_b", label="shared", daily=4 * USD),
+        make_key("kb_c", label="other", daily=5 * USD),
+    )
 )
 ESTIMATES = st.sampled_from([0, USD, 2 * USD, 3 * USD])
 IDEMPOTENCY = st.sampled_from([None, "idem:1", "idem:2"])
@@ -65,10 +84,14 @@ Usage = tuple[str, str]
 
 def rows(key: KeyRecord) -> list[tuple[Usage, int | None]]:
     day = "2030-01-01"
+    label = key.agent_run_label
     return [
         ((f"key:{key.key_id}", day), key.daily_cap_micros),
         ((f"key-lifetime:{key.key_id}", "lifetime"), None),
-        ((f"label:{key.agent_run_label}", day), LABEL_CAP),
+        ((f"label:{label}", day), LABEL_CAP if label == "shared" else None),
+        ((f"label-lifetime:{label}", "lifetime"), None),
+        (("issuer:iss_m", day), ISSUER_CAP),
+        (("issuer-lifetime:iss_m", "lifetime"), None),
     ]
 
 
@@ -116,6 +139,7 @@ class HotPathMachine(RuleBasedStateMachine):
     def open_store(self) -> None:
         self.run(self.store.open())
         self.run(self.store.set_label_budget("shared", LABEL_CAP))
+        self.run(self.store.create_issuer(ISSUER))
         for key in KEYS:
             self.run(self.store.create_key(key))
 
@@ -240,6 +264,9 @@ class HotPathMachine(RuleBasedStateMachine):
     @invariant()
     def budgets_match_the_model(self) -> None:
         for key in KEYS:
+            usage = self.run(self.store.tree_usage([u for u, _cap in rows(key)]))
+            for u, (spent, reserved) in usage.items():
+                assert (spent, reserved) == (self.spent.get(u, 0), self.reserved.get(u, 0)), u
             for b in self.run(self.store.budgets(key, NOW)):
                 u = (b.scope, b.window)
                 assert (b.spent_micros, b.reserved_micros) == (

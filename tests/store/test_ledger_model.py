@@ -10,6 +10,7 @@ equal to the model's, and no reservation finished twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import pathlib
 import shutil
@@ -37,13 +38,38 @@ from tests.store.conftest import (
     require_redis,
 )
 
-from keybrake.store import BudgetState, KeyRecord, RedisStore, SQLiteStore, Store, utc_day
+from keybrake.store import (
+    BudgetState,
+    IssuerRecord,
+    KeyRecord,
+    LabelBudget,
+    RedisStore,
+    SQLiteStore,
+    Store,
+    utc_day,
+)
 
 LABEL_CAP = 6 * USD
+LABEL_LIFETIME_CAP = 10 * USD
+ISSUER_CAP = 2_500_000
+ISSUER_LIFETIME_CAP = 7 * USD
+ISSUER = IssuerRecord(
+    issuer_id="iss_l",
+    token_sha256="0" * 64,
+    name="ledger model",
+    vendors=("stripe",),
+    label_prefix="",
+    allowed_endpoints=(),
+    max_daily_cap_micros=10 * USD,
+    max_expires_in_seconds=3600,
+    created_at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+    budget_daily_micros=ISSUER_CAP,
+    budget_lifetime_micros=ISSUER_LIFETIME_CAP,
+)
 KEYS = (
     make_key("kb_a", label="shared", daily=5 * USD, usd_cap=9 * USD),
     make_key("kb_b", label="shared", daily=4 * USD),
-    make_key("kb_c", daily=3 * USD),
+    dataclasses.replace(make_key("kb_c", daily=3 * USD), issuer_id="iss_l"),
 )
 ESTIMATES = st.sampled_from([0, 1, 250_000, USD, 1_500_000, 2 * USD, 3 * USD])
 START = dt.datetime(2030, 1, 1, 20, tzinfo=dt.UTC)
@@ -59,6 +85,10 @@ def touched(key: KeyRecord, day: str) -> list[tuple[Usage, int | None]]:
     ]
     if key.agent_run_label:
         rows.append(((f"label:{key.agent_run_label}", day), LABEL_CAP))
+        rows.append(((f"label-lifetime:{key.agent_run_label}", "lifetime"), LABEL_LIFETIME_CAP))
+    if key.issuer_id:
+        rows.append(((f"issuer:{key.issuer_id}", day), ISSUER_CAP))
+        rows.append(((f"issuer-lifetime:{key.issuer_id}", "lifetime"), ISSUER_LIFETIME_CAP))
     return rows
 
 
@@ -95,7 +125,8 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize()
     def open_store(self) -> None:
         self.run(self.store.open())
-        self.run(self.store.set_label_budget("shared", LABEL_CAP))
+        self.run(self.store.set_label_limits(LabelBudget("shared", LABEL_CAP, LABEL_LIFETIME_CAP)))
+        self.run(self.store.create_issuer(ISSUER))
 
     def teardown(self) -> None:
         try:

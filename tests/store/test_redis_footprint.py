@@ -38,9 +38,10 @@ pytestmark = pytest.mark.redis
 BODY = b'{"id": "pi_x", "object": "payment_intent", "amount": 2000}'
 # Under the prefix whatever the number of calls: the key record, its secret, the key lists,
 # the label budgets, the audit stream, the open reservations, the rate counts, the key's
-# object and idempotency indexes, its remembered amounts, and the usage hashes (key day,
-# key lifetime, label day).
+# object and idempotency indexes, its remembered amounts, the usage hashes (key day,
+# key lifetime, label day and lifetime) and the label's home tree (one per label).
 PER_KEY_AND_BUDGET = {
+    "label-home",
     "key",
     "secret",
     "keys",

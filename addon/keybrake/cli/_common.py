@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from keybrake.cli._admin_api import RemoteAdmin, RemoteError, remote_admin
+from keybrake.core.errors import Refusal
 from keybrake.core.money import MoneyError, format_usd, minor_unit_exponent
 from keybrake.proxy._passthrough import parse_passthrough
 from keybrake.proxy.preflight import PreflightError, check_data_dir, new_sqlite_file
@@ -269,6 +270,8 @@ def _run_store(url: str, fn: Any) -> Any:
         return asyncio.run(_with_store(store, fn))
     except StoreUnavailable as e:
         _fail(f"store unavailable: {e}", 3)
+    except Refusal as e:
+        _fail(f"{e.code}: {e.message}", 1)
 
 
 def _run_vault(store: str, data_dir: Path, fn: Callable[[Vault], Awaitable[Any]]) -> Any:

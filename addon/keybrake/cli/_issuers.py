@@ -96,10 +96,16 @@ def issuers_create(
         list[str] | None, typer.Option(help="A connected account keys may name, repeatable.")
     ] = None,
     budget_daily_usd_cap: Annotated[
-        str | None, typer.Option(help="The issuer's own daily budget (recorded; not enforced).")
+        str | None,
+        typer.Option(help="The issuer's own daily budget: every key it mints draws from it."),
     ] = None,
     budget_usd_cap: Annotated[
-        str | None, typer.Option(help="The issuer's own lifetime budget (recorded).")
+        str | None,
+        typer.Option(help="The issuer's own lifetime budget: every key it mints draws from it."),
+    ] = None,
+    budget_max_requests_per_minute: Annotated[
+        int | None,
+        typer.Option(help="At most this many requests per minute, every key it minted together."),
     ] = None,
     expires_in: Annotated[
         str | None, typer.Option(help="When the token itself expires (default: never).")
@@ -127,6 +133,7 @@ def issuers_create(
         "allowed_accounts": account or None,
         "budget_daily_usd_cap": budget_daily_usd_cap,
         "budget_usd_cap": budget_usd_cap,
+        "budget_max_requests_per_minute": budget_max_requests_per_minute,
         "expires_in": expires_in,
     }
     fields = {k: v for k, v in fields.items() if v is not None}

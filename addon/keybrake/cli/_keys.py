@@ -299,10 +299,18 @@ def keys_set_cap(
 def _show_budget(body: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(body, indent=2))
-    elif body["daily_usd_cap"] is None:
+        return
+    parts = []
+    if body.get("daily_usd_cap") is not None:
+        parts.append(f"daily cap {_dollars(body['daily_usd_cap'])}")
+    if body.get("usd_cap") is not None:
+        parts.append(f"lifetime cap {_dollars(body['usd_cap'])}")
+    if body.get("max_requests_per_minute") is not None:
+        parts.append(f"{body['max_requests_per_minute']} requests per minute")
+    if not parts:
         typer.echo(f"{body['label']}: no label cap (each key's own caps still apply)")
     else:
-        typer.echo(f"{body['label']}: daily cap {_dollars(body['daily_usd_cap'])} (shared)")
+        typer.echo(f"{body['label']}: {', '.join(parts)} (shared)")
 
 
 def budgets_set(
@@ -310,20 +318,37 @@ def budgets_set(
     daily_usd_cap: Annotated[
         str | None, typer.Option(help="The shared daily cap in USD.", show_default=False)
     ] = None,
-    remove: Annotated[bool, typer.Option("--remove", help="Remove the label's cap.")] = False,
+    usd_cap: Annotated[
+        str | None, typer.Option(help="The shared lifetime cap in USD.", show_default=False)
+    ] = None,
+    max_requests_per_minute: Annotated[
+        int | None,
+        typer.Option(
+            help="At most this many requests per minute, all keys of the label together.",
+            show_default=False,
+        ),
+    ] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the label's limits.")] = False,
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
     admin_url: AdminUrl = None,
     admin_token_file: AdminTokenFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Cap what every key with a label may spend per UTC day, together.
+    """Cap what every key with a label may spend per UTC day and in all, and how many
+    requests they may make per minute, together. Sets every limit at once: one left out is
+    removed.
 
-    Example: keybrake budgets set dramatiq/nightly-billing --daily-usd-cap 500
+    Example: keybrake budgets set dramatiq/nightly-billing --daily-usd-cap 500 --usd-cap 5000
     """
-    if (daily_usd_cap is None) == (not remove):
-        _fail("give --daily-usd-cap N or --remove", 2)
-    request = {"daily_usd_cap": daily_usd_cap}
+    given = (daily_usd_cap, usd_cap, max_requests_per_minute)
+    if all(v is None for v in given) == (not remove) or (remove and any(given)):
+        _fail("give --daily-usd-cap N, --usd-cap N, --max-requests-per-minute N, or --remove", 2)
+    request: dict[str, Any] = {
+        "daily_usd_cap": daily_usd_cap,
+        "usd_cap": usd_cap,
+        "max_requests_per_minute": max_requests_per_minute,
+    }
     if admin_url:
         with _remote(admin_url, admin_token_file, data_dir) as api:
             path = f"/vault/budgets/{quote(label, safe='')}"

@@ -29,6 +29,7 @@ from keybrake.cli._common import (
     _note,
     _open_store,
     _remote,
+    _run_vault,
 )
 from keybrake.core.money import format_usd
 from keybrake.proxy.preflight import new_sqlite_file
@@ -115,6 +116,14 @@ def spend(
     group_by: Annotated[
         str, typer.Option("--group-by", help="label, key, vendor, hour or day.")
     ] = "key",
+    tree: Annotated[
+        bool,
+        typer.Option(
+            "--tree",
+            help="The budget tree instead (issuer → label → key): spent, reserved and "
+            "remaining per node, from the store's ledger.",
+        ),
+    ] = False,
     data_dir: DataDir = Path(".keybrake"),
     store: StoreUrl = "",
     audit: AuditUrl = "",
@@ -126,8 +135,11 @@ def spend(
 
     Rows the proxy has not yet moved from the store to the audit log are moved first.
 
-    Example: keybrake spend --label dramatiq/nightly-billing --since 24h
+    Example: keybrake spend --label dramatiq/nightly-billing --since 24h; keybrake spend --tree
     """
+    if tree:
+        _show_tree(_budget_tree(store, data_dir, admin_url, admin_token_file), as_json)
+        return
     from keybrake.auditlog.reports import (
         ReportError,
         add_caps,
@@ -319,3 +331,55 @@ def _follow(follower: Any, interval: float, as_json: bool) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(0)
+
+
+def _budget_tree(
+    store: str, data_dir: Path, admin_url: str | None, admin_token_file: Path | None
+) -> dict[str, Any]:
+    """``GET /vault/tree`` of a remote proxy, or the same from the local store."""
+    if admin_url:
+        with _remote(admin_url, admin_token_file, data_dir) as api:
+            body: dict[str, Any] = api.call("GET", "/vault/tree")
+            return body
+    result: dict[str, Any] = _run_vault(store, data_dir, lambda v: v.tree())
+    return result
+
+
+def _node_line(indent: str, name: str, node: dict[str, Any]) -> str:
+    """One node of the tree: today's and the lifetime spent/reserved/cap/remaining."""
+    parts = []
+    for window in ("daily", "lifetime"):
+        w = node.get(window)
+        if w is None:
+            continue
+        text = f"{window} {_dollars(w['spent_usd'])} spent"
+        if w["reserved_usd"] not in ("0.00", "0"):
+            text += f" + {_dollars(w['reserved_usd'])} reserved"
+        if w["cap_usd"] is not None:
+            text += f" of {_dollars(w['cap_usd'])}, {_dollars(w['remaining_usd'])} left"
+        parts.append(text)
+    if node.get("max_requests_per_minute"):
+        parts.append(f"{node['max_requests_per_minute']}/min")
+    return f"{indent}{name}" + (f"  [{'; '.join(parts)}]" if parts else "")
+
+
+def _show_tree(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    typer.echo(f"budget tree, day {body['day']} (UTC)")
+    for root in body["data"]:
+        if root["node"] == "operator":
+            typer.echo("operator (keys issued with the admin token)")
+        else:
+            name = f"issuer {root['issuer_id']}" + (
+                f" ({root['name']})" if root.get("name") else ""
+            )
+            typer.echo(_node_line("", name, root))
+        for label in root["labels"]:
+            indent = "  "
+            if label["label"] is not None:
+                typer.echo(_node_line("  ", f"label {label['label']}", label))
+                indent = "    "
+            for key in label["keys"]:
+                typer.echo(_node_line(indent, f"key {key['key_id']} ({key['status']})", key))

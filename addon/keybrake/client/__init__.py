@@ -221,13 +221,23 @@ class KeybrakeClient:
         """Lift a suspension (also one the proxy made after an estimate overrun)."""
         return self._run(_calls.resume_key(key_id))
 
-    def set_label_budget(self, label: str, daily_usd_cap: Dollars | None) -> LabelBudget:
-        """Cap the spend of all keys with ``label`` per UTC day (``None`` removes the cap).
+    def set_label_budget(
+        self,
+        label: str,
+        daily_usd_cap: Dollars | None,
+        usd_cap: Dollars | None = None,
+        max_requests_per_minute: int | None = None,
+    ) -> LabelBudget:
+        """Set the limits all keys with ``label`` share: their spend per UTC day, their spend
+        in all (``usd_cap``) and their requests per minute (each ``None``: none). Every limit
+        is set at once: one left out is removed.
 
         >>> kb.set_label_budget("dramatiq/nightly-billing", 500).daily_usd_cap  # doctest: +SKIP
         Decimal('500.00')
         """
-        return self._run(_calls.set_label_budget(label, daily_usd_cap))
+        return self._run(
+            _calls.set_label_budget(label, daily_usd_cap, usd_cap, max_requests_per_minute)
+        )
 
     def get_label_budget(self, label: str) -> LabelBudget:
         """The label's shared daily cap (``daily_usd_cap`` is None when it has none)."""
@@ -377,9 +387,17 @@ class AsyncKeybrakeClient:
         """See `KeybrakeClient.resume_key`."""
         return await self._run(_calls.resume_key(key_id))
 
-    async def set_label_budget(self, label: str, daily_usd_cap: Dollars | None) -> LabelBudget:
+    async def set_label_budget(
+        self,
+        label: str,
+        daily_usd_cap: Dollars | None,
+        usd_cap: Dollars | None = None,
+        max_requests_per_minute: int | None = None,
+    ) -> LabelBudget:
         """See `KeybrakeClient.set_label_budget`."""
-        return await self._run(_calls.set_label_budget(label, daily_usd_cap))
+        return await self._run(
+            _calls.set_label_budget(label, daily_usd_cap, usd_cap, max_requests_per_minute)
+        )
 
     async def get_label_budget(self, label: str) -> LabelBudget:
         """See `KeybrakeClient.get_label_budget`."""

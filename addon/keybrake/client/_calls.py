@@ -138,10 +138,19 @@ def resume_key(key_id: str) -> Op[VaultKey]:
     return Op("POST", _key_path(key_id, "/resume"), VaultKey.from_json)
 
 
-def set_label_budget(label: str, daily_usd_cap: Dollars | None) -> Op[LabelBudget]:
-    cap = None if daily_usd_cap is None else _dollars(daily_usd_cap)
+def set_label_budget(
+    label: str,
+    daily_usd_cap: Dollars | None,
+    usd_cap: Dollars | None = None,
+    max_requests_per_minute: int | None = None,
+) -> Op[LabelBudget]:
+    body = {
+        "daily_usd_cap": None if daily_usd_cap is None else _dollars(daily_usd_cap),
+        "usd_cap": None if usd_cap is None else _dollars(usd_cap),
+        "max_requests_per_minute": max_requests_per_minute,
+    }
     path = f"/vault/budgets/{_segment(label)}"
-    return Op("PUT", path, LabelBudget.from_json, body={"daily_usd_cap": cap})
+    return Op("PUT", path, LabelBudget.from_json, body=body)
 
 
 def get_label_budget(label: str) -> Op[LabelBudget]:

@@ -212,14 +212,23 @@ class IssuedKey(VaultKey):
 
 @dataclass(frozen=True)
 class LabelBudget:
-    """The shared daily cap of every key with one ``agent_run_label`` (None: no label cap)."""
+    """The limits every key with one ``agent_run_label`` shares: a daily cap, a lifetime cap
+    (``usd_cap``) and a request-rate limit (each None: none)."""
 
     label: str
     daily_usd_cap: Decimal | None
+    usd_cap: Decimal | None = None
+    max_requests_per_minute: int | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LabelBudget:
-        return cls(label=str(data["label"]), daily_usd_cap=_usd(data.get("daily_usd_cap")))
+        rate = data.get("max_requests_per_minute")
+        return cls(
+            label=str(data["label"]),
+            daily_usd_cap=_usd(data.get("daily_usd_cap")),
+            usd_cap=_usd(data.get("usd_cap")),
+            max_requests_per_minute=None if rate is None else int(rate),
+        )
 
 
 @dataclass(frozen=True)

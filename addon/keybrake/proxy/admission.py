@@ -175,6 +175,7 @@ def cap_refusal(exceeded: BudgetState | None, needed_micros: int) -> Refusal:
         f"${format_usd(needed_micros)}, ${format_usd(b.remaining_micros or 0)} remains",
         extra={
             "budget": b.scope,
+            "node": b.node,
             "window": b.window,
             "cap_usd": format_usd(b.cap_micros or 0),
             "spent_usd": format_usd(b.used_micros),
@@ -441,12 +442,18 @@ class Admitter:
         if code == "cap_exhausted":
             return cap_refusal(admission.exceeded, estimate.micros)
         if code == "rate_limited":
-            limit, wait = key.max_requests_per_minute, admission.retry_after_seconds
+            node = admission.detail or "key"
+            limit = admission.rate_limit or key.max_requests_per_minute
+            wait = admission.retry_after_seconds
+            whose = {
+                "key": f"vault key {key.key_id} is",
+                "label": f"the keys of label {key.agent_run_label!r} are together",
+                "issuer": f"the keys of issuer {key.issuer_id} are together",
+            }.get(node, f"vault key {key.key_id} is")
             return Refusal(
                 "rate_limited",
-                f"vault key {key.key_id} is limited to {limit} requests per minute; "
-                f"retry in {wait}s",
-                extra={"max_requests_per_minute": limit, "retry_after_s": wait},
+                f"{whose} limited to {limit} requests per minute; retry in {wait}s",
+                extra={"max_requests_per_minute": limit, "retry_after_s": wait, "node": node},
                 headers={"Retry-After": str(wait)},
             )
         if code == "quota_exceeded" and admission.detail == "objects":

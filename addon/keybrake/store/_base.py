@@ -23,6 +23,8 @@ __all__ = [
     "IdempotencyClaim",
     "IssuerRecord",
     "KeyRecord",
+    "LabelBudget",
+    "LabelTreeConflict",
     "ObjectOwner",
     "RateResult",
     "ReserveResult",
@@ -41,6 +43,22 @@ OBJECT_TTL: Final = dt.timedelta(days=90)
 
 class StoreUnavailable(Exception):
     """The backend could not be reached or failed; callers must fail closed (503)."""
+
+
+class LabelTreeConflict(ValueError):
+    """`Store.create_key`: the key's label already has keys in another budget tree (minted by
+    another issuer, or by the operator when this key is an issuer's, or the other way round).
+
+    A label's usage lives in one tree only (its *home*, fixed by its first key), so the issuer
+    node above it is always the same one and, on a Redis Cluster, in the same slot.
+    ``home`` is the issuer id of the label's tree, ``None`` for the operator's.
+    """
+
+    def __init__(self, label: str, home: str | None) -> None:
+        where = f"issuer {home}" if home else "the operator (keys issued with the admin token)"
+        super().__init__(f"label {label[:80]!r} belongs to the budget tree of {where}")
+        self.label = label
+        self.home = home
 
 
 def utc_day(now: dt.datetime) -> str:
@@ -97,8 +115,9 @@ class IssuerRecord:
     limits (``vendors``, labels under ``label_prefix``, a subset of ``allowed_endpoints`` per
     vendor, caps and lifetimes at most the ``max_*``), and revoke, read and report on the keys
     under its prefix (see `keybrake.vault.issuers`). ``budget_daily_micros`` and
-    ``budget_lifetime_micros`` are the issuer's own budget, kept for the budget tree; they
-    are not enforced by admission yet.
+    ``budget_lifetime_micros`` are the issuer's own budget and ``max_requests_per_minute``
+    its request-rate limit: the top node of the budget tree (issuer → label → key) that every
+    call of every key it minted reserves against in the one admission step.
     """
 
     issuer_id: str
@@ -117,6 +136,7 @@ class IssuerRecord:
     budget_lifetime_micros: int | None = None
     expires_at: dt.datetime | None = None
     revoked_at: dt.datetime | None = None
+    max_requests_per_minute: int | None = None
 
     def endpoints_of(self, vendor: str) -> tuple[str, ...]:
         """The endpoint patterns a key of ``vendor`` minted with this token may list."""
@@ -140,10 +160,31 @@ class VendorFreeze:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LabelBudget:
+    """The limits of a run label's node of the budget tree, shared by every key with the
+    label: a daily cap, a lifetime cap and a request-rate limit (each None: none)."""
+
+    label: str
+    daily_cap_micros: int | None = None
+    lifetime_cap_micros: int | None = None
+    max_requests_per_minute: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.daily_cap_micros is None
+            and self.lifetime_cap_micros is None
+            and self.max_requests_per_minute is None
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class BudgetState:
     """One budget's usage in its window: ``cap`` is None when the budget has no cap."""
 
-    scope: str  # "key:<key_id>", "key-lifetime:<key_id>", "label:<label>"
+    # "key:<key_id>", "key-lifetime:<key_id>", "label:<label>", "label-lifetime:<label>",
+    # "issuer:<issuer_id>", "issuer-lifetime:<issuer_id>"
+    scope: str
     window: str  # a UTC day "YYYY-MM-DD", or "lifetime"
     cap_micros: int | None
     spent_micros: int
@@ -160,6 +201,12 @@ class BudgetState:
         if self.cap_micros is None:
             return None
         return max(0, self.cap_micros - self.used_micros)
+
+    @property
+    def node(self) -> Literal["key", "label", "issuer"]:
+        """The node of the budget tree this budget belongs to."""
+        kind = self.scope.split(":", 1)[0].removesuffix("-lifetime")
+        return "issuer" if kind == "issuer" else "label" if kind == "label" else "key"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -262,7 +309,8 @@ class Admission:
     - ``refused``: ``code`` says why (``vault_key_unknown``, ``vault_key_revoked``,
       ``vault_key_expired``, ``key_suspended``, ``vendor_frozen`` (``detail``: the
       reason the operator gave), ``rate_limited`` with
-      ``retry_after_seconds``, ``quota_exceeded`` with ``detail`` ``objects`` or
+      ``retry_after_seconds`` (``detail``: the node whose limit it is, ``key``, ``label`` or
+      ``issuer``; ``rate_limit`` that limit), ``quota_exceeded`` with ``detail`` ``objects`` or
       ``idempotency``, ``idempotency_in_flight``, ``idempotency_mismatch``,
       ``cap_exhausted`` with ``exceeded``). Nothing was claimed or reserved; a refusal after
       the key check has the request counted against the rate limit, as every request is.
@@ -278,6 +326,7 @@ class Admission:
     response: StoredResponse | None = None
     # The usage rows the reservation was made in, as (scope, window): hand them to `settle_call`.
     ledger_rows: tuple[tuple[str, str], ...] = ()
+    rate_limit: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -328,7 +377,9 @@ class Store(Protocol):
 
     # -- vault keys --------------------------------------------------------------------------
     async def create_key(self, record: KeyRecord) -> None:
-        """Insert a new key; ``key_id`` and ``secret_sha256`` are unique."""
+        """Insert a new key; ``key_id`` and ``secret_sha256`` are unique. The first key of a
+        label fixes the label's budget tree (its ``issuer_id``, or the operator's);
+        `LabelTreeConflict` when the label's keys are in another tree."""
 
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
 
@@ -436,6 +487,21 @@ class Store(Protocol):
         """Set (or with None, remove) the shared daily cap of every key with this label."""
 
     async def get_label_budget(self, label: str) -> int | None: ...
+
+    async def set_label_limits(self, limits: LabelBudget) -> None:
+        """Set a label node's daily cap, lifetime cap and request-rate limit at once (each
+        None: none; all None removes the label's limits). Read by every replica's next
+        `admit`; nothing spent or reserved moves."""
+
+    async def get_label_limits(self, label: str) -> LabelBudget:
+        """The label node's limits (all None when it has none)."""
+
+    async def tree_usage(
+        self, scopes: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, int]]:
+        """``(spent, reserved)`` of each usage row ``(scope, window)`` asked for (``(0, 0)``
+        for a row never written), for reports of the budget tree. Not one snapshot across
+        trees; each row is exact."""
 
     async def reserve(
         self,

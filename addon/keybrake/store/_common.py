@@ -3,8 +3,9 @@ budgets a reservation touches, and the request-rate arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from keybrake.store._base import KeyRecord, RateResult
 
@@ -13,11 +14,13 @@ __all__ = [
     "FROZEN_FIELD",
     "RATE_BUCKETS",
     "RATE_BUCKET_MS",
+    "TreeCaps",
     "check_idempotency_times",
     "check_label",
     "check_micros",
     "check_rate_limit",
     "epoch_micros",
+    "issuer_limits_field",
     "rate_bucket",
     "rate_verdict",
     "usage_plan",
@@ -70,20 +73,54 @@ def check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:
 
 
 def usage_plan(
-    key: KeyRecord, day: str, label_cap: int | None
+    key: KeyRecord,
+    day: str,
+    label_cap: int | None,
+    tree: TreeCaps | None = None,
 ) -> list[tuple[str, str, int | None]]:
-    """The usage rows a reservation of ``key`` touches, as ``(scope, window, cap)``.
+    """The usage rows a reservation of ``key`` touches, as ``(scope, window, cap)``: every node
+    on the key's path of the budget tree, in this order: the key (day, lifetime), its label
+    (day, lifetime; only with a label), its issuer (day, lifetime; only for a key an issuer
+    minted). ``label_cap`` is the label's daily cap, ``tree`` the other nodes' caps.
 
-    Lifetime and label usage is tracked even without a cap (cap None), so a label cap set in
-    the middle of a day already counts that day's spend. Only rows with a cap are reported.
+    Usage is tracked even without a cap (cap None), so a cap set in the middle of a day
+    already counts that day's spend. Only rows with a cap are reported.
     """
+    t = tree or TreeCaps()
     plan: list[tuple[str, str, int | None]] = [
         (f"key:{key.key_id}", day, key.daily_cap_micros),
         (f"key-lifetime:{key.key_id}", "lifetime", key.usd_cap_micros),
     ]
     if key.agent_run_label:
         plan.append((f"label:{key.agent_run_label}", day, label_cap))
+        plan.append((f"label-lifetime:{key.agent_run_label}", "lifetime", t.label_lifetime))
+    if key.issuer_id:
+        plan.append((f"issuer:{key.issuer_id}", day, t.issuer_daily))
+        plan.append((f"issuer-lifetime:{key.issuer_id}", "lifetime", t.issuer_lifetime))
     return plan
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TreeCaps:
+    """The caps and request-rate limits of the nodes above a key, read in one store step."""
+
+    label_daily: int | None = None
+    label_lifetime: int | None = None
+    label_rate: int | None = None
+    issuer_daily: int | None = None
+    issuer_lifetime: int | None = None
+    issuer_rate: int | None = None
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> TreeCaps:
+        """From the six decimal strings (``''``: none) the Lua scripts answer, in field order."""
+        nums = [int(v) if v else None for v in values]
+        return cls(*nums)
+
+
+def issuer_limits_field(daily: int | None, lifetime: int | None, rate: int | None) -> str:
+    """Redis: the value of an issuer's ``!iss:<id>`` field in a label-budgets hash."""
+    return ":".join("" if v is None else str(v) for v in (daily, lifetime, rate))
 
 
 def rate_bucket(now: dt.datetime) -> int:

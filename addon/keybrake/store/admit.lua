@@ -11,7 +11,11 @@
 -- KEYS[8]  label budgets hash         (<prefix>label-budgets): label -> daily cap, and
 --          '!frozen:<vendor>' -> reason while that vendor is frozen (written into the label
 --          budgets hash of every budget tree, so the check needs no key of its own)
--- KEYS[9…] usage hashes: key day, key lifetime, label day (only with a label)
+-- KEYS[9]  the label's request counts (<prefix>rate:label:<label>), KEYS[10] the issuer's
+--          (<prefix>rate:issuer:<issuer_id>): any key when the key has none
+-- KEYS[11…] usage hashes of every node on the key's path of the budget tree: key day, key
+--          lifetime, label day, label lifetime (only with a label), issuer day, issuer
+--          lifetime (only for a key an issuer minted)
 -- ARGV[1]  now, epoch µs (the caller's clock: expiry, the reservation's time)
 -- ARGV[2]  request-rate limit, or '' for none
 -- ARGV[3]  the current 5-second bucket, ARGV[4] buckets counted, ARGV[5] rate TTL ms
@@ -25,7 +29,8 @@
 --          change (the caller keeps the rest, which never changes, from an earlier answer)
 -- ARGV[17] '1': give the idempotency index its TTL (the key's expiry + twice the entry TTL:
 --          no entry outlives it), '' when the caller has done so already
--- ARGV[18…] per usage hash, '1': give a daily one its TTL if it has none (EXPIRE NX), ''
+-- ARGV[18] the key's label, ARGV[19] the issuer that minted it ('' for none; both never change)
+-- ARGV[20…] per usage hash, '1': give a daily one its TTL if it has none (EXPIRE NX), ''
 --          when the caller has done so already (their names carry the day: a TTL set once
 --          is the right one)
 -- An idempotency entry is one string: 'I' or 'D' (in flight, done), the length of the body
@@ -33,10 +38,13 @@
 -- Only what a step needs is read or written: a TTL is set once (ARGV[17…]), expired index
 -- entries are pruned only when a quota is reached, and the server clock is read at most once.
 -- Returns {status, code, detail, extra, key fields (flattened, as a nested table),
---          label_cap, usage (spent, reserved, …) | replay's stored response}.
+--          tree limits (6, see _tree.lua), usage (spent, reserved, …) | replay's stored
+--          response}.
 --   status 'admitted' | 'replay' | 'refused'; extra: live rate buckets (flattened) for
---   rate_limited, the index of the exceeded usage hash for cap_exhausted. The usage of a
---   budget without a cap is not read (answered as 0, 0).
+--   rate_limited (detail: the node, 'key', 'label' or 'issuer'), the index of the exceeded
+--   usage hash for cap_exhausted. The usage of a budget without a cap is not read (answered
+--   as 0, 0).
+--#include _tree
 local MUTABLE = {'expires_at', 'agent_run_label', 'daily_cap_micros', 'usd_cap_micros',
                  'revoked_at', 'suspended_at', 'suspended_reason'}
 local key, fields = {}, {}
@@ -65,15 +73,27 @@ end
 if key['suspended_at'] then
   return {'refused', 'key_suspended', '', {}, fields}
 end
-local frozen = redis.call('HGET', KEYS[8],
-  '!frozen:' .. (key['vendor'] or redis.call('HGET', KEYS[1], 'vendor') or ''))
-if frozen then
-  return {'refused', 'vendor_frozen', frozen, {}, fields}
+local label, issuer = ARGV[18], ARGV[19]
+local tree, extras = tree_limits(KEYS[8], label, issuer,
+  {'!frozen:' .. (key['vendor'] or redis.call('HGET', KEYS[1], 'vendor') or '')})
+if extras[1] then
+  return {'refused', 'vendor_frozen', extras[1], {}, fields, tree}
 end
 
+-- The request rate of every node with a limit: all are checked before any is counted.
+local limited = {}
 if ARGV[2] ~= '' then
-  local oldest = tonumber(ARGV[3]) - tonumber(ARGV[4]) + 1
-  local flat = redis.call('HGETALL', KEYS[2])
+  limited[#limited + 1] = {'key', KEYS[2], ARGV[2]}
+end
+if tree[3] ~= '' then
+  limited[#limited + 1] = {'label', KEYS[9], tree[3]}
+end
+if tree[6] ~= '' then
+  limited[#limited + 1] = {'issuer', KEYS[10], tree[6]}
+end
+local oldest = tonumber(ARGV[3]) - tonumber(ARGV[4]) + 1
+for _, node in ipairs(limited) do
+  local flat = redis.call('HGETALL', node[2])
   local total, live, stale = 0, {}, {}
   for i = 1, #flat, 2 do
     if tonumber(flat[i]) < oldest then
@@ -85,14 +105,16 @@ if ARGV[2] ~= '' then
     end
   end
   if #stale > 0 then
-    redis.call('HDEL', KEYS[2], unpack(stale))
+    redis.call('HDEL', node[2], unpack(stale))
   end
-  if total + 1 > tonumber(ARGV[2]) then
-    return {'refused', 'rate_limited', '', live, fields}
+  if total + 1 > tonumber(node[3]) then
+    return {'refused', 'rate_limited', node[1], live, fields, tree}
   end
+end
+for _, node in ipairs(limited) do
   -- A new bucket sets the hash's TTL; it outlives every bucket that still counts.
-  if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) == 1 then
-    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  if redis.call('HINCRBY', node[2], ARGV[3], 1) == 1 then
+    redis.call('PEXPIRE', node[2], ARGV[5])
   end
 end
 
@@ -151,18 +173,18 @@ if ARGV[7] ~= '' then
   claim = true
 end
 
-local label_cap = ''
 local usage = {}
-local n = #KEYS - 8
+local n = #KEYS - 10
 if ARGV[11] ~= '' then
-  if key['agent_run_label'] ~= '' then
-    label_cap = redis.call('HGET', KEYS[8], key['agent_run_label']) or ''
+  local caps = path_caps(tree, key['daily_cap_micros'], key['usd_cap_micros'] or '', label,
+                         issuer)
+  if #caps ~= n then
+    return redis.error_reply('admit.lua: the usage keys do not match the key\'s budget tree')
   end
-  local caps = {key['daily_cap_micros'], key['usd_cap_micros'] or '', label_cap}
   local estimate = tonumber(ARGV[12])
   for i = 1, n do
     if caps[i] ~= '' then
-      local u = redis.call('HMGET', KEYS[8 + i], 'spent', 'reserved')
+      local u = redis.call('HMGET', KEYS[10 + i], 'spent', 'reserved')
       usage[i] = {tonumber(u[1] or '0'), tonumber(u[2] or '0')}
     else
       usage[i] = {0, 0}
@@ -171,7 +193,7 @@ if ARGV[11] ~= '' then
   if redis.call('EXISTS', KEYS[6]) == 0 then
     for i = 1, n do
       if caps[i] ~= '' and usage[i][1] + usage[i][2] + estimate > tonumber(caps[i]) then
-        local reply = {'refused', 'cap_exhausted', '', {i}, fields, label_cap}
+        local reply = {'refused', 'cap_exhausted', '', {i}, fields, tree}
         for j = 1, n do
           table.insert(reply, usage[j][1])
           table.insert(reply, usage[j][2])
@@ -182,12 +204,12 @@ if ARGV[11] ~= '' then
     local res = {'state', 'reserved', 'key_id', ARGV[15], 'estimate', ARGV[12],
                  'created_at', ARGV[1], 'day', ARGV[14]}
     for i = 1, n do
-      usage[i][2] = redis.call('HINCRBY', KEYS[8 + i], 'reserved', ARGV[12])
-      if i ~= 2 and ARGV[17 + i] == '1' then
-        redis.call('EXPIRE', KEYS[8 + i], ARGV[13], 'NX')
+      usage[i][2] = redis.call('HINCRBY', KEYS[10 + i], 'reserved', ARGV[12])
+      if ARGV[19 + i] == '1' and is_daily(KEYS[10 + i]) then
+        redis.call('EXPIRE', KEYS[10 + i], ARGV[13], 'NX')
       end
       table.insert(res, 'usage_' .. i)
-      table.insert(res, KEYS[8 + i])
+      table.insert(res, KEYS[10 + i])
     end
     redis.call('HSET', KEYS[6], unpack(res))
     redis.call('ZADD', KEYS[7], ARGV[1], ARGV[11])
@@ -209,7 +231,7 @@ if claim then
   end
 end
 
-local reply = {'admitted', '', '', {}, fields, label_cap}
+local reply = {'admitted', '', '', {}, fields, tree}
 for i = 1, #usage do
   table.insert(reply, usage[i][1])
   table.insert(reply, usage[i][2])

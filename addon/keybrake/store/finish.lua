@@ -4,7 +4,8 @@
 -- KEYS[3]  the hold set of the object the reservation is held for (<prefix>hold:<vendor>:<id>),
 --          or KEYS[1] again when it is not held
 -- KEYS[4…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
---          (key day, key lifetime, label day); all but KEYS[5] are daily and get ARGV[4]
+--          (every node of the key's budget tree path); all but the '…:lifetime' ones are
+--          daily and get ARGV[4]
 -- ARGV[1]  the final state: 'settled', 'released' or 'unknown'
 -- ARGV[2]  the actual cost in micro-USD for 'settled' (ignored otherwise)
 -- ARGV[3]  finished_at in epoch milliseconds (unused; kept for the caller's signature)
@@ -21,8 +22,9 @@ end
 if (row[3] or KEYS[1]) ~= KEYS[3] then
   return -1
 end
-for i = 4, #KEYS do
-  if redis.call('HGET', KEYS[1], 'usage_' .. (i - 3)) ~= KEYS[i] then
+-- Every usage hash the reservation recorded, no more and no fewer.
+for i = 4, #KEYS + 1 do
+  if (redis.call('HGET', KEYS[1], 'usage_' .. (i - 3)) or nil) ~= KEYS[i] then
     return redis.error_reply('finish.lua: usage keys do not match the reservation')
   end
 end
@@ -43,7 +45,7 @@ for i = 4, #KEYS do
     end
   end
   redis.call('HINCRBY', KEYS[i], 'spent', spent)
-  if i ~= 5 then
+  if string.sub(KEYS[i], -9) ~= ':lifetime' then
     redis.call('EXPIRE', KEYS[i], ARGV[4])
   end
 end

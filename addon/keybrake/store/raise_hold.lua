@@ -2,17 +2,20 @@
 -- KEYS[1]  reservation hash (<prefix>res:<reservation_id>)
 -- KEYS[2]  label budgets hash (<prefix>label-budgets)
 -- KEYS[3…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
---          (key day, key lifetime, label day): checked against ARGV[3], ARGV[4], the label cap
+--          (every node of the key's budget tree path, in `usage_plan`'s order): checked
+--          against the key's caps (ARGV[3], ARGV[4]) and the tree's, read here
 -- ARGV[1]  the new amount in micro-USD
 -- ARGV[2]  the key's label, or '' when it has none
 -- ARGV[3]  the key's daily cap in micro-USD
 -- ARGV[4]  the key's lifetime cap in micro-USD, or '' when it has none
--- Returns {status, exceeded, label_cap, spent_1, reserved_1, …} like reserve.lua: status 1
+-- ARGV[5]  the issuer that minted the key, or '' 
+-- Returns {status, exceeded, tree limits, spent_1, reserved_1, …} like reserve.lua: status 1
 -- changed, 0 refused (exceeded = index of the first usage hash over its cap), -1 the
 -- reservation is not open.
+--#include _tree
 local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
 if row[1] ~= 'reserved' then
-  return {-1, 0, ''}
+  return {-1, 0, {}}
 end
 local n = #KEYS - 2
 for i = 1, n do
@@ -20,11 +23,11 @@ for i = 1, n do
     return redis.error_reply('raise_hold.lua: usage keys do not match the reservation')
   end
 end
-local label_cap = ''
-if ARGV[2] ~= '' then
-  label_cap = redis.call('HGET', KEYS[2], ARGV[2]) or ''
+local tree = tree_limits(KEYS[2], ARGV[2], ARGV[5], {})
+local caps = path_caps(tree, ARGV[3], ARGV[4], ARGV[2], ARGV[5])
+if #caps ~= n then
+  return redis.error_reply('raise_hold.lua: the usage keys do not match the key\'s budget tree')
 end
-local caps = {ARGV[3], ARGV[4], label_cap}
 local delta = tonumber(ARGV[1]) - tonumber(row[2])
 local usage = {}
 for i = 1, n do
@@ -50,7 +53,7 @@ if status == 1 and delta ~= 0 then
   end
   redis.call('HSET', KEYS[1], 'estimate', ARGV[1])
 end
-local reply = {status, exceeded, label_cap}
+local reply = {status, exceeded, tree}
 for i = 1, n do
   table.insert(reply, usage[i][1])
   table.insert(reply, usage[i][2])

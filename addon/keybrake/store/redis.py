@@ -98,6 +98,8 @@ from keybrake.store._base import (
     IdempotencyBegin,
     IssuerRecord,
     KeyRecord,
+    LabelBudget,
+    LabelTreeConflict,
     ObjectOwner,
     RateResult,
     ReserveResult,
@@ -112,11 +114,13 @@ from keybrake.store._common import (
     FROZEN_FIELD,
     RATE_BUCKET_MS,
     RATE_BUCKETS,
+    TreeCaps,
     check_idempotency_times,
     check_label,
     check_micros,
     check_rate_limit,
     epoch_micros,
+    issuer_limits_field,
     rate_bucket,
     rate_verdict,
     usage_plan,
@@ -216,6 +220,15 @@ _CLUSTER_ERRORS = (redis.exceptions.RedisClusterException,)
 _Pending = tuple[str, Sequence[str], Sequence[str | bytes], "asyncio.Future[Any]"]
 
 
+def _split_key_label(value: str) -> tuple[str, str]:
+    """A cluster's ``key-label:<key_id>`` value: the label, or ``!<issuer id>\n<label>`` for
+    a key an issuer minted (a label never starts with ``!``) -> (label, issuer or "")."""
+    if value.startswith("!"):
+        issuer, _, label = value[1:].partition("\n")
+        return label, issuer
+    return value, ""
+
+
 def _moment(micros: bytes | str) -> dt.datetime:
     return EPOCH + dt.timedelta(microseconds=int(micros))
 
@@ -304,6 +317,7 @@ def _issuer_fields(record: IssuerRecord) -> list[str]:
         "max_usd_cap_micros": record.max_usd_cap_micros,
         "budget_daily_micros": record.budget_daily_micros,
         "budget_lifetime_micros": record.budget_lifetime_micros,
+        "max_requests_per_minute": record.max_requests_per_minute,
         "expires_at": None if record.expires_at is None else epoch_micros(record.expires_at),
         "revoked_at": None if record.revoked_at is None else epoch_micros(record.revoked_at),
     }
@@ -334,6 +348,7 @@ def _issuer_record(raw: Mapping[bytes | str, bytes | str]) -> IssuerRecord | Non
         allowed_accounts=tuple(json.loads(f["allowed_accounts"])),
         budget_daily_micros=number("budget_daily_micros"),
         budget_lifetime_micros=number("budget_lifetime_micros"),
+        max_requests_per_minute=number("max_requests_per_minute"),
         created_at=_moment(f["created_at"]),
         expires_at=_moment(f["expires_at"]) if "expires_at" in f else None,
         revoked_at=_moment(f["revoked_at"]) if "revoked_at" in f else None,
@@ -423,8 +438,10 @@ class RedisStore:
         self.prefix = self._target.prefix if prefix is None else prefix
         self._tls_context = self._target.ssl_context()
         self._client: redis.asyncio.Redis | None = None
-        # Labels never change: the usage hashes of a key's reservations are named from it.
+        # Labels and issuers never change: the usage hashes of a key's reservations are named
+        # from them.
         self._labels: dict[str, str] = {}
+        self._issuers: dict[str, str] = {}
         # The fields of each key record that never change, once read: admit reads the rest.
         self._key_static: dict[str, dict[str, str]] = {}
         self._key_expiry_ms: dict[str, int] = {}
@@ -469,8 +486,13 @@ class RedisStore:
 
     def _register_scripts(self, client: Any) -> None:
         package = importlib.resources.files("keybrake.store")
+        shared = package.joinpath("_tree.lua").read_text("utf-8")
         self._scripts = {
-            name: client.register_script(package.joinpath(f"{name}.lua").read_text("utf-8"))
+            name: client.register_script(
+                package.joinpath(f"{name}.lua")
+                .read_text("utf-8")
+                .replace("--#include _tree", shared)
+            )
             for name in _SCRIPTS
         }
 
@@ -621,9 +643,11 @@ class RedisStore:
         """A name in the budget tree of hash tag ``tag`` (see `_tree`)."""
         return f"{self.prefix}{{{tag}}}" + ":".join(parts) if tag else self._k(*parts)
 
-    def _tree(self, label: str, key_id: str) -> str:
-        """The hash tag of the budget tree of a key with ``label`` (its label's, shared by
-        every key of the label) or, without one, of the key alone; ``""`` on one server.
+    def _tree(self, label: str, key_id: str, issuer_id: str | None = None) -> str:
+        """The hash tag of the budget tree of a key: its issuer's for a key an issuer minted
+        (every label under the issuer and the issuer's own usage with it), else its label's
+        (shared by every key of the label) or, without one, of the key alone; ``""`` on one
+        server. A label's keys are all in one tree (`create_key` records the label's home).
 
         A hash of the label picks one of a fixed set of tags, not the label itself: a label is
         the operator's text (braces and all), and the per-bucket keys (audit stream, open
@@ -631,28 +655,42 @@ class RedisStore:
         """
         if not self._cluster:
             return ""
-        name = f"l:{label}" if label else f"k:{key_id}"
+        name = f"i:{issuer_id}" if issuer_id else f"l:{label}" if label else f"k:{key_id}"
         return self._tags[zlib.crc32(name.encode()) % len(self._tags)]
 
     async def _label(self, key_id: str) -> str | None:
         """The key's label (it never changes: kept), ``None`` for an unknown key."""
+        path = await self._path(key_id)
+        return None if path is None else path[0]
+
+    async def _path(self, key_id: str) -> tuple[str, str] | None:
+        """The key's label and the issuer that minted it (``""``: none); both never change:
+        kept. ``None`` for an unknown key."""
         label = self._labels.get(key_id)
         if label is None:
             async with self._guard() as client:
                 if self._cluster:
                     raw = await client.get(self._k("key-label", key_id))
+                    if raw is None:
+                        return None
+                    label, issuer = _split_key_label(_text(raw))
                 else:
-                    raw = await client.hget(self._k("key", key_id), "agent_run_label")
-            if raw is None:
-                return None
-            label = self._labels[key_id] = _text(raw)
-        return label
+                    row = await client.hmget(
+                        self._k("key", key_id), ["agent_run_label", "issuer_id"]
+                    )
+                    if row[0] is None:
+                        return None
+                    label, issuer = _text(row[0]), _text(row[1] or b"")
+            self._issuers[key_id] = issuer
+            self._labels[key_id] = label
+        return label, self._issuers.get(key_id, "")
 
     async def _key_tree(self, key_id: str) -> str:
         """The hash tag of the key's budget tree (an unknown key's: where it would be)."""
         if not self._cluster:
             return ""
-        return self._tree(await self._label(key_id) or "", key_id)
+        label, issuer = await self._path(key_id) or ("", "")
+        return self._tree(label, key_id, issuer)
 
     def _res_seen(self, reservation_id: str, tag: str) -> None:
         if self._cluster:
@@ -771,6 +809,7 @@ class RedisStore:
         """Insert ``record``; `ValueError` when its ``key_id`` or secret hash already exists."""
         check_label(record.agent_run_label)
         created = epoch_micros(record.created_at)
+        await self._claim_home(record.agent_run_label, record.issuer_id)
         if self._cluster:
             inserted = await self._create_key_on_cluster(record)
         else:
@@ -794,6 +833,29 @@ class RedisStore:
         if inserted == -1:
             raise ValueError(f"a vault key with the secret hash of {record.key_id!r} exists")
 
+    async def _claim_home(self, label: str, issuer_id: str | None) -> None:
+        """Fix the budget tree of ``label`` by its first key (``label-home:<label>``: the
+        issuer id, ``-`` for the operator's), or refuse a key of another tree
+        (`LabelTreeConflict`): a label's usage never splits across two trees (two slots)."""
+        if not label:
+            return
+        home_key = self._k("label-home", label)
+        mine = issuer_id or "-"
+        async with self._guard() as client:
+            if await client.set(home_key, mine, nx=True):
+                return
+            raw = await client.get(home_key)
+        home = _text(raw) if raw is not None else mine
+        if home != mine:
+            raise LabelTreeConflict(label, None if home == "-" else home)
+
+    async def _label_home(self, label: str) -> str | None:
+        """The issuer whose tree ``label`` is in (None: the operator's, or no key yet)."""
+        async with self._guard() as client:
+            raw = await client.get(self._k("label-home", label))
+        home = _text(raw) if raw is not None else "-"
+        return None if home == "-" else home
+
     async def _create_key_on_cluster(self, record: KeyRecord) -> int:
         """`create_key` on a cluster, where the key's names are in three slots: its id's
         label record, its secret hash's record, its tree. Claimed in that order (``SET NX``;
@@ -802,12 +864,15 @@ class RedisStore:
         label_key = self._k("key-label", record.key_id)
         secret_key = self._k("secret", record.secret_sha256)
         async with self._guard() as client:
-            if not await client.set(label_key, record.agent_run_label, nx=True):
+            kept = record.agent_run_label
+            if record.issuer_id:
+                kept = f"!{record.issuer_id}\n{kept}"
+            if not await client.set(label_key, kept, nx=True):
                 return 0
             if not await client.set(secret_key, record.key_id, nx=True):
                 await client.delete(label_key)
                 return -1
-            tag = self._tree(record.agent_run_label, record.key_id)
+            tag = self._tree(record.agent_run_label, record.key_id, record.issuer_id)
             await client.hset(self._kt(tag, "key", record.key_id), items=_key_fields(record))
             await client.zadd(self._k("keys"), {record.key_id: epoch_micros(record.created_at)})
             await client.zadd(
@@ -837,8 +902,10 @@ class RedisStore:
                 for key_id in key_ids:
                     pipe.get(self._k("key-label", key_id))
                 labels = await pipe.execute()
+                paths = [_split_key_label(_text(raw or b"")) for raw in labels]
                 tags = [
-                    self._tree(_text(raw or b""), k) for k, raw in zip(key_ids, labels, strict=True)
+                    self._tree(label, k, issuer)
+                    for k, (label, issuer) in zip(key_ids, paths, strict=True)
                 ]
             else:
                 tags = [""] * len(key_ids)
@@ -900,7 +967,28 @@ class RedisStore:
         return self.prefix + "{iss}" + ":".join(parts)
 
     async def create_issuer(self, record: IssuerRecord) -> None:
-        """Insert ``record``; `ValueError` when its id or token hash already exists."""
+        """Insert ``record``; `ValueError` when its id or token hash already exists.
+
+        The issuer's budget and rate limit are written into the label-budgets hash of its
+        budget tree first (``!iss:<id>``), where ``admit.lua`` reads them: an issuer whose
+        record exists always has them (a write cut short leaves only an unused field)."""
+        if record.budget_daily_micros is not None:
+            check_micros("budget_daily_micros", record.budget_daily_micros)
+        if record.budget_lifetime_micros is not None:
+            check_micros("budget_lifetime_micros", record.budget_lifetime_micros)
+        if record.max_requests_per_minute is not None:
+            check_rate_limit(record.max_requests_per_minute)
+        async with self._guard() as client:
+            # HSETNX: an issuer id already taken (refused below) keeps its own limits.
+            await client.hsetnx(
+                self._kt(self._tree("", "", record.issuer_id), "label-budgets"),
+                f"!iss:{record.issuer_id}",
+                issuer_limits_field(
+                    record.budget_daily_micros,
+                    record.budget_lifetime_micros,
+                    record.max_requests_per_minute,
+                ),
+            )
         inserted = await self._script(
             "create_issuer",
             [
@@ -1014,18 +1102,84 @@ class RedisStore:
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
-        budgets = self._kt(self._tree(label, ""), "label-budgets")
+        if daily_cap_micros is not None:
+            check_micros("daily_cap_micros", daily_cap_micros)
+        await self._set_label_fields(
+            label, {label: None if daily_cap_micros is None else str(daily_cap_micros)}
+        )
+
+    async def _set_label_fields(self, label: str, fields: Mapping[str, str | None]) -> None:
+        """Write a label's limits into the label-budgets hash of every budget tree (like a
+        freeze, `_freeze_hashes`): whichever tree the label's keys are in reads them in its
+        admission step. Not a transaction on a cluster; each write is idempotent."""
+        check_label(label)
         async with self._guard() as client:
-            if daily_cap_micros is None:
-                await client.hdel(budgets, label)
-            else:
-                check_micros("daily_cap_micros", daily_cap_micros)
-                await client.hset(budgets, label, str(daily_cap_micros))
+            pipe = client.pipeline(transaction=False)
+            for name in self._freeze_hashes():
+                for field, value in fields.items():
+                    if value is None:
+                        pipe.hdel(name, field)
+                    else:
+                        pipe.hset(name, field, value)
+            await pipe.execute()
 
     async def get_label_budget(self, label: str) -> int | None:
+        return (await self.get_label_limits(label)).daily_cap_micros
+
+    async def set_label_limits(self, limits: LabelBudget) -> None:
+        for name in ("daily_cap_micros", "lifetime_cap_micros"):
+            value = getattr(limits, name)
+            if value is not None:
+                check_micros(name, value)
+        if limits.max_requests_per_minute is not None:
+            check_rate_limit(limits.max_requests_per_minute)
+        label = limits.label
+
+        def text(value: int | None) -> str | None:
+            return None if value is None else str(value)
+
+        await self._set_label_fields(
+            label,
+            {
+                label: text(limits.daily_cap_micros),
+                f"!life:{label}": text(limits.lifetime_cap_micros),
+                f"!rate:{label}": text(limits.max_requests_per_minute),
+            },
+        )
+
+    async def get_label_limits(self, label: str) -> LabelBudget:
         async with self._guard() as client:
-            cap = await client.hget(self._kt(self._tree(label, ""), "label-budgets"), label)
-        return None if cap is None else int(cap)
+            row = await client.hmget(
+                self._kt(self._tree(label, ""), "label-budgets"),
+                [label, f"!life:{label}", f"!rate:{label}"],
+            )
+        daily, life, rate = (None if v is None else int(v) for v in row)
+        return LabelBudget(label, daily, life, rate)
+
+    async def _scope_tree(self, scope: str) -> str:
+        """The hash tag of the tree a usage row's scope lives in."""
+        if not self._cluster:
+            return ""
+        kind, _, name = scope.partition(":")
+        if kind.startswith("issuer"):
+            return self._tree("", "", name)
+        if kind.startswith("label"):
+            return self._tree(name, "", await self._label_home(name))
+        return await self._key_tree(name)
+
+    async def tree_usage(
+        self, scopes: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, int]]:
+        tags = [await self._scope_tree(scope) for scope, _window in scopes]
+        async with self._guard() as client:
+            pipe = client.pipeline(transaction=False)
+            for (scope, window), tag in zip(scopes, tags, strict=True):
+                pipe.hmget(self._usage_key(tag, scope, window), ["spent", "reserved"])
+            rows = await pipe.execute()
+        return {
+            pair: (int(row[0] or 0), int(row[1] or 0))
+            for pair, row in zip(scopes, rows, strict=True)
+        }
 
     def _usage_key(self, tag: str, scope: str, window: str) -> str:
         return self._kt(tag, "usage", scope, window)
@@ -1046,7 +1200,7 @@ class RedisStore:
         day = utc_day(now)
         # The label cap is read inside the script; the plan here only names the hashes.
         plan = usage_plan(key, day, None)
-        tag = self._tree(key.agent_run_label, key.key_id)
+        tag = self._tree(key.agent_run_label, key.key_id, key.issuer_id)
         self._res_seen(reservation_id, tag)
         reply = await self._script(
             "reserve",
@@ -1066,10 +1220,12 @@ class RedisStore:
                 reservation_id,
                 key.key_id,
                 day,
+                key.issuer_id or "",
             ],
         )
-        status, exceeded_index, label_cap = int(reply[0]), int(reply[1]), _text(reply[2])
-        plan = usage_plan(key, day, int(label_cap) if label_cap else None)
+        status, exceeded_index = int(reply[0]), int(reply[1])
+        tree = TreeCaps.parse([_text(v) for v in reply[2]])
+        plan = usage_plan(key, day, tree.label_daily, tree)
         states: list[BudgetState] = []
         exceeded: BudgetState | None = None
         for index, (scope, window, cap) in enumerate(plan):
@@ -1123,9 +1279,9 @@ class RedisStore:
         usage hashes never change after `reserve`, and each script checks what it was told.
         """
         async with self._guard() as client:
-            row = await client.hmget(res_key, ["usage_1", "usage_2", "usage_3", "hold"])
-        touched = [_text(k) for k in row[:3] if k is not None]
-        return touched, (_text(row[3]) if row[3] is not None else None)
+            row = await client.hmget(res_key, [*(f"usage_{i}" for i in range(1, 7)), "hold"])
+        touched = [_text(k) for k in row[:6] if k is not None]
+        return touched, (_text(row[6]) if row[6] is not None else None)
 
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
         check_micros("actual_micros", actual_micros)
@@ -1139,17 +1295,23 @@ class RedisStore:
 
     async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
         plan = usage_plan(key, utc_day(now), None)
-        tag = self._tree(key.agent_run_label, key.key_id)
+        tag = self._tree(key.agent_run_label, key.key_id, key.issuer_id)
+        label = key.agent_run_label
+        fields = [label, f"!life:{label}", f"!rate:{label}", f"!iss:{key.issuer_id or ''}"]
         async with self._guard() as client:
-            # MULTI/EXEC: the label cap and the usage come from one consistent moment (on a
+            # MULTI/EXEC: the caps and the usage come from one consistent moment (on a
             # cluster too: they are in one slot).
             pipe = client.pipeline(transaction=True)
-            pipe.hget(self._kt(tag, "label-budgets"), key.agent_run_label or "")
+            pipe.hmget(self._kt(tag, "label-budgets"), fields)
             for scope, window, _cap in plan:
                 pipe.hmget(self._usage_key(tag, scope, window), ["spent", "reserved"])
-            label_cap, *usage = await pipe.execute()
-        label = int(label_cap) if label_cap is not None and key.agent_run_label else None
-        plan = usage_plan(key, utc_day(now), label)
+            limits, *usage = await pipe.execute()
+        values = [_text(v) if v is not None else "" for v in limits]
+        if not label:
+            values[:3] = ["", "", ""]
+        issuer = (values[3] + "::").split(":")[:3] if key.issuer_id else ["", "", ""]
+        tree = TreeCaps.parse([*values[:3], *issuer])
+        plan = usage_plan(key, utc_day(now), tree.label_daily, tree)
         return tuple(
             BudgetState(scope, window, cap, int(spent or 0), int(reserved or 0))
             for (scope, window, cap), (spent, reserved) in zip(plan, usage, strict=True)
@@ -1188,13 +1350,11 @@ class RedisStore:
             check_idempotency_times(claim.ttl_seconds, claim.in_flight_seconds)
         day = utc_day(r.now)
         usage: list[str] = []
-        label = ""
-        if r.reservation_id is not None or self._cluster:
-            label = await self._label(r.key_id) or ""
-        tag = self._tree(label, r.key_id)
+        label, issuer = await self._path(r.key_id) or ("", "")
+        tag = self._tree(label, r.key_id, issuer)
         if r.reservation_id is not None:
             self._res_seen(r.reservation_id, tag)
-            stub = KeyRecord(r.key_id, "", "", label, 0, (), EPOCH, EPOCH)
+            stub = KeyRecord(r.key_id, "", "", label, 0, (), EPOCH, EPOCH, issuer_id=issuer or None)
             usage = [
                 self._usage_key(tag, scope, window)
                 for scope, window, _ in usage_plan(stub, day, None)
@@ -1211,6 +1371,12 @@ class RedisStore:
                 self._kt(tag, "res", r.reservation_id or ""),
                 self._kt(tag, "open-reservations"),
                 self._kt(tag, "label-budgets"),
+                self._kt(tag, "rate", f"label:{label}")
+                if label
+                else self._kt(tag, "rate", r.key_id),
+                self._kt(tag, "rate", f"issuer:{issuer}")
+                if issuer
+                else self._kt(tag, "rate", r.key_id),
                 *usage,
             ],
             [
@@ -1231,6 +1397,8 @@ class RedisStore:
                 r.key_id,
                 "" if r.key_id in self._key_static else "1",
                 "" if idem_index in self._ttl_set else "1",
+                label,
+                issuer,
                 *("" if name in self._ttl_set else "1" for name in usage),
             ],
         )
@@ -1241,11 +1409,18 @@ class RedisStore:
         if status == "replay":
             return Admission("replay", key, response=_unpack_response(reply[5]))
         if code == "rate_limited":
-            assert r.rate_limit is not None
+            tree = TreeCaps.parse([_text(v) for v in reply[5]])
+            limit = {"label": tree.label_rate, "issuer": tree.issuer_rate}.get(detail, r.rate_limit)
+            assert limit is not None
             counts = {int(b): int(c) for b, c in zip(extra[::2], extra[1::2], strict=True)}
-            verdict = rate_verdict(r.rate_limit, counts, rate_bucket(r.now), r.now)
+            verdict = rate_verdict(limit, counts, rate_bucket(r.now), r.now)
             return Admission(
-                "refused", key, code=code, retry_after_seconds=verdict.retry_after_seconds
+                "refused",
+                key,
+                code=code,
+                detail=detail,
+                retry_after_seconds=verdict.retry_after_seconds,
+                rate_limit=limit,
             )
         if status == "refused" and code != "cap_exhausted":
             return Admission("refused", key, code=code, detail=detail)
@@ -1253,8 +1428,8 @@ class RedisStore:
         exceeded: BudgetState | None = None
         rows: tuple[tuple[str, str], ...] = ()
         if r.reservation_id is not None and key is not None:
-            label_cap = _text(reply[5])
-            plan = usage_plan(key, day, int(label_cap) if label_cap else None)
+            tree = TreeCaps.parse([_text(v) for v in reply[5]])
+            plan = usage_plan(key, day, tree.label_daily, tree)
             rows = tuple((scope, window) for scope, window, _ in plan)
             for index, (scope, window, cap) in enumerate(plan):
                 state = BudgetState(
@@ -1518,16 +1693,14 @@ class RedisStore:
                 key.agent_run_label,
                 str(key.daily_cap_micros),
                 "" if key.usd_cap_micros is None else str(key.usd_cap_micros),
+                key.issuer_id or "",
             ],
         )
-        status, exceeded_index, label_cap = int(reply[0]), int(reply[1]), _text(reply[2])
+        status, exceeded_index = int(reply[0]), int(reply[1])
         if status == -1:
             return ReserveResult(False, reservation_id, ())
-        caps = [
-            key.daily_cap_micros,
-            key.usd_cap_micros,
-            int(label_cap) if label_cap else None,
-        ]
+        tree = TreeCaps.parse([_text(v) for v in reply[2]])
+        caps = [cap for _s, _w, cap in usage_plan(key, "", tree.label_daily, tree)]
         states: list[BudgetState] = []
         exceeded: BudgetState | None = None
         for index, usage_key in enumerate(touched):
@@ -1547,7 +1720,7 @@ class RedisStore:
     ) -> None:
         if not object_ids:
             return
-        tag = self._tree(key.agent_run_label, key.key_id)
+        tag = self._tree(key.agent_run_label, key.key_id, key.issuer_id)
         if self._cluster:
             claimed = await self._own(key.key_id, key.agent_run_label, vendor, object_ids)
             if claimed:

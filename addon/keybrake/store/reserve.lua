@@ -3,9 +3,8 @@
 -- KEYS[1]  reservation hash                 (<prefix>res:<reservation_id>)
 -- KEYS[2]  open-reservations sorted set     (<prefix>open-reservations), score: created_at µs
 -- KEYS[3]  label budgets hash               (<prefix>label-budgets), field: label, value: cap
--- KEYS[4]  usage hash of the key's day      (<prefix>usage:key:<key_id>:<day>)
--- KEYS[5]  usage hash of the key's lifetime (<prefix>usage:key-lifetime:<key_id>:lifetime)
--- KEYS[6]  usage hash of the label's day    (<prefix>usage:label:<label>:<day>), only if labelled
+-- KEYS[4…] usage hashes of every node of the key's budget tree path, in `usage_plan`'s order
+--          (key day, key lifetime, label day and lifetime, issuer day and lifetime)
 -- ARGV[1]  estimate in micro-USD (decimal string, >= 0)
 -- ARGV[2]  the key's daily cap in micro-USD
 -- ARGV[3]  the key's lifetime cap in micro-USD, or '' when it has none
@@ -15,19 +14,21 @@
 -- ARGV[7]  reservation id
 -- ARGV[8]  key id
 -- ARGV[9]  the UTC day of `now`, YYYY-MM-DD
+-- ARGV[10] the issuer that minted the key, or '' 
 -- Usage hashes have the fields `spent` and `reserved`; lifetime and label usage is tracked
 -- even without a cap so a cap set later already counts what was spent.
--- Returns {status, exceeded, label_cap, spent_1, reserved_1, spent_2, reserved_2, …}:
+-- Returns {status, exceeded, tree limits (6, see _tree.lua), spent_1, reserved_1, …}:
 --   status 1 reserved, 0 refused (exceeded = index of the first usage hash over its cap,
 --   1 for KEYS[4]), 2 the reservation id exists already (nothing changed);
---   label_cap is the label's cap read in this step, '' when none; the usage is after the step.
+--   the limits are read in this step; the usage is after the step.
+--#include _tree
 local estimate = tonumber(ARGV[1])
 local n = #KEYS - 3
-local label_cap = ''
-if ARGV[4] ~= '' then
-  label_cap = redis.call('HGET', KEYS[3], ARGV[4]) or ''
+local tree = tree_limits(KEYS[3], ARGV[4], ARGV[10], {})
+local caps = path_caps(tree, ARGV[2], ARGV[3], ARGV[4], ARGV[10])
+if #caps ~= n then
+  return redis.error_reply('reserve.lua: the usage keys do not match the key\'s budget tree')
 end
-local caps = {ARGV[2], ARGV[3], label_cap}
 local usage = {}
 for i = 1, n do
   local row = redis.call('HMGET', KEYS[3 + i], 'spent', 'reserved')
@@ -53,7 +54,7 @@ if status == 1 then
                   'created_at', ARGV[5], 'day', ARGV[9]}
   for i = 1, n do
     usage[i][2] = redis.call('HINCRBY', KEYS[3 + i], 'reserved', ARGV[1])
-    if i ~= 2 then
+    if is_daily(KEYS[3 + i]) then
       redis.call('EXPIRE', KEYS[3 + i], ARGV[6])
     end
     -- The usage hashes are recorded so finishing touches exactly the same ones.
@@ -64,7 +65,7 @@ if status == 1 then
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
 end
 
-local reply = {status, exceeded, label_cap}
+local reply = {status, exceeded, tree}
 for i = 1, n do
   table.insert(reply, usage[i][1])
   table.insert(reply, usage[i][2])

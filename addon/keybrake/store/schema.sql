@@ -47,6 +47,19 @@ CREATE TABLE IF NOT EXISTS label_budgets (
     label TEXT PRIMARY KEY,
     daily_cap_micros INTEGER NOT NULL
 );
+-- The rest of a label node's limits (its daily cap is in label_budgets).
+CREATE TABLE IF NOT EXISTS label_limits (
+    label TEXT PRIMARY KEY,
+    lifetime_cap_micros INTEGER,
+    max_requests_per_minute INTEGER
+);
+-- The budget tree a label's keys are in, fixed by its first key: the issuer id, '' for the
+-- operator's (keys issued with the admin token). A label never has keys in two trees.
+CREATE TABLE IF NOT EXISTS label_homes (
+    label TEXT PRIMARY KEY,
+    issuer_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_by_label ON keys (agent_run_label);
 CREATE TABLE IF NOT EXISTS budget_usage (
     scope TEXT NOT NULL,
     "window" TEXT NOT NULL,

@@ -8,7 +8,8 @@
 -- KEYS[6]  idempotency entry (<prefix>idm:<key_id>:<scope>, see admit.lua), KEYS[7] the
 --          key's idempotency index
 -- KEYS[8]  the audit stream (<prefix>audit)
--- KEYS[9 … 8+ARGV[15]] the reservation's usage hashes (key day, key lifetime, label day)
+-- KEYS[9 … 8+ARGV[16]] the reservation's usage hashes (every node of its budget tree path,
+--          as admit.lua recorded them)
 -- KEYS[9+ARGV[15] …]  owner records (<prefix>owner:<vendor>:<object_id>) of created objects:
 --          '<key id>\n<remembered µs>:<expires, epoch s>\n<label>' (the amount part empty
 --          when none is remembered with the record)
@@ -42,12 +43,17 @@ local function now_ms()
 end
 
 if ARGV[1] ~= '' then
-  local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage_1', 'usage_2', 'usage_3')
+  local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage_1', 'usage_2', 'usage_3',
+                         'usage_4', 'usage_5', 'usage_6', 'usage_7')
   if row[1] == 'reserved' then
+    -- Every usage hash the reservation recorded, no more and no fewer (at most six).
     for i = 1, n do
       if row[2 + i] ~= KEYS[8 + i] then
         return redis.error_reply('settle_call.lua: usage keys do not match the reservation')
       end
+    end
+    if n < 7 and row[3 + n] then
+      return redis.error_reply('settle_call.lua: usage keys do not match the reservation')
     end
     local estimate = row[2]
     if ARGV[1] == 'held' then
@@ -81,7 +87,7 @@ if ARGV[1] ~= '' then
                               == tonumber(spent) then
           again = true
         end
-        if again and i ~= 2 then
+        if again and string.sub(KEYS[8 + i], -9) ~= ':lifetime' then
           redis.call('EXPIRE', KEYS[8 + i], ARGV[5], 'NX')
         end
       end

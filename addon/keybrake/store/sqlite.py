@@ -35,6 +35,8 @@ from keybrake.store._base import (
     IdempotencyClaim,
     IssuerRecord,
     KeyRecord,
+    LabelBudget,
+    LabelTreeConflict,
     ObjectOwner,
     RateResult,
     ReserveResult,
@@ -47,6 +49,7 @@ from keybrake.store._base import (
 from keybrake.store._common import (
     EPOCH,
     RATE_BUCKETS,
+    TreeCaps,
     check_idempotency_times,
     check_label,
     check_micros,
@@ -91,6 +94,7 @@ _ADDED_COLUMNS = (
     ("keys", "suspended_reason", "TEXT"),
     ("keys", "share_objects", "TEXT NOT NULL DEFAULT 'none'"),
     ("keys", "issuer_id", "TEXT"),
+    ("issuers", "max_requests_per_minute", "INTEGER"),
 )
 
 
@@ -154,6 +158,7 @@ def _row_to_issuer(row: sqlite3.Row) -> IssuerRecord:
         created_at=_moment(row["created_at"]),
         expires_at=None if row["expires_at"] is None else _moment(row["expires_at"]),
         revoked_at=None if row["revoked_at"] is None else _moment(row["revoked_at"]),
+        max_requests_per_minute=row["max_requests_per_minute"],
     )
 
 
@@ -336,10 +341,38 @@ class SQLiteStore:
         ).fetchone()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
+    @staticmethod
+    def _tree_caps(conn: sqlite3.Connection, key: KeyRecord) -> TreeCaps:
+        """The limits of the label and issuer nodes above ``key``, as stored now."""
+        label_life = label_rate = iss_daily = iss_life = iss_rate = None
+        if key.agent_run_label:
+            row = conn.execute(
+                "SELECT lifetime_cap_micros, max_requests_per_minute FROM label_limits "
+                "WHERE label = ?",
+                (key.agent_run_label,),
+            ).fetchone()
+            if row is not None:
+                label_life, label_rate = row[0], row[1]
+        if key.issuer_id:
+            row = conn.execute(
+                "SELECT budget_daily_micros, budget_lifetime_micros, max_requests_per_minute "
+                "FROM issuers WHERE issuer_id = ?",
+                (key.issuer_id,),
+            ).fetchone()
+            if row is not None:
+                iss_daily, iss_life, iss_rate = row[0], row[1], row[2]
+        return TreeCaps(None, label_life, label_rate, iss_daily, iss_life, iss_rate)
+
     def _budget_states(
-        self, conn: sqlite3.Connection, key: KeyRecord, now: dt.datetime
+        self,
+        conn: sqlite3.Connection,
+        key: KeyRecord,
+        now: dt.datetime,
+        tree: TreeCaps | None = None,
     ) -> tuple[list[tuple[str, str, int | None]], list[BudgetState]]:
-        plan = usage_plan(key, utc_day(now), self._label_cap(conn, key.agent_run_label))
+        if tree is None:
+            tree = self._tree_caps(conn, key)
+        plan = usage_plan(key, utc_day(now), self._label_cap(conn, key.agent_run_label), tree)
         states = [
             BudgetState(scope, window, cap, *self._usage(conn, scope, window))
             for scope, window, cap in plan
@@ -399,6 +432,7 @@ class SQLiteStore:
             record.issuer_id,
         )
         with self._transaction() as conn:
+            self._claim_home(conn, record.agent_run_label, record.issuer_id)
             try:
                 conn.execute(
                     "INSERT INTO keys (key_id, secret_sha256, vendor, agent_run_label, "
@@ -412,6 +446,26 @@ class SQLiteStore:
                 raise ValueError(
                     f"vault key {record.key_id!r} or its secret hash already exists"
                 ) from exc
+
+    @staticmethod
+    def _claim_home(conn: sqlite3.Connection, label: str, issuer_id: str | None) -> None:
+        """Fix the budget tree of ``label`` by its first key, or refuse a key of another tree
+        (`LabelTreeConflict`). A label whose keys predate the record takes its first key's."""
+        if not label:
+            return
+        row = conn.execute("SELECT issuer_id FROM label_homes WHERE label = ?", (label,)).fetchone()
+        if row is None:
+            first = conn.execute(
+                "SELECT issuer_id FROM keys WHERE agent_run_label = ? "
+                "ORDER BY created_at, key_id LIMIT 1",
+                (label,),
+            ).fetchone()
+            home = (first[0] or "") if first is not None else (issuer_id or "")
+            conn.execute("INSERT INTO label_homes VALUES (?, ?)", (label, home))
+        else:
+            home = row[0]
+        if home != (issuer_id or ""):
+            raise LabelTreeConflict(label, home or None)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         with self._session() as conn:
@@ -510,11 +564,17 @@ class SQLiteStore:
             epoch_micros(record.created_at),
             None if record.expires_at is None else epoch_micros(record.expires_at),
             None if record.revoked_at is None else epoch_micros(record.revoked_at),
+            record.max_requests_per_minute,
         )
         with self._transaction() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO issuers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO issuers (issuer_id, token_sha256, name, vendors, label_prefix, "
+                    "allowed_endpoints, max_daily_cap_micros, max_usd_cap_micros, "
+                    "max_expires_in_seconds, allowed_accounts, budget_daily_micros, "
+                    "budget_lifetime_micros, created_at, expires_at, revoked_at, "
+                    "max_requests_per_minute) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     values,
                 )
             except sqlite3.IntegrityError as exc:
@@ -580,8 +640,29 @@ class SQLiteStore:
         with self._transaction() as conn:
             return self._count(conn, key_id, limit, now)
 
+    @classmethod
+    def _count(
+        cls, conn: sqlite3.Connection, key_id: str, limit: int, now: dt.datetime
+    ) -> RateResult:
+        verdict = cls._rate_check(conn, key_id, limit, now)
+        if verdict.ok:
+            cls._rate_add(conn, key_id, now)
+        return verdict
+
     @staticmethod
-    def _count(conn: sqlite3.Connection, key_id: str, limit: int, now: dt.datetime) -> RateResult:
+    def _rate_add(conn: sqlite3.Connection, key_id: str, now: dt.datetime) -> None:
+        conn.execute(
+            "INSERT INTO request_counts VALUES (?, ?, 1) ON CONFLICT (key_id, bucket) "
+            "DO UPDATE SET count = count + 1",
+            (key_id, rate_bucket(now)),
+        )
+
+    @staticmethod
+    def _rate_check(
+        conn: sqlite3.Connection, key_id: str, limit: int, now: dt.datetime
+    ) -> RateResult:
+        """Whether one more request of ``key_id`` (a key id, or ``label:<label>`` /
+        ``issuer:<id>`` for a node of the budget tree) fits; nothing is counted."""
         bucket = rate_bucket(now)
         oldest = bucket - RATE_BUCKETS + 1
         counts = dict(
@@ -593,14 +674,7 @@ class SQLiteStore:
             conn.execute(
                 "DELETE FROM request_counts WHERE key_id = ? AND bucket < ?", (key_id, oldest)
             )
-        verdict = rate_verdict(limit, counts, bucket, now)
-        if verdict.ok:
-            conn.execute(
-                "INSERT INTO request_counts VALUES (?, ?, 1) ON CONFLICT (key_id, bucket) "
-                "DO UPDATE SET count = count + 1",
-                (key_id, bucket),
-            )
-        return verdict
+        return rate_verdict(limit, counts, bucket, now)
 
     # -- budgets and the reservation ledger ----------------------------------------------------
     async def set_label_budget(self, label: str, daily_cap_micros: int | None) -> None:
@@ -619,6 +693,50 @@ class SQLiteStore:
     async def get_label_budget(self, label: str) -> int | None:
         with self._session() as conn:
             return self._label_cap(conn, label)
+
+    async def set_label_limits(self, limits: LabelBudget) -> None:
+        for name in ("daily_cap_micros", "lifetime_cap_micros"):
+            value = getattr(limits, name)
+            if value is not None:
+                check_micros(name, value)
+        if limits.max_requests_per_minute is not None:
+            check_rate_limit(limits.max_requests_per_minute)
+        with self._transaction() as conn:
+            label = limits.label
+            if limits.daily_cap_micros is None:
+                conn.execute("DELETE FROM label_budgets WHERE label = ?", (label,))
+            else:
+                conn.execute(
+                    "INSERT INTO label_budgets VALUES (?, ?) ON CONFLICT (label) "
+                    "DO UPDATE SET daily_cap_micros = excluded.daily_cap_micros",
+                    (label, limits.daily_cap_micros),
+                )
+            if limits.lifetime_cap_micros is None and limits.max_requests_per_minute is None:
+                conn.execute("DELETE FROM label_limits WHERE label = ?", (label,))
+            else:
+                conn.execute(
+                    "INSERT INTO label_limits VALUES (?, ?, ?) ON CONFLICT (label) DO UPDATE "
+                    "SET lifetime_cap_micros = excluded.lifetime_cap_micros, "
+                    "max_requests_per_minute = excluded.max_requests_per_minute",
+                    (label, limits.lifetime_cap_micros, limits.max_requests_per_minute),
+                )
+
+    async def get_label_limits(self, label: str) -> LabelBudget:
+        with self._session() as conn:
+            daily = self._label_cap(conn, label)
+            row = conn.execute(
+                "SELECT lifetime_cap_micros, max_requests_per_minute FROM label_limits "
+                "WHERE label = ?",
+                (label,),
+            ).fetchone()
+        life, rate = (None, None) if row is None else (row[0], row[1])
+        return LabelBudget(label, daily, life, rate)
+
+    async def tree_usage(
+        self, scopes: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, int]]:
+        with self._session() as conn:
+            return {(scope, window): self._usage(conn, scope, window) for scope, window in scopes}
 
     async def reserve(
         self,
@@ -645,10 +763,11 @@ class SQLiteStore:
         now: dt.datetime,
         *,
         fresh: bool = False,
+        tree: TreeCaps | None = None,
     ) -> tuple[ReserveResult, tuple[tuple[str, str], ...]]:
         """`reserve` inside a transaction; also the usage rows reserved in. ``fresh``: the
         id was made for this call (admission), so it cannot be in the ledger already."""
-        plan, states = self._budget_states(conn, key, now)
+        plan, states = self._budget_states(conn, key, now, tree)
         rows = tuple((scope, window) for scope, window, _cap in plan)
         if (
             not fresh
@@ -852,7 +971,9 @@ class SQLiteStore:
     ) -> list[tuple[str, str, int | None]]:
         """The caps of a reservation's usage rows, whatever day they are for."""
         day = next((w for scope, w in rows if scope.startswith("key:")), "")
-        return usage_plan(key, day, self._label_cap(conn, key.agent_run_label))
+        return usage_plan(
+            key, day, self._label_cap(conn, key.agent_run_label), self._tree_caps(conn, key)
+        )
 
     # -- objects and remembered amounts -----------------------------------------------------
     async def record_objects(
@@ -1098,15 +1219,29 @@ class SQLiteStore:
         ).fetchone()
         if frozen is not None:
             return Admission("refused", key, code="vendor_frozen", detail=frozen[0])
-        if request.rate_limit is not None:
-            rate = self._count(conn, key.key_id, request.rate_limit, request.now)
+        tree = self._tree_caps(conn, key)
+        counted = [
+            (node, name, limit)
+            for node, name, limit in (
+                ("key", key.key_id, request.rate_limit),
+                ("label", f"label:{key.agent_run_label}", tree.label_rate),
+                ("issuer", f"issuer:{key.issuer_id}", tree.issuer_rate),
+            )
+            if limit is not None
+        ]
+        for node, name, limit in counted:
+            rate = self._rate_check(conn, name, limit, request.now)
             if not rate.ok:
                 return Admission(
                     "refused",
                     key,
                     code="rate_limited",
+                    detail=node,
                     retry_after_seconds=rate.retry_after_seconds,
+                    rate_limit=limit,
                 )
+        for _node, name, _limit in counted:
+            self._rate_add(conn, name, request.now)
         if request.max_objects is not None:
             owned = self._live_count(conn, "objects", key.key_id)
             if owned >= request.max_objects:
@@ -1129,6 +1264,7 @@ class SQLiteStore:
                 request.estimate_micros,
                 request.now,
                 fresh=True,
+                tree=tree,
             )
             budgets = reserved.budgets
             if not reserved.ok:

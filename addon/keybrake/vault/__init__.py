@@ -21,9 +21,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from keybrake.core.errors import Refusal
 from keybrake.core.keys import hash_vault_key, looks_like_vault_key
 from keybrake.core.money import format_usd
-from keybrake.store import BudgetState, IssuerRecord, KeyRecord, Store, VendorFreeze
+from keybrake.store import (
+    BudgetState,
+    IssuerRecord,
+    KeyRecord,
+    LabelBudget,
+    LabelTreeConflict,
+    Store,
+    VendorFreeze,
+)
 from keybrake.vault.issuers import (
     ACTIONS,
     CreateIssuerRequest,
@@ -43,6 +52,7 @@ from keybrake.vault.keyspec import (
     key_to_json,
     parse_label_budget,
 )
+from keybrake.vault.tree import budget_tree
 
 __all__ = [
     "ACTIONS",
@@ -138,7 +148,20 @@ class Vault:
         record, vault_key = request.new_key(self.now())
         if issuer is not None:
             record = dataclasses.replace(record, issuer_id=issuer.issuer_id)
-        await self.store.create_key(record)
+        try:
+            await self.store.create_key(record)
+        except LabelTreeConflict as e:
+            # An issuer is not told which other issuer holds the label.
+            where = "the operator's" if e.home is None else "another issuer token's"
+            if issuer is None and e.home is not None:
+                where = f"issuer {e.home}'s"
+            raise Refusal(
+                "label_tree_conflict",
+                f"label {record.agent_run_label[:80]!r} already has keys in {where} budget "
+                "tree: a label's keys are all minted by one issuer token, or all by the "
+                "operator; choose another label",
+                extra={"label": record.agent_run_label},
+            ) from None
         log.info(
             "keybrake: issued %s for %s label=%r (%s%s)",
             record.key_id,
@@ -322,21 +345,37 @@ class Vault:
     async def freezes(self) -> list[VendorFreeze]:
         return await self.store.frozen_vendors()
 
+    # -- the budget tree ---------------------------------------------------------------------------
+    async def tree(self, issuer: IssuerRecord | None = None) -> dict[str, Any]:
+        """The budget tree (issuer → label → key) with spent, reserved and remaining per node
+        (`keybrake.vault.tree.budget_tree`); with ``issuer``, only its own subtree."""
+        return await budget_tree(self.store, self.now(), issuer=issuer)
+
     # -- label budgets ---------------------------------------------------------------------------
-    async def set_label_budget(self, label: str, cap: int | None) -> dict[str, Any]:
-        """Set (or, with None, remove) a label's shared daily cap (`parse_label_budget`)."""
-        await self.store.set_label_budget(label, cap)
+    async def set_label_budget(self, label: str, cap: int | LabelBudget | None) -> dict[str, Any]:
+        """Set a label node's limits (`parse_label_budget`): a `LabelBudget` sets its daily
+        cap, lifetime cap and request-rate limit at once (each None: none); an int (or None)
+        sets (or removes) only the daily cap."""
+        if isinstance(cap, LabelBudget):
+            await self.store.set_label_limits(cap)
+        else:
+            await self.store.set_label_budget(label, cap)
         log.info("keybrake: set the label budget of %r (%s)", label, self.via)
-        return self._budget_json(label, cap)
+        return self._budget_json(await self.store.get_label_limits(label))
 
     async def label_budget(self, label: str) -> dict[str, Any]:
         """What ``GET /vault/budgets/{label}`` answers."""
-        return self._budget_json(label, await self.store.get_label_budget(label))
+        return self._budget_json(await self.store.get_label_limits(label))
 
-    def _budget_json(self, label: str, cap: int | None) -> dict[str, Any]:
+    def _budget_json(self, limits: LabelBudget) -> dict[str, Any]:
+        def usd(micros: int | None) -> str | None:
+            return format_usd(micros) if micros is not None else None
+
         return {
             "object": "label_budget",
-            "label": label,
-            "daily_usd_cap": format_usd(cap) if cap is not None else None,
+            "label": limits.label,
+            "daily_usd_cap": usd(limits.daily_cap_micros),
+            "usd_cap": usd(limits.lifetime_cap_micros),
+            "max_requests_per_minute": limits.max_requests_per_minute,
             "as_of": api_time(self.now()),
         }

@@ -35,6 +35,7 @@ from keybrake.vault.keyspec import (
     KeySpecError,
     _label,
     _priced,
+    _requests_per_minute,
     _usd_field,
     account_ids,
     api_time,
@@ -68,6 +69,7 @@ _FIELDS = {
     "allowed_accounts",
     "budget_daily_usd_cap",
     "budget_usd_cap",
+    "budget_max_requests_per_minute",
     "expires_in",
 }
 MAX_NAME = 100
@@ -199,6 +201,7 @@ class CreateIssuerRequest:
     budget_daily_micros: int | None
     budget_lifetime_micros: int | None
     expires_in: dt.timedelta | None
+    budget_max_requests_per_minute: int | None = None
 
     @classmethod
     def from_json(cls, data: Any, policies: PolicySet) -> CreateIssuerRequest:
@@ -234,6 +237,12 @@ class CreateIssuerRequest:
             budget_daily = _usd_field(data["budget_daily_usd_cap"], "budget_daily_usd_cap", errors)
         if data.get("budget_usd_cap") is not None:
             budget_lifetime = _usd_field(data["budget_usd_cap"], "budget_usd_cap", errors)
+        budget_rpm = None
+        if data.get("budget_max_requests_per_minute") is not None:
+            rate_errors: dict[str, str] = {}
+            budget_rpm = _requests_per_minute(data["budget_max_requests_per_minute"], rate_errors)
+            if rate_errors:
+                errors["budget_max_requests_per_minute"] = rate_errors["max_requests_per_minute"]
         max_expires = _duration(
             data.get("max_expires_in", DEFAULT_MAX_EXPIRES_IN), "max_expires_in", errors
         )
@@ -256,6 +265,7 @@ class CreateIssuerRequest:
             budget_daily,
             budget_lifetime,
             expires,
+            budget_rpm,
         )
 
     def new_issuer(self, now: dt.datetime) -> tuple[IssuerRecord, str]:
@@ -274,6 +284,7 @@ class CreateIssuerRequest:
             allowed_accounts=self.allowed_accounts,
             budget_daily_micros=self.budget_daily_micros,
             budget_lifetime_micros=self.budget_lifetime_micros,
+            max_requests_per_minute=self.budget_max_requests_per_minute,
             created_at=now,
             expires_at=None if self.expires_in is None else now + self.expires_in,
         )
@@ -363,8 +374,10 @@ def issuer_to_json(issuer: IssuerRecord, now: dt.datetime) -> dict[str, Any]:
         "allowed_accounts": list(issuer.allowed_accounts),
         "budget_daily_usd_cap": usd(issuer.budget_daily_micros),
         "budget_usd_cap": usd(issuer.budget_lifetime_micros),
-        # The issuer's own budget is recorded, not yet enforced by admission.
-        "budget_enforced": False,
+        "budget_max_requests_per_minute": issuer.max_requests_per_minute,
+        # The issuer's own budget (and rate limit) is the top node of the budget tree: every
+        # call of every key it minted reserves against it in the one admission step.
+        "budget_enforced": True,
         "created_at": api_time(issuer.created_at),
         "expires_at": api_time(issuer.expires_at),
         "revoked_at": api_time(issuer.revoked_at),

@@ -11,7 +11,7 @@ from keybrake.core.keys import generate_key_id, generate_vault_key, hash_vault_k
 from keybrake.core.money import MoneyError, format_usd, parse_usd
 from keybrake.core.paths import EndpointPattern, PatternError
 from keybrake.core.policy import MAX_REQUESTS_PER_MINUTE, PolicySet
-from keybrake.store import BudgetState, KeyRecord
+from keybrake.store import BudgetState, KeyRecord, LabelBudget
 
 __all__ = [
     "IssueKeyRequest",
@@ -233,19 +233,29 @@ def _priced(policies: PolicySet, vendor: str, pattern: EndpointPattern) -> bool:
     return policy.free_reads and pattern.method in ("GET", "HEAD")
 
 
-def parse_label_budget(label: str, data: Any) -> int | None:
-    """A validated ``PUT /vault/budgets/{label}`` body: ``{"daily_usd_cap": 500}`` or null."""
+def parse_label_budget(label: str, data: Any) -> LabelBudget:
+    """A validated ``PUT /vault/budgets/{label}`` body: the label node's limits, each
+    optional (absent or null: none): ``{"daily_usd_cap": 500, "usd_cap": 5000,
+    "max_requests_per_minute": 600}``. The body replaces every limit of the label."""
     errors: dict[str, str] = {}
     _label(label, errors, "label")
-    if not isinstance(data, dict) or set(data) - {"daily_usd_cap"}:
-        errors["(body)"] = 'must be {"daily_usd_cap": <dollars or null>}'
+    fields = {"daily_usd_cap", "usd_cap", "max_requests_per_minute"}
+    if not isinstance(data, dict) or set(data) - fields:
+        errors["(body)"] = (
+            'must be {"daily_usd_cap": <dollars or null>, "usd_cap": <dollars or null>, '
+            '"max_requests_per_minute": <1-100000 or null>}'
+        )
         raise KeySpecError(errors)
-    cap = None
+    daily = lifetime = rate = None
     if data.get("daily_usd_cap") is not None:
-        cap = _usd_field(data["daily_usd_cap"], "daily_usd_cap", errors)
+        daily = _usd_field(data["daily_usd_cap"], "daily_usd_cap", errors)
+    if data.get("usd_cap") is not None:
+        lifetime = _usd_field(data["usd_cap"], "usd_cap", errors)
+    if data.get("max_requests_per_minute") is not None:
+        rate = _requests_per_minute(data["max_requests_per_minute"], errors)
     if errors:
         raise KeySpecError(errors)
-    return cap
+    return LabelBudget(label, daily, lifetime, rate)
 
 
 @dataclasses.dataclass(frozen=True)

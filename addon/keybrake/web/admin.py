@@ -10,9 +10,11 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
   lower a key's caps; every replica's next admission reads them
 - ``POST /vault/keys/{key_id}/suspend`` (``{"reason": …}``) / ``…/resume``: a suspended key is
   refused until resumed; the proxy suspends a key itself after an estimate overrun
-- ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` shared label daily cap
+- ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` a label's shared limits
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows
   (`keybrake.auditlog.reports`)
+- ``GET /vault/tree`` the budget tree (issuer → label → key): spent, reserved, remaining
+  (`keybrake.vault.tree`)
 - ``/vault/issuers…``, ``/vault/bulk/…``, ``/vault/freezes…``: issuer tokens, kill switches
   and vendor freezes (`keybrake.web.delegated`)
 - ``GET /healthz`` (no token) the process is up; ``GET /readyz`` (no token) store reachable,
@@ -292,6 +294,8 @@ class AdminApi(IssuerRoutes):
             return await self._revoke_by_vault_key(flow)
         if parts == ["vault", "spend"] and method == "GET":
             return await self._spend(flow)
+        if parts == ["vault", "tree"] and method == "GET":
+            return _json(200, await (await self._vault()).tree())
         if parts == ["vault", "audit"] and method == "GET":
             return await self._audit(flow)
         if len(parts) >= 3 and parts[:2] == ["vault", "budgets"]:

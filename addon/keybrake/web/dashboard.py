@@ -39,6 +39,7 @@ from keybrake.auditlog.reports import (
     totals_since,
 )
 from keybrake.auditlog.sinks import audit_time
+from keybrake.core.errors import Refusal
 from keybrake.core.money import format_usd
 from keybrake.proxy.core import Runtime
 from keybrake.proxy.limiter import source_of
@@ -59,6 +60,7 @@ from keybrake.web._sessions import (
     session_cookie,
 )
 from keybrake.web.dashboard_issuers import IssuerPages
+from keybrake.web.dashboard_tree import TreePage
 from keybrake.wire import LIVE_HEADER
 
 __all__ = ["Dashboard"]
@@ -124,7 +126,7 @@ def _store_where(url: str) -> str:
     return f"{parts.scheme} {host}{parts.path}"
 
 
-class Dashboard(IssuerPages):
+class Dashboard(IssuerPages, TreePage):
     """Serves the dashboard's routes for `keybrake.web.admin.AdminApi`."""
 
     name = "keybrake_dashboard"
@@ -216,6 +218,8 @@ class Dashboard(IssuerPages):
             return self._page("audit.html", await self._audit(flow), session)
         if parts == ["dashboard", "issuers"]:
             return await self._issuers_page(session)
+        if parts == ["dashboard", "tree"]:
+            return await self._tree_page(flow, session)
         return text(404, "No such page")
 
     # -- auth ------------------------------------------------------------------------------------
@@ -319,7 +323,11 @@ class Dashboard(IssuerPages):
             body["max_requests_per_minute"] = form["max_requests_per_minute"].strip()
         try:
             request = IssueKeyRequest.from_json(body, rt.policies)
-        except KeySpecError as e:
+            record, vault_key = await self._vault(await rt.open_store()).issue(request)
+        except (KeySpecError, Refusal) as e:
+            # A label in another budget tree (409 label_tree_conflict) is shown like a field
+            # error of the label.
+            fields = e.fields if isinstance(e, KeySpecError) else {"agent_run_label": e.message}
             now = rt.now()
             return self._page(
                 "keys.html",
@@ -329,14 +337,13 @@ class Dashboard(IssuerPages):
                     "span": _span,
                     "reveal": None,
                     "flash": [],
-                    "errors": e.fields,
+                    "errors": fields,
                     "values": form,
                     "vendors": self._vendors(),
                 },
                 session,
-                status=422,
+                status=422 if isinstance(e, KeySpecError) else e.status,
             )
-        record, vault_key = await self._vault(await rt.open_store()).issue(request)
         # Post/redirect/get: a reload must not issue a second key; the key is shown once.
         session.reveal = {"key_id": record.key_id, "vault_key": vault_key}
         return redirect("/dashboard/keys")

@@ -252,6 +252,8 @@ class IssuerRoutes:
         if parts == ["vault", "spend"] and method == "GET":
             self._check_report_query(flow, issuer)
             return await self._spend(flow, issuer)
+        if parts == ["vault", "tree"] and method == "GET":
+            return json_response(200, await (await self._vault()).tree(issuer))
         if parts == ["vault", "audit"] and method == "GET":
             self._check_report_query(flow, issuer)
             return await self._audit(flow, issuer)
