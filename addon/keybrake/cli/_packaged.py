@@ -110,7 +110,7 @@ def config_defaults(path: Path | None, settings: frozenset[str]) -> dict[str, An
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: [run] {name}: unknown setting{hint}")
     out = dict(run)
-    for name in ("data_dir", "policies", "certs_dir"):
+    for name in ("data_dir", "policies", "certs_dir", "alerts"):
         if isinstance(out.get(name), str):
             # Relative to the file, so `keybrake --config /etc/keybrake/keybrake.toml run`
             # works from anywhere.

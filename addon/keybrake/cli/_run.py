@@ -197,6 +197,23 @@ def run(
             help="Audit sink: empty for <data dir>/audit.db, or postgresql://... (shared).",
         ),
     ] = "",
+    alerts: Annotated[
+        Path | None,
+        typer.Option(
+            "--alerts",
+            envvar="KEYBRAKE_ALERTS",
+            help="Alerts file (TOML): thresholds per label/key and the webhooks alerts go to.",
+            show_default=False,
+        ),
+    ] = None,
+    alert_thresholds: Annotated[
+        str,
+        typer.Option(
+            "--alert-thresholds",
+            envvar="KEYBRAKE_ALERT_THRESHOLDS",
+            help="Default alert thresholds, percent of each cap (e.g. 50,80,100).",
+        ),
+    ] = "50,80,100",
     web: Annotated[
         bool, typer.Option(help="Run mitmweb (live flow UI) instead of mitmdump.")
     ] = False,
@@ -323,6 +340,9 @@ def run(
         "--set",
         f"keybrake_store={url}",
         *(["--set", f"keybrake_audit={audit}"] if audit else []),
+        *(["--set", f"keybrake_alerts={alerts.resolve()}"] if alerts else []),
+        "--set",
+        f"keybrake_alert_thresholds={alert_thresholds}",
         *[arg for e in tunnelled for arg in ("--set", f"keybrake_passthrough={e}")],
         "-s",
         str(script),
