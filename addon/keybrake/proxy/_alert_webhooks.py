@@ -14,6 +14,7 @@ secret: errors name the webhook and the status or exception type.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -33,6 +34,7 @@ __all__ = [
     "body_for",
     "send",
     "sign",
+    "slack_escape",
     "verify_signature",
 ]
 
@@ -121,13 +123,25 @@ def _generic(alert: dict[str, Any], dedupe: str) -> dict[str, Any]:
     }
 
 
+def slack_escape(text: str) -> str:
+    """Slack's control characters escaped (``&``, ``<``, ``>``): text from a request (a
+    path in a suspension reason) cannot become ``<!channel>`` or a link.
+
+    >>> slack_escape("<!channel> & <https://x|y>")
+    '&lt;!channel&gt; &amp; &lt;https://x|y&gt;'
+    """
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _slack(alert: dict[str, Any]) -> dict[str, Any]:
     icon = _SLACK_ICON.get(alert["severity"], "")
-    text = f"{icon} Keybrake {alert['severity']}: {alert['summary']}".strip()
-    context = [f"kind `{alert['kind']}`", f"instance `{alert['instance']}`", alert["at"]]
+    summary = slack_escape(str(alert["summary"]))
+    text = f"{icon} Keybrake {alert['severity']}: {summary}".strip()
+    instance = slack_escape(str(alert["instance"]))
+    context = [f"kind `{alert['kind']}`", f"instance `{instance}`", alert["at"]]
     for name in ("label", "key_id", "vendor"):
         if alert.get(name):
-            context.append(f"{name} `{alert[name]}`")
+            context.append(f"{name} `{slack_escape(str(alert[name]))}`")
     return {
         "text": text,
         "blocks": [
@@ -193,11 +207,15 @@ async def send(
     if hook.secret:
         headers[SIGNATURE_HEADER] = sign(hook.secret, int(time.time()), body)
     try:
-        async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, trust_env=False, verify=_tls(hook)
-        ) as client:
+        # ``timeout`` bounds the whole attempt (httpx's bounds each read and write).
+        async with (
+            asyncio.timeout(timeout),
+            httpx.AsyncClient(
+                timeout=timeout, follow_redirects=False, trust_env=False, verify=_tls(hook)
+            ) as client,
+        ):
             r = await client.post(hook.url, content=body, headers=headers)
-    except httpx.TimeoutException:
+    except (httpx.TimeoutException, TimeoutError):
         return False, None, "timed out"
     except (httpx.HTTPError, OSError, ssl.SSLError) as e:
         return False, None, f"{type(e).__name__}"

@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from typing import Any, Final
@@ -62,12 +63,18 @@ __all__ = ["Alerts"]
 log = logging.getLogger("keybrake")
 
 BATCH: Final = 20
-# A claimed delivery is another replica's to retry after this long (a send takes at most
-# the timeout).
-LEASE_MARGIN_SECONDS: Final = 30.0
+# A claimed delivery is another replica's (or, after a crash, the next start's) to send
+# after the timeout and this long: a send is cut off at the timeout (`_alert_webhooks.send`).
+LEASE_MARGIN_SECONDS: Final = 5.0
 # Dedupe keys this process knows fired (so it skips the store step); cleared when full.
 MAX_KNOWN: Final = 100_000
 _SPENDING: Final = frozenset({"ok", "overrun", "vendor_error", "unknown", "held"})
+
+
+def _part(text: str) -> str:
+    """One field of a dedupe key: ``:`` (allowed in labels) and ``%`` escaped, so no two
+    nodes' keys can be the same string (one label cannot pre-empt another's alert)."""
+    return urllib.parse.quote(text, safe="/@+=._- ")
 
 
 class _AlertCollector(Collector):
@@ -204,7 +211,7 @@ class Alerts:
             for node in nodes_of(budgets):
                 percents = self.config.thresholds_for(node, key.agent_run_label, key.key_id)
                 for percent in crossed(node, percents):
-                    dedupe = f"threshold:{node.kind}:{node.node_id}:{node.window}:{percent}"
+                    dedupe = f"threshold:{node.kind}:{_part(node.node_id)}:{node.window}:{percent}"
                     alert = threshold_alert(node, percent, key.agent_run_label, vendor)
                     alert["key_id"] = key.key_id
                     await self.fire(dedupe, alert, window_end(node.window))
@@ -228,7 +235,7 @@ class Alerts:
             "vendor": call.vendor,
         }
         try:
-            await self.fire(f"cap_hit:{budget}:{window}", alert, window_end(window))
+            await self.fire(f"cap_hit:{_part(budget)}:{_part(window)}", alert, window_end(window))
         except Exception as e:
             self._report(e, "cap alert not fired")
 
