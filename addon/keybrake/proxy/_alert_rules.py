@@ -94,15 +94,17 @@ class Node:
     spent_micros: int
 
 
-def nodes_of(budgets: Iterable[BudgetState]) -> list[Node]:
-    """The nodes with a cap among ``budgets`` (scopes of unknown kinds are skipped)."""
+def nodes_of(budgets: Iterable[BudgetState], plus_reserved: bool = False) -> list[Node]:
+    """The nodes with a cap among ``budgets`` (scopes of unknown kinds are skipped), with
+    what is spent (``plus_reserved``: spent + reserved, an upper bound used as a filter)."""
     out = []
     for b in budgets:
         prefix, _, node_id = b.scope.partition(":")
         kind = NODE_KINDS.get(prefix)
         if kind is None or b.cap_micros is None or b.cap_micros <= 0:
             continue
-        out.append(Node(kind, node_id, b.window, b.cap_micros, b.spent_micros))
+        amount = b.used_micros if plus_reserved else b.spent_micros
+        out.append(Node(kind, node_id, b.window, b.cap_micros, amount))
     return out
 
 

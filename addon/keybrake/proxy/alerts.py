@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from prometheus_client.registry import Collector
 from keybrake.proxy._alert_rules import (
     AlertConfig,
     AlertConfigError,
+    Node,
     Webhook,
     crossed,
     load_alert_config,
@@ -194,8 +196,29 @@ class Alerts:
             self._store_failed()
         if call.outcome == "overrun":
             self._spawn(self._suspended(call))
-        if call.outcome in _SPENDING:
+        if call.outcome in _SPENDING and self._may_cross(call):
             self._spawn(self._check_budgets(call.key, call.vendor))
+
+    def _may_cross(self, call: CallState) -> bool:
+        """Whether a threshold not known to have fired may be reached now, judged from the
+        budgets as of the call's admission (spent + reserved, its own estimate included) plus
+        what it cost: more than it can have spent, so a call far below every threshold (or
+        whose thresholds all fired) costs no store read."""
+        key = call.key
+        if key is None or not call.budgets:
+            return call.key is not None  # no snapshot: read the store
+        extra = call.actual_micros or 0
+        for node in nodes_of(call.budgets, plus_reserved=True):
+            bound = dataclasses.replace(node, spent_micros=node.spent_micros + extra)
+            percents = self.config.thresholds_for(node, key.agent_run_label, key.key_id)
+            for percent in crossed(bound, percents):
+                if self._threshold_key(node, percent) not in self._known:
+                    return True
+        return False
+
+    @staticmethod
+    def _threshold_key(node: Node, percent: int) -> str:
+        return f"threshold:{node.kind}:{_part(node.node_id)}:{node.window}:{percent}"
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -211,7 +234,7 @@ class Alerts:
             for node in nodes_of(budgets):
                 percents = self.config.thresholds_for(node, key.agent_run_label, key.key_id)
                 for percent in crossed(node, percents):
-                    dedupe = f"threshold:{node.kind}:{_part(node.node_id)}:{node.window}:{percent}"
+                    dedupe = self._threshold_key(node, percent)
                     alert = threshold_alert(node, percent, key.agent_run_label, vendor)
                     alert["key_id"] = key.key_id
                     await self.fire(dedupe, alert, window_end(node.window))
