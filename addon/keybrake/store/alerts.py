@@ -4,9 +4,10 @@ Beside the audit outbox and in the same store, so a proxy restart (``kill -9`` t
 receiver outage loses no alert, and every replica sharing the store shares it:
 
 - `AlertOutbox.fire` decides "first" atomically in the store (SQLite: ``INSERT OR IGNORE``
-  on the dedupe key in one ``BEGIN IMMEDIATE`` with the queued rows; Redis: ``SET NX`` and
-  the queued rows in one script, ``alert_fire.lua``). Two replicas crossing the same threshold
-  at once queue one set of deliveries.
+  on the dedupe key in one ``BEGIN IMMEDIATE`` with the queued rows; Redis: the dedupe key
+  read and set with the queued rows in one script, ``alert_fire.lua``). A window's end is
+  judged by the caller's ``now``, as every window of the store is. Two replicas crossing the
+  same threshold at once queue one set of deliveries.
 - `AlertOutbox.due` claims the deliveries that are due, each for a lease (another replica
   does not send it meanwhile; a replica that died leaves it due again when the lease ends).
 - `AlertOutbox.retry` puts a failed one back with its next time; `AlertOutbox.done` moves
@@ -16,9 +17,10 @@ Rows are plain JSON objects made by `keybrake.proxy.alerts`: the alert and the w
 name, never a webhook's secret or URL.
 
 Redis keys, under one hash tag so each script stays on one slot of a Redis Cluster:
-``<prefix>{alerts}fired:<dedupe>`` (string; expires with its window), ``{alerts}seq``,
-``{alerts}outbox`` (hash id → row), ``{alerts}due`` (sorted set id → due ms) and
-``{alerts}log`` (list, newest first, trimmed to `LOG_LENGTH`).
+``<prefix>{alerts}fired:<dedupe>`` (string; expires with its window), ``{alerts}seq`` (hash
+of counters), ``{alerts}outbox`` (hash id → row), ``{alerts}due`` (sorted set id → due ms)
+and ``{alerts}log`` (sorted set by finishing order, trimmed to `LOG_LENGTH`). The scripts use
+only the commands of the README's ``ACL SETUSER`` line.
 """
 
 from __future__ import annotations
@@ -201,11 +203,13 @@ class _RedisAlerts:
         now: dt.datetime,
         expires_at: dt.datetime | None,
     ) -> bool:
-        ttl = 0 if expires_at is None else max(1, int((expires_at - now).total_seconds()))
+        end = 0 if expires_at is None else _ms(expires_at)
+        backstop = 0 if expires_at is None else int((expires_at - now).total_seconds()) + 86_400
         first = await self._run(
             "alert_fire",
             [self._k("fired", dedupe), self._k("seq"), self._k("outbox"), self._k("due")],
-            [str(ttl), str(_ms(now)), *(json.dumps(r) for r in rows)],
+            [str(end), str(_ms(now)), str(max(1, backstop)) if end else "0"]
+            + [json.dumps(r) for r in rows],
         )
         return bool(first)
 
@@ -222,22 +226,22 @@ class _RedisAlerts:
     async def retry(self, row_id: str, row: dict[str, Any], next_at: dt.datetime) -> None:
         await self._run(
             "alert_finish",
-            [self._k("outbox"), self._k("due"), self._k("log")],
+            [self._k("outbox"), self._k("due"), self._k("log"), self._k("seq")],
             ["retry", row_id, json.dumps(row), str(_ms(next_at))],
         )
 
     async def done(self, row_id: str, row: dict[str, Any]) -> bool:
         finished = await self._run(
             "alert_finish",
-            [self._k("outbox"), self._k("due"), self._k("log")],
+            [self._k("outbox"), self._k("due"), self._k("log"), self._k("seq")],
             ["done", row_id, json.dumps(row), str(LOG_LENGTH)],
         )
         return bool(finished)
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         async with self.store._guard() as client:
-            found = await client.lrange(self._k("log"), 0, limit - 1)
-        return [json.loads(_text(r)) for r in found]
+            found = await client.zrevrange(self._k("log"), 0, limit - 1)
+        return [json.loads(_text(r).partition("\n")[2]) for r in found]
 
     async def pending(self, limit: int) -> list[dict[str, Any]]:
         async with self.store._guard() as client:
