@@ -5,7 +5,8 @@ delivered to a real local receiver (HTTPS or HTTP) that fails, times out and rec
 - two replicas on one Redis crossing the same threshold deliver it once;
 - the signature verifies with the secret and not with another; Slack and PagerDuty bodies
   have their documented shapes; ``keybrake alerts test`` reports each webhook's answer;
-- the secrets never appear in the proxy's log, the admin API's answers or the outbox rows.
+- the secrets never appear in the proxy's log, the admin API's answers or the outbox rows;
+- events: a revoked key, an estimate overrun (the key suspended), an unreachable store.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import httpx
 import pytest
 import redis
 import stripe
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import KEYBRAKE, REDIS_URL, KeybrakeProcess
+from tests._redis import PrivateRedis
+from tests.conftest import KEYBRAKE, REDIS_URL, ROOT, KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS
 from tests.fakes.receiver import Received, WebhookReceiver
 
@@ -283,3 +286,49 @@ def test_a_revoked_key_is_an_alert(
         time.sleep(0.5)
         bodies = [r.json() for r in rx.accepted()]
         assert [(b["kind"], b["key_id"]) for b in bodies] == [("key_revoked", key["key_id"])]
+
+
+def test_an_estimate_overrun_alerts_that_the_key_is_suspended(
+    keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    # A policy that prices a PaymentIntent at a flat $1: a $40 charge overruns it.
+    policy = yaml.safe_load((ROOT / "policies" / "stripe.yaml").read_text())
+    for endpoint in policy["endpoints"]:
+        if endpoint["match"] == "POST /v1/payment_intents":
+            endpoint["cost"] = {"kind": "fixed_usd", "usd": 1}
+    src = tmp_path / "underpriced"
+    src.mkdir()
+    (src / "stripe.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+    with WebhookReceiver() as rx:
+        hooks = alerts_file(tmp_path, json_hook(rx.url), "[thresholds]\ndefault = [100]\n")
+        kb = proxy(keybrake_factory, {"stripe": fake_stripe}, hooks, policies_src=src)
+        key = kb.issue_key(daily_usd_cap="100")
+        pay(kb, key["vault_key"], 4000)
+        rx.wait_for(lambda: any(r.json()["kind"] == "key_suspended" for r in rx.accepted()))
+        (body,) = [r.json() for r in rx.accepted() if r.json()["kind"] == "key_suspended"]
+        assert body["key_id"] == key["key_id"] and body["severity"] == "critical"
+        assert "overrun" in body["summary"] and body["label"] == "test/run"
+
+
+def test_an_unreachable_store_is_an_alert_sent_from_memory(
+    keybrake_factory: Any, fake_stripe: FakeStripe, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    with WebhookReceiver() as rx:
+        extra = "[events]\nstore_down_seconds = 1\n"
+        kb = proxy(
+            keybrake_factory,
+            {"stripe": fake_stripe},
+            alerts_file(tmp_path, json_hook(rx.url), extra),
+            store=private_redis.url,
+        )
+        key = kb.issue_key()
+        private_redis.kill()
+        with pytest.raises(stripe.StripeError):
+            pay(kb, key["vault_key"], 100)
+        rx.wait_for(lambda: any(r.json()["kind"] == "store_unreachable" for r in rx.accepted()))
+        time.sleep(1.5)  # once per outage, not once per failed store step
+        got = [r.json() for r in rx.accepted() if r.json()["kind"] == "store_unreachable"]
+        assert len(got) == 1 and got[0]["severity"] == "critical"
+        assert verify_signature(
+            SECRET, rx.accepted()[0].headers[SIGNATURE_HEADER], rx.accepted()[0].body
+        )
