@@ -11,13 +11,15 @@ holding an issuer token) who has read the code.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import KeybrakeProcess
+from tests.conftest import KEYBRAKE, KeybrakeProcess
 from tests.e2e.test_alerts import SECRET, alerts_file, json_hook, proxy
 from tests.fakes import FakeStripe
 from tests.fakes.receiver import WebhookReceiver
@@ -137,3 +139,22 @@ def test_text_in_a_slack_message_cannot_ping_a_channel_or_link() -> None:
     body = body_for(hook, alert, "d").decode()
     assert "<!channel>" not in body and "<https://evil" not in body
     assert slack_escape("a<b>&") == "a&lt;b&gt;&amp;"
+
+
+def test_keybrake_run_names_a_bad_alerts_file_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.toml"
+    path.write_text(f'[[webhooks]]\nname = "x"\nurl = "https://a.example/"\nsecret = "{SECRET}"\n')
+    run = subprocess.run(
+        [str(KEYBRAKE), "run", "--alerts", str(path), "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KEYBRAKE_ADMIN_TOKEN": "kba_" + "x" * 40},
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "Error: alerts: webhooks[0] (x): put the secret in an environment variable "
+        "(secret_env) or a file (secret_file), never in the alerts file"
+    ]
+    assert SECRET not in run.stdout + run.stderr

@@ -51,6 +51,11 @@ policies = "{policies}"
 
 # Where the Keybrake CA lives (workers trust its bundle).
 # certs_dir = "~/.keybrake/certs"
+
+# Alerts: thresholds per label and key, and the webhooks they are posted to (a TOML file of
+# its own; secrets named by variable or file there). Default thresholds, % of each cap:
+# alerts = "alerts.toml"
+# alert_thresholds = "50,80,100"
 """
 
 
