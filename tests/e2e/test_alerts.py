@@ -287,6 +287,18 @@ def test_a_revoked_key_is_an_alert(
         bodies = [r.json() for r in rx.accepted()]
         assert [(b["kind"], b["key_id"]) for b in bodies] == [("key_revoked", key["key_id"])]
 
+        # A kill switch is one alert for the action, not one per key; a dry run is none.
+        stopped = [kb.issue_key(agent_run_label=f"bulk/run/{i}")["key_id"] for i in range(3)]
+        selection = {"label_prefix": "bulk/run/"}
+        assert kb.admin("POST", "/vault/bulk/revoke?dry_run=1", selection).status_code == 200
+        assert kb.admin("POST", "/vault/bulk/revoke", selection).json()["count"] == 3
+        rx.wait_for(lambda: len(rx.accepted()) >= 2)
+        time.sleep(0.5)
+        (bulk,) = [r.json() for r in rx.accepted()][1:]
+        assert bulk["kind"] == "key_revoked" and bulk["details"]["bulk"] is True
+        assert sorted(bulk["details"]["key_ids"]) == sorted(stopped)
+        assert bulk["details"]["count"] == 3
+
 
 def test_an_estimate_overrun_alerts_that_the_key_is_suspended(
     keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path

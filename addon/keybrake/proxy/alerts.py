@@ -281,7 +281,12 @@ class Alerts:
     def event(self, kind: str, summary: str, **fields: Any) -> None:
         """An event the admin side reports (``key_revoked``, ``issuer_revoked``): fired once
         per subject, in the background."""
-        subject = fields.get("key_id") or fields.get("issuer_id") or uuid.uuid4().hex
+        subject = (
+            fields.pop("subject", None)
+            or fields.get("key_id")
+            or fields.get("issuer_id")
+            or uuid.uuid4().hex
+        )
         alert = {"kind": kind, "severity": "warning", "summary": summary, **fields}
 
         async def fire() -> None:
@@ -302,6 +307,20 @@ class Alerts:
             label=key.agent_run_label,
             vendor=key.vendor,
         )
+
+    def keys_stopped(self, action: str, selector: dict[str, Any], key_ids: list[str]) -> None:
+        """A kill switch (``POST /vault/bulk/revoke|suspend``): one alert for the action
+        (``key_revoked`` / ``key_suspended``, ``details.bulk``), not one per key."""
+        kind = "key_revoked" if action == "revoke" else "key_suspended"
+        shown = ", ".join(f"{k}={v}" for k, v in selector.items() if v)
+        self.event(
+            kind,
+            f"kill switch: {len(key_ids)} key(s) {action}{'d' if action == 'revoke' else 'ed'} "
+            f"({shown})",
+            subject=f"bulk:{uuid.uuid4().hex}",
+            details={"bulk": True, "selector": selector, "count": len(key_ids),
+                     "key_ids": key_ids[:100]},
+        )  # fmt: skip
 
     def issuer_revoked(self, issuer: IssuerRecord, keys: int) -> None:
         """``issuer_revoked``: once per issuer token."""

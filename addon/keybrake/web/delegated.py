@@ -161,6 +161,9 @@ class IssuerRoutes:
         keys = await (await self._vault()).stop_keys(
             selector, action, reason=reason, dry_run=dry_run, issuer=issuer
         )
+        alerts = self.runtime.alerts
+        if alerts is not None and keys and not dry_run and action in ("revoke", "suspend"):
+            alerts.keys_stopped(action, selector.to_json(), [k.key_id for k in keys])
         now = self.runtime.now()
         return json_response(
             200,
