@@ -30,7 +30,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tests._redis import PrivateRedis
 from tests.conftest import KEYBRAKE, REDIS_URL, ROOT, KeybrakeProcess
-from tests.fakes import FakeStripe, FakeTLS
+from tests.fakes import FakeStripe, FakeTLS, FakeTwilio
 from tests.fakes.receiver import Received, WebhookReceiver
 
 from keybrake.proxy._alert_webhooks import SIGNATURE_HEADER, verify_signature
@@ -39,6 +39,7 @@ pytestmark = pytest.mark.e2e
 
 SECRET = "whsec_test_" + "k3y" * 8
 ROUTING_KEY = "pdrk_test_" + "r0ut" * 6
+THRESHOLD_50 = "[thresholds]\ndefault = [50]\n"
 FAST = """
 [delivery]
 retry_base_seconds = 0.2
@@ -344,3 +345,41 @@ def test_an_unreachable_store_is_an_alert_sent_from_memory(
         assert verify_signature(
             SECRET, rx.accepted()[0].headers[SIGNATURE_HEADER], rx.accepted()[0].body
         )
+
+
+def test_a_threshold_reached_when_a_held_message_is_priced_later_arrives(
+    keybrake_factory: Any, fake_twilio: FakeTwilio, tmp_path: Path
+) -> None:
+    """Twilio prices a message after sending it: the call is held at its estimate (not
+    spent) and settled by the proxy's own follow-up read, off any call. The key's budgets
+    are read again after the follow-up reads, so the threshold arrives without another call."""
+    with WebhookReceiver() as rx:
+        kb: KeybrakeProcess = keybrake_factory(
+            {"twilio": fake_twilio},
+            env={"KB_TEST_WEBHOOK_SECRET": SECRET},
+            extra_args=[
+                "--set",
+                f"keybrake_alerts={alerts_file(tmp_path, json_hook(rx.url), THRESHOLD_50)}",
+                "--set",
+                "keybrake_followup_delays=0.3,1",
+            ],
+        )
+        path = f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json"
+        key = kb.issue_key(
+            vendor="twilio", daily_usd_cap="0.01", allowed_endpoints=[f"POST {path}"]
+        )
+        r = httpx.post(
+            f"https://api.twilio.com{path}",
+            data={"To": "+14155550123", "From": "+15017122661", "Body": "hello"},
+            auth=(fake_twilio.account_sid, key["vault_key"]),
+            proxy=kb.proxy_url,
+            verify=kb.ssl_context(),
+        )
+        assert r.status_code == 201 and r.json()["price"] is None
+        time.sleep(1)
+        assert rx.all() == []  # held, not spent: no threshold yet
+        fake_twilio.deliver()  # priced now ($0.0079 of the $0.01 cap)
+        rx.wait_for(lambda: len(rx.accepted()) >= 1, timeout=20)
+        (body,) = [r.json() for r in rx.accepted()]
+        assert body["kind"] == "threshold" and body["threshold_percent"] == 50
+        assert body["spent_micros"] == fake_twilio.charged_usd_micros()

@@ -70,6 +70,9 @@ BATCH: Final = 20
 LEASE_MARGIN_SECONDS: Final = 5.0
 # Dedupe keys this process knows fired (so it skips the store step); cleared when full.
 MAX_KNOWN: Final = 100_000
+# Keys with a held call, read again after its follow-up reads (`_later`); the oldest go first.
+MAX_RECHECKS: Final = 10_000
+RECHECK_MARGIN_SECONDS: Final = 2.0
 _SPENDING: Final = frozenset({"ok", "overrun", "vendor_error", "unknown", "held"})
 
 
@@ -130,6 +133,7 @@ class Alerts:
         self._known: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._rechecks: dict[str, tuple[KeyRecord, str, list[float]]] = {}
         self._store_failing_since: float | None = None
         self._store_alerted = False
         runtime.alerts = self
@@ -198,6 +202,10 @@ class Alerts:
             self._spawn(self._suspended(call))
         if call.outcome in _SPENDING and self._may_cross(call):
             self._spawn(self._check_budgets(call.key, call.vendor))
+        if call.outcome == "held":
+            # Its hold is settled later, off any call (`_followup`): the key's budgets are
+            # read again after each follow-up read, by the delivery loop.
+            self._later(call.key, call.vendor)
 
     def _may_cross(self, call: CallState) -> bool:
         """Whether a threshold not known to have fired may be reached now, judged from the
@@ -219,6 +227,26 @@ class Alerts:
     @staticmethod
     def _threshold_key(node: Node, percent: int) -> str:
         return f"threshold:{node.kind}:{_part(node.node_id)}:{node.window}:{percent}"
+
+    def _later(self, key: KeyRecord, vendor: str) -> None:
+        start = time.monotonic()
+        due = [start + d + RECHECK_MARGIN_SECONDS for d in self.runtime.followup_delays]
+        self._rechecks.pop(key.key_id, None)
+        if len(self._rechecks) >= MAX_RECHECKS:  # the oldest goes (it is read at its next call)
+            self._rechecks.pop(next(iter(self._rechecks)))
+        self._rechecks[key.key_id] = (key, vendor, sorted(due))
+
+    async def _run_rechecks(self) -> None:
+        now = time.monotonic()
+        for key_id, (key, vendor, due) in list(self._rechecks.items()):
+            if due[0] > now:
+                continue
+            left = [t for t in due if t > now]
+            if left:
+                self._rechecks[key_id] = (key, vendor, left)
+            else:
+                del self._rechecks[key_id]
+            await self._check_budgets(key, vendor)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -453,6 +481,7 @@ class Alerts:
                 if self.config.webhooks:
                     claimed = await self.deliver_due()
                 await self._check_audit()
+                await self._run_rechecks()
                 self._store_back()
             except StoreUnavailable as e:
                 self._store_failed(str(e))
