@@ -2,7 +2,8 @@
 holding an issuer token) who has read the code.
 
 - Webhook URLs come from the operator's alerts file only: no admin route takes one, an
-  issuer token cannot even read the alert settings, a vault key opens nothing.
+  issuer token cannot even read the alert settings, a vault key opens nothing, and a
+  configured webhook opens no egress for workers.
 - A receiver cannot send the proxy elsewhere: a redirect is not followed.
 - Secrets are never in the alerts file (refused there), in an error, in the admin API.
 - One label cannot pre-empt another node's alert through a crafted dedupe key, and text
@@ -18,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from tests.conftest import KEYBRAKE, KeybrakeProcess
 from tests.e2e.test_alerts import SECRET, alerts_file, json_hook, proxy
@@ -65,6 +67,10 @@ def test_no_route_takes_a_webhook_and_an_issuer_token_cannot_read_the_alerts(
             r = kb.admin(method, path, {}, token=token)
             assert r.status_code == 403 and r.json()["error"]["code"] == "issuer_scope"
             assert kb.admin(method, path, {}, token=vault_key).status_code == 401
+        # A configured webhook opens no egress: a worker cannot reach it through the proxy.
+        via_proxy = httpx.post(f"{rx.url}/hook", content=b"{}", proxy=kb.proxy_url, timeout=10)
+        assert via_proxy.status_code == 403
+        assert via_proxy.json()["error"]["code"] == "egress_denied"
         time.sleep(0.5)
         assert rx.all() == []  # nothing refused above sent anything
 
