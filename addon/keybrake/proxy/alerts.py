@@ -191,13 +191,15 @@ class Alerts:
 
     def _observe(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.key is None or flow.metadata.get(self.name):
+        if call is None or flow.metadata.get(self.name):
+            return
+        if call.code == "store_unavailable":
+            self._store_failed()
+        if call.key is None:
             return
         flow.metadata[self.name] = True
         if call.code == "cap_exhausted":
             self._spawn(self._cap_hit(call, flow.response))
-        elif call.code == "store_unavailable":
-            self._store_failed()
         if call.outcome == "overrun":
             self._spawn(self._suspended(call))
         if call.outcome in _SPENDING and self._may_cross(call):

@@ -127,6 +127,12 @@ class _SQLiteAlerts:
     ) -> list[tuple[str, dict[str, Any]]]:
         self._conn_ready()
         now_ms = _ms(now)
+        with self.store._session() as conn:  # most polls find nothing: no write lock for them
+            (waiting,) = conn.execute(
+                "SELECT COUNT(*) FROM alert_outbox WHERE next_at <= ?", (now_ms,)
+            ).fetchone()
+        if not waiting:
+            return []
         with self.store._transaction() as conn:
             found = conn.execute(
                 "SELECT id, row FROM alert_outbox WHERE next_at <= ? ORDER BY next_at, id LIMIT ?",
