@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt check bench fleet soak clean worker-wheelhouses worker-typecheck
+.PHONY: venv run web test lint fmt check bench bench-litellm fleet soak clean worker-wheelhouses worker-typecheck
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
@@ -90,6 +90,17 @@ bench: venv
 FLEET_ARGS ?=
 fleet: venv
 	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
+
+## 64 AI agents against one $1 budget, Keybrake beside LiteLLM's proxy (its own venv, built
+## once from PyPI; not part of `make test`).
+LITELLM_VERSION ?= 1.108.7
+$(VENV)/litellm/.done:
+	$(PY312) -m venv $(VENV)/litellm
+	$(VENV)/litellm/bin/python -m pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
+
+bench-litellm: venv $(VENV)/litellm/.done
+	$(BIN)/python bench/litellm_cap.py --litellm $(VENV)/litellm/bin/litellm
 
 ## Two replicas sharing Redis under random faults for N minutes (not part of `make test`).
 SOAK_MINUTES ?= 10

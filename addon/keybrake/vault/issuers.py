@@ -31,13 +31,12 @@ from keybrake.core.paths import EndpointPattern, PatternError
 from keybrake.core.policy import PolicySet
 from keybrake.store import IssuerRecord, KeyRecord
 from keybrake.vault.keyspec import (
-    _ACCOUNT,
-    MAX_ACCOUNTS,
     IssueKeyRequest,
     KeySpecError,
     _label,
     _priced,
     _usd_field,
+    account_ids,
     api_time,
 )
 
@@ -338,21 +337,11 @@ def _endpoints(
 def _issuer_accounts(
     value: Any, vendors: list[str], policies: PolicySet, errors: dict[str, str]
 ) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_ACCOUNTS
-        or not all(isinstance(v, str) and _ACCOUNT.fullmatch(v) for v in value)
-    ):
-        errors["allowed_accounts"] = (
-            f"must be a list of at most {MAX_ACCOUNTS} account ids such as 'acct_1Nv0FG…'"
-        )
-        return ()
-    if value and not any(policies.vendors[v].account_headers for v in vendors):
+    accounts = account_ids(value, errors)
+    if accounts and not any(policies.vendors[v].account_headers for v in vendors):
         errors["allowed_accounts"] = "none of this issuer's vendors has an account header"
         return ()
-    return tuple(dict.fromkeys(value))
+    return accounts
 
 
 def issuer_to_json(issuer: IssuerRecord, now: dt.datetime) -> dict[str, Any]:

@@ -17,6 +17,7 @@ __all__ = [
     "IssueKeyRequest",
     "KeyCapsChange",
     "KeySpecError",
+    "account_ids",
     "api_time",
     "key_to_json",
     "parse_label_budget",
@@ -199,6 +200,16 @@ def _accounts(
 ) -> tuple[str, ...]:
     """``allowed_accounts``: vendor account ids (``acct_…``) the key may name in the vendor's
     account header; only for vendors whose policy has one."""
+    accounts = account_ids(value, errors)
+    if accounts and vendor is not None and not policies.vendors[vendor].account_headers:
+        errors["allowed_accounts"] = f"the {vendor} policy names no account header"
+        return ()
+    return accounts
+
+
+def account_ids(value: object, errors: dict[str, str]) -> tuple[str, ...]:
+    """``allowed_accounts`` as a list of vendor account ids (``acct_…``), each once; ``()``
+    with the error recorded when it is not one."""
     if value is None:
         return ()
     if (
@@ -209,9 +220,6 @@ def _accounts(
         errors["allowed_accounts"] = (
             f"must be a list of at most {MAX_ACCOUNTS} account ids such as 'acct_1Nv0FG…'"
         )
-        return ()
-    if value and vendor is not None and not policies.vendors[vendor].account_headers:
-        errors["allowed_accounts"] = f"the {vendor} policy names no account header"
         return ()
     return tuple(dict.fromkeys(value))
 

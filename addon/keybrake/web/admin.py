@@ -159,21 +159,30 @@ class AdminApi(IssuerRoutes):
             flow.response = refusal_response(Refusal("internal_error", "internal error"))
         _redact_authorization(flow)
 
-    def _authorize(self, flow: http.HTTPFlow) -> None:
-        rt = self.runtime
-        source = source_of(flow)
-        if rt.admin_failures.blocked(source):
+    def _bearer(self, flow: http.HTTPFlow) -> tuple[str, bool]:
+        """The ``Authorization`` token and whether its scheme is ``Bearer``; refused first when
+        the address has guessed wrong too often."""
+        if self.runtime.admin_failures.blocked(source_of(flow)):
             raise Refusal(
                 "rate_limited",
                 "too many wrong admin tokens from this address; retry in a minute",
             )
         scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        return token.strip(), scheme.lower() == "bearer"
+
+    def _count_guess(self, flow: http.HTTPFlow, token: str) -> None:
+        if token:  # a guess, not a forgotten header
+            self.runtime.admin_failures.record(source_of(flow))
+
+    def _wrong_token(self, flow: http.HTTPFlow, token: str) -> Refusal:
+        self._count_guess(flow, token)
+        return Refusal("admin_token_invalid", "missing or wrong admin token")
+
+    def _authorize(self, flow: http.HTTPFlow) -> None:
+        token, bearer = self._bearer(flow)
         # Compared even when the scheme is wrong: the answer takes as long either way.
-        same = rt.admin_token_matches(token.strip())
-        if not (same and scheme.lower() == "bearer"):
-            if token.strip():  # a guess, not a forgotten header
-                rt.admin_failures.record(source)
-            raise Refusal("admin_token_invalid", "missing or wrong admin token")
+        if not (self.runtime.admin_token_matches(token) and bearer):
+            raise self._wrong_token(flow, token)
 
     async def _authorize_vault(self, flow: http.HTTPFlow) -> IssuerRecord | None:
         """The admin token (None: full power), or an active issuer token (its record).
@@ -181,15 +190,7 @@ class AdminApi(IssuerRoutes):
         A wrong token counts against the address as with `_authorize`; an issuer token is
         found by its SHA-256 (the store's lookup by digest leaks nothing of the token)."""
         rt = self.runtime
-        source = source_of(flow)
-        if rt.admin_failures.blocked(source):
-            raise Refusal(
-                "rate_limited",
-                "too many wrong admin tokens from this address; retry in a minute",
-            )
-        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        bearer = scheme.lower() == "bearer"
+        token, bearer = self._bearer(flow)
         # Compared even when the scheme is wrong: the answer takes as long either way.
         if rt.admin_token_matches(token) and bearer:
             return None
@@ -197,9 +198,7 @@ class AdminApi(IssuerRoutes):
         if bearer and looks_like_issuer_token(token):
             issuer = await (await self._vault()).issuer_of_token(token)
         if issuer is None:
-            if token:  # a guess, not a forgotten header
-                rt.admin_failures.record(source)
-            raise Refusal("admin_token_invalid", "missing or wrong admin token")
+            raise self._wrong_token(flow, token)
         state = issuer.state(rt.now())
         if state == "revoked":
             raise Refusal("issuer_token_revoked", f"issuer token {issuer.issuer_id} was revoked")
@@ -213,20 +212,12 @@ class AdminApi(IssuerRoutes):
         mode = flow.client_conn.proxy_mode
         if not rt.metrics_token and is_loopback_host(mode.listen_host(ctx.options.listen_host)):
             return
-        source = source_of(flow)
-        if rt.admin_failures.blocked(source):
-            raise Refusal(
-                "rate_limited",
-                "too many wrong admin tokens from this address; retry in a minute",
-            )
-        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
+        token, bearer = self._bearer(flow)
         # Both compared (`|`, not `or`) whatever the scheme: the answer takes as long either way.
         known = rt.metrics_token_matches(token) | rt.admin_token_matches(token)
-        if known and scheme.lower() == "bearer":
+        if known and bearer:
             return
-        if token:  # a guess, not a forgotten header
-            rt.admin_failures.record(source)
+        self._count_guess(flow, token)
         if rt.metrics_token:
             raise Refusal(
                 "metrics_token_invalid",
