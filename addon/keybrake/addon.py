@@ -5,7 +5,8 @@ forward proxy may connect besides vendors: refuses the rest, pins what it allows
 every outgoing connection), `AdminApi` (the admin listener: API, dashboard, metrics),
 `VaultGuard` (the checks on every vendor call), `VendorPin` (an admitted call goes to one
 checked address of its vendor host), `AuditTrail` (one row per call), `Metrics`
-(Prometheus), `Dashboard` (served through `AdminApi`) and `FlowRedaction` (credentials out of
+(Prometheus), `Alerts` (thresholds and events to webhooks, from a durable outbox),
+`Dashboard` (served through `AdminApi`) and `FlowRedaction` (credentials out of
 mitmweb and flow files; flow comments).
 The order matters: later addons read what `VaultGuard` left in ``flow.metadata``.
 """
@@ -20,6 +21,7 @@ try:
 except ImportError:  # run as a plain script from a checkout: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from keybrake.proxy.alerts import Alerts
 from keybrake.proxy.audit import AuditTrail
 from keybrake.proxy.core import Core, Runtime
 from keybrake.proxy.egress import Egress, VendorPin
@@ -41,6 +43,7 @@ addons = [
     VendorPin(egress),
     AuditTrail(runtime),
     metrics,
+    Alerts(runtime, registry=metrics.registry),
     dashboard,
     FlowRedaction(runtime),
 ]

@@ -30,6 +30,7 @@ from typing import Annotated, Any
 
 import typer
 
+from keybrake.cli._alerts import alerts_show, alerts_test
 from keybrake.cli._issuers import (
     freeze,
     frozen,
@@ -124,6 +125,13 @@ issuers_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(issuers_app, name="issuers")
+alerts_app = typer.Typer(
+    help="Alerts of a running proxy: thresholds, webhooks, deliveries, and a test alert."
+    "\n\nExample: keybrake alerts test --admin-url http://127.0.0.1:8081",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+)
+app.add_typer(alerts_app, name="alerts")
 
 
 # -- the commands, in the order `keybrake --help` lists them ----------------------------------
@@ -145,6 +153,8 @@ budgets_app.command("show")(budgets_show)
 issuers_app.command("create")(issuers_create)
 issuers_app.command("list")(issuers_list)
 issuers_app.command("revoke")(issuers_revoke)
+alerts_app.command("show")(alerts_show)
+alerts_app.command("test")(alerts_test)
 app.command()(spend)
 app.command("audit")(audit_cmd)
 app.command()(freeze)

@@ -51,6 +51,11 @@ policies = "{policies}"
 
 # Where the Keybrake CA lives (workers trust its bundle).
 # certs_dir = "~/.keybrake/certs"
+
+# Alerts: thresholds per label and key, and the webhooks they are posted to (a TOML file of
+# its own; secrets named by variable or file there). Default thresholds, % of each cap:
+# alerts = "alerts.toml"
+# alert_thresholds = "50,80,100"
 """
 
 
@@ -110,7 +115,7 @@ def config_defaults(path: Path | None, settings: frozenset[str]) -> dict[str, An
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: [run] {name}: unknown setting{hint}")
     out = dict(run)
-    for name in ("data_dir", "policies", "certs_dir"):
+    for name in ("data_dir", "policies", "certs_dir", "alerts"):
         if isinstance(out.get(name), str):
             # Relative to the file, so `keybrake --config /etc/keybrake/keybrake.toml run`
             # works from anywhere.

@@ -42,6 +42,7 @@ from keybrake.cli._packaged import (
     policies_dir,
 )
 from keybrake.core.policy import PolicyError, load_policies
+from keybrake.proxy._alert_rules import AlertConfigError, load_alert_config, parse_thresholds
 from keybrake.proxy.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
 from keybrake.proxy.core import load_admin_token
 from keybrake.proxy.listeners import format_listen, is_loopback_host, parse_listen
@@ -197,6 +198,23 @@ def run(
             help="Audit sink: empty for <data dir>/audit.db, or postgresql://... (shared).",
         ),
     ] = "",
+    alerts: Annotated[
+        Path | None,
+        typer.Option(
+            "--alerts",
+            envvar="KEYBRAKE_ALERTS",
+            help="Alerts file (TOML): thresholds per label/key and the webhooks alerts go to.",
+            show_default=False,
+        ),
+    ] = None,
+    alert_thresholds: Annotated[
+        str,
+        typer.Option(
+            "--alert-thresholds",
+            envvar="KEYBRAKE_ALERT_THRESHOLDS",
+            help="Default alert thresholds, percent of each cap (e.g. 50,80,100).",
+        ),
+    ] = "50,80,100",
     web: Annotated[
         bool, typer.Option(help="Run mitmweb (live flow UI) instead of mitmdump.")
     ] = False,
@@ -249,6 +267,12 @@ def run(
     except PolicyError as e:
         _fail(str(e))
     tunnelled = _passthrough_entries(passthrough)
+    try:
+        # The alerts file and the thresholds, as the proxy will read them (one line if wrong).
+        default = parse_thresholds(alert_thresholds, "--alert-thresholds")
+        load_alert_config(str(alerts) if alerts else "", default)
+    except AlertConfigError as e:
+        _fail(f"alerts: {e}", 2)
     # The data dir must be writable when something is written there: the SQLite store, the
     # audit log, a new admin token. Redis + PostgreSQL + KEYBRAKE_ADMIN_TOKEN need none.
     audit_elsewhere = bool(audit) or any(a.startswith("keybrake_audit=") for a in extra or [])
@@ -323,6 +347,9 @@ def run(
         "--set",
         f"keybrake_store={url}",
         *(["--set", f"keybrake_audit={audit}"] if audit else []),
+        *(["--set", f"keybrake_alerts={alerts.resolve()}"] if alerts else []),
+        "--set",
+        f"keybrake_alert_thresholds={alert_thresholds}",
         *[arg for e in tunnelled for arg in ("--set", f"keybrake_passthrough={e}")],
         "-s",
         str(script),

@@ -19,6 +19,7 @@ import secrets
 import socket
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import certifi
 from mitmproxy import ctx, exceptions, http
@@ -33,6 +34,9 @@ from keybrake.proxy.limiter import FailureLimiter
 from keybrake.proxy.listeners import Listeners
 from keybrake.proxy.mitm_chain import check_options, unload_unused_addons
 from keybrake.store import Store, StoreUnavailable, open_store
+
+if TYPE_CHECKING:
+    from keybrake.proxy.alerts import Alerts
 
 __all__ = ["Core", "Runtime", "load_admin_token"]
 
@@ -140,6 +144,8 @@ class Runtime:
         self.admin_failures = FailureLimiter(limit=ADMIN_FAILURES_PER_MINUTE)
         # This process's clock minus the shared store's, last measured (0.0: none measured).
         self.clock_skew_seconds = 0.0
+        # The alerts addon (`keybrake.proxy.alerts`): the admin API reports events to it.
+        self.alerts: Alerts | None = None
         self._opened = False
 
     def clock_problem(self) -> str | None:

@@ -12,6 +12,7 @@ Served from inside the proxy on the reverse-mode (admin / base-URL) listener:
   refused until resumed; the proxy suspends a key itself after an estimate overrun
 - ``PUT /vault/budgets/{label}`` / ``GET /vault/budgets/{label}`` a label's shared limits
 - ``GET /vault/spend`` / ``GET /vault/audit`` spend summaries and audit rows
+- ``GET /vault/alerts`` alert rules, webhooks and deliveries; ``POST /vault/alerts/test``
   (`keybrake.auditlog.reports`)
 - ``GET /vault/tree`` the budget tree (issuer → label → key): spent, reserved, remaining
   (`keybrake.vault.tree`)
@@ -292,6 +293,8 @@ class AdminApi(IssuerRoutes):
             return await self._suspend_or_resume(flow, parts[2], parts[3])
         if parts == ["vault", "revoke"] and method == "POST":
             return await self._revoke_by_vault_key(flow)
+        if parts[:2] == ["vault", "alerts"]:
+            return await self._alerts(flow, method, parts[2:])
         if parts == ["vault", "spend"] and method == "GET":
             return await self._spend(flow)
         if parts == ["vault", "tree"] and method == "GET":
@@ -349,6 +352,8 @@ class AdminApi(IssuerRoutes):
         key = await (await self._vault()).revoke(key_id)
         if key is None:
             raise _no_key(key_id)
+        if self.runtime.alerts is not None:
+            self.runtime.alerts.key_revoked(key, "the admin API")
         return _json(200, key_to_json(key, self.runtime.now()))
 
     async def _revoke_by_vault_key(self, flow: http.HTTPFlow) -> http.Response:
@@ -390,6 +395,25 @@ class AdminApi(IssuerRoutes):
         if key is None:
             raise _no_key(key_id)
         return _json(200, key_to_json(key, self.runtime.now()))
+
+    async def _alerts(self, flow: http.HTTPFlow, method: str, rest: list[str]) -> http.Response:
+        """``GET /vault/alerts`` (rules, webhooks, deliveries waiting and recent) and
+        ``POST /vault/alerts/test`` (a test alert to every webhook, through the outbox)."""
+        alerts = self.runtime.alerts
+        if alerts is None:
+            raise Refusal("not_found", "alerts are not loaded in this proxy")
+        if rest == [] and method == "GET":
+            limit = _query(flow, "limit") or "50"
+            if not limit.isdigit() or not 1 <= int(limit) <= 200:
+                raise Refusal("invalid_request", "limit must be a whole number from 1 to 200")
+            return _json(200, await alerts.overview(int(limit)))
+        if rest == ["test"] and method == "POST":
+            if not alerts.config.webhooks:
+                raise Refusal("invalid_request", "no webhooks are configured (keybrake_alerts)")
+            return _json(202, await alerts.send_test())
+        if rest in ([], ["test"]):
+            raise Refusal("method_not_allowed", f"{method} not allowed here")
+        raise Refusal("not_found", "no such admin route")
 
     async def _report_sink(self) -> AuditSink:
         """The audit sink with the outbox moved to it: every call answered so far is in it."""

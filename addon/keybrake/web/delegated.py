@@ -135,6 +135,8 @@ class IssuerRoutes:
             )
             if revoked is None:
                 raise _no_issuer(issuer_id)
+            if rt.alerts is not None:
+                rt.alerts.issuer_revoked(revoked, len(keys))
             body = issuer_to_json(revoked, rt.now())
             return json_response(200, body | {"revoked_keys": [k.key_id for k in keys]})
         raise Refusal("method_not_allowed", f"{method} not allowed on an issuer")
@@ -159,6 +161,9 @@ class IssuerRoutes:
         keys = await (await self._vault()).stop_keys(
             selector, action, reason=reason, dry_run=dry_run, issuer=issuer
         )
+        alerts = self.runtime.alerts
+        if alerts is not None and keys and not dry_run and action in ("revoke", "suspend"):
+            alerts.keys_stopped(action, selector.to_json(), [k.key_id for k in keys])
         now = self.runtime.now()
         return json_response(
             200,
@@ -285,6 +290,8 @@ class IssuerRoutes:
     async def _revoke_in_scope(self, vault: Vault, key_id: str) -> http.Response:
         key = await vault.revoke(key_id)
         assert key is not None
+        if self.runtime.alerts is not None:
+            self.runtime.alerts.key_revoked(key, "an issuer token")
         return json_response(200, key_to_json(key, self.runtime.now()))
 
     @staticmethod
