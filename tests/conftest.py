@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -244,13 +245,22 @@ class KeybrakeProcess:
                     raise _PortTaken(log)
                 raise RuntimeError(f"keybrake exited {rc}:\n{log}")
             try:
-                if self._healthz_status() in (200, 503):
+                if self._healthz_status() in (200, 503) and self._proxy_listening():
                     return self
             except (httpx.HTTPError, OSError):
                 pass
             time.sleep(0.1)
         self.stop(signal.SIGKILL)  # never leave a half-started proxy behind
         raise RuntimeError(f"keybrake did not start in {timeout}s:\n{self.log()}")
+
+    def _proxy_listening(self) -> bool:
+        """The forward proxy's port accepts connections too (mitmproxy opens its listeners one
+        by one: the admin listener can answer before the proxy's is open)."""
+        if self.netns is not None or "--proxy-listen" in self.run_args:
+            return True  # elsewhere: the test probes it itself
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", self.proxy_port)) == 0
 
     def _healthz_status(self) -> int:
         if self.netns is not None:

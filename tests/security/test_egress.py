@@ -433,7 +433,7 @@ def test_a_forbidden_passthrough_entry_stops_the_proxy(
         extra_args=["--set", "keybrake_passthrough=10.0.0.1"],
     )
     with pytest.raises(RuntimeError) as e:
-        kb.start(timeout=20)
+        kb.start(timeout=120)
     assert "keybrake_passthrough: '10.0.0.1'" in str(e.value)
     assert "RFC 1918" in str(e.value)
 
