@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
-from keybrake.store._base import KeyRecord, RateResult
+from keybrake.store._base import KeyRecord, LabelBudget, RateResult
 
 __all__ = [
     "EPOCH",
@@ -17,6 +17,7 @@ __all__ = [
     "TreeCaps",
     "check_idempotency_times",
     "check_label",
+    "check_label_limits",
     "check_micros",
     "check_rate_limit",
     "epoch_micros",
@@ -62,6 +63,16 @@ def check_rate_limit(limit: int) -> None:
     """A request-rate limit is a positive int of requests, never a float or a bool."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
+
+
+def check_label_limits(limits: LabelBudget) -> None:
+    """A label's caps are micro-USD and its rate limit a positive count (each may be None)."""
+    for name in ("daily_cap_micros", "lifetime_cap_micros"):
+        value = getattr(limits, name)
+        if value is not None:
+            check_micros(name, value)
+    if limits.max_requests_per_minute is not None:
+        check_rate_limit(limits.max_requests_per_minute)
 
 
 def check_idempotency_times(ttl_seconds: int, in_flight_seconds: int) -> None:

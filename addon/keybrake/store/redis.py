@@ -117,6 +117,7 @@ from keybrake.store._common import (
     TreeCaps,
     check_idempotency_times,
     check_label,
+    check_label_limits,
     check_micros,
     check_rate_limit,
     epoch_micros,
@@ -1127,12 +1128,7 @@ class RedisStore:
         return (await self.get_label_limits(label)).daily_cap_micros
 
     async def set_label_limits(self, limits: LabelBudget) -> None:
-        for name in ("daily_cap_micros", "lifetime_cap_micros"):
-            value = getattr(limits, name)
-            if value is not None:
-                check_micros(name, value)
-        if limits.max_requests_per_minute is not None:
-            check_rate_limit(limits.max_requests_per_minute)
+        check_label_limits(limits)
         label = limits.label
 
         def text(value: int | None) -> str | None:

@@ -52,6 +52,7 @@ from keybrake.store._common import (
     TreeCaps,
     check_idempotency_times,
     check_label,
+    check_label_limits,
     check_micros,
     check_rate_limit,
     epoch_micros,
@@ -695,12 +696,7 @@ class SQLiteStore:
             return self._label_cap(conn, label)
 
     async def set_label_limits(self, limits: LabelBudget) -> None:
-        for name in ("daily_cap_micros", "lifetime_cap_micros"):
-            value = getattr(limits, name)
-            if value is not None:
-                check_micros(name, value)
-        if limits.max_requests_per_minute is not None:
-            check_rate_limit(limits.max_requests_per_minute)
+        check_label_limits(limits)
         with self._transaction() as conn:
             label = limits.label
             if limits.daily_cap_micros is None:

@@ -11,9 +11,8 @@ from typing import Any, Protocol
 
 from mitmproxy import http
 
-from keybrake.proxy.core import Runtime
-from keybrake.store import Store
-from keybrake.vault import CreateIssuerRequest, KeySpecError, Vault, issuer_to_json
+from keybrake.vault import CreateIssuerRequest, KeySpecError, issuer_to_json
+from keybrake.web._pages import DashboardPart
 
 __all__ = ["IssuerPages"]
 
@@ -23,22 +22,8 @@ class _Session(Protocol):
     reveal_issuer: dict[str, str] | None
 
 
-class IssuerPages:
+class IssuerPages(DashboardPart):
     """``GET /dashboard/issuers`` and its forms (see the module)."""
-
-    runtime: Runtime
-
-    # Provided by `Dashboard`.
-    def _vault(self, store: Store) -> Vault:
-        raise NotImplementedError
-
-    def _page(
-        self, template: str, context: dict[str, Any], session: Any = None, status: int = 200
-    ) -> http.Response:
-        raise NotImplementedError
-
-    def _redirect_to(self, location: str) -> http.Response:
-        raise NotImplementedError
 
     async def _issuers_page(
         self,

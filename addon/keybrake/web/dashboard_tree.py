@@ -13,28 +13,15 @@ from typing import Any
 
 from mitmproxy import http
 
-from keybrake.proxy.core import Runtime
-from keybrake.store import Store
-from keybrake.vault import Vault
+from keybrake.web._pages import DashboardPart
 
 __all__ = ["TreePage"]
 
 OPERATOR = "operator"
 
 
-class TreePage:
+class TreePage(DashboardPart):
     """``GET /dashboard/tree`` (see the module)."""
-
-    runtime: Runtime
-
-    # Provided by `Dashboard`.
-    def _vault(self, store: Store) -> Vault:
-        raise NotImplementedError
-
-    def _page(
-        self, template: str, context: dict[str, Any], session: Any = None, status: int = 200
-    ) -> http.Response:
-        raise NotImplementedError
 
     async def _tree_page(self, flow: http.HTTPFlow, session: Any) -> http.Response:
         tree = await self._vault(await self.runtime.open_store()).tree()
