@@ -69,12 +69,17 @@ def node(tree: dict[str, Any], issuer_id: str, label: str | None = None) -> dict
     return found
 
 
-def test_two_replicas_end_a_label_then_the_issuer_exactly_at_their_caps(
-    keybrake_factory: Any, fake_stripe: FakeStripe, redis_prefix: str
+@pytest.mark.parametrize("setup", ["sqlite", "redis-two-replicas"])
+def test_a_label_then_the_issuer_end_exactly_at_their_caps(
+    keybrake_factory: Any, fake_stripe: FakeStripe, redis_prefix: str, setup: str
 ) -> None:
-    store = f"redis://127.0.0.1:6379/0?prefix={redis_prefix}"
-    a: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=store)
-    b: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe}, store=store)
+    if setup == "sqlite":  # one proxy on its embedded store, the same concurrency
+        a: KeybrakeProcess = keybrake_factory({"stripe": fake_stripe})
+        b = a
+    else:
+        store = f"redis://127.0.0.1:6379/0?prefix={redis_prefix}"
+        a = keybrake_factory({"stripe": fake_stripe}, store=store)
+        b = keybrake_factory({"stripe": fake_stripe}, store=store)
     r = a.admin(
         "POST",
         "/vault/issuers",
