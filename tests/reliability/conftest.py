@@ -124,6 +124,7 @@ class ChargeLoad[T]:
         self.stop_evt = threading.Event()
         self.answers: list[T] = []
         self.lost = 0
+        self.in_flight = 0  # requests sent and not yet answered (or lost), now
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, args=(i % len(vault_keys),)) for i in range(threads)
@@ -131,6 +132,8 @@ class ChargeLoad[T]:
 
     def _run(self, index: int) -> None:
         while not self.stop_evt.is_set():
+            with self._lock:
+                self.in_flight += 1
             try:
                 r = charge(self.kb, self.vks[index], 100, timeout=15)
             except httpx.HTTPError:
@@ -138,6 +141,9 @@ class ChargeLoad[T]:
                     self.lost += 1
                 time.sleep(self.pause_after_loss)
                 continue
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
             answer = self.record(index, r)
             with self._lock:
                 self.answers.append(answer)

@@ -125,6 +125,9 @@ def test_kill_9_of_one_of_two_redis_replicas_under_load(
         wait_for(
             lambda: on_a.count() >= 10 and on_b.count() >= 10, 30, "load through both replicas"
         )
+        # A dies with calls in flight (each waits 0.2 s at the vendor): on a loaded machine
+        # its clients can all be between two calls at any given moment.
+        wait_for(lambda: on_a.in_flight >= 2, 30, "calls in flight through A")
         on_a.stop_evt.set()  # A's clients finish the request they are in, then stop
         assert a.stop(signal.SIGKILL) == -signal.SIGKILL
         killed_at = time.monotonic()

@@ -43,10 +43,8 @@ from keybrake.cli._packaged import (
 )
 from keybrake.core.policy import PolicyError, load_policies
 from keybrake.proxy._alert_rules import AlertConfigError, load_alert_config, parse_thresholds
+from keybrake.proxy._listen import format_listen, is_loopback_host, parse_listen
 from keybrake.proxy.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
-from keybrake.proxy.core import load_admin_token
-from keybrake.proxy.listeners import format_listen, is_loopback_host, parse_listen
-from keybrake.proxy.mitm_chain import refused_in_args
 from keybrake.proxy.preflight import PreflightError, check_listen
 from keybrake.store import (
     PASSWORD_ENV,
@@ -246,6 +244,10 @@ def run(
 
     Example: keybrake run --store redis://127.0.0.1:6379/0 --passthrough '*.googleapis.com'
     """
+    # mitmproxy is loaded from here on (this command runs it), not by every other command.
+    from keybrake.proxy.core import load_admin_token
+    from keybrake.proxy.mitm_chain import refused_in_args
+
     refused = refused_in_args(extra or [])
     if refused:
         _fail(refused)

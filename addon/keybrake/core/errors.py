@@ -10,11 +10,12 @@ except for `RETRY_SAFE` codes: the call never left the proxy, so a retry cannot 
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from mitmproxy import http
+from typing import TYPE_CHECKING, Any
 
 from keybrake.wire import CAP_HIT_HEADER, ERROR_HEADER, REFUSAL_STATUS, RETRY_SAFE
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 __all__ = ["Refusal", "refusal_response"]
 
@@ -75,4 +76,7 @@ def refusal_response(refusal: Refusal) -> http.Response:
     if refusal.code == "cap_exhausted":
         headers[CAP_HIT_HEADER] = "true"
     headers.update(refusal.headers)
-    return http.Response.make(refusal.status, body, headers)
+    # Imported here: the command line reads `Refusal` without loading mitmproxy.
+    from mitmproxy.http import Response
+
+    return Response.make(refusal.status, body, headers)

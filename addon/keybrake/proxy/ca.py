@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import certifi
-from mitmproxy.certs import CertStore
 
 __all__ = ["BUNDLE_NAME", "ca_exists", "default_certs_dir", "ensure_ca"]
 
@@ -45,6 +44,8 @@ def ensure_ca(certs_dir: Path) -> Path:
     PosixPath('/home/me/.keybrake/certs/keybrake-ca-bundle.pem')
     """
     certs_dir.mkdir(parents=True, exist_ok=True)
+    from mitmproxy.certs import CertStore  # here: commands that only read the CA skip mitmproxy
+
     CertStore.from_store(certs_dir, "mitmproxy", 2048)
     ca_cert = (certs_dir / "mitmproxy-ca-cert.pem").read_text()
     bundle = certs_dir / BUNDLE_NAME
