@@ -133,7 +133,10 @@ log = logging.getLogger("keybrake")
 __all__ = ["RedisStore"]
 
 
-_CONNECT_TIMEOUT_SECONDS = 1.0
+# A connection's TCP connect and TLS handshake: a burst opens up to _MAX_CONNECTIONS at once
+# (64 TLS handshakes in one event loop took over a second on a busy 2-core machine), and a
+# Redis that refuses connections fails at once whatever this is.
+_CONNECT_TIMEOUT_SECONDS = 2.0
 _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
