@@ -39,6 +39,7 @@ from keybrake.vault.keyspec import (
     _usd_field,
     account_ids,
     api_time,
+    body_errors,
 )
 
 __all__ = [
@@ -205,12 +206,7 @@ class CreateIssuerRequest:
 
     @classmethod
     def from_json(cls, data: Any, policies: PolicySet) -> CreateIssuerRequest:
-        if not isinstance(data, dict):
-            raise KeySpecError({"(body)": "must be a JSON object"})
-        errors: dict[str, str] = {}
-        for k in data:
-            if k not in _FIELDS:
-                errors[str(k)[:64]] = "unknown field"
+        errors = body_errors(data, _FIELDS)
         name = data.get("name") or ""
         if not isinstance(name, str) or len(name) > MAX_NAME or not name.isprintable():
             errors["name"] = f"must be printable text of at most {MAX_NAME} characters"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
+from collections.abc import Collection
 from typing import Any
 
 from keybrake.core.keys import generate_key_id, generate_vault_key, hash_vault_key, parse_duration
@@ -19,6 +20,7 @@ __all__ = [
     "KeySpecError",
     "account_ids",
     "api_time",
+    "body_errors",
     "key_to_json",
     "parse_label_budget",
 ]
@@ -111,12 +113,7 @@ class IssueKeyRequest:
 
     @classmethod
     def from_json(cls, data: Any, policies: PolicySet) -> IssueKeyRequest:
-        if not isinstance(data, dict):
-            raise KeySpecError({"(body)": "must be a JSON object"})
-        errors: dict[str, str] = {}
-        for k in data:
-            if k not in _FIELDS:
-                errors[str(k)[:64]] = "unknown field"
+        errors = body_errors(data, _FIELDS)
         vendor = data.get("vendor")
         if not isinstance(vendor, str) or vendor not in policies.vendors:
             known = ", ".join(sorted(policies.vendors))
@@ -205,6 +202,14 @@ def _accounts(
         errors["allowed_accounts"] = f"the {vendor} policy names no account header"
         return ()
     return accounts
+
+
+def body_errors(data: Any, fields: Collection[str]) -> dict[str, str]:
+    """The errors of a request body so far: one per field not in ``fields`` (a dict of
+    field path -> message to add to); `KeySpecError` at once when it is not a JSON object."""
+    if not isinstance(data, dict):
+        raise KeySpecError({"(body)": "must be a JSON object"})
+    return {str(k)[:64]: "unknown field" for k in data if k not in fields}
 
 
 def account_ids(value: object, errors: dict[str, str]) -> tuple[str, ...]:
