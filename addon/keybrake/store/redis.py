@@ -535,12 +535,13 @@ class RedisStore:
         client = self._redis()
         try:
             yield client
-        except (TypeError, AttributeError) as exc:
+        except (TypeError, AttributeError, RuntimeError) as exc:
             if not self._cluster:
                 raise
             # redis-py's cluster client can trip over a connection another task is closing
-            # while a node fails ("'NoneType' object is not callable" from the transport):
-            # the node is away, and the call fails closed like any other.
+            # while a node fails ("'NoneType' object is not callable" from the transport, or
+            # "Event loop is closed" from a transport it re-initialises the topology on): the
+            # node is away, and the call fails closed like any other (503 store_unavailable).
             raise self._unavailable(exc) from exc
         except (redis.exceptions.RedisError, OSError, *_CLUSTER_ERRORS) as exc:
             if not self._cluster and isinstance(exc, redis.exceptions.ConnectionError | OSError):
