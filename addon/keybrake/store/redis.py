@@ -126,6 +126,7 @@ from keybrake.store._common import (
     rate_verdict,
     usage_plan,
 )
+from keybrake.store._lane import LaneTarget, ScriptLane
 from keybrake.store._redis_url import PASSWORD_ENV, RedisTarget, parse_redis_url
 
 log = logging.getLogger("keybrake")
@@ -452,6 +453,23 @@ class RedisStore:
         self._ttl_set: set[str] = set()
         self._scripts: dict[str, AsyncScript] = {}
         self._pending: list[_Pending] = []
+        # The hot path's script calls, on their own connection (not on a cluster).
+        self._lane = (
+            None
+            if self._target.cluster
+            else ScriptLane(
+                LaneTarget(
+                    self._target.host,
+                    self._target.port,
+                    self._target.db,
+                    self._target.username,
+                    self._target.password,
+                    self._tls_context,
+                    _CONNECT_TIMEOUT_SECONDS,
+                    _OPERATION_TIMEOUT_SECONDS,
+                )
+            )
+        )
         self._sending: set[asyncio.Task[None]] = set()
         self._warned_unverified = False
         self._cluster = self._target.cluster
@@ -596,16 +614,23 @@ class RedisStore:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[_Pending]) -> None:
-        if len(batch) == 1:
+        lane = self._lane
+        if lane is None and len(batch) == 1:
             await self._send_alone(batch[0])
             return
         try:
             async with self._guard() as client:
-                pipe = client.pipeline(transaction=False)
-                for name, keys, args, _ in batch:
-                    sha = self._scripts[name].sha
-                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+                calls = [
+                    ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+                    for name, keys, args, _ in batch
+                ]
+                if lane is not None:
+                    results = await lane.call(calls)
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for call in calls:
+                        pipe.execute_command(*call)
+                    results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:
             for *_, future in batch:
                 if not future.done():
@@ -790,6 +815,8 @@ class RedisStore:
         )
 
     async def close(self) -> None:
+        if self._lane is not None:
+            await self._lane.close()
         if self._client is not None:
             client, self._client = self._client, None
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
