@@ -83,3 +83,30 @@ async def test_a_refused_connection_raises_and_the_next_call_connects_again() ->
         with pytest.raises(OSError):
             await lane.call([("PING",)])
     await lane.close()
+
+
+async def test_a_server_that_does_not_answer_times_out_and_the_lane_recovers() -> None:
+    import asyncio
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lane = ScriptLane(LaneTarget("127.0.0.1", port, connect_timeout=0.5, timeout=0.3))
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError, match="no answer"):
+            await lane.call([("PING",)])
+        assert len(held) == 1
+        # The connection in doubt was dropped: the next call opens a new one.
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await lane.call([("PING",)])
+        assert len(held) == 2
+    finally:
+        await lane.close()
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()

@@ -108,15 +108,19 @@ class ScriptLane:
         t = self.target
         # Waiting for the batch before this one counts: a call fails within the connect and
         # operation timeouts, however many batches queue behind a Redis that stopped answering.
-        async with asyncio.timeout(t.connect_timeout + t.timeout), self._lock:
-            try:
-                if self._writer is None:
-                    await self._connect()
-                async with asyncio.timeout(t.timeout):
-                    return await self._exchange(commands)
-            except BaseException:
-                self._drop()
-                raise
+        try:
+            async with asyncio.timeout(t.connect_timeout + t.timeout), self._lock:
+                try:
+                    if self._writer is None:
+                        await self._connect()
+                    async with asyncio.timeout(t.timeout):
+                        return await self._exchange(commands)
+                except BaseException:
+                    self._drop()
+                    raise
+        except TimeoutError as e:
+            where = f"{t.host}:{t.port}"
+            raise redis.exceptions.TimeoutError(f"no answer from {where} in time") from e
 
     async def close(self) -> None:
         writer = self._writer
