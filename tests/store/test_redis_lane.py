@@ -8,6 +8,7 @@ arguments the store sends, and run a lane against the real server.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -57,9 +58,10 @@ async def test_replies_are_what_redis_py_returns() -> None:
                 ("EVALSHA", sha, 1, key, b"\x00\xff"),
             ]
         )
-        ours = replies[0]
-        theirs = await redis.asyncio.Redis.from_url(REDIS_URL).evalsha(sha, 1, key, "ünï")
-        assert ours == theirs == [1, None, "ünï".encode(), [b"x", -2]]
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+        theirs = await client.evalsha(sha, 1, key, "ünï")
+        await client.aclose()
+        assert replies[0] == theirs == [1, None, "ünï".encode(), [b"x", -2]]
         assert isinstance(replies[1], redis.exceptions.NoScriptError)
         assert replies[2] == "ünï".encode()  # the commands after an error still ran, in order
         assert replies[3][2] == b"\x00\xff"
@@ -72,9 +74,11 @@ async def test_replies_are_what_redis_py_returns() -> None:
 @pytest.mark.redis
 async def test_a_wrong_password_is_an_authentication_error() -> None:
     lane = ScriptLane(_target(username="kbtest-nobody", password="wrong"))
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        await lane.call([("PING",)])
-    await lane.close()
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await lane.call([("PING",)])
+    finally:
+        await lane.close()
 
 
 async def test_a_refused_connection_raises_and_the_next_call_connects_again() -> None:
@@ -86,8 +90,6 @@ async def test_a_refused_connection_raises_and_the_next_call_connects_again() ->
 
 
 async def test_a_server_that_does_not_answer_times_out_and_the_lane_recovers() -> None:
-    import asyncio
-
     held: list[asyncio.StreamWriter] = []
 
     async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
