@@ -14,7 +14,7 @@ import pytest
 import redis
 from tests.conftest import REDIS_URL
 
-from keybrake.store._lane import LaneTarget, ScriptLane
+from keybrake.store._lane import ScriptLane
 from keybrake.store._redis_url import parse_redis_url
 
 pytestmark = pytest.mark.redis
@@ -25,8 +25,7 @@ async def test_a_resp_command_inside_an_argument_is_stored_as_text() -> None:
     sync = redis.Redis.from_url(REDIS_URL)
     sync.set(victim, "still here")
     injected = f"x\r\n*2\r\n$3\r\nDEL\r\n${len(victim)}\r\n{victim}\r\n"
-    t = parse_redis_url(REDIS_URL)
-    lane = ScriptLane(LaneTarget(t.host, t.port, t.db))
+    lane = ScriptLane(parse_redis_url(REDIS_URL), None)
     try:
         replies = await lane.call([("SET", carrier, injected), ("GET", carrier)])
         assert replies == [b"OK", injected.encode()]  # two commands, two replies, in order

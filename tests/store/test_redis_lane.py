@@ -9,6 +9,7 @@ arguments the store sends, and run a lane against the real server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
@@ -18,8 +19,8 @@ import redis.asyncio
 from tests._ports import free_port
 from tests.conftest import REDIS_URL
 
-from keybrake.store._lane import LaneTarget, ScriptLane, pack
-from keybrake.store._redis_url import parse_redis_url
+from keybrake.store._lane import ScriptLane, pack
+from keybrake.store._redis_url import RedisTarget, parse_redis_url
 
 CASES: list[tuple[Any, ...]] = [
     ("PING",),
@@ -37,9 +38,8 @@ def test_the_same_bytes_as_redis_py(args: tuple[Any, ...]) -> None:
     assert pack(args) == b"".join(redis.asyncio.Connection().pack_command(*args))
 
 
-def _target(**changes: Any) -> LaneTarget:
-    t = parse_redis_url(REDIS_URL)
-    return LaneTarget(t.host, t.port, t.db, **changes)
+def _target(**changes: Any) -> RedisTarget:
+    return dataclasses.replace(parse_redis_url(REDIS_URL), **changes)
 
 
 @pytest.mark.redis
@@ -48,7 +48,7 @@ async def test_replies_are_what_redis_py_returns() -> None:
     script = "redis.call('SET', KEYS[1], ARGV[1]); return {1, false, ARGV[1], {'x', -2}}"
     sync = redis.Redis.from_url(REDIS_URL)
     sha = sync.script_load(script)
-    lane = ScriptLane(_target())
+    lane = ScriptLane(_target(), None)
     try:
         replies = await lane.call(
             [
@@ -73,7 +73,7 @@ async def test_replies_are_what_redis_py_returns() -> None:
 
 @pytest.mark.redis
 async def test_a_wrong_password_is_an_authentication_error() -> None:
-    lane = ScriptLane(_target(username="kbtest-nobody", password="wrong"))
+    lane = ScriptLane(_target(username="kbtest-nobody", password="wrong"), None)
     try:
         with pytest.raises(redis.exceptions.AuthenticationError):
             await lane.call([("PING",)])
@@ -82,7 +82,7 @@ async def test_a_wrong_password_is_an_authentication_error() -> None:
 
 
 async def test_a_refused_connection_raises_and_the_next_call_connects_again() -> None:
-    lane = ScriptLane(LaneTarget("127.0.0.1", free_port()))
+    lane = ScriptLane(RedisTarget("redis://127.0.0.1", "127.0.0.1", free_port()), None)
     for _ in range(2):
         with pytest.raises(OSError):
             await lane.call([("PING",)])
@@ -97,7 +97,8 @@ async def test_a_server_that_does_not_answer_times_out_and_the_lane_recovers() -
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    lane = ScriptLane(LaneTarget("127.0.0.1", port, connect_timeout=0.5, timeout=0.3))
+    target = RedisTarget("redis://127.0.0.1", "127.0.0.1", port)
+    lane = ScriptLane(target, None, connect_timeout=0.5, timeout=0.3)
     try:
         with pytest.raises(redis.exceptions.TimeoutError, match="no answer"):
             await lane.call([("PING",)])
@@ -112,3 +113,9 @@ async def test_a_server_that_does_not_answer_times_out_and_the_lane_recovers() -
             w.close()
         server.close()
         await server.wait_closed()
+
+
+def test_the_password_is_not_in_the_lanes_repr() -> None:
+    target = dataclasses.replace(parse_redis_url(REDIS_URL), password="s3cret-store-password")
+    lane = ScriptLane(target, None)
+    assert "s3cret-store-password" not in repr(lane.target) + repr(vars(lane))

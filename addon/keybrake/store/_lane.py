@@ -22,29 +22,17 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 import redis.exceptions
+from redis._parsers.base import BaseParser
 
-__all__ = ["LaneTarget", "ScriptLane", "pack"]
+from keybrake.store._redis_url import RedisTarget
+
+__all__ = ["ScriptLane", "pack"]
 
 Arg = str | bytes | int
-
-
-@dataclass(frozen=True)
-class LaneTarget:
-    """Where the lane connects and how it logs in (a single Redis server, not a cluster)."""
-
-    host: str
-    port: int
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: ssl.SSLContext | None = None
-    connect_timeout: float = 2.0
-    timeout: float = 2.0
 
 
 def pack(args: Sequence[Arg]) -> bytes:
@@ -62,15 +50,11 @@ def pack(args: Sequence[Arg]) -> bytes:
 
 
 def _error(reply: hiredis.ReplyError) -> redis.exceptions.RedisError:
-    """An error reply as the redis-py exception its client would raise."""
-    message = str(reply)
-    if message.startswith("NOSCRIPT"):
-        return redis.exceptions.NoScriptError(message)
-    if message.startswith(("WRONGPASS", "NOAUTH")) or "invalid password" in message:
-        return redis.exceptions.AuthenticationError(message)
-    if message.startswith("NOPERM"):
-        return redis.exceptions.NoPermissionError(message)
-    return redis.exceptions.ResponseError(message)
+    """An error reply as the exception redis-py's own parser makes of it (``NOSCRIPT`` ->
+    `NoScriptError`, ``WRONGPASS`` -> `AuthenticationError`, ``READONLY``, ``OOM``, ...)."""
+    # redis-py's parser is untyped; it always returns a RedisError subclass instance.
+    error: redis.exceptions.RedisError = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+    return error
 
 
 class ScriptLane:
@@ -83,15 +67,28 @@ class ScriptLane:
     it and raises. Opened lazily, on the running event loop; a lane used from another event
     loop (a new ``asyncio.run``) connects again there.
 
+    ``target`` is a single server (its ``tls`` is done with ``tls``, the store's one context);
+    ``connect_timeout`` bounds the connection and its login, ``timeout`` each batch's answer.
+
     Example::
 
-        lane = ScriptLane(LaneTarget("127.0.0.1", 6379))
+        lane = ScriptLane(parse_redis_url("redis://127.0.0.1:6379/0"), None)
         replies = await lane.call([("EVALSHA", sha, 1, "key", "arg"), ("PING",)])
         await lane.close()
     """
 
-    def __init__(self, target: LaneTarget) -> None:
+    def __init__(
+        self,
+        target: RedisTarget,
+        tls: ssl.SSLContext | None,
+        *,
+        connect_timeout: float = 2.0,
+        timeout: float = 2.0,
+    ) -> None:
         self.target = target
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -105,21 +102,20 @@ class ScriptLane:
             # A lock and a connection belong to the event loop that made them.
             self._drop()
             self._lock, self._loop = asyncio.Lock(), loop
-        t = self.target
         # Waiting for the batch before this one counts: a call fails within the connect and
         # operation timeouts, however many batches queue behind a Redis that stopped answering.
         try:
-            async with asyncio.timeout(t.connect_timeout + t.timeout), self._lock:
+            async with asyncio.timeout(self.connect_timeout + self.timeout), self._lock:
                 try:
                     if self._writer is None:
                         await self._connect()
-                    async with asyncio.timeout(t.timeout):
+                    async with asyncio.timeout(self.timeout):
                         return await self._exchange(commands)
                 except BaseException:
                     self._drop()
                     raise
         except TimeoutError as e:
-            where = f"{t.host}:{t.port}"
+            where = f"{self.target.host}:{self.target.port}"
             raise redis.exceptions.TimeoutError(f"no answer from {where} in time") from e
 
     async def close(self) -> None:
@@ -131,9 +127,9 @@ class ScriptLane:
 
     async def _connect(self) -> None:
         t = self.target
-        async with asyncio.timeout(t.connect_timeout):
+        async with asyncio.timeout(self.connect_timeout):
             self._reader, self._writer = await asyncio.open_connection(
-                t.host, t.port, ssl=t.tls, server_hostname=t.host if t.tls else None
+                t.host, t.port, ssl=self.tls, server_hostname=t.host if self.tls else None
             )
         self._parser = hiredis.Reader()
         login: list[Sequence[Arg]] = []
@@ -142,7 +138,7 @@ class ScriptLane:
         if t.db:
             login.append(("SELECT", t.db))
         if login:
-            async with asyncio.timeout(t.timeout):
+            async with asyncio.timeout(self.timeout):
                 replies = await self._exchange(login)
             for reply in replies:
                 if isinstance(reply, Exception):

@@ -126,7 +126,7 @@ from keybrake.store._common import (
     rate_verdict,
     usage_plan,
 )
-from keybrake.store._lane import LaneTarget, ScriptLane
+from keybrake.store._lane import ScriptLane
 from keybrake.store._redis_url import PASSWORD_ENV, RedisTarget, parse_redis_url
 
 log = logging.getLogger("keybrake")
@@ -458,16 +458,10 @@ class RedisStore:
             None
             if self._target.cluster
             else ScriptLane(
-                LaneTarget(
-                    self._target.host,
-                    self._target.port,
-                    self._target.db,
-                    self._target.username,
-                    self._target.password,
-                    self._tls_context,
-                    _CONNECT_TIMEOUT_SECONDS,
-                    _OPERATION_TIMEOUT_SECONDS,
-                )
+                self._target,
+                self._tls_context,
+                connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+                timeout=_OPERATION_TIMEOUT_SECONDS,
             )
         )
         self._sending: set[asyncio.Task[None]] = set()
