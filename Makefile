@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt check bench bench-litellm fleet soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
+.PHONY: venv run web test lint fmt check bench bench-litellm fleet redis-cost soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
@@ -109,6 +109,11 @@ bench: venv
 FLEET_ARGS ?=
 fleet: venv
 	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
+
+## Redis server instructions per vendor call (callgrind: repeatable on a noisy machine);
+## REDIS_COST_ARGS="--baseline DIR" compares another checkout's addon/.
+redis-cost: venv
+	$(BIN)/python bench/redis_cost.py $(REDIS_COST_ARGS)
 
 ## 64 AI agents against one $1 budget, Keybrake beside LiteLLM's proxy (its own venv, built
 ## once from PyPI; not part of `make test`).

@@ -45,6 +45,7 @@
 --   usage hash for cap_exhausted. The usage of a budget without a cap is not read (answered
 --   as 0, 0).
 --#include _tree
+--#include _rate
 local MUTABLE = {'expires_at', 'agent_run_label', 'daily_cap_micros', 'usd_cap_micros',
                  'revoked_at', 'suspended_at', 'suspended_reason'}
 local key, fields = {}, {}
@@ -52,12 +53,15 @@ if ARGV[16] == '1' then
   fields = redis.call('HGETALL', KEYS[1])
   for i = 1, #fields, 2 do key[fields[i]] = fields[i + 1] end
 else
-  local row = redis.call('HMGET', KEYS[1], unpack(MUTABLE))
+  -- The vendor never changes (the caller keeps it), but the freeze check below needs it: read
+  -- in the same HMGET, not answered.
+  local row = redis.call('HMGET', KEYS[1], 'vendor', unpack(MUTABLE))
+  key['vendor'] = row[1]
   for i = 1, #MUTABLE do
-    if row[i] then
-      key[MUTABLE[i]] = row[i]
+    if row[i + 1] then
+      key[MUTABLE[i]] = row[i + 1]
       fields[#fields + 1] = MUTABLE[i]
-      fields[#fields + 1] = row[i]
+      fields[#fields + 1] = row[i + 1]
     end
   end
 end
@@ -67,7 +71,10 @@ end
 if key['revoked_at'] then
   return {'refused', 'vault_key_revoked', '', {}, fields}
 end
-if tonumber(ARGV[1]) >= tonumber(key['expires_at']) then
+-- Numbers are read from their strings once (each conversion costs about as much as a short
+-- command), and names are constants rather than built per call.
+local now_us, expires_us = tonumber(ARGV[1]), tonumber(key['expires_at'])
+if now_us >= expires_us then
   return {'refused', 'vault_key_expired', '', {}, fields}
 end
 if key['suspended_at'] then
@@ -75,7 +82,7 @@ if key['suspended_at'] then
 end
 local label, issuer = ARGV[18], ARGV[19]
 local tree, extras = tree_limits(KEYS[8], label, issuer,
-  {'!frozen:' .. (key['vendor'] or redis.call('HGET', KEYS[1], 'vendor') or '')})
+  {'!frozen:' .. (key['vendor'] or '')})
 if extras[1] then
   return {'refused', 'vendor_frozen', extras[1], {}, fields, tree}
 end
@@ -91,31 +98,15 @@ end
 if tree[6] ~= '' then
   limited[#limited + 1] = {'issuer', KEYS[10], tree[6]}
 end
-local oldest = tonumber(ARGV[3]) - tonumber(ARGV[4]) + 1
+local current = tonumber(ARGV[3])
+local oldest = current - tonumber(ARGV[4]) + 1
 for _, node in ipairs(limited) do
-  local flat = redis.call('HGETALL', node[2])
-  local total, live, stale = 0, {}, {}
-  for i = 1, #flat, 2 do
-    if tonumber(flat[i]) < oldest then
-      stale[#stale + 1] = flat[i]
-    else
-      total = total + tonumber(flat[i + 1])
-      live[#live + 1] = flat[i]
-      live[#live + 1] = flat[i + 1]
-    end
-  end
-  if #stale > 0 then
-    redis.call('HDEL', node[2], unpack(stale))
-  end
-  if total + 1 > tonumber(node[3]) then
-    return {'refused', 'rate_limited', node[1], live, fields, tree}
+  if rate_total(node[2], oldest, current, ARGV[5]) + 1 > tonumber(node[3]) then
+    return {'refused', 'rate_limited', node[1], rate_live(node[2], oldest), fields, tree}
   end
 end
 for _, node in ipairs(limited) do
-  -- A new bucket sets the hash's TTL; it outlives every bucket that still counts.
-  if redis.call('HINCRBY', node[2], ARGV[3], 1) == 1 then
-    redis.call('PEXPIRE', node[2], ARGV[5])
-  end
+  rate_count(node[2], ARGV[3], ARGV[5])
 end
 
 local server_now
@@ -138,13 +129,21 @@ local function live_count(set, limit)
   return count
 end
 
-if ARGV[6] ~= '' and live_count(KEYS[3], tonumber(ARGV[6])) >= tonumber(ARGV[6]) then
+local quota = ARGV[6] ~= '' and tonumber(ARGV[6])
+if quota and live_count(KEYS[3], quota) >= quota then
   return {'refused', 'quota_exceeded', 'objects', {}, fields}
 end
 
-local claim = false
+-- The claim is written first, with SET NX GET (one command: the entry before, or none); a
+-- refusal further down deletes the claim it wrote.
+local claim, created = false, false
 if ARGV[7] ~= '' then
-  local entry = redis.call('GET', KEYS[4])
+  -- Replayable only while the key may call (an expired key is refused above): kept no longer,
+  -- give or take a minute of clock difference between replicas.
+  claim = {ttl = math.min(tonumber(ARGV[8]) * 1000,
+                          math.floor((expires_us - now_us) / 1000) + 60000)}
+  claim.value = 'I' .. #ARGV[7] .. ':' .. ARGV[7] .. string.format('%d', now_ms())
+  local entry = redis.call('SET', KEYS[4], claim.value, 'NX', 'PX', claim.ttl, 'GET')
   local state, sha, rest
   if entry then
     local colon = string.find(entry, ':', 2, true)
@@ -165,75 +164,84 @@ if ARGV[7] ~= '' then
     end
     return {'replay', '', '', {}, fields, rest}
   end
-  if not entry then
-    if live_count(KEYS[5], tonumber(ARGV[10])) >= tonumber(ARGV[10]) then
+  created = not entry
+  if created then
+    local most = tonumber(ARGV[10])
+    if live_count(KEYS[5], most) >= most then
+      redis.call('DEL', KEYS[4])
       return {'refused', 'quota_exceeded', 'idempotency', {}, fields}
     end
   end
-  claim = true
 end
 
-local usage = {}
+local spent, reserved = {}, {}
 local n = #KEYS - 10
 if ARGV[11] ~= '' then
   local caps = path_caps(tree, key['daily_cap_micros'], key['usd_cap_micros'] or '', label,
                          issuer)
   if #caps ~= n then
+    if created then
+      redis.call('DEL', KEYS[4])
+    end
     return redis.error_reply('admit.lua: the usage keys do not match the key\'s budget tree')
   end
   local estimate = tonumber(ARGV[12])
+  local over = nil
   for i = 1, n do
     if caps[i] ~= '' then
       local u = redis.call('HMGET', KEYS[10 + i], 'spent', 'reserved')
-      usage[i] = {tonumber(u[1] or '0'), tonumber(u[2] or '0')}
+      spent[i], reserved[i] = tonumber(u[1] or 0), tonumber(u[2] or 0)
+      if not over and spent[i] + reserved[i] + estimate > tonumber(caps[i]) then
+        over = i
+      end
     else
-      usage[i] = {0, 0}
+      spent[i], reserved[i] = 0, 0
     end
   end
-  if redis.call('EXISTS', KEYS[6]) == 0 then
-    for i = 1, n do
-      if caps[i] ~= '' and usage[i][1] + usage[i][2] + estimate > tonumber(caps[i]) then
-        local reply = {'refused', 'cap_exhausted', '', {i}, fields, tree}
-        for j = 1, n do
-          table.insert(reply, usage[j][1])
-          table.insert(reply, usage[j][2])
-        end
-        return reply
-      end
+  if over then
+    if created then
+      redis.call('DEL', KEYS[4])
     end
+    local reply = {'refused', 'cap_exhausted', '', {over}, fields, tree}
+    for j = 1, n do
+      reply[5 + 2 * j] = spent[j]
+      reply[6 + 2 * j] = reserved[j]
+    end
+    return reply
+  end
+  -- A reservation id already open is never reserved twice (ZADD NX answers 0): the open set
+  -- is the check, so it costs no command of its own.
+  if redis.call('ZADD', KEYS[7], 'NX', ARGV[1], ARGV[11]) == 1 then
     local res = {'state', 'reserved', 'key_id', ARGV[15], 'estimate', ARGV[12],
                  'created_at', ARGV[1], 'day', ARGV[14]}
+    local names = {'usage_1', 'usage_2', 'usage_3', 'usage_4', 'usage_5', 'usage_6'}
     for i = 1, n do
-      usage[i][2] = redis.call('HINCRBY', KEYS[10 + i], 'reserved', ARGV[12])
+      reserved[i] = redis.call('HINCRBY', KEYS[10 + i], 'reserved', ARGV[12])
       if ARGV[19 + i] == '1' and is_daily(KEYS[10 + i]) then
         redis.call('EXPIRE', KEYS[10 + i], ARGV[13], 'NX')
       end
-      table.insert(res, 'usage_' .. i)
-      table.insert(res, KEYS[10 + i])
+      res[9 + 2 * i] = names[i]
+      res[10 + 2 * i] = KEYS[10 + i]
     end
     redis.call('HSET', KEYS[6], unpack(res))
-    redis.call('ZADD', KEYS[7], ARGV[1], ARGV[11])
   end
 end
 
 if claim then
-  -- Replayable only while the key may call (an expired key is refused above): kept no longer,
-  -- give or take a minute of clock difference between replicas.
-  local ttl_ms = math.min(tonumber(ARGV[8]) * 1000,
-    math.floor((tonumber(key['expires_at']) - tonumber(ARGV[1])) / 1000) + 60000)
-  local started = string.format('%d', now_ms())
-  redis.call('SET', KEYS[4], 'I' .. #ARGV[7] .. ':' .. ARGV[7] .. started, 'PX', ttl_ms)
-  local expires = string.format('%d', now_ms() + ttl_ms)
-  redis.call('ZADD', KEYS[5], expires, KEYS[4])
+  if not created then
+    -- A stale in-flight claim is taken over.
+    redis.call('SET', KEYS[4], claim.value, 'PX', claim.ttl)
+  end
+  redis.call('ZADD', KEYS[5], string.format('%d', now_ms() + claim.ttl), KEYS[4])
   if ARGV[17] == '1' then
-    local ends = math.max(math.floor(tonumber(key['expires_at']) / 1000), now_ms())
-    redis.call('PEXPIREAT', KEYS[5], string.format('%d', ends + 2 * ttl_ms))
+    local ends = math.max(math.floor(expires_us / 1000), now_ms())
+    redis.call('PEXPIREAT', KEYS[5], string.format('%d', ends + 2 * claim.ttl))
   end
 end
 
 local reply = {'admitted', '', '', {}, fields, tree}
-for i = 1, #usage do
-  table.insert(reply, usage[i][1])
-  table.insert(reply, usage[i][2])
+for i = 1, #spent do
+  reply[5 + 2 * i] = spent[i]
+  reply[6 + 2 * i] = reserved[i]
 end
 return reply

@@ -144,9 +144,6 @@ _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
 # Responses kept for replay are compressed from this size on.
 _COMPRESS_FROM = 256
-# A replica's clock may be this far off the others' (`Runtime.clock_problem` allows 30 s):
-# what is kept until a key expires is kept this much longer.
-_CLOCK_MARGIN_SECONDS = 60
 # Names of keys whose TTL this process has set (it is the same every time): forgotten in bulk
 # past this many, which only costs setting some again.
 _TTL_MEMORY = 100_000
@@ -502,15 +499,18 @@ class RedisStore:
 
     def _register_scripts(self, client: Any) -> None:
         package = importlib.resources.files("keybrake.store")
-        shared = package.joinpath("_tree.lua").read_text("utf-8")
-        self._scripts = {
-            name: client.register_script(
-                package.joinpath(f"{name}.lua")
-                .read_text("utf-8")
-                .replace("--#include _tree", shared)
-            )
-            for name in _SCRIPTS
+        shared = {
+            f"--#include {part}": package.joinpath(f"{part}.lua").read_text("utf-8")
+            for part in ("_tree", "_rate")
         }
+
+        def source(name: str) -> str:
+            text = package.joinpath(f"{name}.lua").read_text("utf-8")
+            for line, part in shared.items():
+                text = text.replace(line, part)
+            return text
+
+        self._scripts = {name: client.register_script(source(name)) for name in _SCRIPTS}
 
     def _cluster_client(self) -> Any:
         """A `RedisCluster` client: it discovers the topology from any node the URL names and
@@ -1503,8 +1503,6 @@ class RedisStore:
         indexes = [self._kt(tag, "objs", s.key_id)] if s.created else []
         if s.remember and (self._cluster or s.remember[0] not in s.created):
             indexes.append(self._kt(tag, "amounts", s.key_id))
-        if idem == "complete":
-            indexes.append(self._kt(tag, "idem-index", s.key_id))
         # Their TTL is the key's expiry plus the longest any entry lives (an object's 90 days):
         # set once, by this process, when it knows the key's expiry.
         expiry_ms = self._key_expiry_ms.get(s.key_id)
@@ -1512,12 +1510,6 @@ class RedisStore:
         indexes_expire = str(ends)
         if expiry_ms is not None and all(name in self._ttl_set for name in indexes):
             indexes_expire = ""
-        # A response is replayable only while its key may call (an expired key is refused
-        # before its idempotency entry is looked at): kept no longer than that.
-        idem_ttl = s.idempotency_ttl_seconds
-        if expiry_ms is not None:
-            left = (expiry_ms - epoch_micros(s.now) // 1000) // 1000 + _CLOCK_MARGIN_SECONDS
-            idem_ttl = max(1, min(idem_ttl, left))
         created, claimed = s.created, []
         if self._cluster and created:
             # Owner records are in their own slots: claimed first (the call's answer must find
@@ -1555,7 +1547,7 @@ class RedisStore:
                 str(_AMOUNT_TTL_SECONDS),
                 str(about),
                 idem,
-                str(idem_ttl),
+                str(epoch_micros(s.now) // 1000),
                 _pack_response(response) if response else b"",
                 str(len(usage)),
                 json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",

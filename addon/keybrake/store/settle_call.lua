@@ -6,7 +6,8 @@
 -- KEYS[5]  the key's remembered amounts (<prefix>amounts:<key_id>), hash
 --          '<vendor>:<object_id>' -> '<µs>:<expires, epoch s>'
 -- KEYS[6]  idempotency entry (<prefix>idm:<key_id>:<scope>, see admit.lua), KEYS[7] the
---          key's idempotency index
+--          key's idempotency index (admit.lua indexed the entry with the expiry it keeps, the
+--          claim's; an abandoned entry leaves it)
 -- KEYS[8]  the audit stream (<prefix>audit)
 -- KEYS[9 … 8+ARGV[16]] the reservation's usage hashes (every node of its budget tree path,
 --          as admit.lua recorded them)
@@ -20,10 +21,12 @@
 -- ARGV[9]  '<vendor>:<object_id>' whose amount to remember, or ''; ARGV[10] the amount µs,
 --          ARGV[11] its TTL s; ARGV[12] index in KEYS of the created object it is about (its
 --          owner record carries it, when new), or '0'
--- ARGV[13] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[14] TTL s of the
---          stored response; ARGV[15] the response as stored (status, headers, body)
+-- ARGV[13] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[14] now, epoch ms (the
+--          caller's clock, within the replicas' allowed skew: it dates object records and
+--          remembered amounts, which live days); ARGV[15] the response as stored (status,
+--          headers, body), kept as long as the claim was (its TTL, set by admit.lua)
 -- ARGV[16] how many usage hashes follow KEYS[8]; ARGV[17] the audit row (JSON), or ''
--- ARGV[18] when the key's objects index, remembered amounts and idempotency index expire,
+-- ARGV[18] when the key's objects index and remembered amounts expire,
 --          epoch ms, or '' when the caller has set it already (it is the same every call:
 --          the key's expiry plus the longest TTL of what they index)
 -- ARGV[19…] names of owner records of created objects that own.lua claimed for the key (on a
@@ -33,13 +36,8 @@
 local n = tonumber(ARGV[16])
 local finished = 0
 
-local server_now
 local function now_ms()
-  if not server_now then
-    local t = redis.call('TIME')
-    server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return server_now
+  return tonumber(ARGV[14])
 end
 
 if ARGV[1] ~= '' then
@@ -159,15 +157,11 @@ if ARGV[13] ~= '' then
       redis.call('DEL', KEYS[6])
       redis.call('ZREM', KEYS[7], KEYS[6])
     else
+      -- The claim's expiry stays, so the index's score for it (admit.lua) stays right.
       local colon = string.find(entry, ':', 2, true)
       local len = tonumber(string.sub(entry, 2, colon - 1))
-      local ttl_ms = tonumber(ARGV[14]) * 1000
       redis.call('SET', KEYS[6], 'D' .. string.sub(entry, 2, colon + len) .. ARGV[15],
-                 'PX', ttl_ms)
-      redis.call('ZADD', KEYS[7], string.format('%d', now_ms() + ttl_ms), KEYS[6])
-      if indexes_expire ~= '' then
-        redis.call('PEXPIREAT', KEYS[7], indexes_expire, 'GT')
-      end
+                 'KEEPTTL')
     end
   end
 end

@@ -1,0 +1,236 @@
+"""What one vendor call costs the Redis server, in instructions: a figure this noisy VM repeats.
+
+    make redis-cost                                   # = .venv/bin/python bench/redis_cost.py
+    .venv/bin/python bench/redis_cost.py --baseline /tmp/old/addon   # another checkout too
+
+Redis CPU per call (`bench/fleet.py`) moves by ±20 % from one hour to the next here, more than
+most changes to the scripts do. This runs a private ``redis-server`` under ``valgrind
+--tool=callgrind`` (instructions, not seconds: the same count for the same work, whatever the
+neighbours do) and makes the calls `bench/store_ops.py` makes, one `Store.admit` and one
+`Store.settle_call` of a paid ``POST /v1/payment_intents`` with a rate limit, an object quota,
+an idempotency claim, a label and an audit row, for a fresh object each. It prints the server's
+instructions per admission, per settlement and per call, and the commands each ran (``INFO
+commandstats``). With ``--baseline DIR`` it measures that checkout's ``addon/`` too, on a
+server of its own, and prints the ratio. Needs ``valgrind`` (Debian). Not part of
+``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b'{"id": "pi_x", "object": "payment_intent", "amount": 2000}' * 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Callgrind:
+    """A private redis-server under callgrind; `count` is the instructions since `zero`."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={work}/cg.out",
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("redis-server under valgrind did not start")
+
+    def _control(self, flag: str) -> None:
+        subprocess.run(
+            ["callgrind_control", flag, str(self.proc.pid)], capture_output=True, check=True
+        )
+
+    def zero(self) -> None:
+        self._control("-z")
+
+    def count(self) -> int:
+        self._control("-d")
+        time.sleep(0.3)
+        dumps = sorted(self.work.glob("cg.out.*"), key=os.path.getmtime)
+        for line in dumps[-1].read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals in {dumps[-1]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def _measure(addon: Path, n: int, work: Path) -> dict[str, object]:
+    sys.path.insert(0, str(addon))
+    import redis
+
+    from keybrake.store import (
+        AdmissionRequest,
+        IdempotencyClaim,
+        KeyRecord,
+        Settlement,
+        StoredResponse,
+        open_store,
+    )
+
+    server = Callgrind(work)
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        store = open_store(url)
+        await store.open()
+        info = redis.Redis.from_url(url)
+        now = dt.datetime.now(dt.UTC)
+        key = KeyRecord(
+            key_id=f"key_{uuid.uuid4().hex[:16]}",
+            secret_sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+            vendor="stripe",
+            agent_run_label="bench",
+            daily_cap_micros=10**15,
+            allowed_endpoints=("POST /v1/payment_intents",),
+            created_at=now,
+            expires_at=now + dt.timedelta(hours=1),
+            max_requests_per_minute=10**6,
+        )
+        await store.create_key(key)
+        await store.set_label_budget("bench", 10**15)
+
+        async def admit(i: int) -> tuple[str, str, object]:
+            rid, scope = f"res_{uuid.uuid4().hex}", f"POST /v1/payment_intents idem-{i}"
+            admission = await store.admit(
+                AdmissionRequest(
+                    key.key_id,
+                    dt.datetime.now(dt.UTC),
+                    reservation_id=rid,
+                    estimate_micros=1_000_000,
+                    rate_limit=10**6,
+                    idempotency=IdempotencyClaim(scope, "fp" * 32, 86400, 600, 10**6),
+                    max_objects=10**6,
+                )
+            )
+            assert admission.status == "admitted", admission
+            return rid, scope, admission
+
+        async def settle(i: int, rid: str, scope: str, admission: object) -> None:
+            object_id = f"pi_{uuid.uuid4().hex[:24]}"
+            await store.settle_call(
+                Settlement(
+                    key_id=key.key_id,
+                    label="bench",
+                    vendor="stripe",
+                    now=dt.datetime.now(dt.UTC),
+                    reservation_id=rid,
+                    ledger_rows=admission.ledger_rows,  # type: ignore[attr-defined]
+                    finish="settled",
+                    actual_micros=1_000_000,
+                    created=(object_id,),
+                    remember=(object_id, 1_000_000),
+                    idempotency_scope=scope,
+                    idempotency_response=StoredResponse(
+                        200, (("content-type", "application/json"),), BODY
+                    ),
+                    idempotency_ttl_seconds=86400,
+                    audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 1_000_000},
+                )
+            )
+
+        for i in range(20):  # scripts loaded, TTLs set, connections open
+            await settle(i, *(await admit(i)))
+        figures: dict[str, object] = {}
+        info.config_resetstat()
+        server.zero()
+        admitted = [await admit(1000 + i) for i in range(n)]
+        figures["admit"] = server.count() / n
+        server.zero()
+        for i, got in enumerate(admitted):
+            await settle(1000 + i, *got)
+        figures["settle_call"] = server.count() / n
+        stats = info.info("commandstats")
+        figures["commands"] = {
+            name.removeprefix("cmdstat_"): round(int(v["calls"]) / n, 2)
+            for name, v in stats.items()
+            if int(v["calls"]) >= n // 10 and name not in ("cmdstat_config|resetstat",)
+        }
+        info.close()
+        await store.close()
+        return figures
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=300, help="calls measured")
+    ap.add_argument("--baseline", help="another checkout's addon/ directory, measured too")
+    ap.add_argument("--addon", help=argparse.SUPPRESS)  # the child run's addon/
+    args = ap.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    if args.addon:
+        with tempfile.TemporaryDirectory(prefix="kb-redis-cost-") as work:
+            figures = asyncio.run(_measure(Path(args.addon), args.n, Path(work)))
+        print(json.dumps(figures))
+        return
+    runs: list[tuple[str, dict[str, object]]] = []
+    for name, addon in (("baseline", args.baseline), ("this checkout", str(ROOT / "addon"))):
+        if addon is None:
+            continue
+        out = subprocess.run(
+            [sys.executable, __file__, "--addon", addon, "--n", str(args.n)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        runs.append((name, json.loads(out.strip().splitlines()[-1])))
+    print(f"Redis server instructions per vendor call ({args.n} calls, callgrind):")
+    for name, f in runs:
+        total = float(f["admit"]) + float(f["settle_call"])  # type: ignore[arg-type]
+        print(
+            f"  {name:14s} admit {f['admit']:>9,.0f}  settle_call {f['settle_call']:>9,.0f}"
+            f"  per call {total:>9,.0f}"
+        )
+        print(f"  {'':14s} commands per call: {f['commands']}")
+    if len(runs) == 2:
+        base = float(runs[0][1]["admit"]) + float(runs[0][1]["settle_call"])  # type: ignore[arg-type]
+        this = float(runs[1][1]["admit"]) + float(runs[1][1]["settle_call"])  # type: ignore[arg-type]
+        print(f"  this checkout / baseline: {this / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()

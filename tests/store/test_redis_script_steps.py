@@ -1,0 +1,189 @@
+"""What the Redis hot-path scripts keep so that a vendor call costs Redis few steps, and that
+the shortcuts give the same answers as the long way.
+
+- A request-rate hash keeps its running total ('t') and a bucket no later than any it holds
+  ('o'): one HMGET instead of summing every bucket. A hash written before those fields were
+  kept is counted whole, and a bucket that falls out of the minute is dropped from the total.
+- An idempotency claim is written with ``SET NX GET`` (the entry before, or none, in one
+  command); a refusal later in the same admission deletes the claim it wrote; a stale
+  in-flight claim is taken over.
+- A completed claim keeps the claim's expiry (``KEEPTTL``), so the key's idempotency index,
+  scored by that expiry when the claim was made, needs no second write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from tests.store.conftest import (
+    REDIS_URL,
+    USD,
+    delete_prefix,
+    make_key,
+    redis_prefix,
+    require_redis,
+)
+
+from keybrake.store import (
+    AdmissionRequest,
+    IdempotencyClaim,
+    RedisStore,
+    Settlement,
+    StoredResponse,
+)
+from keybrake.store._common import RATE_BUCKET_MS, rate_bucket
+
+pytestmark = pytest.mark.redis
+
+NOON = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
+RESPONSE = StoredResponse(200, (("Content-Type", "application/json"),), b'{"id":"pi_1"}')
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RedisStore]:
+    require_redis()
+    prefix = redis_prefix()
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    await store.open()
+    yield store
+    await store.close()
+    delete_prefix(prefix)
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    yield c
+    c.close()
+
+
+def bucket_counts(client: redis.Redis, name: str) -> dict[str, int]:
+    return {k: int(v) for k, v in client.hgetall(name).items()}
+
+
+async def rate_codes(store: RedisStore, key_id: str, now: dt.datetime, n: int) -> list[str | None]:
+    return [(await store.admit(AdmissionRequest(key_id, now, rate_limit=4))).code for _ in range(n)]
+
+
+async def test_a_rate_hash_from_before_the_running_total_is_counted_whole(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    await store.create_key(make_key("kb_r"))
+    name = f"{store.prefix}rate:kb_r"
+    now_bucket = rate_bucket(NOON)
+    # As an older version left it: buckets only. Three requests still count, 50 are stale.
+    client.hset(name, mapping={now_bucket: 2, now_bucket - 3: 1, now_bucket - 20: 50})
+
+    assert await rate_codes(store, "kb_r", NOON, 3) == [None, "rate_limited", "rate_limited"]
+
+    counts = bucket_counts(client, name)
+    assert str(now_bucket - 20) not in counts  # the stale bucket was dropped
+    assert counts.pop("t") == 4 == sum(v for k, v in counts.items() if k != "o")
+    assert counts["o"] <= now_bucket - 3
+    assert 0 < client.pttl(name) <= 14 * RATE_BUCKET_MS
+
+
+async def test_the_running_total_follows_the_minute(store: RedisStore, client: redis.Redis) -> None:
+    await store.create_key(make_key("kb_r"))
+    name = f"{store.prefix}rate:kb_r"
+    assert await rate_codes(store, "kb_r", NOON, 5) == [None] * 4 + ["rate_limited"]
+    later = NOON + dt.timedelta(seconds=30)
+    assert await rate_codes(store, "kb_r", later, 1) == ["rate_limited"]
+    # 65 s on, NOON's bucket no longer counts: the total starts again from what is live.
+    after = NOON + dt.timedelta(seconds=65)
+    assert await rate_codes(store, "kb_r", after, 5) == [None] * 4 + ["rate_limited"]
+    counts = bucket_counts(client, name)
+    assert counts == {str(rate_bucket(after)): 4, "t": 4, "o": rate_bucket(after)}
+    refused = await store.admit(AdmissionRequest("kb_r", after, rate_limit=4))
+    assert 60 <= refused.retry_after_seconds <= 65  # from the live buckets, as before
+
+
+async def admit_claim(store: RedisStore, rid: str, micros: int, body: str = "b1") -> str | None:
+    admission = await store.admit(
+        AdmissionRequest(
+            "kb_i",
+            NOON,
+            reservation_id=rid,
+            estimate_micros=micros,
+            idempotency=IdempotencyClaim("scope-1", body, 3600, 30, 100),
+        )
+    )
+    return admission.code if admission.status != "admitted" else admission.status
+
+
+async def test_a_refusal_after_a_new_claim_leaves_no_entry(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    await store.create_key(make_key("kb_i", daily=2 * USD))
+    entry = f"{store.prefix}idm:kb_i:scope-1"
+    assert await admit_claim(store, "res_1", 3 * USD) == "cap_exhausted"
+    assert not client.exists(entry)
+    assert client.zcard(f"{store.prefix}idem-index:kb_i") == 0
+    assert await admit_claim(store, "res_2", USD) == "admitted"
+    assert client.get(entry).startswith("I2:b1")  # type: ignore[union-attr]
+
+
+async def test_a_stale_claim_is_taken_over_and_a_live_one_is_left_alone(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    await store.create_key(make_key("kb_i"))
+    entry = f"{store.prefix}idm:kb_i:scope-1"
+    assert await admit_claim(store, "res_1", USD) == "admitted"
+    live = client.get(entry)
+    assert await admit_claim(store, "res_2", USD) == "idempotency_in_flight"
+    assert await admit_claim(store, "res_3", USD, body="other") == "idempotency_mismatch"
+    assert client.get(entry) == live  # SET NX wrote nothing over it
+
+    # Started 31 s ago (the claim's in-flight limit is 30 s): another may take it over.
+    server_ms = int(client.time()[0]) * 1000
+    client.set(entry, f"I2:b1{server_ms - 31_000}", keepttl=True)
+    assert await admit_claim(store, "res_4", USD, body="b2") == "admitted"
+    taken = client.get(entry)
+    assert taken is not None and taken.startswith("I2:b2")
+    assert int(taken.removeprefix("I2:b2")) >= server_ms
+
+
+async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    await store.create_key(make_key("kb_i"))
+    entry = f"{store.prefix}idm:kb_i:scope-1"
+    admission = await store.admit(
+        AdmissionRequest(
+            "kb_i",
+            NOON,
+            reservation_id="res_1",
+            estimate_micros=USD,
+            idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100),
+        )
+    )
+    assert admission.status == "admitted"
+    score = client.zscore(f"{store.prefix}idem-index:kb_i", entry)
+    expires_at = client.pexpiretime(entry)
+    assert score is not None and abs(score - expires_at) <= 5
+
+    client.pexpire(entry, 100_000)  # so that a TTL set again would show
+    await store.settle_call(
+        Settlement(
+            "kb_i",
+            "",
+            "stripe",
+            NOON,
+            reservation_id="res_1",
+            ledger_rows=admission.ledger_rows,
+            finish="settled",
+            actual_micros=USD,
+            idempotency_scope="scope-1",
+            idempotency_response=RESPONSE,
+            idempotency_ttl_seconds=3600,
+        )
+    )
+    assert client.get(entry).startswith("D2:b1")  # type: ignore[union-attr]
+    assert 0 < client.pttl(entry) <= 100_000
+    replay = await store.admit(
+        AdmissionRequest("kb_i", NOON, idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100))
+    )
+    assert replay.status == "replay" and replay.response == RESPONSE
