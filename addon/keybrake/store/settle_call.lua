@@ -72,17 +72,17 @@ if ARGV[1] ~= '' then
       elseif ARGV[1] == 'released' then
         spent = '0'
       end
+      -- Built once, not per usage hash (a conversion costs about as much as a short command).
+      local unreserve, first_spend = '-' .. estimate, tonumber(spent)
       for i = 1, n do
         -- The daily hashes got their TTL when admit created them; one that vanished since
         -- (a call older than their TTL) is created again here and gets it again.
         local again = false
-        if estimate ~= '0' and redis.call('HINCRBY', KEYS[8 + i], 'reserved',
-                                          '-' .. estimate) < 0 then
+        if estimate ~= '0' and redis.call('HINCRBY', KEYS[8 + i], 'reserved', unreserve) < 0 then
           redis.call('HSET', KEYS[8 + i], 'reserved', '0')
           again = true
         end
-        if spent ~= '0' and redis.call('HINCRBY', KEYS[8 + i], 'spent', spent)
-                              == tonumber(spent) then
+        if spent ~= '0' and redis.call('HINCRBY', KEYS[8 + i], 'spent', spent) == first_spend then
           again = true
         end
         if again and string.sub(KEYS[8 + i], -9) ~= ':lifetime' then
@@ -115,16 +115,18 @@ end
 
 if #KEYS > 8 + n then
   local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
-  local prefix = ARGV[6] .. '\n'
+  local prefix, about = ARGV[6] .. '\n', tonumber(ARGV[12])
   for i = 9 + n, #KEYS do
     -- The first owner stays: an object never changes hands.
-    local record = prefix .. '\n' .. ARGV[7]
-    if i == tonumber(ARGV[12]) then
+    local record
+    if i == about then
       record = prefix .. amount .. '\n' .. ARGV[7]
+    else
+      record = prefix .. '\n' .. ARGV[7]
     end
     local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', ARGV[8])
     if mine then
-      if i == tonumber(ARGV[12]) then
+      if i == about then
         remembered = true
       end
     else
