@@ -155,3 +155,15 @@ async def store(make_store: StoreFactory) -> AsyncIterator[Store]:
     await opened.open()
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    """A `RedisStore` on the shared server under a prefix of its own, deleted afterwards."""
+    require_redis()
+    prefix = redis_prefix()
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    await store.open()
+    yield store
+    await store.close()
+    delete_prefix(prefix)

@@ -11,17 +11,13 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
 from tests.store.conftest import (
     REDIS_URL,
     USD,
-    delete_prefix,
     make_key,
-    redis_prefix,
-    require_redis,
 )
 
 from keybrake.store import (
@@ -55,17 +51,6 @@ PER_KEY_AND_BUDGET = {
     "usage",
     "open-reservations",
 }
-
-
-@pytest.fixture
-async def redis_store() -> AsyncIterator[RedisStore]:
-    require_redis()
-    prefix = redis_prefix()
-    store = RedisStore(REDIS_URL, prefix=prefix)
-    await store.open()
-    yield store
-    await store.close()
-    delete_prefix(prefix)
 
 
 def kinds(prefix: str) -> collections.Counter[str]:

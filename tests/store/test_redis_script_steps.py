@@ -14,17 +14,14 @@ the shortcuts give the same answers as the long way.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
 from tests.store.conftest import (
     REDIS_URL,
     USD,
-    delete_prefix,
     make_key,
-    redis_prefix,
-    require_redis,
 )
 
 from keybrake.store import (
@@ -43,14 +40,8 @@ RESPONSE = StoredResponse(200, (("Content-Type", "application/json"),), b'{"id":
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[RedisStore]:
-    require_redis()
-    prefix = redis_prefix()
-    store = RedisStore(REDIS_URL, prefix=prefix)
-    await store.open()
-    yield store
-    await store.close()
-    delete_prefix(prefix)
+def store(redis_store: RedisStore) -> RedisStore:
+    return redis_store
 
 
 @pytest.fixture
