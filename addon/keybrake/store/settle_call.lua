@@ -36,9 +36,7 @@
 local n = tonumber(ARGV[16])
 local finished = 0
 
-local function now_ms()
-  return tonumber(ARGV[14])
-end
+local now_ms = tonumber(ARGV[14])
 
 if ARGV[1] ~= '' then
   local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage_1', 'usage_2', 'usage_3',
@@ -99,12 +97,12 @@ end
 local remembered = ARGV[9] == ''
 local amount = ''
 if not remembered then
-  amount = ARGV[10] .. ':' .. string.format('%d', math.floor(now_ms() / 1000) + tonumber(ARGV[11]))
+  amount = ARGV[10] .. ':' .. string.format('%d', math.floor(now_ms / 1000) + tonumber(ARGV[11]))
 end
 local indexes_expire = ARGV[18]
 
 if #ARGV > 18 then
-  local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
+  local expires = string.format('%d', now_ms + tonumber(ARGV[8]) * 1000)
   for i = 19, #ARGV do
     redis.call('ZADD', KEYS[4], expires, ARGV[i])
   end
@@ -114,7 +112,7 @@ if #ARGV > 18 then
 end
 
 if #KEYS > 8 + n then
-  local expires = string.format('%d', now_ms() + tonumber(ARGV[8]) * 1000)
+  local expires = string.format('%d', now_ms + tonumber(ARGV[8]) * 1000)
   local prefix, about = ARGV[6] .. '\n', tonumber(ARGV[12])
   for i = 9 + n, #KEYS do
     -- The first owner stays: an object never changes hands.
