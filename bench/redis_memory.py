@@ -53,6 +53,13 @@ USD = 1_000_000
 HEADERS = (("Content-Type", "application/json"), ("Request-Id", "req_" + "x" * 14))
 
 
+def claim_hash(sha: str) -> dict[str, str]:
+    """``idempotency_sha256=sha`` for a `Settlement` that has the field (a completion names its
+    claim's body hash); nothing for an older checkout's (``--addon``)."""
+    fields = getattr(Settlement, "__dataclass_fields__", {})
+    return {"idempotency_sha256": sha} if "idempotency_sha256" in fields else {}
+
+
 def audit_row(key_id: str, rid: str) -> dict[str, object]:
     """About the size of the proxy's audit row for a paid call."""
     return {
@@ -134,6 +141,7 @@ async def measure(url: str, keys: int, calls: int) -> list[str]:
                     idempotency_scope=scope,
                     idempotency_response=StoredResponse(200, HEADERS, body),
                     idempotency_ttl_seconds=86400,
+                    **claim_hash(hashlib.sha256(b"%d" % n).hexdigest()),
                     audit=audit_row(key.key_id, rid),
                 )
             )

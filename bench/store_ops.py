@@ -45,6 +45,13 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 BODY = b'{"id": "pi_x", "object": "payment_intent", "amount": 2000}' * 20
 
 
+def claim_hash(sha: str) -> dict[str, str]:
+    """``idempotency_sha256=sha`` for a `Settlement` that has the field (a completion names its
+    claim's body hash); nothing for an older checkout's (``--addon``)."""
+    fields = getattr(Settlement, "__dataclass_fields__", {})
+    return {"idempotency_sha256": sha} if "idempotency_sha256" in fields else {}
+
+
 def _redis_cpu() -> tuple[float, dict[str, int]]:
     import redis
 
@@ -109,6 +116,7 @@ async def measure(store: Store, n: int, concurrency: int = 1) -> dict[str, float
                     200, (("content-type", "application/json"),), BODY
                 ),
                 idempotency_ttl_seconds=86400,
+                **claim_hash("fp"),
                 audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 20_000_000},
             )
         )

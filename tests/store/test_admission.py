@@ -158,6 +158,7 @@ async def test_idempotency_through_admission_and_settlement(store: Store) -> Non
             idempotency_scope="idem:k1",
             idempotency_response=RESPONSE,
             idempotency_ttl_seconds=60,
+            idempotency_sha256="h1",
         )
     )
     replay = await store.admit(paid(key, "res_3", USD, idempotency=claim()))
@@ -206,7 +207,7 @@ async def test_quotas_count_live_entries_once(store: Store) -> None:
     assert first.status == "admitted"
     await store.settle_call(
         settled(key, None, (), idempotency_scope="idem:a", idempotency_response=RESPONSE,
-                idempotency_ttl_seconds=1)
+                idempotency_ttl_seconds=1, idempotency_sha256="h1")
     )  # fmt: skip
     await asyncio.sleep(1.2)
     again = await store.admit(AdmissionRequest("kb_a", NOON, idempotency=short))

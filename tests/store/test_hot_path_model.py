@@ -215,6 +215,7 @@ class HotPathMachine(RuleBasedStateMachine):
                     idempotency_scope=call.scope,
                     idempotency_response=RESPONSE if keep else None,
                     idempotency_ttl_seconds=60,
+                    idempotency_sha256="h",
                     audit={"rid": rid},
                 )
             )

@@ -113,6 +113,7 @@ async def calls(
                 idempotency_scope=scope if idempotent else None,
                 idempotency_response=StoredResponse(200, (("content-type", "x"),), BODY),
                 idempotency_ttl_seconds=3600,
+                idempotency_sha256="h",
                 audit={"event_id": f"res_{i}"},
             )
         )
@@ -206,6 +207,7 @@ async def test_a_response_kept_for_replay_is_compact_and_kept_while_replayable(
             idempotency_scope=claim.scope,
             idempotency_response=response,
             idempotency_ttl_seconds=86400,
+            idempotency_sha256=claim.body_sha256,
         )
     )
 

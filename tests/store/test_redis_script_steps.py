@@ -8,7 +8,11 @@ the shortcuts give the same answers as the long way.
   command); a refusal later in the same admission deletes the claim it wrote; a stale
   in-flight claim is taken over.
 - A completed claim keeps the claim's expiry (``KEEPTTL``), so the key's idempotency index,
-  scored by that expiry when the claim was made, needs no second write.
+  scored by that expiry when the claim was made, needs no second write; it is completed with
+  ``SET XX GET`` only while it is the call's claim, and put back otherwise.
+- A reservation names its usage hashes in one field ('usage'); a record written before, one
+  field per hash ('usage_1', …), is still settled, released and held, and a record that names
+  other hashes than the caller's is refused either way.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from keybrake.store import (
     RedisStore,
     Settlement,
     StoredResponse,
+    StoreUnavailable,
 )
 from keybrake.store._common import RATE_BUCKET_MS, rate_bucket
 
@@ -170,6 +175,7 @@ async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
             idempotency_scope="scope-1",
             idempotency_response=RESPONSE,
             idempotency_ttl_seconds=3600,
+            idempotency_sha256="b1",
         )
     )
     assert client.get(entry).startswith("D2:b1")  # type: ignore[union-attr]
@@ -178,3 +184,108 @@ async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
         AdmissionRequest("kb_i", NOON, idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100))
     )
     assert replay.status == "replay" and replay.response == RESPONSE
+
+
+async def test_a_claim_that_is_no_longer_the_calls_is_put_back_not_completed(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    await store.create_key(make_key("kb_i"))
+    entry = f"{store.prefix}idm:kb_i:scope-1"
+    admission = await store.admit(
+        AdmissionRequest("kb_i", NOON, idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100))
+    )
+    assert admission.status == "admitted"
+    # Taken over meanwhile (stale) by a call with another body, which is still in flight.
+    client.set(entry, "I2:b2123", keepttl=True)
+    client.pexpire(entry, 100_000)
+    settlement = Settlement(
+        "kb_i",
+        "",
+        "stripe",
+        NOON,
+        idempotency_scope="scope-1",
+        idempotency_response=RESPONSE,
+        idempotency_ttl_seconds=3600,
+        idempotency_sha256="b1",
+    )
+    await store.settle_call(settlement)
+    assert client.get(entry) == "I2:b2123"
+    assert 0 < client.pttl(entry) <= 100_000
+    # A completion that does not name its claim is a caller's bug: refused, nothing written.
+    with pytest.raises(ValueError, match="body hash"):
+        await store.settle_call(
+            Settlement(
+                "kb_i",
+                "",
+                "stripe",
+                NOON,
+                idempotency_scope="scope-1",
+                idempotency_response=RESPONSE,
+            )
+        )
+    assert client.get(entry) == "I2:b2123"
+
+
+async def test_a_reservation_names_its_usage_hashes_in_one_field_and_older_records_finish(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    await store.create_key(make_key("kb_u"))
+    res = f"{store.prefix}res:"
+
+    async def admit(rid: str) -> tuple[tuple[str, str], ...]:
+        admission = await store.admit(
+            AdmissionRequest("kb_u", NOON, reservation_id=rid, estimate_micros=USD)
+        )
+        assert admission.status == "admitted"
+        return admission.ledger_rows
+
+    def as_before(rid: str, names: list[str]) -> None:
+        """The record as an older version wrote it: one field per usage hash."""
+        client.hdel(res + rid, "usage")
+        client.hset(res + rid, mapping={f"usage_{i}": n for i, n in enumerate(names, 1)})
+
+    def settled(rid: str, rows: tuple[tuple[str, str], ...], micros: int) -> Settlement:
+        return Settlement(
+            "kb_u",
+            "",
+            "stripe",
+            NOON,
+            reservation_id=rid,
+            ledger_rows=rows,
+            finish="settled",
+            actual_micros=micros,
+        )
+
+    rows = await admit("res_1")
+    record = client.hgetall(res + "res_1")
+    assert set(record) == {"state", "key_id", "estimate", "created_at", "usage"}
+    names = record["usage"].split("\n")
+    assert len(names) == 2 and all(client.hget(n, "reserved") == str(USD) for n in names)
+    for rid in ("res_2", "res_3", "res_4"):
+        await admit(rid)
+        as_before(rid, names)
+
+    assert await store.settle_call(settled("res_1", rows, USD))
+    assert await store.settle_call(settled("res_2", rows, USD // 2))
+    assert await store.release("res_3")
+    assert await store.hold("res_4", "stripe", "pi_4", 2 * USD)
+    assert [h.reservation_id for h in await store.holds("stripe", "pi_4")] == ["res_4"]
+    assert await store.settle("res_4", 2 * USD)
+    for name in names:
+        assert client.hget(name, "spent") == str(USD + USD // 2 + 2 * USD)
+        assert client.hget(name, "reserved") == "0"
+    assert client.exists(*(res + r for r in ("res_1", "res_2", "res_3", "res_4"))) == 0
+
+    # A record naming other usage hashes than the caller's is refused, in either format, and
+    # nothing is counted.
+    for rid, old in (("res_5", False), ("res_6", True)):
+        await admit(rid)
+        if old:
+            as_before(rid, names[:1])
+        else:
+            client.hset(res + rid, "usage", names[0])
+        with pytest.raises(StoreUnavailable, match="usage keys do not match"):
+            await store.settle_call(settled(rid, rows, USD))
+    assert [client.hget(n, "spent") for n in names] == [str(3 * USD + USD // 2)] * 2
+    assert [client.hget(n, "reserved") for n in names] == [str(2 * USD)] * 2
+

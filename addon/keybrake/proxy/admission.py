@@ -422,6 +422,7 @@ class Admitter:
             return admission.response
         if claim is not None:
             call.idem_scope, call.idem_ttl_seconds = claim.scope, claim.ttl_seconds
+            call.idem_sha256 = claim.body_sha256
         call.budgets = admission.budgets
         call.reservation_id, call.ledger_rows = reservation_id, admission.ledger_rows
         if holds and not await self._use_holds(store, key, holds, call):

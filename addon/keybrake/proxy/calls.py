@@ -72,6 +72,7 @@ class CallState:
     expanded: tuple[str, ...] = ()
     idem_scope: str | None = None
     idem_ttl_seconds: int = 1
+    idem_sha256: str | None = None
     vendor_request_id: str | None = None
     object_id: str | None = None
     amount_minor: int | None = None

@@ -194,6 +194,7 @@ class Settler:
             ledger_rows=call.ledger_rows,
             idempotency_scope=call.idem_scope,
             idempotency_ttl_seconds=call.idem_ttl_seconds,
+            idempotency_sha256=call.idem_sha256,
         )
 
     def _replayable(

@@ -337,7 +337,9 @@ class Settlement:
     ``unknown`` (the estimate stays spent) or ``held`` (kept for ``hold``: vendor, object,
     amount). ``created`` objects become the key's; ``remember`` keeps an amount for the key;
     the idempotency claim is completed with ``idempotency_response`` or, when that is None,
-    abandoned; ``audit`` is appended to the audit outbox in the same step.
+    abandoned (a completion names the claim's ``idempotency_sha256``, its
+    `IdempotencyClaim.body_sha256`: the Redis store completes that claim only); ``audit`` is
+    appended to the audit outbox in the same step.
     """
 
     key_id: str
@@ -354,6 +356,7 @@ class Settlement:
     idempotency_scope: str | None = None
     idempotency_response: StoredResponse | None = None
     idempotency_ttl_seconds: int = 1
+    idempotency_sha256: str | None = None
     audit: dict[str, object] | None = None
 
 

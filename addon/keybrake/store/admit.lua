@@ -17,22 +17,23 @@
 --          lifetime, label day, label lifetime (only with a label), issuer day, issuer
 --          lifetime (only for a key an issuer minted)
 -- ARGV[1]  now, epoch µs (the caller's clock: expiry, the reservation's time)
--- ARGV[2]  request-rate limit, or '' for none
--- ARGV[3]  the current 5-second bucket, ARGV[4] buckets counted, ARGV[5] rate TTL ms
--- ARGV[6]  object quota, or '' when the call creates nothing
--- ARGV[7]  body sha256 of an idempotency claim, or '' for none; ARGV[8] its TTL s (at most
+-- ARGV[2]  request-rate limit, or '' for none; ARGV[3] the current 5-second bucket
+-- ARGV[4]  object quota, or '' when the call creates nothing
+-- ARGV[5]  body sha256 of an idempotency claim, or '' for none; ARGV[6] its TTL s (at most
 --          until the key expires),
---          ARGV[9] seconds after which an in-flight claim is stale, ARGV[10] max entries
--- ARGV[11] reservation id, or '' for a free call; ARGV[12] estimate µs
--- ARGV[13] TTL s of daily usage hashes; ARGV[14] the UTC day; ARGV[15] key id
--- ARGV[16] '1': answer every field of the key record (HGETALL); '': only the fields that can
---          change (the caller keeps the rest, which never changes, from an earlier answer)
--- ARGV[17] '1': give the idempotency index its TTL (the key's expiry + twice the entry TTL:
---          no entry outlives it), '' when the caller has done so already
--- ARGV[18] the key's label, ARGV[19] the issuer that minted it ('' for none; both never change)
--- ARGV[20…] per usage hash, '1': give a daily one its TTL if it has none (EXPIRE NX), ''
---          when the caller has done so already (their names carry the day: a TTL set once
---          is the right one)
+--          ARGV[7] seconds after which an in-flight claim is stale, ARGV[8] max entries
+-- ARGV[9]  reservation id, or '' for a free call; ARGV[10] estimate µs; ARGV[11] key id
+-- ARGV[12] the key's label, ARGV[13] the issuer that minted it ('' for none; both never change)
+-- ARGV[14] what the caller has not done yet, '' when it has done it all (the common case),
+--          else one '1' or '0' per item:
+--          [1] answer every field of the key record (HGETALL), not only the fields that can
+--              change (the caller keeps the rest, which never changes, from an earlier answer)
+--          [2] give the idempotency index its TTL (the key's expiry + twice the entry TTL: no
+--              entry outlives it)
+--          [2+i] give usage hash i, when daily, its TTL if it has none (EXPIRE NX; their names
+--              carry the day: a TTL set once is the right one)
+-- The constants (RATE_BUCKETS, RATE_TTL_MS, DAILY_USAGE_TTL) are written into the script
+-- when it is loaded (the _consts include below), not sent with every call.
 -- An idempotency entry is one string: 'I' or 'D' (in flight, done), the length of the body
 -- hash, ':', the body hash, then the claim's start (server ms) or the stored response.
 -- Only what a step needs is read or written: a TTL is set once (ARGV[17…]), expired index
@@ -44,12 +45,17 @@
 --   rate_limited (detail: the node, 'key', 'label' or 'issuer'), the index of the exceeded
 --   usage hash for cap_exhausted. The usage of a budget without a cap is not read (answered
 --   as 0, 0).
+--#include _consts
 --#include _tree
 --#include _rate
 local MUTABLE = {'expires_at', 'agent_run_label', 'daily_cap_micros', 'usd_cap_micros',
                  'revoked_at', 'suspended_at', 'suspended_reason'}
+local todo = ARGV[14]
+local function to_do(i)
+  return todo ~= '' and string.sub(todo, i, i) == '1'
+end
 local key, fields = {}, {}
-if ARGV[16] == '1' then
+if to_do(1) then
   fields = redis.call('HGETALL', KEYS[1])
   for i = 1, #fields, 2 do key[fields[i]] = fields[i + 1] end
 else
@@ -80,7 +86,7 @@ end
 if key['suspended_at'] then
   return {'refused', 'key_suspended', '', {}, fields}
 end
-local label, issuer = ARGV[18], ARGV[19]
+local label, issuer = ARGV[12], ARGV[13]
 local tree, extras = tree_limits(KEYS[8], label, issuer,
   {'!frozen:' .. (key['vendor'] or '')})
 if extras[1] then
@@ -99,14 +105,14 @@ if tree[6] ~= '' then
   limited[#limited + 1] = {'issuer', KEYS[10], tree[6]}
 end
 local current = tonumber(ARGV[3])
-local oldest = current - tonumber(ARGV[4]) + 1
+local oldest = current - RATE_BUCKETS + 1
 for _, node in ipairs(limited) do
-  if rate_total(node[2], oldest, current, ARGV[5]) + 1 > tonumber(node[3]) then
+  if rate_total(node[2], oldest, current, RATE_TTL_MS) + 1 > tonumber(node[3]) then
     return {'refused', 'rate_limited', node[1], rate_live(node[2], oldest), fields, tree}
   end
 end
 for _, node in ipairs(limited) do
-  rate_count(node[2], ARGV[3], ARGV[5])
+  rate_count(node[2], ARGV[3], RATE_TTL_MS)
 end
 
 local server_now
@@ -129,7 +135,7 @@ local function live_count(set, limit)
   return count
 end
 
-local quota = ARGV[6] ~= '' and tonumber(ARGV[6])
+local quota = ARGV[4] ~= '' and tonumber(ARGV[4])
 if quota and live_count(KEYS[3], quota) >= quota then
   return {'refused', 'quota_exceeded', 'objects', {}, fields}
 end
@@ -137,12 +143,12 @@ end
 -- The claim is written first, with SET NX GET (one command: the entry before, or none); a
 -- refusal further down deletes the claim it wrote.
 local claim, created = false, false
-if ARGV[7] ~= '' then
+if ARGV[5] ~= '' then
   -- Replayable only while the key may call (an expired key is refused above): kept no longer,
   -- give or take a minute of clock difference between replicas.
-  claim = {ttl = math.min(tonumber(ARGV[8]) * 1000,
+  claim = {ttl = math.min(tonumber(ARGV[6]) * 1000,
                           math.floor((expires_us - now_us) / 1000) + 60000)}
-  claim.value = 'I' .. #ARGV[7] .. ':' .. ARGV[7] .. string.format('%d', now_ms())
+  claim.value = 'I' .. #ARGV[5] .. ':' .. ARGV[5] .. string.format('%d', now_ms())
   local entry = redis.call('SET', KEYS[4], claim.value, 'NX', 'PX', claim.ttl, 'GET')
   local state, sha, rest
   if entry then
@@ -151,12 +157,12 @@ if ARGV[7] ~= '' then
     state = string.sub(entry, 1, 1)
     sha = string.sub(entry, colon + 1, colon + len)
     rest = string.sub(entry, colon + len + 1)
-    if state == 'I' and now_ms() - tonumber(rest) > tonumber(ARGV[9]) * 1000 then
+    if state == 'I' and now_ms() - tonumber(rest) > tonumber(ARGV[7]) * 1000 then
       state = nil
     end
   end
   if state then
-    if sha ~= ARGV[7] then
+    if sha ~= ARGV[5] then
       return {'refused', 'idempotency_mismatch', 'idempotency', {}, fields}
     end
     if state == 'I' then
@@ -166,7 +172,7 @@ if ARGV[7] ~= '' then
   end
   created = not entry
   if created then
-    local most = tonumber(ARGV[10])
+    local most = tonumber(ARGV[8])
     if live_count(KEYS[5], most) >= most then
       redis.call('DEL', KEYS[4])
       return {'refused', 'quota_exceeded', 'idempotency', {}, fields}
@@ -176,7 +182,7 @@ end
 
 local spent, reserved = {}, {}
 local n = #KEYS - 10
-if ARGV[11] ~= '' then
+if ARGV[9] ~= '' then
   local caps = path_caps(tree, key['daily_cap_micros'], key['usd_cap_micros'] or '', label,
                          issuer)
   if #caps ~= n then
@@ -185,7 +191,7 @@ if ARGV[11] ~= '' then
     end
     return redis.error_reply('admit.lua: the usage keys do not match the key\'s budget tree')
   end
-  local estimate = tonumber(ARGV[12])
+  local estimate = tonumber(ARGV[10])
   local over = nil
   for i = 1, n do
     if caps[i] ~= '' then
@@ -211,19 +217,17 @@ if ARGV[11] ~= '' then
   end
   -- A reservation id already open is never reserved twice (ZADD NX answers 0): the open set
   -- is the check, so it costs no command of its own.
-  if redis.call('ZADD', KEYS[7], 'NX', ARGV[1], ARGV[11]) == 1 then
-    local res = {'state', 'reserved', 'key_id', ARGV[15], 'estimate', ARGV[12],
-                 'created_at', ARGV[1], 'day', ARGV[14]}
-    local names = {'usage_1', 'usage_2', 'usage_3', 'usage_4', 'usage_5', 'usage_6'}
+  -- The record holds what settling it needs, and the key and time for `holds`.
+  if redis.call('ZADD', KEYS[7], 'NX', ARGV[1], ARGV[9]) == 1 then
     for i = 1, n do
-      reserved[i] = redis.call('HINCRBY', KEYS[10 + i], 'reserved', ARGV[12])
-      if ARGV[19 + i] == '1' and is_daily(KEYS[10 + i]) then
-        redis.call('EXPIRE', KEYS[10 + i], ARGV[13], 'NX')
+      reserved[i] = redis.call('HINCRBY', KEYS[10 + i], 'reserved', ARGV[10])
+      if to_do(2 + i) and is_daily(KEYS[10 + i]) then
+        redis.call('EXPIRE', KEYS[10 + i], DAILY_USAGE_TTL, 'NX')
       end
-      res[9 + 2 * i] = names[i]
-      res[10 + 2 * i] = KEYS[10 + i]
     end
-    redis.call('HSET', KEYS[6], unpack(res))
+    -- The usage hashes in one field (see _reservation.lua).
+    redis.call('HSET', KEYS[6], 'state', 'reserved', 'key_id', ARGV[11], 'estimate', ARGV[10],
+               'created_at', ARGV[1], 'usage', table.concat(KEYS, '\n', 11, 10 + n))
   end
 end
 
@@ -233,7 +237,7 @@ if claim then
     redis.call('SET', KEYS[4], claim.value, 'PX', claim.ttl)
   end
   redis.call('ZADD', KEYS[5], string.format('%d', now_ms() + claim.ttl), KEYS[4])
-  if ARGV[17] == '1' then
+  if to_do(2) then
     local ends = math.max(math.floor(expires_us / 1000), now_ms())
     redis.call('PEXPIREAT', KEYS[5], string.format('%d', ends + 2 * claim.ttl))
   end

@@ -3,7 +3,7 @@
 -- KEYS[2]  open-reservations sorted set (<prefix>open-reservations)
 -- KEYS[3]  the hold set of the object the reservation is held for (<prefix>hold:<vendor>:<id>),
 --          or KEYS[1] again when it is not held
--- KEYS[4…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
+-- KEYS[4…] the usage hashes the reservation recorded (see _reservation.lua), in that order
 --          (every node of the key's budget tree path); all but the '…:lifetime' ones are
 --          daily and get ARGV[4]
 -- ARGV[1]  the final state: 'settled', 'released' or 'unknown'
@@ -15,7 +15,8 @@
 -- Returns 1 when finished now, 0 when the reservation is unknown or already finished
 -- (nothing changed: a reservation is never counted twice), -1 when KEYS[3] is not the
 -- reservation's hold set (it was held after the caller looked: read again and retry).
-local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'hold')
+--#include _reservation
+local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'hold', 'usage')
 if row[1] ~= 'reserved' then
   return 0
 end
@@ -23,10 +24,8 @@ if (row[3] or KEYS[1]) ~= KEYS[3] then
   return -1
 end
 -- Every usage hash the reservation recorded, no more and no fewer.
-for i = 4, #KEYS + 1 do
-  if (redis.call('HGET', KEYS[1], 'usage_' .. (i - 3)) or nil) ~= KEYS[i] then
-    return redis.error_reply('finish.lua: usage keys do not match the reservation')
-  end
+if not same_usage(KEYS[1], row[4], 4, #KEYS) then
+  return redis.error_reply('finish.lua: usage keys do not match the reservation')
 end
 
 local estimate = row[2]

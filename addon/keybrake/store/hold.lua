@@ -3,19 +3,18 @@
 -- KEYS[2]  open-reservations sorted set (<prefix>open-reservations): a held reservation
 --          leaves it, so crash recovery never turns it into 'unknown'
 -- KEYS[3]  the object's hold set        (<prefix>hold:<vendor>:<object_id>)
--- KEYS[4…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
+-- KEYS[4…] the usage hashes the reservation recorded (see _reservation.lua), in that order
 -- ARGV[1]  the amount held in micro-USD (replaces the reservation's estimate, no cap check:
 --          the vendor has accepted the object)
 -- ARGV[2]  reservation id
 -- Returns 1 when held now, 0 when the reservation is not open (nothing changed).
-local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
+--#include _reservation
+local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage')
 if row[1] ~= 'reserved' then
   return 0
 end
-for i = 4, #KEYS do
-  if redis.call('HGET', KEYS[1], 'usage_' .. (i - 3)) ~= KEYS[i] then
-    return redis.error_reply('hold.lua: usage keys do not match the reservation')
-  end
+if not same_usage(KEYS[1], row[3], 4, #KEYS) then
+  return redis.error_reply('hold.lua: usage keys do not match the reservation')
 end
 local delta = tonumber(ARGV[1]) - tonumber(row[2])
 if delta ~= 0 then

@@ -1,7 +1,7 @@
 -- Raise (or lower) an open reservation's amount, checking every budget it was reserved in.
 -- KEYS[1]  reservation hash (<prefix>res:<reservation_id>)
 -- KEYS[2]  label budgets hash (<prefix>label-budgets)
--- KEYS[3…] the usage hashes the reservation recorded as usage_1, usage_2, … in that order
+-- KEYS[3…] the usage hashes the reservation recorded (see _reservation.lua), in that order
 --          (every node of the key's budget tree path, in `usage_plan`'s order): checked
 --          against the key's caps (ARGV[3], ARGV[4]) and the tree's, read here
 -- ARGV[1]  the new amount in micro-USD
@@ -13,15 +13,14 @@
 -- changed, 0 refused (exceeded = index of the first usage hash over its cap), -1 the
 -- reservation is not open.
 --#include _tree
-local row = redis.call('HMGET', KEYS[1], 'state', 'estimate')
+--#include _reservation
+local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage')
 if row[1] ~= 'reserved' then
   return {-1, 0, {}}
 end
 local n = #KEYS - 2
-for i = 1, n do
-  if redis.call('HGET', KEYS[1], 'usage_' .. i) ~= KEYS[2 + i] then
-    return redis.error_reply('raise_hold.lua: usage keys do not match the reservation')
-  end
+if not same_usage(KEYS[1], row[3], 3, #KEYS) then
+  return redis.error_reply('raise_hold.lua: usage keys do not match the reservation')
 end
 local tree = tree_limits(KEYS[2], ARGV[2], ARGV[5], {})
 local caps = path_caps(tree, ARGV[3], ARGV[4], ARGV[2], ARGV[5])

@@ -142,6 +142,13 @@ _OPERATION_TIMEOUT_SECONDS = 2.0
 _MAX_CONNECTIONS = 64
 _DAILY_USAGE_TTL_SECONDS = 4 * 24 * 3600
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
+# Written into the scripts when they are loaded (`--#include _consts`), not sent per call.
+_LUA_CONSTANTS = (
+    f"local RATE_BUCKETS, RATE_TTL_MS = {RATE_BUCKETS}, {(RATE_BUCKETS + 1) * RATE_BUCKET_MS}\n"
+    f"local DAILY_USAGE_TTL, OBJECT_TTL = {_DAILY_USAGE_TTL_SECONDS}, "
+    f"{int(OBJECT_TTL.total_seconds())}\n"
+    f"local AMOUNT_TTL = {_AMOUNT_TTL_SECONDS}\n"
+)
 # Responses kept for replay are compressed from this size on.
 _COMPRESS_FROM = 256
 # Names of keys whose TTL this process has set (it is the same every time): forgotten in bulk
@@ -357,6 +364,18 @@ def _issuer_record(raw: Mapping[bytes | str, bytes | str]) -> IssuerRecord | Non
     )
 
 
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as numbers, in the stream's order."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+def _to_do(*items: bool) -> str:
+    """A script's list of first-time steps (admit.lua's ARGV[14]): ``''`` when there are none,
+    the common case, else ``'1'``/``'0'`` per item."""
+    return "".join("1" if item else "0" for item in items) if any(items) else ""
+
+
 def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
     if not raw:
         return None
@@ -501,8 +520,9 @@ class RedisStore:
         package = importlib.resources.files("keybrake.store")
         shared = {
             f"--#include {part}": package.joinpath(f"{part}.lua").read_text("utf-8")
-            for part in ("_tree", "_rate")
+            for part in ("_tree", "_rate", "_reservation")
         }
+        shared["--#include _consts"] = _LUA_CONSTANTS
 
         def source(name: str) -> str:
             text = package.joinpath(f"{name}.lua").read_text("utf-8")
@@ -1240,7 +1260,6 @@ class RedisStore:
                 str(_DAILY_USAGE_TTL_SECONDS),
                 reservation_id,
                 key.key_id,
-                day,
                 key.issuer_id or "",
             ],
         )
@@ -1300,9 +1319,13 @@ class RedisStore:
         usage hashes never change after `reserve`, and each script checks what it was told.
         """
         async with self._guard() as client:
-            row = await client.hmget(res_key, [*(f"usage_{i}" for i in range(1, 7)), "hold"])
-        touched = [_text(k) for k in row[:6] if k is not None]
-        return touched, (_text(row[6]) if row[6] is not None else None)
+            row = await client.hmget(
+                res_key, ["usage", "hold", *(f"usage_{i}" for i in range(1, 7))]
+            )
+        hold = _text(row[1]) if row[1] is not None else None
+        if row[0] is not None:  # see _reservation.lua
+            return _text(row[0]).split("\n"), hold
+        return [_text(k) for k in row[2:] if k is not None], hold
 
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
         check_micros("actual_micros", actual_micros)
@@ -1404,8 +1427,6 @@ class RedisStore:
                 str(epoch_micros(r.now)),
                 "" if r.rate_limit is None else str(r.rate_limit),
                 str(rate_bucket(r.now)),
-                str(RATE_BUCKETS),
-                str((RATE_BUCKETS + 1) * RATE_BUCKET_MS),
                 "" if r.max_objects is None else str(r.max_objects),
                 claim.body_sha256 if claim else "",
                 str(claim.ttl_seconds) if claim else "0",
@@ -1413,14 +1434,14 @@ class RedisStore:
                 str(claim.max_entries) if claim else "0",
                 r.reservation_id or "",
                 str(r.estimate_micros),
-                str(_DAILY_USAGE_TTL_SECONDS),
-                day,
                 r.key_id,
-                "" if r.key_id in self._key_static else "1",
-                "" if idem_index in self._ttl_set else "1",
                 label,
                 issuer,
-                *("" if name in self._ttl_set else "1" for name in usage),
+                _to_do(
+                    r.key_id not in self._key_static,
+                    idem_index not in self._ttl_set,
+                    *(name not in self._ttl_set for name in usage),
+                ),
             ],
         )
         if _text(reply[0]) == "admitted":
@@ -1496,10 +1517,16 @@ class RedisStore:
             if finish
             else []
         )
-        idem = ""
+        idem, entry = "", b""
         if s.idempotency_scope is not None:
-            idem = "complete" if s.idempotency_response is not None else "abandon"
-        response = s.idempotency_response
+            idem = "abandon"
+            if s.idempotency_response is not None:
+                if not s.idempotency_sha256:
+                    raise ValueError("completing an idempotency claim needs its body hash")
+                sha = s.idempotency_sha256
+                # The claim as admit.lua wrote it, up to the body hash, and its completed entry.
+                idem = f"I{len(sha)}:{sha}"
+                entry = f"D{len(sha)}:{sha}".encode() + _pack_response(s.idempotency_response)
         indexes = [self._kt(tag, "objs", s.key_id)] if s.created else []
         if s.remember and (self._cluster or s.remember[0] not in s.created):
             indexes.append(self._kt(tag, "amounts", s.key_id))
@@ -1538,17 +1565,14 @@ class RedisStore:
                 str(s.actual_micros),
                 str(s.hold[1]) if s.hold else "0",
                 s.reservation_id or "",
-                str(_DAILY_USAGE_TTL_SECONDS),
                 s.key_id,
                 s.label,
-                str(int(OBJECT_TTL.total_seconds())),
                 f"{s.vendor}:{s.remember[0]}" if s.remember else "",
                 str(s.remember[1]) if s.remember else "",
-                str(_AMOUNT_TTL_SECONDS),
                 str(about),
                 idem,
                 str(epoch_micros(s.now) // 1000),
-                _pack_response(response) if response else b"",
+                entry,
                 str(len(usage)),
                 json.dumps(s.audit, separators=(",", ":")) if s.audit is not None else "",
                 indexes_expire,
@@ -1617,7 +1641,7 @@ class RedisStore:
                 for i, fields in entries
             ]
         if self._cluster:
-            found.sort(key=lambda item: tuple(int(n) for n in item[0].split("-")))
+            found.sort(key=lambda item: _entry_order(item[0]))
         return [(audit_id, row) for _, audit_id, row in found[:limit]]
 
     async def audit_ack(self, ids: Sequence[str]) -> None:

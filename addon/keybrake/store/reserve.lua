@@ -13,8 +13,7 @@
 -- ARGV[6]  TTL in seconds of the daily usage hashes (the lifetime hash never expires)
 -- ARGV[7]  reservation id
 -- ARGV[8]  key id
--- ARGV[9]  the UTC day of `now`, YYYY-MM-DD
--- ARGV[10] the issuer that minted the key, or '' 
+-- ARGV[9]  the issuer that minted the key, or '' 
 -- Usage hashes have the fields `spent` and `reserved`; lifetime and label usage is tracked
 -- even without a cap so a cap set later already counts what was spent.
 -- Returns {status, exceeded, tree limits (6, see _tree.lua), spent_1, reserved_1, …}:
@@ -24,8 +23,8 @@
 --#include _tree
 local estimate = tonumber(ARGV[1])
 local n = #KEYS - 3
-local tree = tree_limits(KEYS[3], ARGV[4], ARGV[10], {})
-local caps = path_caps(tree, ARGV[2], ARGV[3], ARGV[4], ARGV[10])
+local tree = tree_limits(KEYS[3], ARGV[4], ARGV[9], {})
+local caps = path_caps(tree, ARGV[2], ARGV[3], ARGV[4], ARGV[9])
 if #caps ~= n then
   return redis.error_reply('reserve.lua: the usage keys do not match the key\'s budget tree')
 end
@@ -50,18 +49,16 @@ else
 end
 
 if status == 1 then
-  local fields = {'state', 'reserved', 'key_id', ARGV[8], 'estimate', ARGV[1],
-                  'created_at', ARGV[5], 'day', ARGV[9]}
   for i = 1, n do
     usage[i][2] = redis.call('HINCRBY', KEYS[3 + i], 'reserved', ARGV[1])
     if is_daily(KEYS[3 + i]) then
       redis.call('EXPIRE', KEYS[3 + i], ARGV[6])
     end
-    -- The usage hashes are recorded so finishing touches exactly the same ones.
-    table.insert(fields, 'usage_' .. i)
-    table.insert(fields, KEYS[3 + i])
   end
-  redis.call('HSET', KEYS[1], unpack(fields))
+  -- The usage hashes are recorded so finishing touches exactly the same ones (see
+  -- _reservation.lua).
+  redis.call('HSET', KEYS[1], 'state', 'reserved', 'key_id', ARGV[8], 'estimate', ARGV[1],
+             'created_at', ARGV[5], 'usage', table.concat(KEYS, '\n', 4, 3 + n))
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
 end
 

@@ -9,46 +9,44 @@
 --          key's idempotency index (admit.lua indexed the entry with the expiry it keeps, the
 --          claim's; an abandoned entry leaves it)
 -- KEYS[8]  the audit stream (<prefix>audit)
--- KEYS[9 … 8+ARGV[16]] the reservation's usage hashes (every node of its budget tree path,
+-- KEYS[9 … 8+ARGV[13]] the reservation's usage hashes (every node of its budget tree path,
 --          as admit.lua recorded them)
--- KEYS[9+ARGV[15] …]  owner records (<prefix>owner:<vendor>:<object_id>) of created objects:
+-- KEYS[9+ARGV[13] …]  owner records (<prefix>owner:<vendor>:<object_id>) of created objects:
 --          '<key id>\n<remembered µs>:<expires, epoch s>\n<label>' (the amount part empty
 --          when none is remembered with the record)
 -- ARGV[1]  '', 'settled', 'released', 'unknown' or 'held'; ARGV[2] actual µs (settled);
 --          ARGV[3] amount held µs (held); ARGV[4] reservation id
--- ARGV[5]  TTL s of daily usage hashes (given to one the step had to create again)
--- ARGV[6]  key id; ARGV[7] label; ARGV[8] TTL s of object records
--- ARGV[9]  '<vendor>:<object_id>' whose amount to remember, or ''; ARGV[10] the amount µs,
---          ARGV[11] its TTL s; ARGV[12] index in KEYS of the created object it is about (its
---          owner record carries it, when new), or '0'
--- ARGV[13] '' (no idempotency claim), 'complete' or 'abandon'; ARGV[14] now, epoch ms (the
---          caller's clock, within the replicas' allowed skew: it dates object records and
---          remembered amounts, which live days); ARGV[15] the response as stored (status,
---          headers, body), kept as long as the claim was (its TTL, set by admit.lua)
--- ARGV[16] how many usage hashes follow KEYS[8]; ARGV[17] the audit row (JSON), or ''
--- ARGV[18] when the key's objects index and remembered amounts expire,
+-- ARGV[5]  key id; ARGV[6] label
+-- ARGV[7]  '<vendor>:<object_id>' whose amount to remember, or ''; ARGV[8] the amount µs;
+--          ARGV[9] index in KEYS of the created object it is about (its owner record carries
+--          it, when new), or '0'
+-- ARGV[10] the idempotency claim: '' (none), 'abandon', or, to complete it, the claim as
+--          admit.lua wrote it up to its body hash ('I<length>:<sha>'); ARGV[11] now, epoch ms
+--          (the caller's clock, within the replicas' allowed skew: it dates object records and
+--          remembered amounts, which live days); ARGV[12] the completed entry ('D<length>:<sha>'
+--          then the response as stored: status, headers, body), kept as long as the claim was
+--          (its TTL, set by admit.lua)
+-- ARGV[13] how many usage hashes follow KEYS[8]; ARGV[14] the audit row (JSON), or ''
+-- ARGV[15] when the key's objects index and remembered amounts expire,
 --          epoch ms, or '' when the caller has set it already (it is the same every call:
 --          the key's expiry plus the longest TTL of what they index)
--- ARGV[19…] names of owner records of created objects that own.lua claimed for the key (on a
+-- ARGV[16…] names of owner records of created objects that own.lua claimed for the key (on a
 --          Redis Cluster, where they are in their own slots and not in KEYS): indexed only
+-- The TTLs (DAILY_USAGE_TTL, OBJECT_TTL, AMOUNT_TTL) are written into the script when it is
+-- loaded (the _consts include below).
 -- A finished reservation is deleted: its amount is in the usage hashes and its audit row.
 -- Returns 1 when the reservation was finished now, else 0 (the rest is applied all the same).
-local n = tonumber(ARGV[16])
+--#include _consts
+--#include _reservation
+local n = tonumber(ARGV[13])
 local finished = 0
 
-local now_ms = tonumber(ARGV[14])
+local now_ms = tonumber(ARGV[11])
 
 if ARGV[1] ~= '' then
-  local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage_1', 'usage_2', 'usage_3',
-                         'usage_4', 'usage_5', 'usage_6', 'usage_7')
+  local row = redis.call('HMGET', KEYS[1], 'state', 'estimate', 'usage')
   if row[1] == 'reserved' then
-    -- Every usage hash the reservation recorded, no more and no fewer (at most six).
-    for i = 1, n do
-      if row[2 + i] ~= KEYS[8 + i] then
-        return redis.error_reply('settle_call.lua: usage keys do not match the reservation')
-      end
-    end
-    if n < 7 and row[3 + n] then
+    if not same_usage(KEYS[1], row[3], 9, 8 + n) then
       return redis.error_reply('settle_call.lua: usage keys do not match the reservation')
     end
     local estimate = row[2]
@@ -84,7 +82,7 @@ if ARGV[1] ~= '' then
           again = true
         end
         if again and string.sub(KEYS[8 + i], -9) ~= ':lifetime' then
-          redis.call('EXPIRE', KEYS[8 + i], ARGV[5], 'NX')
+          redis.call('EXPIRE', KEYS[8 + i], DAILY_USAGE_TTL, 'NX')
         end
       end
       redis.call('DEL', KEYS[1])
@@ -94,16 +92,16 @@ if ARGV[1] ~= '' then
   end
 end
 
-local remembered = ARGV[9] == ''
+local remembered = ARGV[7] == ''
 local amount = ''
 if not remembered then
-  amount = ARGV[10] .. ':' .. string.format('%d', math.floor(now_ms / 1000) + tonumber(ARGV[11]))
+  amount = ARGV[8] .. ':' .. string.format('%d', math.floor(now_ms / 1000) + AMOUNT_TTL)
 end
-local indexes_expire = ARGV[18]
+local indexes_expire = ARGV[15]
 
-if #ARGV > 18 then
-  local expires = string.format('%d', now_ms + tonumber(ARGV[8]) * 1000)
-  for i = 19, #ARGV do
+if #ARGV > 15 then
+  local expires = string.format('%d', now_ms + OBJECT_TTL * 1000)
+  for i = 16, #ARGV do
     redis.call('ZADD', KEYS[4], expires, ARGV[i])
   end
   if indexes_expire ~= '' then
@@ -112,17 +110,17 @@ if #ARGV > 18 then
 end
 
 if #KEYS > 8 + n then
-  local expires = string.format('%d', now_ms + tonumber(ARGV[8]) * 1000)
-  local prefix, about = ARGV[6] .. '\n', tonumber(ARGV[12])
+  local expires = string.format('%d', now_ms + OBJECT_TTL * 1000)
+  local prefix, about = ARGV[5] .. '\n', tonumber(ARGV[9])
   for i = 9 + n, #KEYS do
     -- The first owner stays: an object never changes hands.
     local record
     if i == about then
-      record = prefix .. amount .. '\n' .. ARGV[7]
+      record = prefix .. amount .. '\n' .. ARGV[6]
     else
-      record = prefix .. '\n' .. ARGV[7]
+      record = prefix .. '\n' .. ARGV[6]
     end
-    local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', ARGV[8])
+    local mine = redis.call('SET', KEYS[i], record, 'NX', 'EX', OBJECT_TTL)
     if mine then
       if i == about then
         remembered = true
@@ -130,7 +128,7 @@ if #KEYS > 8 + n then
     else
       local owner = redis.call('GET', KEYS[i])
       if owner and string.sub(owner, 1, #prefix) == prefix then
-        redis.call('EXPIRE', KEYS[i], ARGV[8])
+        redis.call('EXPIRE', KEYS[i], OBJECT_TTL)
         mine = true
       end
     end
@@ -144,29 +142,29 @@ if #KEYS > 8 + n then
 end
 
 if not remembered then
-  redis.call('HSET', KEYS[5], ARGV[9], amount)
+  redis.call('HSET', KEYS[5], ARGV[7], amount)
   if indexes_expire ~= '' then
     redis.call('PEXPIREAT', KEYS[5], indexes_expire)
   end
 end
 
-if ARGV[13] ~= '' then
+if ARGV[10] == 'abandon' then
   local entry = redis.call('GET', KEYS[6])
   if entry and string.sub(entry, 1, 1) == 'I' then
-    if ARGV[13] == 'abandon' then
-      redis.call('DEL', KEYS[6])
-      redis.call('ZREM', KEYS[7], KEYS[6])
-    else
-      -- The claim's expiry stays, so the index's score for it (admit.lua) stays right.
-      local colon = string.find(entry, ':', 2, true)
-      local len = tonumber(string.sub(entry, 2, colon - 1))
-      redis.call('SET', KEYS[6], 'D' .. string.sub(entry, 2, colon + len) .. ARGV[15],
-                 'KEEPTTL')
-    end
+    redis.call('DEL', KEYS[6])
+    redis.call('ZREM', KEYS[7], KEYS[6])
+  end
+elseif ARGV[10] ~= '' then
+  -- Completed while it is this call's claim (or a takeover's of the same body); anything else
+  -- (the entry done meanwhile) is put back. The claim's expiry stays, so the index's score
+  -- for it (admit.lua) stays right.
+  local before = redis.call('SET', KEYS[6], ARGV[12], 'XX', 'KEEPTTL', 'GET')
+  if before and string.sub(before, 1, #ARGV[10]) ~= ARGV[10] then
+    redis.call('SET', KEYS[6], before, 'XX', 'KEEPTTL')
   end
 end
 
-if ARGV[17] ~= '' then
-  redis.call('XADD', KEYS[8], '*', 'row', ARGV[17])
+if ARGV[14] ~= '' then
+  redis.call('XADD', KEYS[8], '*', 'row', ARGV[14])
 end
 return finished
