@@ -47,7 +47,8 @@ KEYBRAKE_ACL_COMMANDS = (
     "-@all +ping +time +select +get +set +del +exists +expire +pexpire "
     "+hget +hgetall +hmget +hset +hsetnx +hdel +hincrby +zadd +zrem +zrevrange "
     "+zrangebyscore +zrange +zcard +zremrangebyscore +pexpireat +pttl +scan "
-    "+sadd +srem +smembers +xadd +xrange +xreadgroup +xautoclaim +xack +xdel +xlen +xgroup|create "
+    "+sadd +srem +smembers +xadd +xrange +xreadgroup +xautoclaim +xack +xdel +xpending +xtrim "
+    "+xlen +xgroup|create "
     "+multi +exec +evalsha +script|load"
 )
 

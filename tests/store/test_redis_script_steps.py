@@ -13,15 +13,21 @@ the shortcuts give the same answers as the long way.
 - A reservation names its usage hashes in one field ('usage'); a record written before, one
   field per hash ('usage_1', …), is still settled, released and held, and a record that names
   other hashes than the caller's is refused either way.
+- Audit rows the pumps acknowledge leave the outbox stream by trimming its head up to the
+  oldest row still pending (``XTRIM MINID``), not one ``XDEL`` each; rows read without being
+  claimed (``drain_outbox``), and every row for a Redis user without ``XPENDING``/``XTRIM``, are
+  deleted one by one as before.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 
 import pytest
 import redis
+from tests._redis import KEYBRAKE_ACL_COMMANDS
 from tests.store.conftest import (
     REDIS_URL,
     USD,
@@ -35,6 +41,7 @@ from keybrake.store import (
     Settlement,
     StoredResponse,
     StoreUnavailable,
+    open_store,
 )
 from keybrake.store._common import RATE_BUCKET_MS, rate_bucket
 
@@ -289,3 +296,67 @@ async def test_a_reservation_names_its_usage_hashes_in_one_field_and_older_recor
     assert [client.hget(n, "spent") for n in names] == [str(3 * USD + USD // 2)] * 2
     assert [client.hget(n, "reserved") for n in names] == [str(2 * USD)] * 2
 
+
+async def test_acknowledged_audit_rows_are_trimmed_and_unclaimed_ones_deleted(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    stream = f"{store.prefix}audit"
+
+    async def append(*event_ids: str) -> None:
+        for event_id in event_ids:
+            await store.append_audit({"event_id": event_id})
+
+    async def ack(batch: list[tuple[str, dict[str, object]]]) -> list[object]:
+        await store.audit_ack([i for i, _ in batch])
+        return [row["event_id"] for _, row in batch]
+
+    def left() -> list[str]:
+        return [json.loads(f["row"])["event_id"] for _, f in client.xrange(stream)]
+
+    await append("e0", "e1", "e2", "e3", "e4", "e5")
+    first = await store.audit_batch("replica-1", 2)
+    second = await store.audit_batch("replica-2", 2)
+    # replica-1's rows are still pending: nothing at or after them goes yet.
+    assert await ack(second) == ["e2", "e3"]
+    assert left() == ["e0", "e1", "e2", "e3", "e4", "e5"]
+    # None pending: the head goes up to the newest row given; e2 and e3 go with a later trim.
+    assert await ack(first) == ["e0", "e1"]
+    assert left() == ["e2", "e3", "e4", "e5"]
+    assert await ack(await store.audit_batch("replica-1", 10)) == ["e4", "e5"]
+    assert left() == []
+    assert client.xpending(stream, "audit")["pending"] == 0
+
+    # Read with XRANGE and never claimed (a reader's flush): deleted one by one, the rows
+    # after them left alone.
+    await append("p0", "p1", "p2")
+    assert await ack(await store.audit_peek(2)) == ["p0", "p1"]
+    assert left() == ["p2"]
+    assert await ack(await store.audit_batch("replica-1", 10)) == ["p2"]
+    assert left() == []
+
+
+async def test_a_redis_user_without_xtrim_still_drops_acknowledged_audit_rows(
+    store: RedisStore, client: redis.Redis
+) -> None:
+    user, password = f"kb-no-trim-{store.prefix[7:19]}", "kb-test-no-trim-" + "8d02c5e1"
+    commands = KEYBRAKE_ACL_COMMANDS.replace("+xpending ", "").replace("+xtrim ", "")
+    assert "xtrim" not in commands and "xpending" not in commands
+    client.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "resetkeys", f"~{store.prefix}*",
+        "resetchannels", *commands.split(),
+    )  # fmt: skip
+    limited = open_store(
+        f"redis://{user}:{password}@{REDIS_URL.removeprefix('redis://')}?prefix={store.prefix}"
+    )
+    try:
+        await limited.open()
+        for event_id in ("n0", "n1", "n2"):
+            await limited.append_audit({"event_id": event_id})
+        batch = await limited.audit_batch("replica-1", 2)
+        await limited.audit_ack([i for i, _ in batch])
+        rows = [json.loads(f["row"])["event_id"] for _, f in client.xrange(f"{store.prefix}audit")]
+        assert rows == ["n2"]
+        assert client.xpending(f"{store.prefix}audit", "audit")["pending"] == 0
+    finally:
+        await limited.close()
+        client.execute_command("ACL", "DELUSER", user)

@@ -190,6 +190,7 @@ _SCRIPTS = (
     "count_request",
     "own",
     "audit_read",
+    "audit_ack",
 )
 
 
@@ -1650,10 +1651,12 @@ class RedisStore:
             tag, _, entry_id = audit_id.rpartition("/")
             by_tag.setdefault(tag, []).append(entry_id)
         for tag, entry_ids in by_tag.items():
-            stream = self._kt(tag, "audit")
-            async with self._guard() as client:
-                await client.xack(stream, _AUDIT_GROUP, *entry_ids)
-                await client.xdel(stream, *entry_ids)
+            ms, seq = max(entry_ids, key=_entry_order).split("-")
+            await self._script(
+                "audit_ack",
+                [self._kt(tag, "audit")],
+                [_AUDIT_GROUP, f"{ms}-{int(seq) + 1}", *entry_ids],
+            )
 
     async def audit_backlog(self) -> int:
         async with self._guard() as client:
