@@ -282,3 +282,42 @@ async def test_postgres_sink_reconnects_after_losing_its_connection(store: Store
             await pump.close()
             sink.close()
         assert seqs(url) == list(range(40))
+
+
+@pytest.mark.redis
+async def test_an_idle_pump_polls_less_and_less_and_is_quick_again_once_rows_come(
+    tmp_path: Path,
+) -> None:
+    """An idle fleet of many replicas would otherwise cost the shared Redis ten reads per
+    replica per second: the pause doubles while the outbox stays empty (up to 1 s)."""
+    from tests._redis import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    store = RedisStore(server.url, prefix=redis_prefix())
+    await store.open()
+    sink = sqlite_backend(tmp_path).make()
+    pump = AuditPump(getter(store), sink, "replica-1")
+
+    def reads() -> int:
+        """The pump's `audit_batch` steps so far (one EVALSHA each; nothing else sends any)."""
+        out = server.cli("INFO", "commandstats").stdout
+        line = next((ln for ln in out.splitlines() if ln.startswith("cmdstat_evalsha:")), "")
+        return int(line.split("calls=")[1].split(",")[0]) if line else 0
+
+    pump.start()
+    try:
+        await asyncio.sleep(3.2)
+        idle = reads()
+        # 0.1 s start, then pauses of 0.1, 0.2, 0.4, 0.8, 1.0 …: about six reads, not thirty.
+        assert 3 <= idle <= 9, idle
+        await append(store, rows(5))
+        await wait_until(lambda: pump.written == 5, timeout=2.5, what="rows after the quiet")
+        busy = reads()
+        await append(store, rows(5, start=5))
+        await wait_until(lambda: pump.written == 10, timeout=2.0, what="rows while busy")
+        assert reads() > busy
+    finally:
+        await pump.close()
+        await store.close()
+        server.kill()

@@ -32,6 +32,9 @@ log = logging.getLogger("keybrake")
 
 BATCH_SIZE = 200
 IDLE_INTERVAL = 0.1
+# While the outbox stays empty the pause doubles up to this: an idle fleet of many replicas
+# costs the shared store a few steps per replica per second, not ten.
+IDLE_MAX_INTERVAL = 1.0
 MAX_BACKOFF = 5.0
 # Rows the store refused to take (it was down): kept in memory until it is back.
 MAX_KEPT = 100_000
@@ -95,7 +98,8 @@ class AuditPump:
 
     ``start`` runs the loop: a batch claimed by ``consumer`` (`Store.audit_batch`) is written
     to the sink in a thread and acknowledged once written; batches that are not full are
-    followed by ``idle_interval`` of sleep. Failures (store or sink) are logged, counted in
+    followed by ``idle_interval`` of sleep, doubled for each empty batch in a row up to
+    `IDLE_MAX_INTERVAL`. Failures (store or sink) are logged, counted in
     ``failures`` (consecutive) and retried with backoff; the rows stay in the outbox meanwhile.
 
     Example::
@@ -210,6 +214,7 @@ class AuditPump:
     async def _run(self) -> None:
         # Not at once: mitmdump stops when an error is logged before `running` has returned.
         await asyncio.sleep(self.idle_interval)
+        quiet = 0  # empty batches in a row
         while True:
             try:
                 async with self._turn:
@@ -225,10 +230,19 @@ class AuditPump:
                 await asyncio.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(self.failures, 6)))
                 continue
             self.failures = 0
+            quiet = quiet + 1 if not batch else 0
             if moved < self.batch_size:
                 # Rows wait in the outbox (committed, and read through by every reader's
                 # flush): moving them in batches costs a few store steps per batch, not per row.
-                await asyncio.sleep(self.idle_interval)
+                await asyncio.sleep(self._pause(quiet))
+
+    def _pause(self, quiet: int) -> float:
+        """The pause after a batch that was not full: ``idle_interval``, doubled for each
+        empty one in a row (``quiet``) up to `IDLE_MAX_INTERVAL` (or ``idle_interval`` when
+        that is longer)."""
+        return max(
+            self.idle_interval, min(IDLE_MAX_INTERVAL, self.idle_interval * 2.0 ** min(quiet, 16))
+        )
 
     async def _append_kept(self, store: Store) -> None:
         while self._kept:
