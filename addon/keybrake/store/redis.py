@@ -1497,6 +1497,9 @@ class RedisStore:
         fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
         if not fields:
             return None
+        if len(self._key_static) > _TTL_MEMORY:  # forgotten in bulk: read whole again
+            self._key_static.clear()
+            self._key_expiry_ms.clear()
         self._key_expiry_ms[key_id] = int(fields["expires_at"]) // 1000
         static = self._key_static.get(key_id)
         if static is None:
