@@ -101,13 +101,22 @@ def spent_micros(kb: KeybrakeProcess, key: dict[str, Any]) -> int:
     return parse_usd(str(detail["spent_today_usd"]))
 
 
-def audit(kb: KeybrakeProcess, key: dict[str, Any], expected: int) -> list[dict[str, Any]]:
+def audit(
+    kb: KeybrakeProcess,
+    key: dict[str, Any],
+    expected: int,
+    request_ids: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """The key's audit rows once there are ``expected`` of them and every one of
+    ``request_ids`` is among them (a streamed call's row lands when its stream has ended,
+    which may be after the client read its last chunk), or after 15 s."""
     deadline = time.monotonic() + 15
     while True:
         rows: list[dict[str, Any]] = kb.admin(
             "GET", f"/vault/audit?key={key['key_id']}&limit=1000"
         ).json()["data"]
-        if len(rows) >= expected or time.monotonic() > deadline:
+        seen = {r["vendor_request_id"] for r in rows}
+        if (len(rows) >= expected and request_ids <= seen) or time.monotonic() > deadline:
             return rows
         time.sleep(0.1)
 
@@ -125,9 +134,11 @@ def assert_booked_exactly(
 ) -> list[dict[str, Any]]:
     """Every call the fake billed is one audit row with its request id and exact cost."""
     billed = [e for e in fake.ledger if e.status == 200]
-    rows = audit(kb, key, len(billed))
+    # Waited for by request id, not by count: a refusal the SDK retried past is a row too.
+    rows = audit(kb, key, len(billed), frozenset(e.request_id for e in billed if e.request_id))
     by_request = {r["vendor_request_id"]: r for r in rows}
     for entry in billed:
+        assert entry.request_id in by_request, (entry.request_id, rows)
         row = by_request[entry.request_id]
         assert row["outcome"] == "ok", row
         assert row["actual_micros"] == entry.charged_usd_micros, row
