@@ -39,12 +39,12 @@
 -- Only what a step needs is read or written: a TTL is set once (ARGV[17…]), expired index
 -- entries are pruned only when a quota is reached, and the server clock is read at most once.
 -- Returns {status, code, detail, extra, key fields (flattened, as a nested table),
---          tree limits (6, see _tree.lua), usage (spent, reserved, …) | replay's stored
---          response}.
+--          tree limits (6, see _tree.lua), usage (spent, reserved, … of each budget with a
+--          cap, in path order) | replay's stored response}.
 --   status 'admitted' | 'replay' | 'refused'; extra: live rate buckets (flattened) for
---   rate_limited (detail: the node, 'key', 'label' or 'issuer'), the index of the exceeded
---   usage hash for cap_exhausted. The usage of a budget without a cap is not read (answered
---   as 0, 0).
+--   rate_limited (detail: the node, 'key', 'label' or 'issuer'), the index (in the path) of
+--   the exceeded usage hash for cap_exhausted. The usage of a budget without a cap is
+--   neither read nor answered.
 --#include _consts
 --#include _tree
 --#include _rate
@@ -54,41 +54,39 @@ local todo = ARGV[14]
 local function to_do(i)
   return todo ~= '' and string.sub(todo, i, i) == '1'
 end
-local key, fields = {}, {}
+-- The vendor never changes (the caller keeps it), but the freeze check below needs it: read
+-- in the same HMGET, not answered. The fields are kept in the row (no table of their own).
+local row = redis.call('HMGET', KEYS[1], 'vendor', unpack(MUTABLE))
+local fields = {}
 if to_do(1) then
   fields = redis.call('HGETALL', KEYS[1])
-  for i = 1, #fields, 2 do key[fields[i]] = fields[i + 1] end
 else
-  -- The vendor never changes (the caller keeps it), but the freeze check below needs it: read
-  -- in the same HMGET, not answered.
-  local row = redis.call('HMGET', KEYS[1], 'vendor', unpack(MUTABLE))
-  key['vendor'] = row[1]
   for i = 1, #MUTABLE do
     if row[i + 1] then
-      key[MUTABLE[i]] = row[i + 1]
       fields[#fields + 1] = MUTABLE[i]
       fields[#fields + 1] = row[i + 1]
     end
   end
 end
-if not key['expires_at'] then
+-- row: vendor, then MUTABLE's order
+if not row[2] then
   return {'refused', 'vault_key_unknown', '', {}, {}}
 end
-if key['revoked_at'] then
+if row[6] then
   return {'refused', 'vault_key_revoked', '', {}, fields}
 end
 -- Numbers are read from their strings once (each conversion costs about as much as a short
 -- command), and names are constants rather than built per call.
-local now_us, expires_us = tonumber(ARGV[1]), tonumber(key['expires_at'])
+local now_us, expires_us = tonumber(ARGV[1]), tonumber(row[2])
 if now_us >= expires_us then
   return {'refused', 'vault_key_expired', '', {}, fields}
 end
-if key['suspended_at'] then
+if row[7] then
   return {'refused', 'key_suspended', '', {}, fields}
 end
 local label, issuer = ARGV[12], ARGV[13]
 local tree, extras = tree_limits(KEYS[8], label, issuer,
-  {'!frozen:' .. (key['vendor'] or '')})
+  {'!frozen:' .. (row[1] or '')})
 if extras[1] then
   return {'refused', 'vendor_frozen', extras[1], {}, fields, tree}
 end
@@ -180,11 +178,20 @@ if ARGV[5] ~= '' then
   end
 end
 
-local spent, reserved = {}, {}
+local spent, reserved, caps = {}, {}, {}
 local n = #KEYS - 10
+-- The usage of the budgets with a cap, in path order, after `fields` and `tree`.
+local function with_usage(reply)
+  for i = 1, #spent do
+    if caps[i] ~= '' then
+      reply[#reply + 1] = spent[i]
+      reply[#reply + 1] = reserved[i]
+    end
+  end
+  return reply
+end
 if ARGV[9] ~= '' then
-  local caps = path_caps(tree, key['daily_cap_micros'], key['usd_cap_micros'] or '', label,
-                         issuer)
+  caps = path_caps(tree, row[4], row[5] or '', label, issuer)
   if #caps ~= n then
     if created then
       redis.call('DEL', KEYS[4])
@@ -208,12 +215,7 @@ if ARGV[9] ~= '' then
     if created then
       redis.call('DEL', KEYS[4])
     end
-    local reply = {'refused', 'cap_exhausted', '', {over}, fields, tree}
-    for j = 1, n do
-      reply[5 + 2 * j] = spent[j]
-      reply[6 + 2 * j] = reserved[j]
-    end
-    return reply
+    return with_usage({'refused', 'cap_exhausted', '', {over}, fields, tree})
   end
   -- A reservation id already open is never reserved twice (ZADD NX answers 0): the open set
   -- is the check, so it costs no command of its own.
@@ -243,9 +245,4 @@ if claim then
   end
 end
 
-local reply = {'admitted', '', '', {}, fields, tree}
-for i = 1, #spent do
-  reply[5 + 2 * i] = spent[i]
-  reply[6 + 2 * i] = reserved[i]
-end
-return reply
+return with_usage({'admitted', '', '', {}, fields, tree})

@@ -1474,14 +1474,14 @@ class RedisStore:
             tree = TreeCaps.parse([_text(v) for v in reply[5]])
             plan = usage_plan(key, day, tree.label_daily, tree)
             rows = tuple((scope, window) for scope, window, _ in plan)
+            usage = iter(reply[6:])  # spent, reserved of each budget with a cap
             for index, (scope, window, cap) in enumerate(plan):
-                state = BudgetState(
-                    scope, window, cap, int(reply[6 + 2 * index]), int(reply[7 + 2 * index])
-                )
+                if cap is None:
+                    continue
+                state = BudgetState(scope, window, cap, int(next(usage)), int(next(usage)))
                 if code == "cap_exhausted" and index + 1 == int(extra[0]):
                     exceeded = state
-                if cap is not None:
-                    budgets.append(state)
+                budgets.append(state)
         if status == "refused":
             return Admission("refused", key, code=code, budgets=tuple(budgets), exceeded=exceeded)
         return Admission("admitted", key, budgets=tuple(budgets), ledger_rows=rows)
