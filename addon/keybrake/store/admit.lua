@@ -36,7 +36,7 @@
 -- when it is loaded (the _consts include below), not sent with every call.
 -- An idempotency entry is one string: 'I' or 'D' (in flight, done), the length of the body
 -- hash, ':', the body hash, then the claim's start (server ms) or the stored response.
--- Only what a step needs is read or written: a TTL is set once (ARGV[17…]), expired index
+-- Only what a step needs is read or written: a TTL is set once (ARGV[14]), expired index
 -- entries are pruned only when a quota is reached, and the server clock is read at most once.
 -- Returns {status, code, detail, extra, key fields (flattened, as a nested table),
 --          tree limits (6, see _tree.lua), usage (spent, reserved, … of each budget with a

@@ -1474,11 +1474,11 @@ class RedisStore:
             tree = TreeCaps.parse([_text(v) for v in reply[5]])
             plan = usage_plan(key, day, tree.label_daily, tree)
             rows = tuple((scope, window) for scope, window, _ in plan)
-            usage = iter(reply[6:])  # spent, reserved of each budget with a cap
+            answered = iter(reply[6:])  # spent, reserved of each budget with a cap
             for index, (scope, window, cap) in enumerate(plan):
                 if cap is None:
                     continue
-                state = BudgetState(scope, window, cap, int(next(usage)), int(next(usage)))
+                state = BudgetState(scope, window, cap, int(next(answered)), int(next(answered)))
                 if code == "cap_exhausted" and index + 1 == int(extra[0]):
                     exceeded = state
                 budgets.append(state)
