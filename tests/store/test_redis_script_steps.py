@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -149,6 +150,19 @@ async def test_a_stale_claim_is_taken_over_and_a_live_one_is_left_alone(
     assert int(taken.removeprefix("I2:b2")) >= server_ms
 
 
+def completion(**more: Any) -> Settlement:
+    """A settlement of key kb_i that completes its claim 'scope-1' with `RESPONSE`."""
+    return Settlement(
+        "kb_i",
+        "",
+        "stripe",
+        NOON,
+        idempotency_scope="scope-1",
+        idempotency_response=RESPONSE,
+        **more,
+    )
+
+
 async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
     store: RedisStore, client: redis.Redis
 ) -> None:
@@ -170,17 +184,11 @@ async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
 
     client.pexpire(entry, 100_000)  # so that a TTL set again would show
     await store.settle_call(
-        Settlement(
-            "kb_i",
-            "",
-            "stripe",
-            NOON,
+        completion(
             reservation_id="res_1",
             ledger_rows=admission.ledger_rows,
             finish="settled",
             actual_micros=USD,
-            idempotency_scope="scope-1",
-            idempotency_response=RESPONSE,
             idempotency_ttl_seconds=3600,
             idempotency_sha256="b1",
         )
@@ -205,31 +213,12 @@ async def test_a_claim_that_is_no_longer_the_calls_is_put_back_not_completed(
     # Taken over meanwhile (stale) by a call with another body, which is still in flight.
     client.set(entry, "I2:b2123", keepttl=True)
     client.pexpire(entry, 100_000)
-    settlement = Settlement(
-        "kb_i",
-        "",
-        "stripe",
-        NOON,
-        idempotency_scope="scope-1",
-        idempotency_response=RESPONSE,
-        idempotency_ttl_seconds=3600,
-        idempotency_sha256="b1",
-    )
-    await store.settle_call(settlement)
+    await store.settle_call(completion(idempotency_ttl_seconds=3600, idempotency_sha256="b1"))
     assert client.get(entry) == "I2:b2123"
     assert 0 < client.pttl(entry) <= 100_000
     # A completion that does not name its claim is a caller's bug: refused, nothing written.
     with pytest.raises(ValueError, match="body hash"):
-        await store.settle_call(
-            Settlement(
-                "kb_i",
-                "",
-                "stripe",
-                NOON,
-                idempotency_scope="scope-1",
-                idempotency_response=RESPONSE,
-            )
-        )
+        await store.settle_call(completion())
     assert client.get(entry) == "I2:b2123"
 
 
