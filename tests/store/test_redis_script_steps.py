@@ -14,9 +14,10 @@ the shortcuts give the same answers as the long way.
   field per hash ('usage_1', …), is still settled, released and held, and a record that names
   other hashes than the caller's is refused either way.
 - Audit rows the pumps acknowledge leave the outbox stream by trimming its head up to the
-  oldest row still pending (``XTRIM MINID``), not one ``XDEL`` each; rows read without being
-  claimed (``drain_outbox``), and every row for a Redis user without ``XPENDING``/``XTRIM``, are
-  deleted one by one as before.
+  oldest row still pending (``XTRIM MINID``), not one ``XDEL`` each, when no older row is
+  pending; otherwise, for rows read without being claimed (``drain_outbox``), and for a Redis
+  user without ``XPENDING``/``XTRIM``, they are deleted one by one as before. Either way the
+  stream never holds an acknowledged row.
 """
 
 from __future__ import annotations
@@ -305,13 +306,19 @@ async def test_acknowledged_audit_rows_are_trimmed_and_unclaimed_ones_deleted(
     await append("e0", "e1", "e2", "e3", "e4", "e5")
     first = await store.audit_batch("replica-1", 2)
     second = await store.audit_batch("replica-2", 2)
-    # replica-1's rows are still pending: nothing at or after them goes yet.
+    # Older rows (replica-1's) are still pending: the head stays, these two are deleted.
     assert await ack(second) == ["e2", "e3"]
-    assert left() == ["e0", "e1", "e2", "e3", "e4", "e5"]
-    # None pending: the head goes up to the newest row given; e2 and e3 go with a later trim.
+    assert left() == ["e0", "e1", "e4", "e5"]
+    assert client.xpending(stream, "audit")["pending"] == 2
+    # None older pending: the head goes, up to the oldest row still pending (e4, now claimed).
+    third = await store.audit_batch("replica-2", 10)
     assert await ack(first) == ["e0", "e1"]
-    assert left() == ["e2", "e3", "e4", "e5"]
-    assert await ack(await store.audit_batch("replica-1", 10)) == ["e4", "e5"]
+    assert left() == ["e4", "e5"]
+    # None pending at all: up to the newest row given.
+    await append("e6")
+    assert await ack(third) == ["e4", "e5"]
+    assert left() == ["e6"]
+    assert await ack(await store.audit_batch("replica-1", 10)) == ["e6"]
     assert left() == []
     assert client.xpending(stream, "audit")["pending"] == 0
 

@@ -1654,11 +1654,12 @@ class RedisStore:
             tag, _, entry_id = audit_id.rpartition("/")
             by_tag.setdefault(tag, []).append(entry_id)
         for tag, entry_ids in by_tag.items():
-            ms, seq = max(entry_ids, key=_entry_order).split("-")
+            newest = max(entry_ids, key=_entry_order)
+            ms, seq = newest.split("-")
             await self._script(
                 "audit_ack",
                 [self._kt(tag, "audit")],
-                [_AUDIT_GROUP, f"{ms}-{int(seq) + 1}", *entry_ids],
+                [_AUDIT_GROUP, newest, f"{ms}-{int(seq) + 1}", *entry_ids],
             )
 
     async def audit_backlog(self) -> int:
