@@ -1655,11 +1655,8 @@ class RedisStore:
             by_tag.setdefault(tag, []).append(entry_id)
         for tag, entry_ids in by_tag.items():
             newest = max(entry_ids, key=_entry_order)
-            ms, seq = newest.split("-")
             await self._script(
-                "audit_ack",
-                [self._kt(tag, "audit")],
-                [_AUDIT_GROUP, newest, f"{ms}-{int(seq) + 1}", *entry_ids],
+                "audit_ack", [self._kt(tag, "audit")], [_AUDIT_GROUP, newest, *entry_ids]
             )
 
     async def audit_backlog(self) -> int:
