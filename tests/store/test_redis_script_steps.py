@@ -22,6 +22,7 @@ the shortcuts give the same answers as the long way.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ pytestmark = pytest.mark.redis
 
 NOON = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
 RESPONSE = StoredResponse(200, (("Content-Type", "application/json"),), b'{"id":"pi_1"}')
+# Key kb_i's claim in most tests here: in flight for 30 s at most, kept an hour.
+CLAIM = IdempotencyClaim("scope-1", "b1", 3600, 30, 100)
 
 
 @pytest.fixture
@@ -113,7 +116,7 @@ async def admit_claim(store: RedisStore, rid: str, micros: int, body: str = "b1"
             NOON,
             reservation_id=rid,
             estimate_micros=micros,
-            idempotency=IdempotencyClaim("scope-1", body, 3600, 30, 100),
+            idempotency=dataclasses.replace(CLAIM, body_sha256=body),
         )
     )
     return admission.code if admission.status != "admitted" else admission.status
@@ -175,7 +178,7 @@ async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
             NOON,
             reservation_id="res_1",
             estimate_micros=USD,
-            idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100),
+            idempotency=CLAIM,
         )
     )
     assert admission.status == "admitted"
@@ -196,9 +199,7 @@ async def test_a_completed_claim_keeps_the_claims_expiry_and_its_index_score(
     )
     assert client.get(entry).startswith("D2:b1")  # type: ignore[union-attr]
     assert 0 < client.pttl(entry) <= 100_000
-    replay = await store.admit(
-        AdmissionRequest("kb_i", NOON, idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100))
-    )
+    replay = await store.admit(AdmissionRequest("kb_i", NOON, idempotency=CLAIM))
     assert replay.status == "replay" and replay.response == RESPONSE
 
 
@@ -207,9 +208,7 @@ async def test_a_claim_that_is_no_longer_the_calls_is_put_back_not_completed(
 ) -> None:
     await store.create_key(make_key("kb_i"))
     entry = f"{store.prefix}idm:kb_i:scope-1"
-    admission = await store.admit(
-        AdmissionRequest("kb_i", NOON, idempotency=IdempotencyClaim("scope-1", "b1", 3600, 30, 100))
-    )
+    admission = await store.admit(AdmissionRequest("kb_i", NOON, idempotency=CLAIM))
     assert admission.status == "admitted"
     # Taken over meanwhile (stale) by a call with another body, which is still in flight.
     client.set(entry, "I2:b2123", keepttl=True)
