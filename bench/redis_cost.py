@@ -103,8 +103,11 @@ class Callgrind:
 
 async def _measure(addon: Path, n: int, work: Path) -> dict[str, object]:
     sys.path.insert(0, str(addon))
+    sys.path.insert(0, str(ROOT))
     import redis
 
+    # store_ops puts the same checkout first (this run's --addon) before it imports keybrake.
+    from bench.store_ops import claim_hash
     from keybrake.store import (
         AdmissionRequest,
         IdempotencyClaim,
@@ -113,11 +116,6 @@ async def _measure(addon: Path, n: int, work: Path) -> dict[str, object]:
         StoredResponse,
         open_store,
     )
-
-    def claim_hash(sha: str) -> dict[str, str]:
-        """``idempotency_sha256=sha`` where `Settlement` has it (an older ``--addon`` has not)."""
-        fields = getattr(Settlement, "__dataclass_fields__", {})
-        return {"idempotency_sha256": sha} if "idempotency_sha256" in fields else {}
 
     server = Callgrind(work)
     try:

@@ -38,6 +38,7 @@ for p in (ROOT, ADDON):
         sys.path.insert(0, str(p))
 
 from bench.run import free_port  # noqa: E402
+from bench.store_ops import claim_hash  # noqa: E402
 from bench.upstream import payment_intent  # noqa: E402
 from keybrake.store import (  # noqa: E402
     Admission,
@@ -51,13 +52,6 @@ from keybrake.store import (  # noqa: E402
 
 USD = 1_000_000
 HEADERS = (("Content-Type", "application/json"), ("Request-Id", "req_" + "x" * 14))
-
-
-def claim_hash(sha: str) -> dict[str, str]:
-    """``idempotency_sha256=sha`` for a `Settlement` that has the field (a completion names its
-    claim's body hash); nothing for an older checkout's (``--addon``)."""
-    fields = getattr(Settlement, "__dataclass_fields__", {})
-    return {"idempotency_sha256": sha} if "idempotency_sha256" in fields else {}
 
 
 def audit_row(key_id: str, rid: str) -> dict[str, object]:
