@@ -40,9 +40,9 @@ async def batching_store(
     sizes: list[int] = []
     send = store._send
 
-    async def counting(batch: Any) -> None:
+    async def counting(batch: Any) -> Exception | None:
         sizes.append(len(batch))
-        await send(batch)
+        return await send(batch)
 
     store._send = counting  # type: ignore[method-assign]
     await store.open()
@@ -116,3 +116,54 @@ async def test_every_call_of_a_burst_fails_closed_when_redis_is_away(
     finally:
         await store.close()
         server.kill()
+
+
+async def staggered(store: RedisStore, key_id: str, n: int) -> list[Any]:
+    """``n`` admissions, each asked for in an event-loop turn of its own."""
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.ensure_future(store.admit(paid(key_id, i))))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_calls_that_come_while_a_batch_is_out_go_together_next(
+    batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
+) -> None:
+    store, sizes = batching_store
+    key = make_key("kb_queue", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+    await store.create_key(key)
+    # Redis holds the first batch (a script may write) while the others are asked for.
+    assert private_redis.cli("CLIENT", "PAUSE", "300", "WRITE").stdout.strip() == "OK"
+
+    admitted = await staggered(store, key.key_id, 10)
+
+    # One write for the first (and any asked for in its turn), one for all that waited: not
+    # one per event-loop turn.
+    assert len(sizes) == 2 and sum(sizes) == 10, sizes
+    assert [a.status for a in admitted] == ["admitted"] * 10
+    (budget,) = await store.budgets(key, NOW)
+    assert budget.reserved_micros == 30 * USD
+
+
+async def test_calls_waiting_behind_a_redis_that_stopped_answering_fail_within_its_timeout(
+    batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
+) -> None:
+    store, sizes = batching_store
+    key = make_key("kb_stall", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+    await store.create_key(key)
+    assert store._lane is not None
+    store._lane.timeout = 1.0
+    assert private_redis.cli("CLIENT", "PAUSE", "2500", "WRITE").stdout.strip() == "OK"
+    started = asyncio.get_running_loop().time()
+
+    results = await staggered(store, key.key_id, 10)
+
+    elapsed = asyncio.get_running_loop().time() - started
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert "TimeoutError" in str(results[-1])
+    # Those that waited behind the first batch waited for its timeout only, not for one more
+    # of their own (they were never sent).
+    assert len(sizes) == 1 and elapsed < 1.7, (sizes, elapsed)
+    private_redis.cli("CLIENT", "UNPAUSE")

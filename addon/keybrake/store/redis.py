@@ -10,8 +10,9 @@ CA file and client certificate); the password is kept out of ``url``, ``repr`` a
 message.
 
 The hot path's two scripts (``admit.lua``, ``settle_call.lua``) asked for in the same
-event-loop turn are sent in one pipeline: on a busy replica Redis then reads and answers a
-burst at once, which is most of its CPU per request (`RedisStore._batched`).
+event-loop turn, or while the batch before them is out, are sent in one pipeline: on a busy
+replica Redis then reads and answers a burst at once, which is most of its CPU per request
+(`RedisStore._batched`).
 
 Timeouts are short and nothing is retried: when Redis is away a call fails within about two
 seconds with `StoreUnavailable` (the proxy answers 503) and the connection pool reconnects on
@@ -481,7 +482,8 @@ class RedisStore:
                 timeout=_OPERATION_TIMEOUT_SECONDS,
             )
         )
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Task[Exception | None]] = set()
+        self._lane_driver: asyncio.Future[None] | None = None
         self._warned_unverified = False
         self._cluster = self._target.cluster
         # Hash tags of the budget trees: one empty tag (names as ever) on a single server.
@@ -609,7 +611,8 @@ class RedisStore:
 
     async def _batched(self, name: str, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
         """Run a hot-path script together with the others asked for in the same event-loop
-        turn: one pipeline (one write, one read on each side) instead of a round trip each.
+        turn (and, on the lane, all those asked for while the batch before is out): one
+        pipeline (one write, one read on each side) instead of a round trip each.
 
         On a busy replica many calls are admitted and settled at once; Redis then reads and
         answers them in one go, and most of its CPU per request is that reading and writing.
@@ -618,21 +621,56 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((name, keys, args, future))
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 and not self._lane_busy(loop):
             loop.call_soon(self._send_pending)
         return await future
 
+    def _lane_busy(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a batch is on the lane: the calls asked for meanwhile then wait and go
+        together, in one write, when its replies are in (`_drive_lane`)."""
+        driver = self._lane_driver
+        return driver is not None and not driver.done() and driver.get_loop() is loop
+
     def _send_pending(self) -> None:
+        if self._lane is not None:
+            if not self._lane_busy(asyncio.get_running_loop()):
+                self._lane_driver = asyncio.ensure_future(self._drive_lane())
+            return
         batch, self._pending = self._pending, []
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _drive_lane(self) -> None:
+        """Send the waiting calls as one batch, then those that came while it was out, until
+        none wait. One batch is on the lane at a time anyway (it answers in order); sending
+        every call that waited in one write, not one write per event-loop turn it came in,
+        is fewer reads and replies for Redis and fewer round trips for the calls."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                failure = await self._send(batch)
+                if isinstance(failure, StoreUnavailable) and isinstance(
+                    failure.__cause__, redis.exceptions.TimeoutError
+                ):
+                    # Redis stopped answering: the calls that waited behind the batch have
+                    # waited its timeouts already and fail with it, as they would have on a
+                    # connection of their own (a call fails within the lane's timeouts).
+                    stalled, self._pending = self._pending, []
+                    for *_, future in stalled:
+                        if not future.done():
+                            future.set_exception(failure)
+        finally:
+            self._lane_driver = None
+            if self._pending:  # cancelled with calls waiting: they go in a new batch
+                asyncio.get_running_loop().call_soon(self._send_pending)
+
+    async def _send(self, batch: list[_Pending]) -> Exception | None:
+        """Send ``batch`` and resolve its futures; returns the error that failed it whole."""
         lane = self._lane
         if lane is None and len(batch) == 1:
             await self._send_alone(batch[0])
-            return
+            return None
         try:
             async with self._guard() as client:
                 calls = [
@@ -652,7 +690,7 @@ class RedisStore:
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-            return
+            return exc
         for pending, result in zip(batch, results, strict=True):
             future = pending[3]
             if isinstance(result, redis.exceptions.NoScriptError):
@@ -665,6 +703,7 @@ class RedisStore:
                 future.set_exception(self._unavailable(result))
             else:
                 future.set_result(result)
+        return None
 
     async def _send_alone(self, pending: _Pending) -> None:
         name, keys, args, future = pending
