@@ -18,6 +18,8 @@ over the replicas and the keys. Per vendor call, medians of ``--rounds`` rounds:
   vendor calls per second per Redis core, however many replicas run;
 - Redis commands (``INFO commandstats``: the scripts and every command they run);
 - bytes to and from Redis (``INFO stats``: ``total_net_input_bytes``/``…output…``);
+- socket reads that brought commands in (``INFO stats``: ``total_reads_processed``): round
+  trips, however many calls each batch carried;
 - replica CPU (``/proc``: every replica process, all threads).
 
 With ``--cluster N`` the store is a private Redis Cluster of ``N`` masters on loopback
@@ -88,6 +90,7 @@ class Figures:
     redis_cmds: dict[str, float]
     bytes_in: float
     bytes_out: float
+    reads: float
     replica_cpu_ms: float
     statuses: Counter[int] = field(default_factory=Counter)
 
@@ -314,17 +317,19 @@ class Fleet:
         return statuses
 
     # -- measuring ---------------------------------------------------------------------------
-    def redis_now(self) -> tuple[float, dict[str, int], int, int]:
-        """CPU seconds, command counts and bytes in and out, summed over the servers."""
-        cpu_s, cmds, bytes_in, bytes_out = 0.0, Counter[str](), 0, 0
-        for cpu_node, node_cmds, node_in, node_out in self.nodes_now():
+    def redis_now(self) -> tuple[float, dict[str, int], int, int, int]:
+        """CPU seconds, command counts, bytes in and out and the socket reads that brought
+        commands in (``total_reads_processed``), summed over the servers."""
+        cpu_s, cmds, bytes_in, bytes_out, reads = 0.0, Counter[str](), 0, 0, 0
+        for cpu_node, node_cmds, node_in, node_out, node_reads in self.nodes_now():
             cpu_s += cpu_node
             cmds.update(node_cmds)
             bytes_in += node_in
             bytes_out += node_out
-        return cpu_s, dict(cmds), bytes_in, bytes_out
+            reads += node_reads
+        return cpu_s, dict(cmds), bytes_in, bytes_out, reads
 
-    def nodes_now(self) -> list[tuple[float, dict[str, int], int, int]]:
+    def nodes_now(self) -> list[tuple[float, dict[str, int], int, int, int]]:
         out = []
         for node in self.nodes:
             cpu = node.info("cpu")
@@ -336,6 +341,7 @@ class Fleet:
                     {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in cmds.items()},
                     int(stats["total_net_input_bytes"]),
                     int(stats["total_net_output_bytes"]),
+                    int(stats["total_reads_processed"]),
                 )
             )
         return out
@@ -353,13 +359,13 @@ class Fleet:
     def round(self, vault_keys: list[str]) -> Figures:
         n = self.args.requests
         per_node0 = [c for c, *_ in self.nodes_now()]
-        cpu0, cmds0, in0, out0 = self.redis_now()
+        cpu0, cmds0, in0, out0, reads0 = self.redis_now()
         rcpu0 = self.replica_cpu()
         started = time.perf_counter()
         statuses = asyncio.run(self.load(vault_keys, n))
         seconds = time.perf_counter() - started
         rcpu1 = self.replica_cpu()
-        cpu1, cmds1, in1, out1 = self.redis_now()
+        cpu1, cmds1, in1, out1, reads1 = self.redis_now()
         per_node1 = [c for c, *_ in self.nodes_now()]
         if set(statuses) != {200}:
             raise RuntimeError(f"not every call succeeded: {dict(statuses)}")
@@ -375,6 +381,7 @@ class Fleet:
             redis_cmds={k: v for k, v in cmds.items() if v > 0},
             bytes_in=(in1 - in0) / n,
             bytes_out=(out1 - out0) / n,
+            reads=(reads1 - reads0) / n,
             replica_cpu_ms=1000 * (rcpu1 - rcpu0) / n,
             statuses=statuses,
         )
@@ -511,6 +518,8 @@ def report(rounds: list[Figures], args: argparse.Namespace, idle_ms_per_s: float
         ),
         f"  bytes to Redis       {med(f.bytes_in for f in rounds):.0f}",
         f"  bytes from Redis     {med(f.bytes_out for f in rounds):.0f}",
+        f"  socket reads         {med(f.reads for f in rounds):.2f} (Redis reads that brought "
+        "commands in: round trips, batches included)",
         f"  replica CPU          {med(f.replica_cpu_ms for f in rounds):.2f} ms (all replicas)",
         f"  throughput           {med(f.calls / f.seconds for f in rounds):.0f} calls/s "
         "(this machine, load generator included)",
