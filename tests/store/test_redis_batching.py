@@ -167,3 +167,25 @@ async def test_calls_waiting_behind_a_redis_that_stopped_answering_fail_within_i
     # of their own (they were never sent).
     assert len(sizes) == 1 and elapsed < 1.7, (sizes, elapsed)
     private_redis.cli("CLIENT", "UNPAUSE")
+
+
+async def test_an_admission_given_up_while_it_waits_for_the_lane_reserves_nothing(
+    batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
+) -> None:
+    store, sizes = batching_store
+    key = make_key("kb_gaveup", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+    await store.create_key(key)
+    assert private_redis.cli("CLIENT", "PAUSE", "300", "WRITE").stdout.strip() == "OK"
+    first = asyncio.ensure_future(store.admit(paid(key.key_id, 0)))
+    while not sizes:  # the first batch is out, held by the pause
+        await asyncio.sleep(0.01)
+    waiting = [asyncio.ensure_future(store.admit(paid(key.key_id, i))) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    waiting[0].cancel()
+
+    assert (await first).status == "admitted"
+    assert (await waiting[1]).status == "admitted"
+    assert waiting[0].cancelled()
+    (budget,) = await store.budgets(key, NOW)
+    assert budget.reserved_micros == 6 * USD  # res_0 and res_2, never res_1
+    assert sizes == [1, 1]

@@ -649,7 +649,10 @@ class RedisStore:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                failure = await self._send(batch)
+                # An admission its caller gave up on while it waited is not sent: it would
+                # reserve for a call nobody forwards or settles. A settlement always is.
+                batch = [p for p in batch if not (p[0] == "admit" and p[3].cancelled())]
+                failure = await self._send(batch) if batch else None
                 if isinstance(failure, StoreUnavailable) and isinstance(
                     failure.__cause__, redis.exceptions.TimeoutError
                 ):
