@@ -118,6 +118,13 @@ async def test_every_call_of_a_burst_fails_closed_when_redis_is_away(
         server.kill()
 
 
+async def reserved(store: RedisStore, key_id: str) -> int:
+    key = await store.get_key(key_id)
+    assert key is not None
+    (budget,) = await store.budgets(key, NOW)
+    return budget.reserved_micros
+
+
 async def staggered(store: RedisStore, key_id: str, n: int) -> list[Any]:
     """``n`` admissions, each asked for in an event-loop turn of its own."""
     tasks = []
@@ -128,64 +135,66 @@ async def staggered(store: RedisStore, key_id: str, n: int) -> list[Any]:
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def held_key(store: RedisStore, private_redis: PrivateRedis, key_id: str, ms: int) -> str:
+    """A fresh key, then Redis holding every script call (``CLIENT PAUSE … WRITE``: a script
+    may write) for ``ms`` milliseconds."""
+    key = make_key(key_id, daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
+    await store.create_key(key)
+    assert private_redis.cli("CLIENT", "PAUSE", str(ms), "WRITE").stdout.strip() == "OK"
+    return key.key_id
+
+
 async def test_calls_that_come_while_a_batch_is_out_go_together_next(
     batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
 ) -> None:
     store, sizes = batching_store
-    key = make_key("kb_queue", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
-    await store.create_key(key)
-    # Redis holds the first batch (a script may write) while the others are asked for.
-    assert private_redis.cli("CLIENT", "PAUSE", "300", "WRITE").stdout.strip() == "OK"
+    # Redis holds the first batch while the others are asked for.
+    key_id = await held_key(store, private_redis, "kb_queue", 300)
 
-    admitted = await staggered(store, key.key_id, 10)
+    admitted = await staggered(store, key_id, 10)
 
     # One write for the first (and any asked for in its turn), one for all that waited: not
     # one per event-loop turn.
     assert len(sizes) == 2 and sum(sizes) == 10, sizes
     assert [a.status for a in admitted] == ["admitted"] * 10
-    (budget,) = await store.budgets(key, NOW)
-    assert budget.reserved_micros == 30 * USD
+    assert await reserved(store, key_id) == 30 * USD
 
 
 async def test_calls_waiting_behind_a_redis_that_stopped_answering_fail_within_its_timeout(
     batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
 ) -> None:
     store, sizes = batching_store
-    key = make_key("kb_stall", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
-    await store.create_key(key)
     assert store._lane is not None
     store._lane.timeout = 1.0
-    assert private_redis.cli("CLIENT", "PAUSE", "2500", "WRITE").stdout.strip() == "OK"
+    key_id = await held_key(store, private_redis, "kb_stall", 2500)
     started = asyncio.get_running_loop().time()
+    try:
+        results = await staggered(store, key_id, 10)
+    finally:
+        elapsed = asyncio.get_running_loop().time() - started
+        private_redis.cli("CLIENT", "UNPAUSE")
 
-    results = await staggered(store, key.key_id, 10)
-
-    elapsed = asyncio.get_running_loop().time() - started
     assert all(isinstance(r, StoreUnavailable) for r in results), results
     assert "TimeoutError" in str(results[-1])
     # Those that waited behind the first batch waited for its timeout only, not for one more
     # of their own (they were never sent).
     assert len(sizes) == 1 and elapsed < 1.7, (sizes, elapsed)
-    private_redis.cli("CLIENT", "UNPAUSE")
 
 
 async def test_an_admission_given_up_while_it_waits_for_the_lane_reserves_nothing(
     batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
 ) -> None:
     store, sizes = batching_store
-    key = make_key("kb_gaveup", daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
-    await store.create_key(key)
-    assert private_redis.cli("CLIENT", "PAUSE", "300", "WRITE").stdout.strip() == "OK"
-    first = asyncio.ensure_future(store.admit(paid(key.key_id, 0)))
+    key_id = await held_key(store, private_redis, "kb_gaveup", 300)
+    first = asyncio.ensure_future(store.admit(paid(key_id, 0)))
     while not sizes:  # the first batch is out, held by the pause
         await asyncio.sleep(0.01)
-    waiting = [asyncio.ensure_future(store.admit(paid(key.key_id, i))) for i in (1, 2)]
+    waiting = [asyncio.ensure_future(store.admit(paid(key_id, i))) for i in (1, 2)]
     await asyncio.sleep(0.01)
     waiting[0].cancel()
 
     assert (await first).status == "admitted"
     assert (await waiting[1]).status == "admitted"
     assert waiting[0].cancelled()
-    (budget,) = await store.budgets(key, NOW)
-    assert budget.reserved_micros == 6 * USD  # res_0 and res_2, never res_1
+    assert await reserved(store, key_id) == 6 * USD  # res_0 and res_2, never res_1
     assert sizes == [1, 1]
