@@ -17,7 +17,7 @@ import pytest
 from tests._redis import PrivateRedis
 from tests.store.conftest import USD, make_key
 
-from keybrake.store import AdmissionRequest, RedisStore, Settlement, StoreUnavailable
+from keybrake.store import AdmissionRequest, KeyRecord, RedisStore, Settlement, StoreUnavailable
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -118,9 +118,7 @@ async def test_every_call_of_a_burst_fails_closed_when_redis_is_away(
         server.kill()
 
 
-async def reserved(store: RedisStore, key_id: str) -> int:
-    key = await store.get_key(key_id)
-    assert key is not None
+async def reserved(store: RedisStore, key: KeyRecord) -> int:
     (budget,) = await store.budgets(key, NOW)
     return budget.reserved_micros
 
@@ -135,13 +133,15 @@ async def staggered(store: RedisStore, key_id: str, n: int) -> list[Any]:
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def held_key(store: RedisStore, private_redis: PrivateRedis, key_id: str, ms: int) -> str:
+async def held_key(
+    store: RedisStore, private_redis: PrivateRedis, key_id: str, ms: int
+) -> KeyRecord:
     """A fresh key, then Redis holding every script call (``CLIENT PAUSE … WRITE``: a script
     may write) for ``ms`` milliseconds."""
     key = make_key(key_id, daily=100 * USD, created_at=NOW - dt.timedelta(days=1))
     await store.create_key(key)
     assert private_redis.cli("CLIENT", "PAUSE", str(ms), "WRITE").stdout.strip() == "OK"
-    return key.key_id
+    return key
 
 
 async def test_calls_that_come_while_a_batch_is_out_go_together_next(
@@ -149,15 +149,15 @@ async def test_calls_that_come_while_a_batch_is_out_go_together_next(
 ) -> None:
     store, sizes = batching_store
     # Redis holds the first batch while the others are asked for.
-    key_id = await held_key(store, private_redis, "kb_queue", 300)
+    key = await held_key(store, private_redis, "kb_queue", 300)
 
-    admitted = await staggered(store, key_id, 10)
+    admitted = await staggered(store, key.key_id, 10)
 
     # One write for the first (and any asked for in its turn), one for all that waited: not
     # one per event-loop turn.
     assert len(sizes) == 2 and sum(sizes) == 10, sizes
     assert [a.status for a in admitted] == ["admitted"] * 10
-    assert await reserved(store, key_id) == 30 * USD
+    assert await reserved(store, key) == 30 * USD
 
 
 async def test_calls_waiting_behind_a_redis_that_stopped_answering_fail_within_its_timeout(
@@ -166,10 +166,10 @@ async def test_calls_waiting_behind_a_redis_that_stopped_answering_fail_within_i
     store, sizes = batching_store
     assert store._lane is not None
     store._lane.timeout = 1.0
-    key_id = await held_key(store, private_redis, "kb_stall", 2500)
+    key = await held_key(store, private_redis, "kb_stall", 2500)
     started = asyncio.get_running_loop().time()
     try:
-        results = await staggered(store, key_id, 10)
+        results = await staggered(store, key.key_id, 10)
     finally:
         elapsed = asyncio.get_running_loop().time() - started
         private_redis.cli("CLIENT", "UNPAUSE")
@@ -185,16 +185,16 @@ async def test_an_admission_given_up_while_it_waits_for_the_lane_reserves_nothin
     batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
 ) -> None:
     store, sizes = batching_store
-    key_id = await held_key(store, private_redis, "kb_gaveup", 300)
-    first = asyncio.ensure_future(store.admit(paid(key_id, 0)))
+    key = await held_key(store, private_redis, "kb_gaveup", 300)
+    first = asyncio.ensure_future(store.admit(paid(key.key_id, 0)))
     while not sizes:  # the first batch is out, held by the pause
         await asyncio.sleep(0.01)
-    waiting = [asyncio.ensure_future(store.admit(paid(key_id, i))) for i in (1, 2)]
+    waiting = [asyncio.ensure_future(store.admit(paid(key.key_id, i))) for i in (1, 2)]
     await asyncio.sleep(0.01)
     waiting[0].cancel()
 
     assert (await first).status == "admitted"
     assert (await waiting[1]).status == "admitted"
     assert waiting[0].cancelled()
-    assert await reserved(store, key_id) == 6 * USD  # res_0 and res_2, never res_1
+    assert await reserved(store, key) == 6 * USD  # res_0 and res_2, never res_1
     assert sizes == [1, 1]

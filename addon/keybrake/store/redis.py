@@ -483,7 +483,7 @@ class RedisStore:
             )
         )
         self._sending: set[asyncio.Task[Exception | None]] = set()
-        self._lane_driver: asyncio.Future[None] | None = None
+        self._lane_driver: asyncio.Task[None] | None = None
         self._warned_unverified = False
         self._cluster = self._target.cluster
         # Hash tags of the budget trees: one empty tag (names as ever) on a single server.
