@@ -433,18 +433,24 @@ def test_key_expiring_in_flight_completes_then_refuses(
     assert [r["outcome"] for r in rows[-2:]] == ["ok", "refused"]
 
 
-def faketime_env(spec: str) -> dict[str, str]:
+def faketime_env(spec: str = "", *, timestamp_file: Path | None = None) -> dict[str, str]:
     """Environment that runs a proxy on a skewed clock (Debian's libfaketime, installed by
-    ``make venv``): ``"-1h"`` an offset, ``"@2030-01-01 23:59:45"`` a start that runs on.
-    Monotonic clocks stay real, so asyncio's timers behave."""
+    ``make venv``): ``"-1h"`` an offset, ``"@2030-01-01 23:59:45"`` a start that runs on; or
+    the offset in ``timestamp_file`` (e.g. ``+3600.5s``), read again on every call, so a test
+    can move the clock of a running proxy. Monotonic clocks stay real, so asyncio's timers
+    behave."""
     libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
     assert libs, "libfaketime is missing: apt-get install faketime (make venv does)"
-    return {
+    env = {
         "LD_PRELOAD": str(libs[0]),
-        "FAKETIME": spec,
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         "FAKETIME_NO_CACHE": "1",
     }
+    if timestamp_file is not None:
+        env["FAKETIME_TIMESTAMP_FILE"] = str(timestamp_file)
+    else:
+        env["FAKETIME"] = spec
+    return env
 
 
 @pytest.mark.redis
@@ -483,24 +489,34 @@ def test_replica_with_a_skewed_clock_refuses_instead_of_judging_expiry(
 
 
 def test_utc_day_rolls_over_on_a_running_proxy(
-    keybrake_factory: Any, fake_stripe: FakeStripe
+    keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
 ) -> None:
-    """The proxy's clock starts at 23:59:30 UTC today and runs: the daily cap is spent
-    before midnight, a call in flight across midnight counts on the day it was admitted,
-    and the new day starts with the whole cap again. (Today's date, not a far one: the
-    certificates the proxy mints on its clock must be valid on the client's.)"""
+    """The proxy's clock is set, once it runs, to 23:59:30 UTC today, then to a few seconds
+    before midnight (libfaketime reads its offset from a file the test rewrites): the daily cap
+    is spent before midnight, a call in flight across midnight counts on the day it was
+    admitted, and the new day starts with the whole cap again. (Today's date, not a far one:
+    the certificates the proxy mints on its clock must be valid on the client's.)"""
     today = dt.datetime.now(dt.UTC).date()
     tomorrow = today + dt.timedelta(days=1)
-    t0 = time.monotonic()
+    midnight = dt.datetime.combine(tomorrow, dt.time(), dt.UTC)
+    offset = tmp_path / "faketime"
+
+    def set_clock(seconds_to_midnight: float) -> None:
+        # The proxy's clock is the real one plus the offset: as far from midnight as asked, now.
+        now = dt.datetime.now(dt.UTC)
+        ahead = midnight - dt.timedelta(seconds=seconds_to_midnight) - now
+        offset.write_text(f"{ahead.total_seconds():+.3f}s\n")
+
+    set_clock(3600)  # while it starts, however long that takes
     kb: KeybrakeProcess = keybrake_factory(
-        {"stripe": fake_stripe}, env=faketime_env(f"@{today.isoformat()} 23:59:30")
+        {"stripe": fake_stripe}, env=faketime_env(timestamp_file=offset)
     )
+    set_clock(30)
     key = kb.issue_key(daily_usd_cap=3, expires_in="2h")
     assert key["expires_at"].startswith(f"{tomorrow.isoformat()}T01:59:")
     assert charge(kb, key["vault_key"], 100).status_code == 200
-    to_midnight = 30 - (time.monotonic() - t0)  # the proxy's clock is at most this early
-    assert to_midnight > 3, "the proxy took too long to start for this test"
-    fake_stripe.delay_seconds = to_midnight + 4  # admitted today, answered tomorrow
+    set_clock(4)
+    fake_stripe.delay_seconds = 8  # admitted today, answered tomorrow
     r = charge(kb, key["vault_key"], 200, timeout=60)
     fake_stripe.delay_seconds = 0
     assert r.status_code == 200, r.text
