@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +32,6 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BODY = b'{"id": "pi_x", "object": "payment_intent", "amount": 2000}' * 20
 # Rows per batch a replica's audit pump moves under `make fleet`'s load (about 350 calls/s per
 # replica, a batch every 0.1 s).
 AUDIT_BATCH = 35
@@ -107,15 +104,8 @@ async def _measure(addon: Path, n: int, work: Path) -> dict[str, object]:
     import redis
 
     # store_ops puts the same checkout first (this run's --addon) before it imports keybrake.
-    from bench.store_ops import claim_hash
-    from keybrake.store import (
-        AdmissionRequest,
-        IdempotencyClaim,
-        KeyRecord,
-        Settlement,
-        StoredResponse,
-        open_store,
-    )
+    from bench.store_ops import bench_key, paid_admission, paid_settlement
+    from keybrake.store import Admission, open_store
 
     server = Callgrind(work)
     try:
@@ -123,59 +113,21 @@ async def _measure(addon: Path, n: int, work: Path) -> dict[str, object]:
         store = open_store(url)
         await store.open()
         info = redis.Redis.from_url(url)
-        now = dt.datetime.now(dt.UTC)
-        key = KeyRecord(
-            key_id=f"key_{uuid.uuid4().hex[:16]}",
-            secret_sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-            vendor="stripe",
-            agent_run_label="bench",
-            daily_cap_micros=10**15,
-            allowed_endpoints=("POST /v1/payment_intents",),
-            created_at=now,
-            expires_at=now + dt.timedelta(hours=1),
-            max_requests_per_minute=10**6,
-        )
+        key = bench_key()
         await store.create_key(key)
         await store.set_label_budget("bench", 10**15)
+        sha = "fp" * 32
 
-        async def admit(i: int) -> tuple[str, str, object]:
+        async def admit(i: int) -> tuple[str, str, Admission]:
             rid, scope = f"res_{uuid.uuid4().hex}", f"POST /v1/payment_intents idem-{i}"
-            admission = await store.admit(
-                AdmissionRequest(
-                    key.key_id,
-                    dt.datetime.now(dt.UTC),
-                    reservation_id=rid,
-                    estimate_micros=1_000_000,
-                    rate_limit=10**6,
-                    idempotency=IdempotencyClaim(scope, "fp" * 32, 86400, 600, 10**6),
-                    max_objects=10**6,
-                )
-            )
+            admission = await store.admit(paid_admission(key, rid, scope, sha))
             assert admission.status == "admitted", admission
             return rid, scope, admission
 
-        async def settle(i: int, rid: str, scope: str, admission: object) -> None:
+        async def settle(i: int, rid: str, scope: str, admission: Admission) -> None:
             object_id = f"pi_{uuid.uuid4().hex[:24]}"
             await store.settle_call(
-                Settlement(
-                    key_id=key.key_id,
-                    label="bench",
-                    vendor="stripe",
-                    now=dt.datetime.now(dt.UTC),
-                    reservation_id=rid,
-                    ledger_rows=admission.ledger_rows,  # type: ignore[attr-defined]
-                    finish="settled",
-                    actual_micros=1_000_000,
-                    created=(object_id,),
-                    remember=(object_id, 1_000_000),
-                    idempotency_scope=scope,
-                    idempotency_response=StoredResponse(
-                        200, (("content-type", "application/json"),), BODY
-                    ),
-                    idempotency_ttl_seconds=86400,
-                    **claim_hash("fp" * 32),
-                    audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 1_000_000},
-                )
+                paid_settlement(key, rid, scope, sha, admission, object_id, 1_000_000)
             )
 
         async def move_audit_rows(per_batch: int) -> int:

@@ -32,6 +32,7 @@ for p in (ROOT, ADDON):
         sys.path.insert(0, str(p))
 
 from keybrake.store import (  # noqa: E402
+    Admission,
     AdmissionRequest,
     IdempotencyClaim,
     KeyRecord,
@@ -65,10 +66,11 @@ def _redis_cpu() -> tuple[float, dict[str, int]]:
     }
 
 
-async def measure(store: Store, n: int, concurrency: int = 1) -> dict[str, float]:
-    await store.open()
+def bench_key() -> KeyRecord:
+    """A fresh Stripe vault key for the measured calls: caps and a request rate so large that
+    nothing is refused."""
     now = dt.datetime.now(dt.UTC)
-    key = KeyRecord(
+    return KeyRecord(
         key_id=f"key_{uuid.uuid4().hex[:16]}",
         secret_sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
         vendor="stripe",
@@ -79,6 +81,55 @@ async def measure(store: Store, n: int, concurrency: int = 1) -> dict[str, float
         expires_at=now + dt.timedelta(hours=1),
         max_requests_per_minute=10**6,
     )
+
+
+def paid_admission(key: KeyRecord, rid: str, scope: str, sha: str) -> AdmissionRequest:
+    """The admission of a paid, idempotent ``POST /v1/payment_intents`` (reservation ``rid``,
+    claim ``scope`` with body hash ``sha``) with the request-rate limit and object quota on."""
+    return AdmissionRequest(
+        key.key_id,
+        dt.datetime.now(dt.UTC),
+        reservation_id=rid,
+        estimate_micros=1_000_000,
+        rate_limit=10**6,
+        idempotency=IdempotencyClaim(scope, sha, 86400, 600, 10**6),
+        max_objects=10**6,
+    )
+
+
+def paid_settlement(
+    key: KeyRecord,
+    rid: str,
+    scope: str,
+    sha: str,
+    admission: Admission,
+    object_id: str,
+    actual: int,
+) -> Settlement:
+    """Its settlement: ``actual`` micro-dollars, the created object recorded and its amount
+    remembered, the answer kept for replay, the audit row."""
+    return Settlement(
+        key_id=key.key_id,
+        label="bench",
+        vendor="stripe",
+        now=dt.datetime.now(dt.UTC),
+        reservation_id=rid,
+        ledger_rows=admission.ledger_rows,
+        finish="settled",
+        actual_micros=actual,
+        created=(object_id,),
+        remember=(object_id, actual),
+        idempotency_scope=scope,
+        idempotency_response=StoredResponse(200, (("content-type", "application/json"),), BODY),
+        idempotency_ttl_seconds=86400,
+        **claim_hash(sha),
+        audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": actual},
+    )
+
+
+async def measure(store: Store, n: int, concurrency: int = 1) -> dict[str, float]:
+    await store.open()
+    key = bench_key()
     await store.create_key(key)
     spent: dict[str, float] = defaultdict(float)
 
@@ -86,39 +137,11 @@ async def measure(store: Store, n: int, concurrency: int = 1) -> dict[str, float
         rid = f"res_{uuid.uuid4().hex}"
         scope = f"POST /v1/payment_intents idem-{i}"
         t0 = time.thread_time()
-        admission = await store.admit(
-            AdmissionRequest(
-                key.key_id,
-                dt.datetime.now(dt.UTC),
-                reservation_id=rid,
-                estimate_micros=1_000_000,
-                rate_limit=10**6,
-                idempotency=IdempotencyClaim(scope, "fp", 86400, 600, 10**6),
-                max_objects=10**6,
-            )
-        )
+        admission = await store.admit(paid_admission(key, rid, scope, "fp"))
         t1 = time.thread_time()
         assert admission.status == "admitted", admission
         await store.settle_call(
-            Settlement(
-                key_id=key.key_id,
-                label="bench",
-                vendor="stripe",
-                now=dt.datetime.now(dt.UTC),
-                reservation_id=rid,
-                ledger_rows=admission.ledger_rows,
-                finish="settled",
-                actual_micros=20_000_000,
-                created=(f"pi_{i}",),
-                remember=(f"pi_{i}", 20_000_000),
-                idempotency_scope=scope,
-                idempotency_response=StoredResponse(
-                    200, (("content-type", "application/json"),), BODY
-                ),
-                idempotency_ttl_seconds=86400,
-                **claim_hash("fp"),
-                audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": 20_000_000},
-            )
+            paid_settlement(key, rid, scope, "fp", admission, f"pi_{i}", 20_000_000)
         )
         t2 = time.thread_time()
         spent["admit"] += t1 - t0
