@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import logging
@@ -444,6 +445,10 @@ class Core:
                 "keybrake: store unavailable at start (%s); requests fail closed until it is back",
                 e,
             )
+        # What exists now (modules, policies, mitmproxy and its addons) lives as long as the
+        # process: out of the cycle collector's way, so its full collections walk only what
+        # calls made since, and the exit does not walk it all once more.
+        gc.freeze()
 
     async def _recover_periodically(self) -> None:
         while True:
