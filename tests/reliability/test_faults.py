@@ -505,7 +505,10 @@ def test_utc_day_rolls_over_on_a_running_proxy(
         # The proxy's clock is the real one plus the offset: as far from midnight as asked, now.
         now = dt.datetime.now(dt.UTC)
         ahead = midnight - dt.timedelta(seconds=seconds_to_midnight) - now
-        offset.write_text(f"{ahead.total_seconds():+.3f}s\n")
+        # Replaced whole: libfaketime reads the file on every clock call, never a half-written one.
+        staged = offset.with_suffix(".new")
+        staged.write_text(f"{ahead.total_seconds():+.3f}s\n")
+        staged.replace(offset)
 
     set_clock(3600)  # while it starts, however long that takes
     kb: KeybrakeProcess = keybrake_factory(
