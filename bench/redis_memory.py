@@ -38,7 +38,7 @@ for p in (ROOT, ADDON):
         sys.path.insert(0, str(p))
 
 from bench.run import free_port  # noqa: E402
-from bench.store_ops import claim_hash  # noqa: E402
+from bench.store_ops import paid_settlement  # noqa: E402
 from bench.upstream import payment_intent  # noqa: E402
 from keybrake.store import (  # noqa: E402
     Admission,
@@ -46,7 +46,6 @@ from keybrake.store import (  # noqa: E402
     IdempotencyClaim,
     KeyRecord,
     RedisStore,
-    Settlement,
     StoredResponse,
 )
 
@@ -121,21 +120,15 @@ async def measure(url: str, keys: int, calls: int) -> list[str]:
             body = payment_intent(100, "usd")
             oid = body.split(b'"id": "', 1)[1].split(b'"', 1)[0].decode()
             await store.settle_call(
-                Settlement(
-                    key_id=key.key_id,
-                    label=key.agent_run_label,
-                    vendor="stripe",
-                    now=dt.datetime.now(dt.UTC),
-                    reservation_id=rid,
-                    ledger_rows=admission.ledger_rows,
-                    finish="settled",
-                    actual_micros=USD,
-                    created=(oid,),
-                    remember=(oid, USD),
-                    idempotency_scope=scope,
-                    idempotency_response=StoredResponse(200, HEADERS, body),
-                    idempotency_ttl_seconds=86400,
-                    **claim_hash(hashlib.sha256(b"%d" % n).hexdigest()),
+                paid_settlement(
+                    key,
+                    rid,
+                    scope,
+                    hashlib.sha256(b"%d" % n).hexdigest(),
+                    admission,
+                    oid,
+                    USD,
+                    response=StoredResponse(200, HEADERS, body),
                     audit=audit_row(key.key_id, rid),
                 )
             )

@@ -105,12 +105,16 @@ def paid_settlement(
     admission: Admission,
     object_id: str,
     actual: int,
+    *,
+    response: StoredResponse | None = None,
+    audit: dict[str, object] | None = None,
 ) -> Settlement:
     """Its settlement: ``actual`` micro-dollars, the created object recorded and its amount
-    remembered, the answer kept for replay, the audit row."""
+    remembered, the answer (``response``, else a 1.1 KB JSON body) kept for replay, the audit
+    row (``audit``, else a small one)."""
     return Settlement(
         key_id=key.key_id,
-        label="bench",
+        label=key.agent_run_label,
         vendor="stripe",
         now=dt.datetime.now(dt.UTC),
         reservation_id=rid,
@@ -120,10 +124,11 @@ def paid_settlement(
         created=(object_id,),
         remember=(object_id, actual),
         idempotency_scope=scope,
-        idempotency_response=StoredResponse(200, (("content-type", "application/json"),), BODY),
+        idempotency_response=response
+        or StoredResponse(200, (("content-type", "application/json"),), BODY),
         idempotency_ttl_seconds=86400,
         **claim_hash(sha),
-        audit={"event_id": rid, "key_id": key.key_id, "dollars_micros": actual},
+        audit=audit or {"event_id": rid, "key_id": key.key_id, "dollars_micros": actual},
     )
 
 
