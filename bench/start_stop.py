@@ -30,14 +30,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-STRIPE_SECRET = "sk_test_bench" + "0123456789abcdefghijklmn"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.run import BIN, STRIPE_SECRET, free_port  # noqa: E402
 
 
 def _ready(port: int, healthz: str | None) -> bool:
