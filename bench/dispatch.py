@@ -22,18 +22,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addon"))
 
 
-async def measure(n: int, prune: bool) -> tuple[int, float]:
+async def measure(n: int, prune: bool, cached: bool = False) -> tuple[int, float]:
     from mitmproxy import hooks, options
     from mitmproxy.http import HTTPFlow
     from mitmproxy.proxy.layers import http as layers_http
     from mitmproxy.test import tflow
     from mitmproxy.tools.dump import DumpMaster
 
+    from keybrake.proxy import _dispatch
     from keybrake.proxy.mitm_chain import UNLOADED
 
     master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
     if prune:
         master.addons.chain = [a for a in master.addons.chain if type(a).__name__ not in UNLOADED]
+    if cached:
+        _dispatch.install(master)
     flow: HTTPFlow = tflow.tflow(resp=True)
     events = [
         layers_http.HttpRequestHeadersHook(flow),
@@ -42,11 +45,11 @@ async def measure(n: int, prune: bool) -> tuple[int, float]:
         layers_http.HttpResponseHook(flow),
     ]
     for e in events * 100:  # warm up
-        await master.addons.trigger_event(e)
+        await master.addons.handle_lifecycle(e)
     t0 = time.thread_time()
     for _ in range(n):
         for e in events:
-            await master.addons.trigger_event(e)
+            await master.addons.handle_lifecycle(e)
     spent = time.thread_time() - t0
     del hooks
     return len(master.addons.chain), 1000 * spent / n
@@ -56,9 +59,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     args = ap.parse_args()
-    for prune, name in ((False, "mitmdump's chain"), (True, "keybrake run's chain")):
-        count, ms = asyncio.run(measure(args.n, prune))
-        print(f"{name:<22} {count:>3} addons  {ms:.4f} ms CPU per call (4 events)")
+    for prune, cached, name in (
+        (False, False, "mitmdump's chain"),
+        (True, False, "keybrake run's chain"),
+        (True, True, "... with HookCache"),
+    ):
+        count, ms = asyncio.run(measure(args.n, prune, cached))
+        print(f"{name:<22} {count:>3} addons  {ms:.4f} ms CPU per call (4 events + updates)")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ the credential or the idempotency key changes after the checks. Keybrake refuses
 options however they are set: on the command line (one ``Error:`` line before anything
 starts), in mitmproxy's ``config.yaml`` (the proxy exits before serving a call).
 
-``keybrake run`` also unloads the mitmproxy addons it never uses from mitmdump's chain; the
-calls still go through and the log says how many were unloaded.
+``keybrake run`` also unloads the mitmproxy addons it never uses from mitmdump's chain, and
+has each event delivered only to the addons that handle it (`keybrake.proxy._dispatch`);
+the calls still go through and the log says both.
 """
 
 from __future__ import annotations
@@ -89,3 +90,4 @@ def test_mitmdump_runs_without_the_addons_keybrake_never_uses(
     assert pi.amount == 700
     assert len(fake_stripe.ledger) == 1
     assert f"unloaded {len(UNLOADED)} mitmproxy addons" in keybrake_stripe.log()
+    assert "each mitmproxy event goes only to the addons that handle it" in keybrake_stripe.log()

@@ -30,6 +30,7 @@ from keybrake.auditlog.pump import AuditPump
 from keybrake.auditlog.sinks import AuditSink
 from keybrake.core.keys import parse_duration
 from keybrake.core.policy import PolicyError, PolicySet, load_policies
+from keybrake.proxy import _dispatch
 from keybrake.proxy.credentials import VendorSecrets
 from keybrake.proxy.limiter import FailureLimiter
 from keybrake.proxy.listeners import Listeners
@@ -420,6 +421,8 @@ class Core:
         rt = self.runtime
         self._running = True
         unload_unused_addons(ctx.master)
+        if _dispatch.install(ctx.master):
+            log.info("keybrake: each mitmproxy event goes only to the addons that handle it")
         self._apply_derived_options()
         if rt.store_url.startswith("redis"):
             # A crashed replica's open reservations stay counted (safe); finish them as spent
