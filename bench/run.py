@@ -14,8 +14,10 @@ proxies in front of it, all forward proxies the client reaches with ``CONNECT``:
 plus the stand-in reached **directly** (no proxy) as a floor. For each, in interleaved
 rounds: requests/s of ``POST /v1/payment_intents`` from ``--concurrency`` keep-alive clients
 (a cap so large nothing is refused; every answer must be 200), and the latency of sequential
-calls from one client. Prints medians over the rounds and the ratios Keybrake ÷ bare
-(targets: throughput ratio >= 0.90, added p50 <= 1 ms).
+calls from one client. Prints medians over the rounds, the proxies' CPU per call (during
+the throughput run, and during the latency run: one call at a time) and the ratios to bare
+mitmdump (*Hot path*'s targets: bare CPU ÷ Keybrake CPU >= 0.80, stretch 0.90; added p50
+<= 1 ms).
 
 ``--idempotency-keys`` sends a fresh ``Idempotency-Key`` on every call, as the stripe SDK
 does for POSTs when retries are enabled; Keybrake then also claims and stores the response
@@ -89,6 +91,7 @@ class Target:
     rps: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # proxy CPU per call, all threads
     loop_cpu_ms: list[float] = field(default_factory=list)  # ... of the event-loop thread
+    seq_cpu_ms: list[float] = field(default_factory=list)  # proxy CPU per sequential call
     latencies: list[Result] = field(default_factory=list)
 
     @property
@@ -335,8 +338,12 @@ class Bench:
             cpu_after = proc_cpu_seconds(target)
             target.cpu_ms.append(1000 * (cpu_after[0] - cpu_before[0]) / a.requests)
             target.loop_cpu_ms.append(1000 * (cpu_after[1] - cpu_before[1]) / a.requests)
+        seq_before = proc_cpu_seconds(target) if target.procs else (0.0, 0.0)
         lat = await latency(target.proxy, up, ctx, self.request_factory(target), a.sequential)
         self.check(target, lat)
+        if target.procs:
+            seq_after = proc_cpu_seconds(target)
+            target.seq_cpu_ms.append(1000 * (seq_after[0] - seq_before[0]) / a.sequential)
         target.latencies.append(lat)
 
     def run(self, targets: list[Target]) -> None:
@@ -349,7 +356,8 @@ class Bench:
                     f"  round {n + 1}/{self.args.rounds} {t.name:<18} {t.rps[-1]:8.0f} req/s"
                     f"  p50 {t.latencies[-1].p50:6.2f} ms  p99 {t.latencies[-1].p99:6.2f} ms"
                     + (
-                        f"  CPU {t.cpu_ms[-1]:5.2f} ms/call (loop {t.loop_cpu_ms[-1]:5.2f})"
+                        f"  CPU {t.cpu_ms[-1]:5.2f} ms/call (loop {t.loop_cpu_ms[-1]:5.2f},"
+                        f" one at a time {t.seq_cpu_ms[-1]:5.2f})"
                         if t.cpu_ms
                         else ""
                     ),
@@ -367,6 +375,7 @@ def summarize(targets: list[Target]) -> dict[str, dict[str, float]]:
             "cpu_ms_per_call": statistics.median(t.cpu_ms) if t.cpu_ms else 0.0,
             "loop_cpu_ms_per_call": statistics.median(t.loop_cpu_ms) if t.loop_cpu_ms else 0.0,
             "rps_best": max(t.rps),
+            "seq_cpu_ms_per_call": statistics.median(t.seq_cpu_ms) if t.seq_cpu_ms else 0.0,
         }
     return out
 
@@ -395,7 +404,7 @@ def report(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> li
     bare = summary["bare mitmdump"]
     lines = [
         f"{'target':<20}{'req/s':>9}{'÷ bare':>9}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'+p50 ms':>9}{'+p99 ms':>9}{'CPU ms':>9}{'loop ms':>9}{'bare ÷':>9}",
+        f"{'+p50 ms':>9}{'+p99 ms':>9}{'CPU ms':>9}{'loop ms':>9}{'bare ÷':>9}{'seq CPU':>9}",
     ]
     for name, s in summary.items():
         cpu, loop = s["cpu_ms_per_call"], s["loop_cpu_ms_per_call"]
@@ -405,24 +414,29 @@ def report(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> li
             f"{s['p99_ms'] - bare['p99_ms']:>+9.2f}"
             + (
                 f"{cpu:>9.2f}{loop:>9.2f}{bare['cpu_ms_per_call'] / cpu:>9.2f}"
+                f"{s['seq_cpu_ms_per_call']:>9.2f}"
                 if cpu
-                else f"{'-':>9}{'-':>9}{'-':>9}"
+                else f"{'-':>9}{'-':>9}{'-':>9}{'-':>9}"
             )
         )
     lines += [
         "(medians over the rounds. +p50/+p99: added over bare mitmdump. CPU ms: proxy process",
         " CPU per call during the throughput run, all threads; loop ms: the event-loop thread",
-        " alone; bare ÷: bare CPU / this CPU, the throughput ratio on a dedicated core)",
+        " alone; bare ÷: bare CPU / this CPU, the throughput ratio on a dedicated core;",
+        " seq CPU: proxy CPU per call during the latency run, one call at a time)",
     ]
     lines.append("")
-    lines.append("targets: throughput ratio >= 0.90, added p50 <= 1.00 ms (vs bare mitmdump)")
+    lines.append(
+        "targets (Hot path): CPU ratio (bare ÷) >= 0.80, stretch 0.90; added p50 <= 1.00 ms"
+    )
     for name, s in summary.items():
-        if not name.startswith("keybrake"):
+        if not name.startswith("keybrake") or not s["cpu_ms_per_call"]:
             continue
-        ratio = s["rps"] / bare["rps"]
+        ratio = bare["cpu_ms_per_call"] / s["cpu_ms_per_call"]
         added = s["p50_ms"] - bare["p50_ms"]
+        verdict = "stretch met" if ratio >= 0.90 else "OK" if ratio >= 0.80 else "MISSED"
         lines.append(
-            f"  {name:<16} ratio {ratio:.2f} {'OK' if ratio >= 0.90 else 'MISSED'}"
+            f"  {name:<16} CPU ratio {ratio:.2f} {verdict}"
             f"   added p50 {added:+.2f} ms {'OK' if added <= 1.0 else 'MISSED'}"
         )
     return lines
