@@ -14,13 +14,16 @@ the calls still go through and the log says both.
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.conftest import KeybrakeProcess
 from tests.fakes import FakeStripe, FakeTLS
-from tests.security.conftest import sdk
+from tests.security.conftest import error_code, raw_post, sdk
 from tests.test_cli_mistakes import keybrake, one_error_line, run_args
 
 from keybrake.proxy.mitm_chain import UNLOADED, refused_in_args
@@ -91,3 +94,40 @@ def test_mitmdump_runs_without_the_addons_keybrake_never_uses(
     assert len(fake_stripe.ledger) == 1
     assert f"unloaded {len(UNLOADED)} mitmproxy addons" in keybrake_stripe.log()
     assert "each mitmproxy event goes only to the addons that handle it" in keybrake_stripe.log()
+
+
+def test_a_script_reloaded_while_the_proxy_runs_leaves_every_call_checked(
+    keybrake_factory: Any, fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """An operator's ``-s`` script that mitmproxy reloads while the proxy runs changes the
+    tree of addons: the per-event handler lists (`keybrake.proxy._dispatch`) are made again,
+    the new script's hooks run and the old one's do not, and the guard still checks every
+    call: a refused endpoint never reaches the vendor, an allowed one is charged once."""
+    script = tmp_path / "extra.py"
+    body = "def response(flow):\n    flow.response.headers['x-extra'] = {!r}\n"
+    script.write_text(body.format("v1"))
+    kb = keybrake_factory({"stripe": fake_stripe}, extra_args=["-s", str(script)])
+    key = kb.issue_key()
+    form, content = (
+        b"amount=500&currency=usd",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    first = raw_post(kb, key, "/v1/payment_intents", form, content)
+    assert first.status_code == 200 and first.headers["x-extra"] == "v1"
+
+    script.write_text(body.format("v2"))
+    os.utime(script, (time.time() + 5, time.time() + 5))  # a newer mtime than the load
+    loaded = f"Loading script {script}"
+    deadline = time.monotonic() + 15  # mitmproxy looks at the file once a second
+    while kb.log().count(loaded) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kb.log().count(loaded) == 2, kb.log()[-2000:]
+
+    refused = raw_post(kb, key, "/v1/refunds", b"payment_intent=pi_1", content)
+    assert refused.status_code == 403, refused.text
+    assert error_code(refused) == "endpoint_not_allowed"
+    assert refused.headers["x-extra"] == "v2"
+    second = raw_post(kb, key, "/v1/payment_intents", form, content)
+    assert second.status_code == 200 and second.headers["x-extra"] == "v2"
+    assert [e.path for e in fake_stripe.ledger] == ["/v1/payment_intents"] * 2
+    assert fake_stripe.ledger[-1].headers["Authorization"] == f"Bearer {fake_stripe.secret}"
