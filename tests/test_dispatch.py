@@ -76,19 +76,19 @@ async def _deliver(master: Master, flow: Any) -> None:
         await master.addons.handle_lifecycle(event)
 
 
-def _tree(seen: Seen, tag: str = "") -> list[Any]:
+def _tree(seen: Seen) -> list[Any]:
     return [
-        Recorder(f"a{tag}", seen, ("request", "response")),
+        Recorder("a", seen, ("request", "response")),
         Parent(
-            f"p{tag}",
+            "p",
             [
-                Recorder(f"c{tag}", seen, ("requestheaders", "request", "update")),
-                Recorder(f"d{tag}", seen, ()),
-                Parent(f"q{tag}", [Recorder(f"e{tag}", seen, ("response", "responseheaders"))]),
+                Recorder("c", seen, ("requestheaders", "request", "update")),
+                Recorder("d", seen, ()),
+                Parent("q", [Recorder("e", seen, ("response", "responseheaders"))]),
             ],
         ),
-        AsyncRecorder(f"f{tag}", seen),
-        Recorder(f"g{tag}", seen, ()),
+        AsyncRecorder("f", seen),
+        Recorder("g", seen, ()),
     ]
 
 

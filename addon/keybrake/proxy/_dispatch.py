@@ -16,10 +16,10 @@ unchanged: the same handlers in the same order, each looked up on its addon when
 logged by mitmproxy's own ``safecall`` and ends that top-level addon's share of the event,
 exactly as before.
 
-The lists are made again after anything that can change the tree of addons: ``register``,
-``add``, ``remove`` and ``clear`` (mitmproxy's script loader adds and removes scripts
-through them), and any new ``chain`` list or length (``keybrake run`` prunes the chain by
-assigning a new one). An addon that grows a hook attribute later, outside those, is not
+The lists are made again after anything that can change the tree of addons: ``register``
+and ``remove`` (``add`` registers each addon; mitmproxy's script loader adds and removes
+scripts through them), and any new ``chain`` list or length (``clear`` and ``keybrake run``'s
+pruning assign a new one). An addon that grows a hook attribute later, outside those, is not
 seen; none of mitmproxy's or Keybrake's does, and a hook that is not callable makes that
 event take mitmproxy's own path every time.
 """
@@ -58,21 +58,9 @@ class HookCache(AddonManager):
         finally:
             self._kb_forget()
 
-    def add(self, *addons: Any) -> None:
-        try:
-            super().add(*addons)  # type: ignore[no-untyped-call]
-        finally:
-            self._kb_forget()
-
     def remove(self, addon: Any) -> None:
         try:
             super().remove(addon)  # type: ignore[no-untyped-call]
-        finally:
-            self._kb_forget()
-
-    def clear(self) -> None:
-        try:
-            super().clear()  # type: ignore[no-untyped-call]
         finally:
             self._kb_forget()
 
