@@ -88,10 +88,11 @@ def wait_vendor_quiet(fake: FakeStripe, quiet: float, timeout: float = 15) -> No
 
 
 def two_replicas(
-    factory: Any, fake: FakeStripe, prefix: str, audit_url: str
+    factory: Any, fake: FakeStripe, prefix: str, audit_url: str, claim_idle_ms: int = 30_000
 ) -> tuple[KeybrakeProcess, KeybrakeProcess]:
-    """Two ``keybrake run`` sharing one Redis store (and outbox) and one PostgreSQL sink."""
-    store = f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    """Two ``keybrake run`` sharing one Redis store (and outbox) and one PostgreSQL sink; a
+    batch a replica claimed is taken over by another after ``claim_idle_ms``."""
+    store = f"redis://127.0.0.1:6379/0?prefix={prefix}&audit_claim_idle_ms={claim_idle_ms}"
     extra = ["--set", f"keybrake_audit={audit_url}"]
     a: KeybrakeProcess = factory({"stripe": fake}, store=store, extra_args=extra)
     b: KeybrakeProcess = factory({"stripe": fake}, store=store, extra_args=extra)
@@ -258,11 +259,14 @@ def test_rows_a_killed_replica_had_claimed_are_moved_by_the_survivors_pump(
 ) -> None:
     """A dies with a batch it took from the outbox not yet in the sink (the sink's table is
     locked meanwhile, so it cannot be written). No reader flushes: B's own pump claims the
-    batch once it has been idle for ``audit_claim_idle_ms`` (30 s: the store URL cannot set
-    it) and moves it; each answered call then has exactly one row."""
+    batch once it has been idle for ``audit_claim_idle_ms`` (the store URL's, 10 s here: long
+    enough to see the batch wait, default 30 s) and moves it; each answered call then has
+    exactly one row."""
     import psycopg
 
-    a, b = two_replicas(keybrake_factory, fake_stripe, redis_prefix, postgres_audit_url)
+    a, b = two_replicas(
+        keybrake_factory, fake_stripe, redis_prefix, postgres_audit_url, claim_idle_ms=10_000
+    )
     a_instance = instance_of(a)
     key = a.issue_key(daily_usd_cap=100_000, agent_run_label="reliability/kill9-claim")
     key_id, vk = key["key_id"], key["vault_key"]

@@ -77,6 +77,11 @@ def prefix() -> str:
         ("redis+cluster://h:7000", dict(cluster=True, nodes=(("h", 7000),), tls=False)),
         ("rediss+cluster://h:7000/0?ssl_cert_reqs=none", dict(cluster=True, tls=True)),
         ("redis://h:7000", dict(cluster=False, nodes=())),
+        ("redis://h/0", dict(audit_claim_idle_ms=30_000)),
+        (
+            "redis://h/0?audit_claim_idle_ms=5000&prefix=p:",
+            dict(audit_claim_idle_ms=5000, url="redis://h/0?audit_claim_idle_ms=5000"),
+        ),
     ],
 )
 def test_parse(url: str, expected: dict[str, object]) -> None:
@@ -131,6 +136,10 @@ def test_password_sources() -> None:
         (f"redis+cluster://:{SECRET}@h:7000,/0", "name the cluster's nodes"),
         (f"redis+cluster://:{SECRET}@h:7000/0?prefix=kb:{{x}}:", r"may not contain \{ or \}"),
         (f"redis+cluster://:{SECRET}@h/0?ssl_ca_certs=/etc/ssl/ca.pem", "need TLS"),
+        (f"redis://:{SECRET}@h/0?audit_claim_idle_ms=999", "from 1000 to 86400000"),
+        (f"redis://:{SECRET}@h/0?audit_claim_idle_ms=86400001", "milliseconds from 1000"),
+        (f"redis://:{SECRET}@h/0?audit_claim_idle_ms=5s", "whole number of milliseconds"),
+        (f"redis://:{SECRET}@h/0?audit_claim_idle_ms=-5000", "whole number of milliseconds"),
     ],
 )
 def test_bad_urls_are_named_without_the_password(

@@ -16,6 +16,7 @@ import urllib.parse
 from typing import Any
 
 __all__ = [
+    "AUDIT_CLAIM_IDLE_MS",
     "PASSWORD_ENV",
     "RedisTarget",
     "parse_redis_url",
@@ -27,7 +28,13 @@ __all__ = [
 PASSWORD_ENV = "KEYBRAKE_STORE_PASSWORD"
 DEFAULT_PREFIX = "keybrake:"
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
-_OPTIONS = ("prefix", "allow_eviction", *_TLS_OPTIONS)
+_OPTIONS = ("prefix", "allow_eviction", "audit_claim_idle_ms", *_TLS_OPTIONS)
+#: How long (ms) an audit outbox row another replica claimed stays its own before a live
+#: replica's pump claims it again (that replica died, or is stuck), by default.
+AUDIT_CLAIM_IDLE_MS = 30_000
+# Below a second a slow but live pump would see its rows moved by another (written once all
+# the same: the sink skips a row it has), above a day a dead replica's rows would wait too long.
+_AUDIT_CLAIM_IDLE_RANGE = (1_000, 86_400_000)
 _YES, _NO = ("1", "true", "yes"), ("0", "false", "no", "")
 _FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 # Query options other than ours may hold anything (``?password=``): their values are hidden.
@@ -109,6 +116,8 @@ class RedisTarget:
     prefix: str = DEFAULT_PREFIX
     # Start even though Redis may evict keys (its maxmemory-policy is not noeviction).
     allow_eviction: bool = False
+    # How long (ms) a row another replica claimed from the audit outbox stays its own.
+    audit_claim_idle_ms: int = AUDIT_CLAIM_IDLE_MS
     # A Redis Cluster: ``nodes`` are where to start discovering it (``host``/``port`` is the
     # first of them).
     cluster: bool = False
@@ -182,7 +191,10 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
     nodes to discover the cluster from; any one that answers will do; a cluster has database 0
     only). Options: ``prefix``
     (key prefix, default ``keybrake:``), ``allow_eviction`` (``1``: start even when Redis's
-    ``maxmemory-policy`` may evict budget state; default ``0``: refuse) and, with
+    ``maxmemory-policy`` may evict budget state; default ``0``: refuse),
+    ``audit_claim_idle_ms`` (how long audit rows a replica took from the outbox and has not
+    written stay its own before another replica's pump takes them over, 1000 to 86400000,
+    default 30000) and, with
     ``rediss://`` only, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (PEM files) and
     ``ssl_cert_reqs`` (``required``, the default: the server's certificate and host name are
     checked; ``none``: not checked).
@@ -254,6 +266,13 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
     allow_eviction = options.get("allow_eviction", "0").lower()
     if allow_eviction not in _YES + _NO:
         raise ValueError(f"store URL {shown!r}: allow_eviction is 1 or 0 (the default)")
+    claim_idle = options.get("audit_claim_idle_ms", str(AUDIT_CLAIM_IDLE_MS))
+    low, high = _AUDIT_CLAIM_IDLE_RANGE
+    if not (claim_idle.isdigit() and low <= int(claim_idle) <= high):
+        raise ValueError(
+            f"store URL {shown!r}: audit_claim_idle_ms is a whole number of milliseconds from "
+            f"{low} to {high} (default {AUDIT_CLAIM_IDLE_MS})"
+        )
     if "ssl_keyfile" in options and "ssl_certfile" not in options:
         raise ValueError(f"store URL {shown!r}: ssl_keyfile needs ssl_certfile too")
     username = urllib.parse.unquote(parts.username) if parts.username else None
@@ -278,6 +297,7 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
         verify=cert_reqs == "required",
         prefix=prefix,
         allow_eviction=allow_eviction in _YES,
+        audit_claim_idle_ms=int(claim_idle),
         cluster=cluster,
         nodes=nodes,
     )

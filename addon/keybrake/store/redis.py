@@ -156,8 +156,6 @@ _COMPRESS_FROM = 256
 # past this many, which only costs setting some again.
 _TTL_MEMORY = 100_000
 _AUDIT_GROUP = "audit"
-# An outbox row another replica claimed and left unacknowledged this long is claimed again.
-_AUDIT_CLAIM_IDLE_MS = 30_000
 # The key record's fields that change after it is created (admit.lua reads only these once
 # this process knows the rest).
 _MUTABLE_KEY_FIELDS = frozenset(
@@ -436,7 +434,7 @@ class RedisStore:
     ``?prefix=``); ``password`` is used when the URL has none, and ``prefix`` wins over the
     URL's. ``self.url`` is the URL as messages show it: without password or prefix.
     ``audit_claim_idle_ms`` is how long an outbox row another consumer claimed stays its own
-    before `audit_batch` claims it again (tests shorten it).
+    before `audit_batch` claims it again; it wins over the URL's (default 30 s).
 
     Example::
 
@@ -453,10 +451,12 @@ class RedisStore:
         prefix: str | None = None,
         *,
         password: str | None = None,
-        audit_claim_idle_ms: int = _AUDIT_CLAIM_IDLE_MS,
+        audit_claim_idle_ms: int | None = None,
     ) -> None:
         self._target: RedisTarget = parse_redis_url(url, password)
-        self._audit_claim_idle_ms = audit_claim_idle_ms
+        self._audit_claim_idle_ms = (
+            self._target.audit_claim_idle_ms if audit_claim_idle_ms is None else audit_claim_idle_ms
+        )
         self.url = self._target.url
         self.prefix = self._target.prefix if prefix is None else prefix
         self._tls_context = self._target.ssl_context()
@@ -1642,8 +1642,8 @@ class RedisStore:
 
     async def audit_batch(self, consumer: str, limit: int) -> list[tuple[str, dict[str, object]]]:
         """This consumer's own unacknowledged rows first (a sink that failed), then rows
-        another consumer left unacknowledged for 30 s (``audit_claim_idle_ms``: a replica
-        that died), then new ones: one ``audit_read.lua`` step.
+        another consumer left unacknowledged for ``audit_claim_idle_ms`` (30 s unless the
+        store URL says otherwise: a replica that died), then new ones: one ``audit_read.lua`` step.
 
         On a cluster each bucket has its stream (a settlement appends to its own tree's, in the
         same script): every stream is read in one pipeline (a round trip per master), up to
