@@ -252,3 +252,62 @@ def test_a_database_without_event_ids_is_migrated(backend: Backend) -> None:
             backend.source, "SELECT indexdef AS sql FROM pg_indexes WHERE tablename = 'audit'"
         )
     assert any("UNIQUE" in str(r["sql"]) and "(event_id)" in str(r["sql"]) for r in idx), idx
+
+
+# What sqlite-utils (which made audit.db up to 2026-12) wrote: a database from then opens as it
+# is, and a new one has the same table and index names (for datasette users' saved queries).
+SQLITE_UTILS_TABLE = """CREATE TABLE "audit" (
+   "id" INTEGER PRIMARY KEY,
+   "ts" TEXT,
+   "key_id" TEXT,
+   "label" TEXT,
+   "vendor" TEXT,
+   "method" TEXT,
+   "path" TEXT,
+   "status" INTEGER,
+   "outcome" TEXT,
+   "code" TEXT,
+   "estimate_micros" INTEGER,
+   "actual_micros" INTEGER,
+   "amount_minor" INTEGER,
+   "currency" TEXT,
+   "vendor_request_id" TEXT,
+   "vendor_object_id" TEXT,
+   "idempotency_key" TEXT,
+   "vendor_idempotency_key" TEXT,
+   "actor" TEXT,
+   "message_id" TEXT,
+   "latency_ms" REAL,
+   "instance" TEXT,
+   "note" TEXT,
+   "request_body" TEXT,
+   "response_body" TEXT,
+   "event_id" TEXT
+)"""
+SQLITE_UTILS_INDEXES = {
+    "idx_audit_label_ts",
+    "idx_audit_key_id_ts",
+    "idx_audit_vendor_request_id",
+    "idx_audit_ts",
+    "audit_event_id",
+}
+
+
+def test_the_sqlite_schema_is_the_one_earlier_versions_made(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    SQLiteAuditSink(path).close()
+    with sqlite3.connect(path) as c:
+        (table,) = c.execute("SELECT sql FROM sqlite_master WHERE name = 'audit'").fetchone()
+        names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert table == SQLITE_UTILS_TABLE
+    assert names == SQLITE_UTILS_INDEXES
+    # Opened again, or opened where that layout already is: nothing to add, rows kept.
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as c:
+        c.execute(SQLITE_UTILS_TABLE)
+        c.execute("INSERT INTO audit (message_id, event_id) VALUES ('0', 'e0')")
+    for start, db in enumerate((path, old, old)):
+        sink = SQLiteAuditSink(db)
+        sink.write(rows(1, start=start))
+        sink.close()
+    assert seqs(old) == [0, 1, 2]

@@ -21,7 +21,6 @@ _PROXY_MODULES = frozenset(
         "pydantic",
         "yaml",
         "redis",
-        "sqlite_utils",
         "psycopg",
         "prometheus_client",
         "jinja2",

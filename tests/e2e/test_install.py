@@ -21,7 +21,7 @@ from tests.conftest import ROOT, free_port
 pytestmark = pytest.mark.e2e
 
 WHEELHOUSE = ROOT / ".venv" / "wheelhouse"
-PROXY_ONLY = ("mitmproxy", "typer", "pydantic", "yaml", "redis", "sqlite_utils", "psycopg")
+PROXY_ONLY = ("mitmproxy", "typer", "pydantic", "yaml", "redis", "psycopg")
 
 
 def _run(

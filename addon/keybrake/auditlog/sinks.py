@@ -1,4 +1,4 @@
-"""Where audit rows go: an embedded SQLite database (sqlite-utils) or a shared PostgreSQL table.
+"""Where audit rows go: an embedded SQLite database or a shared PostgreSQL table.
 
 Both sinks have the same schema (`COLUMNS`) so reports and `datasette` work on either. Writes
 are idempotent: a row whose ``event_id`` the sink already has is skipped, so a batch written
@@ -92,37 +92,45 @@ class AuditSink(Protocol):
 
 
 class SQLiteAuditSink:
-    """``<data dir>/audit.db``, written with sqlite-utils; open it with ``datasette audit.db``."""
+    """``<data dir>/audit.db``: one table, ``audit``; open it with ``datasette audit.db``.
+
+    The schema is the one sqlite-utils made for earlier versions (the same column types and
+    index names), so a database from any version opens as it is and gets the columns added
+    since.
+    """
 
     placeholder = "?"
 
     def __init__(self, path: Path) -> None:
-        import sqlite_utils
-
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
         # Created on the event loop, written from the pump's threads (serialised by the lock).
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
-        self.db.conn.execute("PRAGMA journal_mode=WAL")
-        self.db.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn = conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
         # WAL + NORMAL: durable across process crashes, one fsync per checkpoint.
-        self.db.conn.execute("PRAGMA synchronous=NORMAL")
-        table = self.db.table(TABLE)
-        if not table.exists():
-            table.create({"id": int, **{c: _py(t) for c, t in COLUMNS.items()}}, pk="id")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        have = {row[1] for row in conn.execute(f'PRAGMA table_info("{TABLE}")')}
+        if not have:
+            columns = "".join(f',\n   "{c}" {t}' for c, t in COLUMNS.items())
+            conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{TABLE}" (\n   "id" INTEGER PRIMARY KEY{columns}\n)'
+            )
         # A database made by an earlier version gets the columns added since.
         for column, sql_type in COLUMNS.items():
-            if column not in table.columns_dict:
+            if have and column not in have:
                 try:
-                    table.add_column(column, _py(sql_type))
+                    conn.execute(f'ALTER TABLE "{TABLE}" ADD COLUMN "{column}" {sql_type}')
                 except sqlite3.OperationalError as e:
                     if "duplicate column" not in str(e):  # another process was first
                         raise
         for cols in INDEXES:
-            table.create_index(list(cols), if_not_exists=True)
-        self.db.conn.execute(EVENT_INDEX)
+            quoted = ", ".join(f'"{c}"' for c in cols)
+            name = f"idx_{TABLE}_{'_'.join(cols)}"
+            conn.execute(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{TABLE}" ({quoted})')
+        conn.execute(EVENT_INDEX)
         names = list(COLUMNS)
         self._insert = (
             f"INSERT OR IGNORE INTO {TABLE} ({', '.join(names)}) "  # noqa: S608 (constant names)
@@ -134,7 +142,7 @@ class SQLiteAuditSink:
         whose ``event_id`` is already here are skipped; keys not in `COLUMNS` are ignored."""
         values = [[r.get(n) for n in COLUMNS] for r in rows]
         with self._lock:
-            conn = self.db.conn
+            conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(self._insert, values)
@@ -146,19 +154,19 @@ class SQLiteAuditSink:
     def check_writable(self) -> None:
         """Raise unless a row could be written now (takes the write lock, writes nothing)."""
         with self._lock:
-            conn = self.db.conn
+            conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("ROLLBACK")
 
     def query(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         with self._lock:
-            cur = self.db.conn.execute(sql, list(params))
+            cur = self.conn.execute(sql, list(params))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def close(self) -> None:
         with self._lock:
-            self.db.conn.close()
+            self.conn.close()
 
 
 class PostgresAuditSink:
@@ -232,10 +240,6 @@ class PostgresAuditSink:
         with self._lock:
             if self.conn is not None:
                 self.conn.close()
-
-
-def _py(sql_type: str) -> type:
-    return {"TEXT": str, "INTEGER": int, "REAL": float}[sql_type]
 
 
 def open_audit_sink(url: str, data_dir: Path) -> AuditSink:
