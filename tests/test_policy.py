@@ -674,3 +674,16 @@ def test_shipped_ai_prices_are_exact_micro_dollars_per_million_tokens() -> None:
     assert haiku.dearest_input == haiku.cache_write_1h_price == 2_000_000
     embed = policies.vendors["openai"].models["text-embedding-3-small"]
     assert (embed.input, embed.output, embed.dearest_input) == (20_000, 0, 20_000)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in POLICIES.glob("*.yaml")))
+def test_libyaml_reads_each_shipped_policy_as_pyyaml_does(name: str) -> None:
+    """Policies are read with libyaml's parser (`_FastStrictLoader`); a file it refuses is read
+    again by the pure-Python one for the message. Both give the same document."""
+    from keybrake.core import policy
+
+    text = (POLICIES / name).read_text()
+    assert policy._FastStrictLoader.__mro__[1] is yaml.CSafeLoader
+    fast = yaml.load(text, Loader=policy._FastStrictLoader)
+    assert fast == yaml.load(text, Loader=policy._StrictLoader)
+    assert fast == yaml.safe_load(text)
