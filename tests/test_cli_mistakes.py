@@ -380,6 +380,32 @@ def test_a_ca_in_the_old_default_place_is_pointed_out(tmp_path: Path, home: Path
     )
 
 
+@pytest.mark.parametrize("damage", ["garbage", "another certificate", "no certificate"])
+def test_a_damaged_ca_is_named_in_one_line_and_left_alone(
+    tmp_path: Path, home: Path, keybrake_certs: Path, damage: str
+) -> None:
+    """The CA workers trust is never replaced behind their back: a ``mitmproxy-ca.pem`` that
+    is not a key with its own certificate stops ``run`` and ``ca`` with its path."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    good = (keybrake_certs / "mitmproxy-ca.pem").read_text()
+    key = good[: good.index("-----BEGIN CERTIFICATE-----")]
+    other = tmp_path / "other"
+    assert keybrake("ca", "--certs-dir", other, cwd=tmp_path, home=home).returncode == 0
+    other_cert = (other / "mitmproxy-ca-cert.pem").read_text()
+    text = {"garbage": "garbage\n", "another certificate": key + other_cert, "no certificate": key}
+    (certs / "mitmproxy-ca.pem").write_text(text[damage])
+    for command in (["ca"], ["run", "--data-dir", tmp_path / "data", "--policies", POLICIES]):
+        done = keybrake(*command, "--certs-dir", certs, cwd=tmp_path, home=home)
+        line = one_error_line(done, 1)
+        assert line.startswith(f"Error: {certs / 'mitmproxy-ca.pem'}: "), line
+        assert line.endswith("restore the CA your workers trust, or pass another --certs-dir")
+        if damage == "another certificate":
+            assert "the certificate is not the private key's" in line
+    assert (certs / "mitmproxy-ca.pem").read_text() == text[damage]
+    assert not (certs / "keybrake-ca-bundle.pem").exists()
+
+
 @pytest.mark.redis
 @pytest.mark.parametrize(
     ("given", "code", "expected"),

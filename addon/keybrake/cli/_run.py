@@ -44,7 +44,7 @@ from keybrake.cli._packaged import (
 from keybrake.core.policy import PolicyError, load_policies
 from keybrake.proxy._alert_rules import AlertConfigError, load_alert_config, parse_thresholds
 from keybrake.proxy._listen import format_listen, is_loopback_host, parse_listen
-from keybrake.proxy.ca import CA_KEY_NAME, ca_exists, default_certs_dir, ensure_ca
+from keybrake.proxy.ca import CA_KEY_NAME, BadCA, ca_exists, default_certs_dir, ensure_ca
 from keybrake.proxy.preflight import PreflightError, check_listen
 from keybrake.store import (
     PASSWORD_ENV,
@@ -170,6 +170,8 @@ def _prepare_ca(certs_dir: Path | None) -> tuple[Path, Path, bool]:
             f"cannot write the Keybrake CA in {where.absolute()} ({e.strerror}): pass another "
             "--certs-dir (or KEYBRAKE_CERTS_DIR)"
         )
+    except BadCA as e:
+        _fail(f"{e}: restore the CA your workers trust, or pass another --certs-dir")
     if created and certs_dir is None and (Path("certs") / CA_KEY_NAME).is_file():
         _note(
             f"{Path('certs').resolve()} holds a Keybrake CA made by an earlier version (the "
