@@ -73,3 +73,27 @@ def test_the_chart_is_scaled_to_the_top_tick() -> None:
     heights = [bar["h"] for bar in chart["chart"]["bars"]]
     plot = base - top
     assert heights == [pytest.approx(plot * v / 25, abs=0.1) for v in (23, 10)]
+
+
+def test_the_refresh_interval_is_an_option_written_into_every_page() -> None:
+    """``keybrake_dashboard_refresh`` (seconds) reaches the page as ``data-refresh-ms``, which
+    dashboard.js polls at; out of range it stops the start."""
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons
+
+    from keybrake.proxy.core import Runtime
+    from keybrake.web.dashboard import Dashboard
+
+    def refresh_ms(dash: Dashboard) -> str:
+        page = dash._page("login.html", {"error": None}).get_text() or ""
+        return page.split('data-refresh-ms="', 1)[1].split('"', 1)[0]
+
+    dash = Dashboard(Runtime())
+    with taddons.context(dash) as tctx:
+        assert refresh_ms(dash) == "5000"
+        tctx.configure(dash, keybrake_dashboard_refresh=2)
+        assert refresh_ms(dash) == "2000"
+        for bad in (0, 3601):
+            with pytest.raises(exceptions.OptionsError, match="give 1 to 3600 seconds"):
+                tctx.configure(dash, keybrake_dashboard_refresh=bad)
+        assert refresh_ms(dash) == "2000"

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import jinja2
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 
 from keybrake.auditlog.reports import (
     OUTCOMES,
@@ -126,6 +126,10 @@ def _store_where(url: str) -> str:
     return f"{parts.scheme} {host}{parts.path}"
 
 
+DEFAULT_REFRESH_SECONDS = 5
+REFRESH_RANGE = (1, 3600)
+
+
 class Dashboard(IssuerPages, TreePage):
     """Serves the dashboard's routes for `keybrake.web.admin.AdminApi`."""
 
@@ -143,7 +147,28 @@ class Dashboard(IssuerPages, TreePage):
         )
         self.env.filters["usd"] = lambda m: "" if m is None else format_usd(int(m))
         self.env.globals["palette"] = PALETTE
+        self.env.globals["refresh_ms"] = DEFAULT_REFRESH_SECONDS * 1000
         self.static = StaticFiles()
+
+    def load(self, loader: object) -> None:
+        loader.add_option(  # type: ignore[attr-defined]
+            "keybrake_dashboard_refresh",
+            int,
+            DEFAULT_REFRESH_SECONDS,
+            "Seconds between the dashboard's refreshes of its live figures "
+            f"({REFRESH_RANGE[0]}-{REFRESH_RANGE[1]}); a refresh that takes longer, or 5 s "
+            "when that is less, says the proxy is not answering.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "keybrake_dashboard_refresh" in updated:
+            seconds = ctx.options.keybrake_dashboard_refresh
+            low, high = REFRESH_RANGE
+            if not low <= seconds <= high:
+                raise exceptions.OptionsError(
+                    f"keybrake_dashboard_refresh is {seconds}: give {low} to {high} seconds"
+                )
+            self.env.globals["refresh_ms"] = seconds * 1000
 
     # -- routing ---------------------------------------------------------------------------------
     async def serve(self, flow: http.HTTPFlow, path: str) -> http.Response:

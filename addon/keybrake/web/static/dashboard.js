@@ -7,9 +7,10 @@
 // than go on showing the last numbers as if they were live. Forms with data-confirm ask first.
 (function () {
   "use strict";
-  var INTERVAL_MS = 5000;
+  // keybrake_dashboard_refresh (seconds), written into the page by the proxy.
+  var INTERVAL_MS = Number(document.body.getAttribute("data-refresh-ms")) || 5000;
   // A hung proxy accepts connections and never answers: a refresh gives up after this long.
-  var TIMEOUT_MS = 5000;
+  var TIMEOUT_MS = Math.min(INTERVAL_MS, 5000);
   var timer = null;
   var fresh = new Date(); // when the figures on the page were last known good
 
