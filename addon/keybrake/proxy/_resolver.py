@@ -23,11 +23,6 @@ from collections.abc import Sequence
 from ipaddress import ip_address
 from typing import Protocol
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
-
 from keybrake.proxy._addresses import IPAddress
 
 __all__ = [
@@ -108,6 +103,11 @@ class NameServerResolver:
     """Asks the given name servers (A, then AAAA); ``/etc/hosts`` is not consulted."""
 
     def __init__(self, servers: Sequence[tuple[str, int]]) -> None:
+        # dnspython is imported only by a proxy told to use name servers (a tenth of a second
+        # at every start otherwise).
+        import dns.asyncresolver
+        import dns.nameserver
+
         self.servers = list(servers)
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in self.servers]
@@ -116,6 +116,9 @@ class NameServerResolver:
         self._resolver = resolver
 
     async def addresses(self, host: str) -> list[IPAddress]:
+        import dns.exception
+        import dns.resolver
+
         found: list[IPAddress] = []
         for rdtype in ("A", "AAAA"):
             try:
