@@ -124,7 +124,7 @@ def test_the_worker_side_on(
     )  # fmt: skip
     proxy_only = _run(
         py, "-c", "import importlib.util as u; print([m for m in ('mitmproxy', 'typer', "
-        "'pydantic', 'redis') if u.find_spec(m)])",
+        "'pydantic', 'psycopg') if u.find_spec(m)])",
     )  # fmt: skip
     assert proxy_only.stdout.strip() == "[]"  # the worker install pulls no proxy package
     cli = subprocess.run(
