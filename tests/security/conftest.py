@@ -135,11 +135,15 @@ def counted_usd(kb: KeybrakeProcess, key: dict[str, Any]) -> str:
 
 
 def audit_rows(kb: KeybrakeProcess, key: dict[str, Any], want: int) -> list[dict[str, Any]]:
-    """The key's audit rows, oldest first, once at least ``want`` are written."""
+    """The key's audit rows, oldest first, once at least ``want`` are written (fails after 15 s
+    with fewer: a test that asks for more rows than its calls make is wrong)."""
     sql = f"SELECT * FROM audit WHERE key_id = '{key['key_id']}' ORDER BY id"
     deadline = time.monotonic() + 15
     while True:
         rows = audit_query(kb.data_dir / "audit.db", sql)
-        if len(rows) >= want or time.monotonic() > deadline:
+        if len(rows) >= want:
             return rows
+        if time.monotonic() > deadline:
+            outcomes = [r["outcome"] for r in rows]
+            raise AssertionError(f"{len(rows)} audit rows after 15 s, not {want}: {outcomes}")
         time.sleep(0.1)
