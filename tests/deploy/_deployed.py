@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -134,6 +135,8 @@ def start(
             cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Its own process group: `stop` ends what it started too (a shell's pipeline).
+            start_new_session=True,
         )
 
 
@@ -187,10 +190,27 @@ def wait_until_up(
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    """``SIGTERM`` to everything `start` started (its process group: a command such as
+    compose's ``sh -c "printf … | exec redis-server -"`` leaves redis-server a child of the
+    shell), then ``SIGKILL`` to what is left after 20 s."""
+    stop_group(proc, 20)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
+    """End ``proc``'s process group (started with ``start_new_session``): ``SIGTERM``, then
+    ``SIGKILL`` after ``grace`` seconds; returns once no process of it is left (or 5 s
+    after the ``SIGKILL``)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                proc.wait(5)
+                return
+            time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(1)

@@ -32,6 +32,7 @@ import httpx
 import pytest
 from tests._redis import REDIS_ADMIN_PASSWORD
 from tests.conftest import KeybrakeProcess, audit_query, free_port
+from tests.deploy._deployed import stop_group
 from tests.fakes import FakeStripe, make_fake_ca
 from tests.netns import Netns, Tripwire, link, namespaces, netns_unusable
 
@@ -121,6 +122,7 @@ def redis_on_store_host(store: Netns, directory: Path) -> Iterator[None]:
         cwd=directory,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # redis-server is the shell's child: its group is stopped
     )
     try:
         deadline = time.monotonic() + 10
@@ -134,8 +136,7 @@ def redis_on_store_host(store: Netns, directory: Path) -> Iterator[None]:
                 time.sleep(0.1)
         yield
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_group(proc, 10)
 
 
 @pytest.fixture
