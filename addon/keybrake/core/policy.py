@@ -749,7 +749,8 @@ class PolicySet:
 
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key repeated in one mapping (the last would win).
-    Its messages name what is wrong with a snippet of the line; `_FastStrictLoader` reads."""
+    Files are read by `_FastStrictLoader`; this one reads again a file that one refuses, for
+    PyYAML's message (what is wrong, with the line it is on)."""
 
 
 class _FastStrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
