@@ -318,7 +318,18 @@ def test_audit_follow_streams_new_rows(
         assert rows[0]["id"] < rows[1]["id"]
     finally:
         proc.send_signal(signal.SIGINT if where == "remote" else signal.SIGTERM)
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            # Seen once in CI (remote, SIGINT): say what the command had printed and where the
+            # signal stood in this process, then end it, rather than a bare timeout.
+            mask = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(
+                f"still running 20 s after the signal (SIGINT here: "
+                f"{signal.getsignal(signal.SIGINT)}, blocked {mask}); stderr:\n{err}"
+            ) from None
     assert proc.stderr is not None
     err = proc.stderr.read()
     assert proc.returncode in (0, 130), err
