@@ -108,6 +108,32 @@ async def test_revocation_is_seen_by_the_very_next_admission(
         await other.close()
 
 
+async def test_each_admission_answers_the_key_as_stored_now(
+    store: Store, make_store: StoreFactory
+) -> None:
+    # A replica that has admitted a key before (and keeps what it learnt of it) still
+    # answers every admission with the record as it stands: caps changed by another replica,
+    # then changed back, are seen each time.
+    key = make_key("kb_a", daily=10 * USD)
+    await store.create_key(key)
+    other = make_store()
+    await other.open()
+    try:
+        for _ in range(2):
+            assert (await store.admit(AdmissionRequest("kb_a", NOON))).key == key
+        await other.set_key_caps("kb_a", daily_cap_micros=3 * USD, usd_cap_micros=9 * USD)
+        seen = (await store.admit(AdmissionRequest("kb_a", NOON))).key
+        assert seen == dataclasses.replace(key, daily_cap_micros=3 * USD, usd_cap_micros=9 * USD)
+        await other.set_key_caps("kb_a", daily_cap_micros=10 * USD, clear_usd_cap=True)
+        assert (await store.admit(AdmissionRequest("kb_a", NOON))).key == key
+        await other.revoke_key("kb_a", NOON)
+        refused = await store.admit(AdmissionRequest("kb_a", NOON))
+        assert refused.code == "vault_key_revoked"
+        assert refused.key == dataclasses.replace(key, revoked_at=NOON)
+    finally:
+        await other.close()
+
+
 async def test_caps_are_read_as_stored_now(store: Store) -> None:
     key = make_key("kb_a", daily=5 * USD)
     await store.create_key(key)

@@ -468,6 +468,12 @@ class RedisStore:
         # The fields of each key record that never change, once read: admit reads the rest.
         self._key_static: dict[str, dict[str, str]] = {}
         self._key_expiry_ms: dict[str, int] = {}
+        # The record last made of each key's answer, and that answer: the same answer (the
+        # common case, nothing about the key changed) gives the same record, not a new one.
+        self._key_answers: dict[str, tuple[tuple[bytes, ...], KeyRecord]] = {}
+        # Per key and UTC day: the names admit.lua is called with that do not depend on the
+        # call (everything but the idempotency entry and the reservation).
+        self._admit_names: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._ttl_set: set[str] = set()
         self._scripts: dict[str, AsyncScript] = {}
         self._pending: list[_Pending] = []
@@ -1435,35 +1441,25 @@ class RedisStore:
         claim = r.idempotency
         if claim is not None:
             check_idempotency_times(claim.ttl_seconds, claim.in_flight_seconds)
-        day = utc_day(r.now)
-        usage: list[str] = []
         label, issuer = await self._path(r.key_id) or ("", "")
         tag = self._tree(label, r.key_id, issuer)
+        day = utc_day(r.now)
+        fixed, usage_names = self._admit_names.get((r.key_id, day)) or self._name_admission(
+            r.key_id, label, issuer, tag, day
+        )
+        usage: Sequence[str] = ()
         if r.reservation_id is not None:
             self._res_seen(r.reservation_id, tag)
-            stub = KeyRecord(r.key_id, "", "", label, 0, (), EPOCH, EPOCH, issuer_id=issuer or None)
-            usage = [
-                self._usage_key(tag, scope, window)
-                for scope, window, _ in usage_plan(stub, day, None)
-            ]
-        idem_index = self._kt(tag, "idem-index", r.key_id)
+            usage = usage_names
+        idem_index = fixed[3]
         reply = await self._script(
             "admit",
             [
-                self._kt(tag, "key", r.key_id),
-                self._kt(tag, "rate", r.key_id),
-                self._kt(tag, "objs", r.key_id),
+                *fixed[:3],
                 self._kt(tag, "idm", r.key_id, claim.scope if claim else ""),
                 idem_index,
                 self._kt(tag, "res", r.reservation_id or ""),
-                self._kt(tag, "open-reservations"),
-                self._kt(tag, "label-budgets"),
-                self._kt(tag, "rate", f"label:{label}")
-                if label
-                else self._kt(tag, "rate", r.key_id),
-                self._kt(tag, "rate", f"issuer:{issuer}")
-                if issuer
-                else self._kt(tag, "rate", r.key_id),
+                *fixed[4:],
                 *usage,
             ],
             [
@@ -1488,7 +1484,7 @@ class RedisStore:
             ],
         )
         if _text(reply[0]) == "admitted":
-            self._ttl_done(([idem_index] if claim else []) + usage)
+            self._ttl_done([idem_index, *usage] if claim else usage)
         status, code, detail, extra = _text(reply[0]), _text(reply[1]), _text(reply[2]), reply[3]
         key = self._admitted_key(r.key_id, reply[4])
         if status == "replay":
@@ -1528,6 +1524,30 @@ class RedisStore:
             return Admission("refused", key, code=code, budgets=tuple(budgets), exceeded=exceeded)
         return Admission("admitted", key, budgets=tuple(budgets), ledger_rows=rows)
 
+    def _name_admission(
+        self, key_id: str, label: str, issuer: str, tag: str, day: str
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The names of admit.lua's KEYS that stay the same for a key all day (in KEYS order,
+        the idempotency entry and the reservation left out), and its usage hashes; kept."""
+        stub = KeyRecord(key_id, "", "", label, 0, (), EPOCH, EPOCH, issuer_id=issuer or None)
+        usage = tuple(
+            self._usage_key(tag, scope, window) for scope, window, _ in usage_plan(stub, day, None)
+        )
+        fixed = (
+            self._kt(tag, "key", key_id),
+            self._kt(tag, "rate", key_id),
+            self._kt(tag, "objs", key_id),
+            self._kt(tag, "idem-index", key_id),
+            self._kt(tag, "open-reservations"),
+            self._kt(tag, "label-budgets"),
+            self._kt(tag, "rate", f"label:{label}") if label else self._kt(tag, "rate", key_id),
+            self._kt(tag, "rate", f"issuer:{issuer}") if issuer else self._kt(tag, "rate", key_id),
+        )
+        if len(self._admit_names) > _TTL_MEMORY:
+            self._admit_names.clear()
+        self._admit_names[(key_id, day)] = (fixed, usage)
+        return fixed, usage
+
     def _ttl_done(self, names: Sequence[str]) -> None:
         if len(self._ttl_set) > _TTL_MEMORY:
             self._ttl_set.clear()
@@ -1535,13 +1555,19 @@ class RedisStore:
 
     def _admitted_key(self, key_id: str, flat: Sequence[bytes]) -> KeyRecord | None:
         """The key record from admit.lua's answer: every field the first time (kept, but for
-        the fields that can change), then only the fields that can change."""
-        fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+        the fields that can change), then only the fields that can change. An answer equal to
+        the last one for the key gives the record made of it then (records are immutable)."""
+        answer = tuple(flat)
+        seen = self._key_answers.get(key_id)
+        if seen is not None and seen[0] == answer:
+            return seen[1]
+        fields = {_text(k): _text(v) for k, v in zip(answer[::2], answer[1::2], strict=True)}
         if not fields:
             return None
         if len(self._key_static) > _TTL_MEMORY:  # forgotten in bulk: read whole again
             self._key_static.clear()
             self._key_expiry_ms.clear()
+            self._key_answers.clear()
         self._key_expiry_ms[key_id] = int(fields["expires_at"]) // 1000
         static = self._key_static.get(key_id)
         if static is None:
@@ -1550,7 +1576,10 @@ class RedisStore:
         merged: dict[bytes | str, bytes | str] = {}
         merged.update(static)
         merged.update(fields)
-        return _key_record(merged)
+        record = _key_record(merged)
+        if record is not None:
+            self._key_answers[key_id] = (answer, record)
+        return record
 
     async def settle_call(self, settlement: Settlement) -> bool:
         """See `Store.settle_call`: one ``settle_call.lua`` call, ``XADD`` to the audit stream
