@@ -63,7 +63,7 @@ class LabelTreeConflict(ValueError):
 
 def utc_day(now: dt.datetime) -> str:
     """The UTC calendar day of ``now`` as ``YYYY-MM-DD``: the window of a daily cap."""
-    return now.astimezone(dt.UTC).strftime("%Y-%m-%d")
+    return now.astimezone(dt.UTC).date().isoformat()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

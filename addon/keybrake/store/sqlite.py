@@ -46,6 +46,7 @@ from keybrake.store._base import (
     VendorFreeze,
     utc_day,
 )
+from keybrake.store._checkpoint import FALLBACK_PAGES, WalCheckpointer
 from keybrake.store._common import (
     EPOCH,
     RATE_BUCKETS,
@@ -181,6 +182,8 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        # Checkpoints off the event loop (see `_checkpoint`), nudged after each commit.
+        self._checkpointer = WalCheckpointer(self.path, busy_timeout=busy_timeout)
         # Admissions and settlements waiting for the shared transaction (see `_batched`).
         self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
 
@@ -215,6 +218,10 @@ class SQLiteStore:
             # NORMAL is durable across process crashes in WAL mode; only a power loss may
             # drop the last transactions, which is the trade-off sqlite documents for WAL.
             conn.execute("PRAGMA synchronous = NORMAL")
+            # The log is copied into the file by `WalCheckpointer`'s thread; a commit does it
+            # only past FALLBACK_PAGES (SQLite's default: 1,000, milliseconds on the event loop).
+            conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {(FALLBACK_PAGES + 100) * 4096}")
             counted = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'key_counts'"
             ).fetchone()
@@ -272,6 +279,7 @@ class SQLiteStore:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+        self._checkpointer.nudge()
 
     async def _batched(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
         """``op(conn)`` inside a ``BEGIN IMMEDIATE`` transaction shared with the admissions
@@ -391,6 +399,7 @@ class SQLiteStore:
             conn.execute("DELETE FROM objects WHERE expires_at <= ?", (now,))
 
     async def close(self) -> None:
+        self._checkpointer.stop()
         with self._lock:
             self._drop_connection()
 
