@@ -160,6 +160,38 @@ async def test_calls_that_come_while_a_batch_is_out_go_together_next(
     assert await reserved(store, key) == 30 * USD
 
 
+async def test_a_quiet_replica_writes_a_lone_call_at_once_and_a_busy_one_gathers_a_turn(
+    batching_store: tuple[RedisStore, list[int]],
+) -> None:
+    store, sizes = batching_store
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # as mitmproxy's loop runs tasks
+    try:
+        key = make_key("kb_quiet", daily=1000 * USD, created_at=NOW - dt.timedelta(days=1))
+        await store.create_key(key)
+        # The first call looks up the key's label (kept): a wait of its own.
+        assert (await store.admit(paid(key.key_id, 99))).status == "admitted"
+        # One call at a time: each is on the lane before its caller first waits (no loop
+        # turn spent gathering calls that are not coming).
+        for i in range(3):
+            task = asyncio.ensure_future(store.admit(paid(key.key_id, i)))
+            assert store._lane_busy(loop), "the lone call was not sent at once"
+            assert (await task).status == "admitted"
+        # A burst after them: the first goes at once, alone; the rest wait for its reply and
+        # go together.
+        sizes.clear()
+        burst = await asyncio.gather(*(store.admit(paid(key.key_id, 10 + i)) for i in range(10)))
+        assert sizes == [1, 9] and {a.status for a in burst} == {"admitted"}
+        # The lane's last batch held several calls (a busy replica): the calls of a turn
+        # gather first and go in one write.
+        sizes.clear()
+        burst = await asyncio.gather(*(store.admit(paid(key.key_id, 30 + i)) for i in range(10)))
+        assert sizes == [10] and {a.status for a in burst} == {"admitted"}
+        assert await reserved(store, key) == 24 * 3 * USD
+    finally:
+        loop.set_task_factory(None)
+
+
 async def test_calls_waiting_behind_a_redis_that_stopped_answering_fail_within_its_timeout(
     batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
 ) -> None:

@@ -490,6 +490,8 @@ class RedisStore:
         )
         self._sending: set[asyncio.Task[Exception | None]] = set()
         self._lane_driver: asyncio.Task[None] | None = None
+        # How many calls the lane's last batch held (see `_batched`).
+        self._lane_batch = 0
         self._warned_unverified = False
         self._cluster = self._target.cluster
         # Hash tags of the budget trees: one empty tag (names as ever) on a single server.
@@ -628,7 +630,15 @@ class RedisStore:
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((name, keys, args, future))
         if len(self._pending) == 1 and not self._lane_busy(loop):
-            loop.call_soon(self._send_pending)
+            if self._lane is not None and self._lane_batch <= 1:
+                # An idle lane whose last batch was one call (a quiet replica: nothing to
+                # wait a loop turn for): its driver is started now. On a loop that runs new
+                # tasks at once (mitmproxy's eager task factory) it writes this call before we
+                # wait, ~25 µs sooner; on any other loop it starts next turn, as before. A
+                # busy replica's calls still gather for a turn (fewer reads for Redis).
+                self._send_pending()
+            else:
+                loop.call_soon(self._send_pending)
         return await future
 
     def _lane_busy(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -658,6 +668,7 @@ class RedisStore:
                 # An admission its caller gave up on while it waited is not sent: it would
                 # reserve for a call nobody forwards or settles. A settlement always is.
                 batch = [p for p in batch if not (p[0] == "admit" and p[3].cancelled())]
+                self._lane_batch = len(batch)
                 failure = await self._send(batch) if batch else None
                 if isinstance(failure, StoreUnavailable) and isinstance(
                     failure.__cause__, redis.exceptions.TimeoutError
