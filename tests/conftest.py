@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +464,31 @@ def postgres_audit_url() -> Iterator[str]:
     """An audit URL (``postgresql://…``) with a schema of its own, dropped afterwards."""
     with postgres_schema() as url:
         yield url
+
+
+def wait_for_rows(
+    read: Callable[[], list[dict[str, Any]]],
+    want: int,
+    *,
+    seconds: float = 15,
+    done: Callable[[list[dict[str, Any]]], bool] = lambda rows: True,
+) -> list[dict[str, Any]]:
+    """``read()`` again until it gives at least ``want`` rows (and ``done(rows)`` holds), then
+    those rows. Fails after ``seconds`` with the rows' outcomes: audit rows land after the
+    answer on some paths, but a test that sees fewer than its calls make must fail, and say
+    what it saw, not hand its caller the short list at the deadline."""
+    deadline = time.monotonic() + seconds
+    while True:
+        rows = read()
+        if len(rows) >= want and done(rows):
+            return rows
+        if time.monotonic() > deadline:
+            seen = [(r.get("outcome"), r.get("vendor_request_id")) for r in rows]
+            raise AssertionError(
+                f"{len(rows)} rows after {seconds:g} s, waiting for {want}"
+                f"{'' if len(rows) < want else ' and the rows asked for'}: {seen}"
+            )
+        time.sleep(0.1)
 
 
 def audit_query(source: Path | str, sql: str = "SELECT * FROM audit ORDER BY id") -> list[Any]:

@@ -11,7 +11,6 @@ the fake's (what the vendor billed, computed from the usage it stated), the prox
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from tests.conftest import KeybrakeProcess
+from tests.conftest import KeybrakeProcess, wait_for_rows
 from tests.fakes import FakeAnthropic, FakeOpenAI, FakeTLS
 
 from keybrake.core.money import parse_usd
@@ -59,21 +58,15 @@ def audit_rows(
     replicas: list[KeybrakeProcess], key: dict[str, Any], expected: int
 ) -> list[dict[str, Any]]:
     """The key's audit rows over every replica (each writes its own audit log here)."""
-    deadline = time.monotonic() + 30
-    while True:
-        rows: list[dict[str, Any]] = [
-            row
-            for kb in replicas
-            for row in kb.admin("GET", f"/vault/audit?key={key['key_id']}&limit=1000").json()[
-                "data"
-            ]
-        ]
+
+    def read() -> list[dict[str, Any]]:
+        url = f"/vault/audit?key={key['key_id']}&limit=1000"
+        rows = [row for kb in replicas for row in kb.admin("GET", url).json()["data"]]
         # A replica moves rows from the shared outbox into its own audit log here (the
         # README's setup shares one PostgreSQL audit log); a row moved twice is one call.
-        rows = list({row["event_id"]: row for row in rows}.values())
-        if len(rows) >= expected or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+        return list({row["event_id"]: row for row in rows}.values())
+
+    return wait_for_rows(read, expected, seconds=30)
 
 
 def assert_cap_held(

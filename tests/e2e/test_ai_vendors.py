@@ -19,7 +19,7 @@ import anthropic
 import httpx2
 import openai
 import pytest
-from tests.conftest import KeybrakeProcess
+from tests.conftest import KeybrakeProcess, wait_for_rows
 from tests.fakes import FakeAnthropic, FakeOpenAI, FakeTLS
 
 from keybrake.core.money import format_usd
@@ -109,16 +109,16 @@ def audit(
 ) -> list[dict[str, Any]]:
     """The key's audit rows once there are ``expected`` of them and every one of
     ``request_ids`` is among them (a streamed call's row lands when its stream has ended,
-    which may be after the client read its last chunk), or after 15 s."""
-    deadline = time.monotonic() + 15
-    while True:
-        rows: list[dict[str, Any]] = kb.admin(
-            "GET", f"/vault/audit?key={key['key_id']}&limit=1000"
-        ).json()["data"]
-        seen = {r["vendor_request_id"] for r in rows}
-        if (len(rows) >= expected and request_ids <= seen) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
+    which may be after the client read its last chunk); fails after 15 s."""
+
+    def read() -> list[dict[str, Any]]:
+        url = f"/vault/audit?key={key['key_id']}&limit=1000"
+        rows: list[dict[str, Any]] = kb.admin("GET", url).json()["data"]
+        return rows
+
+    return wait_for_rows(
+        read, expected, done=lambda rows: request_ids <= {r["vendor_request_id"] for r in rows}
+    )
 
 
 def assert_swapped(entries: list[Any], header: str, secret: str, vault_key: str) -> None:

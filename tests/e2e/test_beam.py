@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
-from tests.conftest import KeybrakeProcess
+from tests.conftest import KeybrakeProcess, wait_for_rows
 from tests.e2e.beam_app import ChargeInvoice, FlakyChargeInvoice, invoices, read_lines, run
 from tests.fakes import FakeStripe
 
@@ -30,14 +30,12 @@ def spent_micros(kb: KeybrakeProcess, key: dict[str, Any]) -> int:
 
 
 def audit(kb: KeybrakeProcess, key: dict[str, Any], expected: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 15
-    while True:
-        rows: list[dict[str, Any]] = kb.admin(
-            "GET", f"/vault/audit?key={key['key_id']}&limit=1000"
-        ).json()["data"]
-        if len(rows) >= expected or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+    def read() -> list[dict[str, Any]]:
+        url = f"/vault/audit?key={key['key_id']}&limit=1000"
+        rows: list[dict[str, Any]] = kb.admin("GET", url).json()["data"]
+        return rows
+
+    return wait_for_rows(read, expected)
 
 
 def counter(result: Any, name: str) -> int:

@@ -4,7 +4,6 @@ its own keys, so tests of one module share the processes without sharing budgets
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import pytest
 import redis
 import stripe
-from tests.conftest import REDIS_URL, KeybrakeProcess, audit_query
+from tests.conftest import REDIS_URL, KeybrakeProcess, audit_query, wait_for_rows
 from tests.fakes import FakeStripe, FakeTLS
 
 STORES = ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
@@ -138,12 +137,4 @@ def audit_rows(kb: KeybrakeProcess, key: dict[str, Any], want: int) -> list[dict
     """The key's audit rows, oldest first, once at least ``want`` are written (fails after 15 s
     with fewer: a test that asks for more rows than its calls make is wrong)."""
     sql = f"SELECT * FROM audit WHERE key_id = '{key['key_id']}' ORDER BY id"
-    deadline = time.monotonic() + 15
-    while True:
-        rows = audit_query(kb.data_dir / "audit.db", sql)
-        if len(rows) >= want:
-            return rows
-        if time.monotonic() > deadline:
-            outcomes = [r["outcome"] for r in rows]
-            raise AssertionError(f"{len(rows)} audit rows after 15 s, not {want}: {outcomes}")
-        time.sleep(0.1)
+    return wait_for_rows(lambda: audit_query(kb.data_dir / "audit.db", sql), want)
