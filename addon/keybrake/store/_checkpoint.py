@@ -13,7 +13,8 @@ The log starts over only when a checkpoint has copied all of it, which under ste
 manages: then the commit that finds `FALLBACK_PAGES` in the log checkpoints as before, but the
 thread has synced and copied nearly all of it already, so that commit's share is a millisecond
 or two, once in some 150 calls (measured: the store's p99 went from 4.2 to about 1 ms, the
-longest call from ~11 to ~4 ms). The log file stays under 16 MB (``journal_size_limit``).
+longest call from ~11 to ~4 ms). ``journal_size_limit`` cuts the log file back to about
+16 MB when it starts over.
 
 Example::
 
