@@ -14,6 +14,7 @@ __all__ = [
     "FROZEN_FIELD",
     "RATE_BUCKETS",
     "RATE_BUCKET_MS",
+    "KeyMemo",
     "TreeCaps",
     "check_idempotency_times",
     "check_label",
@@ -32,6 +33,27 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # (the current one and the twelve before it: a minute and up to 5 seconds).
 RATE_BUCKET_MS = 5_000
 RATE_BUCKETS = 13
+
+
+class KeyMemo:
+    """The key record last made of each key's stored form (the fields a Redis admission
+    answered, an SQLite ``keys`` row): the same form again gives that record (records are
+    immutable) rather than one decoded again on every call; any change to the form makes a
+    new one. Forgotten in bulk past ``most`` keys, which only costs decoding some again."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._seen: dict[str, tuple[tuple[object, ...], KeyRecord]] = {}
+
+    def get(self, key_id: str, form: tuple[object, ...]) -> KeyRecord | None:
+        seen = self._seen.get(key_id)
+        return seen[1] if seen is not None and seen[0] == form else None
+
+    def put(self, key_id: str, form: tuple[object, ...], record: KeyRecord) -> KeyRecord:
+        if len(self._seen) > self.most:
+            self._seen.clear()
+        self._seen[key_id] = (form, record)
+        return record
 
 
 def epoch_micros(moment: dt.datetime) -> int:

@@ -115,6 +115,7 @@ from keybrake.store._common import (
     FROZEN_FIELD,
     RATE_BUCKET_MS,
     RATE_BUCKETS,
+    KeyMemo,
     TreeCaps,
     check_idempotency_times,
     check_label,
@@ -468,9 +469,8 @@ class RedisStore:
         # The fields of each key record that never change, once read: admit reads the rest.
         self._key_static: dict[str, dict[str, str]] = {}
         self._key_expiry_ms: dict[str, int] = {}
-        # The record last made of each key's answer, and that answer: the same answer (the
-        # common case, nothing about the key changed) gives the same record, not a new one.
-        self._key_answers: dict[str, tuple[tuple[bytes, ...], KeyRecord]] = {}
+        # The record last made of each key's answer (the common case: nothing changed).
+        self._key_answers = KeyMemo(_TTL_MEMORY)
         # Per key and UTC day: the names admit.lua is called with that do not depend on the
         # call (everything but the idempotency entry and the reservation).
         self._admit_names: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -1569,16 +1569,14 @@ class RedisStore:
         the fields that can change), then only the fields that can change. An answer equal to
         the last one for the key gives the record made of it then (records are immutable)."""
         answer = tuple(flat)
-        seen = self._key_answers.get(key_id)
-        if seen is not None and seen[0] == answer:
-            return seen[1]
+        if (known := self._key_answers.get(key_id, answer)) is not None:
+            return known
         fields = {_text(k): _text(v) for k, v in zip(answer[::2], answer[1::2], strict=True)}
         if not fields:
             return None
         if len(self._key_static) > _TTL_MEMORY:  # forgotten in bulk: read whole again
             self._key_static.clear()
             self._key_expiry_ms.clear()
-            self._key_answers.clear()
         self._key_expiry_ms[key_id] = int(fields["expires_at"]) // 1000
         static = self._key_static.get(key_id)
         if static is None:
@@ -1588,9 +1586,7 @@ class RedisStore:
         merged.update(static)
         merged.update(fields)
         record = _key_record(merged)
-        if record is not None:
-            self._key_answers[key_id] = (answer, record)
-        return record
+        return None if record is None else self._key_answers.put(key_id, answer, record)
 
     async def settle_call(self, settlement: Settlement) -> bool:
         """See `Store.settle_call`: one ``settle_call.lua`` call, ``XADD`` to the audit stream

@@ -50,6 +50,7 @@ from keybrake.store._checkpoint import FALLBACK_PAGES, WalCheckpointer
 from keybrake.store._common import (
     EPOCH,
     RATE_BUCKETS,
+    KeyMemo,
     TreeCaps,
     check_idempotency_times,
     check_label,
@@ -182,8 +183,8 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        # The key record last made of each key's row, with the row (see `_key_of`).
-        self._key_rows: dict[str, tuple[tuple[Any, ...], KeyRecord]] = {}
+        # The key record last made of each key's row (see `_key_of`).
+        self._key_rows = KeyMemo(10_000)
         # Checkpoints off the event loop (see `_checkpoint`), nudged after each commit.
         self._checkpointer = WalCheckpointer(self.path, busy_timeout=busy_timeout)
         # Admissions and settlements waiting for the shared transaction (see `_batched`).
@@ -1214,17 +1215,11 @@ class SQLiteStore:
         return await self._batched(lambda conn: self._admit(conn, request))
 
     def _key_of(self, row: sqlite3.Row) -> KeyRecord:
-        """The record of a ``keys`` row; the record made of the same row last time when nothing
-        in it changed (records are immutable), as every admission reads the row again."""
+        """The record of a ``keys`` row, made once per content of the row (every admission
+        reads the row again)."""
         values = tuple(row)
-        seen = self._key_rows.get(values[0])
-        if seen is not None and seen[0] == values:
-            return seen[1]
-        key = _row_to_key(row)
-        if len(self._key_rows) > 10_000:
-            self._key_rows.clear()
-        self._key_rows[values[0]] = (values, key)
-        return key
+        key = self._key_rows.get(values[0], values)
+        return key if key is not None else self._key_rows.put(values[0], values, _row_to_key(row))
 
     def _admit(self, conn: sqlite3.Connection, request: AdmissionRequest) -> Admission:
         row = conn.execute("SELECT * FROM keys WHERE key_id = ?", (request.key_id,)).fetchone()
