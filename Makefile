@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt check bench bench-litellm fleet redis-cost soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
+.PHONY: venv run web test lint fmt check bench bench-litellm fleet redis-cost proxy-cost soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
@@ -114,6 +114,11 @@ fleet: venv
 ## REDIS_COST_ARGS="--baseline DIR" compares another checkout's addon/.
 redis-cost: venv
 	$(BIN)/python bench/redis_cost.py $(REDIS_COST_ARGS)
+
+## The proxy process's instructions (callgrind) and system calls (perf) per vendor call, bare
+## mitmdump and Keybrake; PROXY_COST_ARGS="--baseline DIR" compares another checkout's addon/.
+proxy-cost: venv
+	$(BIN)/python bench/proxy_cost.py $(PROXY_COST_ARGS)
 
 ## 64 AI agents against one $1 budget, Keybrake beside LiteLLM's proxy (its own venv, built
 ## once from PyPI; not part of `make test`).

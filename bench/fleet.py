@@ -88,6 +88,10 @@ class Figures:
     redis_cpu_ms: float
     busiest_master_cpu_ms: float
     redis_cmds: dict[str, float]
+    # Time Redis measured inside the scripts (``commandstats`` usec of EVALSHA, the commands
+    # they run included); the rest of its CPU is the sockets, the event loop, expiry, cron
+    # and the audit pumps' own commands.
+    script_ms: float
     bytes_in: float
     bytes_out: float
     reads: float
@@ -317,19 +321,22 @@ class Fleet:
         return statuses
 
     # -- measuring ---------------------------------------------------------------------------
-    def redis_now(self) -> tuple[float, dict[str, int], int, int, int]:
-        """CPU seconds, command counts, bytes in and out and the socket reads that brought
-        commands in (``total_reads_processed``), summed over the servers."""
+    def redis_now(self) -> tuple[float, dict[str, int], int, int, int, dict[str, int]]:
+        """CPU seconds, command counts, bytes in and out, the socket reads that brought
+        commands in (``total_reads_processed``) and µs spent in each command, summed over
+        the servers."""
         cpu_s, cmds, bytes_in, bytes_out, reads = 0.0, Counter[str](), 0, 0, 0
-        for cpu_node, node_cmds, node_in, node_out, node_reads in self.nodes_now():
+        usec = Counter[str]()
+        for cpu_node, node_cmds, node_in, node_out, node_reads, node_usec in self.nodes_now():
             cpu_s += cpu_node
             cmds.update(node_cmds)
             bytes_in += node_in
             bytes_out += node_out
             reads += node_reads
-        return cpu_s, dict(cmds), bytes_in, bytes_out, reads
+            usec.update(node_usec)
+        return cpu_s, dict(cmds), bytes_in, bytes_out, reads, dict(usec)
 
-    def nodes_now(self) -> list[tuple[float, dict[str, int], int, int, int]]:
+    def nodes_now(self) -> list[tuple[float, dict[str, int], int, int, int, dict[str, int]]]:
         out = []
         for node in self.nodes:
             cpu = node.info("cpu")
@@ -342,6 +349,7 @@ class Fleet:
                     int(stats["total_net_input_bytes"]),
                     int(stats["total_net_output_bytes"]),
                     int(stats["total_reads_processed"]),
+                    {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in cmds.items()},
                 )
             )
         return out
@@ -359,18 +367,19 @@ class Fleet:
     def round(self, vault_keys: list[str]) -> Figures:
         n = self.args.requests
         per_node0 = [c for c, *_ in self.nodes_now()]
-        cpu0, cmds0, in0, out0, reads0 = self.redis_now()
+        cpu0, cmds0, in0, out0, reads0, usec0 = self.redis_now()
         rcpu0 = self.replica_cpu()
         started = time.perf_counter()
         statuses = asyncio.run(self.load(vault_keys, n))
         seconds = time.perf_counter() - started
         rcpu1 = self.replica_cpu()
-        cpu1, cmds1, in1, out1, reads1 = self.redis_now()
+        cpu1, cmds1, in1, out1, reads1, usec1 = self.redis_now()
         per_node1 = [c for c, *_ in self.nodes_now()]
         if set(statuses) != {200}:
             raise RuntimeError(f"not every call succeeded: {dict(statuses)}")
         # The INFO calls themselves are not the fleet's: leave them out.
         cmds = {k: (v - cmds0.get(k, 0)) / n for k, v in cmds1.items() if k != "info"}
+        scripts = sum(usec1.get(k, 0) - usec0.get(k, 0) for k in ("evalsha", "eval"))
         return Figures(
             calls=n,
             seconds=seconds,
@@ -379,6 +388,7 @@ class Fleet:
             * max(b - a for a, b in zip(per_node0, per_node1, strict=True))
             / n,
             redis_cmds={k: v for k, v in cmds.items() if v > 0},
+            script_ms=scripts / 1000 / n,
             bytes_in=(in1 - in0) / n,
             bytes_out=(out1 - out0) / n,
             reads=(reads1 - reads0) / n,
@@ -505,6 +515,8 @@ def report(rounds: list[Figures], args: argparse.Namespace, idle_ms_per_s: float
         "per Redis core",
         f"    net of the idle fleet ({idle_ms_per_s:.1f} ms/s): {net:.3f} ms -> "
         f"{1000 / net:,.0f} calls/s per Redis core",
+        f"    inside the scripts {med(f.script_ms for f in rounds):.3f} ms (commandstats usec: "
+        "what they run; the rest is sockets, event loop, expiry, cron, the pumps)",
         f"  Redis commands       {scripts + inside:.1f} ({scripts:.1f} scripts running "
         f"{inside:.1f} commands)",
         "    " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])),
@@ -571,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             f = fleet.round(keys)
             rounds.append(f)
             print(
-                f"  round {n + 1}/{args.rounds}: Redis {f.redis_cpu_ms:.3f} ms/call, "
+                f"  round {n + 1}/{args.rounds}: Redis {f.redis_cpu_ms:.3f} ms/call "
+                f"({f.script_ms:.3f} in scripts), "
                 f"{sum(f.redis_cmds.values()):.1f} commands/call, "
                 f"replicas {f.replica_cpu_ms:.2f} ms/call, {f.calls / f.seconds:.0f} calls/s",
                 flush=True,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -41,6 +40,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def callgrind_control(pid: int, *flags: str) -> None:
+    """``callgrind_control FLAGS PID``: e.g. ``-z`` (zero the counters), ``-d`` (dump them),
+    ``-i on`` (start instrumenting a process started with ``--instr-atstart=no``)."""
+    subprocess.run(["callgrind_control", *flags, str(pid)], capture_output=True, check=True)
+
+
+def dumped_total(pid: int, out_file: Path) -> int:
+    """Dump the counters of the process under callgrind (``--callgrind-out-file=out_file``)
+    and return the instructions counted since they were last zeroed."""
+    before = set(out_file.parent.glob(f"{out_file.name}.*"))
+    callgrind_control(pid, "-d")
+    deadline = time.monotonic() + 30
+    while True:
+        for dump in set(out_file.parent.glob(f"{out_file.name}.*")) - before:
+            for line in dump.read_text().splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no totals in a dump of {out_file}")
+        time.sleep(0.2)
 
 
 class Callgrind:
@@ -76,22 +97,11 @@ class Callgrind:
                 time.sleep(0.2)
         raise RuntimeError("redis-server under valgrind did not start")
 
-    def _control(self, flag: str) -> None:
-        subprocess.run(
-            ["callgrind_control", flag, str(self.proc.pid)], capture_output=True, check=True
-        )
-
     def zero(self) -> None:
-        self._control("-z")
+        callgrind_control(self.proc.pid, "-z")
 
     def count(self) -> int:
-        self._control("-d")
-        time.sleep(0.3)
-        dumps = sorted(self.work.glob("cg.out.*"), key=os.path.getmtime)
-        for line in dumps[-1].read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-        raise RuntimeError(f"no totals in {dumps[-1]}")
+        return dumped_total(self.proc.pid, self.work / "cg.out")
 
     def stop(self) -> None:
         self.proc.terminate()

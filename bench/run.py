@@ -117,6 +117,9 @@ def proc_cpu_seconds(target: Target) -> tuple[float, float]:
 
 
 class Bench:
+    # Seconds a proxy may take to listen and answer /healthz (more under valgrind).
+    startup_timeout = 30.0
+
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
@@ -210,7 +213,7 @@ class Bench:
             "--map-remote", f"|https://api.stripe.com/|{self.upstream_url}/",
         ]  # fmt: skip
         proc, log = self.spawn("bare-mitmdump", cmd)
-        wait_port(port, proc, log)
+        wait_port(port, proc, log, self.startup_timeout)
         return Target("bare mitmdump", port, STRIPE_SECRET, [proc])
 
     def start_keybrake(self, name: str, store: str, code: Path | None = None) -> Target:
@@ -243,9 +246,9 @@ class Bench:
         for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY"):
             os.environ.pop(var, None)
         proc, log = self.spawn(slug, cmd, env)
-        wait_port(admin_port, proc, log)
+        wait_port(admin_port, proc, log, self.startup_timeout)
         admin = f"http://127.0.0.1:{admin_port}"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{admin}/healthz", timeout=2).status_code == 200:
@@ -265,11 +268,11 @@ class Bench:
                 # Every request is counted (that store call is measured) but none refused.
                 "max_requests_per_minute": 1_000_000,
             },
-            timeout=10,
+            timeout=self.startup_timeout,
         )
         if r.status_code != 201:
             raise RuntimeError(f"{name}: issuing a key failed: {r.status_code} {r.text}")
-        wait_port(port, proc, log)
+        wait_port(port, proc, log, self.startup_timeout)
         return Target(name, port, r.json()["vault_key"], [proc])
 
     # -- profiling --------------------------------------------------------------------------
