@@ -67,17 +67,17 @@ CREATE TABLE IF NOT EXISTS budget_usage (
     reserved_micros INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, "window")
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS reservations (
+-- Reservations of calls in flight, deleted when they finish (their amounts are then in
+-- budget_usage and the audit row): a table of a few pages and no second index, as every paid
+-- call inserts and deletes a row. Earlier versions kept every reservation in `reservations`
+-- (with its state and two more indexes); `SQLiteStore` moves the open ones here at open.
+CREATE TABLE IF NOT EXISTS open_reservations (
     id TEXT PRIMARY KEY,
     key_id TEXT NOT NULL,
     budgets TEXT NOT NULL,
     estimate_micros INTEGER NOT NULL,
-    actual_micros INTEGER,
-    state TEXT NOT NULL CHECK (state IN ('reserved', 'settled', 'released', 'unknown')),
-    created_at INTEGER NOT NULL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, created_at);
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS holds (
     reservation_id TEXT PRIMARY KEY,
     vendor TEXT NOT NULL,

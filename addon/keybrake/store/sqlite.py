@@ -67,8 +67,6 @@ __all__ = ["SQLiteStore"]
 
 
 _AMOUNT_TTL_SECONDS = 30 * 24 * 3600
-# Finished reservations an earlier version kept, dropped per housekeeping run (~0.1 s).
-_FINISHED_PURGE_BATCH = 50_000
 # A key that may make no call, and the refusal code that says so.
 _STATE_CODES = {
     "revoked": "vault_key_revoked",
@@ -107,7 +105,9 @@ _T = TypeVar("_T")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the columns a database made by an earlier version lacks (new ones have them)."""
+    """Add the columns a database made by an earlier version lacks (new ones have them), and
+    move the open reservations it kept with every finished one to ``open_reservations``."""
+    _move_open_reservations(conn)
     for table, column, decl in _ADDED_COLUMNS:
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column not in have:
@@ -116,6 +116,37 @@ def _migrate(conn: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as exc:
                 if "duplicate column" not in str(exc):  # another process was first
                     raise
+
+
+def _move_open_reservations(conn: sqlite3.Connection) -> None:
+    """Versions before ``open_reservations`` kept every reservation in ``reservations``: the
+    open ones are moved (in one transaction with dropping the table; a process that opens the
+    file at the same moment finds it gone and does nothing)."""
+    if not _has_table(conn, "reservations"):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _has_table(conn, "reservations"):
+            conn.execute(
+                "INSERT OR IGNORE INTO open_reservations "
+                "(id, key_id, budgets, estimate_micros, created_at) "
+                "SELECT id, key_id, budgets, estimate_micros, created_at FROM reservations "
+                "WHERE state = 'reserved'"
+            )
+            conn.execute("DROP TABLE reservations")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        is not None
+    )
 
 
 def _moment(micros: int) -> dt.datetime:
@@ -782,7 +813,7 @@ class SQLiteStore:
         if (
             not fresh
             and conn.execute(
-                "SELECT 1 FROM reservations WHERE id = ?", (reservation_id,)
+                "SELECT 1 FROM open_reservations WHERE id = ?", (reservation_id,)
             ).fetchone()
         ):
             return ReserveResult(True, reservation_id, tuple(states)), rows
@@ -799,8 +830,8 @@ class SQLiteStore:
                 [v for scope, window in rows for v in (scope, window, estimate_micros)],
             )
         conn.execute(
-            "INSERT INTO reservations (id, key_id, budgets, estimate_micros, state, created_at)"
-            " VALUES (?, ?, ?, ?, 'reserved', ?)",
+            "INSERT INTO open_reservations (id, key_id, budgets, estimate_micros, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
             (
                 reservation_id,
                 key.key_id,
@@ -817,11 +848,11 @@ class SQLiteStore:
 
     @staticmethod
     def _open_reservation(conn: sqlite3.Connection, reservation_id: str) -> sqlite3.Row | None:
-        row = conn.execute(
-            "SELECT key_id, budgets, estimate_micros, state FROM reservations WHERE id = ?",
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT key_id, budgets, estimate_micros FROM open_reservations WHERE id = ?",
             (reservation_id,),
         ).fetchone()
-        return row if row is not None and row["state"] == "reserved" else None
+        return row
 
     @staticmethod
     def _move_reserved(conn: sqlite3.Connection, budgets: str, delta: int) -> None:
@@ -858,9 +889,8 @@ class SQLiteStore:
                 "reserved_micros = MAX(0, reserved_micros - ?)",
                 [*(v for scope, window in rows for v in (scope, window, spent)), estimate],
             )
-        # Deleted, as on Redis: its amount is in the usage rows and its audit row. A table of
-        # open reservations only stays a few pages, which every call's commit writes again.
-        conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+        # Deleted, as on Redis: its amount is in the usage rows and its audit row.
+        conn.execute("DELETE FROM open_reservations WHERE id = ?", (reservation_id,))
         conn.execute("DELETE FROM holds WHERE reservation_id = ?", (reservation_id,))
         return True
 
@@ -893,7 +923,7 @@ class SQLiteStore:
             ids = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM reservations WHERE state = 'reserved' AND created_at < ? "
+                    "SELECT id FROM open_reservations WHERE created_at < ? "
                     "AND id NOT IN (SELECT reservation_id FROM holds)",
                     (before,),
                 )
@@ -921,7 +951,7 @@ class SQLiteStore:
             return False
         self._move_reserved(conn, row["budgets"], amount_micros - row["estimate_micros"])
         conn.execute(
-            "UPDATE reservations SET estimate_micros = ? WHERE id = ?",
+            "UPDATE open_reservations SET estimate_micros = ? WHERE id = ?",
             (amount_micros, reservation_id),
         )
         conn.execute(
@@ -935,8 +965,8 @@ class SQLiteStore:
         with self._session() as conn:
             rows = conn.execute(
                 "SELECT h.reservation_id, h.key_id, r.estimate_micros FROM holds h "
-                "JOIN reservations r ON r.id = h.reservation_id "
-                "WHERE h.vendor = ? AND h.object_id = ? AND r.state = 'reserved' "
+                "JOIN open_reservations r ON r.id = h.reservation_id "
+                "WHERE h.vendor = ? AND h.object_id = ? "
                 "ORDER BY r.created_at, r.id",
                 (vendor, object_id),
             ).fetchall()
@@ -966,7 +996,7 @@ class SQLiteStore:
                     return ReserveResult(False, reservation_id, tuple(states), exceeded=state)
             self._move_reserved(conn, row["budgets"], delta)
             conn.execute(
-                "UPDATE reservations SET estimate_micros = ? WHERE id = ?",
+                "UPDATE open_reservations SET estimate_micros = ? WHERE id = ?",
                 (amount_micros, reservation_id),
             )
         after = tuple(
@@ -1075,13 +1105,6 @@ class SQLiteStore:
                 "DELETE FROM key_counts WHERE key_id IN "
                 "(SELECT key_id FROM keys WHERE expires_at <= ?)",
                 (epoch_micros(now),),
-            )
-            # Finished reservations are deleted when they finish; a file written by an earlier
-            # version still holds them: dropped a bounded batch per run, no stall at start.
-            conn.execute(
-                "DELETE FROM reservations WHERE rowid IN (SELECT rowid FROM reservations "
-                "WHERE state != 'reserved' LIMIT ?)",
-                (_FINISHED_PURGE_BATCH,),
             )
             return gone
 
