@@ -217,13 +217,16 @@ async def test_an_admission_given_up_while_it_waits_for_the_lane_reserves_nothin
     batching_store: tuple[RedisStore, list[int]], private_redis: PrivateRedis
 ) -> None:
     store, sizes = batching_store
-    key = await held_key(store, private_redis, "kb_gaveup", 300)
+    # Held until the test lets go (a timed pause could end first on a loaded machine, and the
+    # waiting calls would then go out before one of them is given up).
+    key = await held_key(store, private_redis, "kb_gaveup", 30_000)
     first = asyncio.ensure_future(store.admit(paid(key.key_id, 0)))
     while not sizes:  # the first batch is out, held by the pause
         await asyncio.sleep(0.01)
     waiting = [asyncio.ensure_future(store.admit(paid(key.key_id, i))) for i in (1, 2)]
     await asyncio.sleep(0.01)
     waiting[0].cancel()
+    assert private_redis.cli("CLIENT", "UNPAUSE").stdout.strip() == "OK"
 
     assert (await first).status == "admitted"
     assert (await waiting[1]).status == "admitted"
