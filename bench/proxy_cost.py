@@ -119,6 +119,22 @@ def _check(target: Target, statuses: Counter[int]) -> None:
         raise RuntimeError(f"{target.name}: not every call succeeded: {dict(statuses)}")
 
 
+def _warm(bench: Bench, target: Target, n: int) -> None:
+    """``n`` calls from ``--concurrency`` clients (connections, caches, policies warm)."""
+    up = ("127.0.0.1", bench.upstream_port)
+    warm = asyncio.run(
+        throughput(
+            target.proxy,
+            up,
+            bench.ctx_for(target),
+            bench.request_factory(target),
+            n,
+            bench.args.concurrency,
+        )
+    )
+    _check(target, warm.statuses)
+
+
 def instructions(args: argparse.Namespace, work: Path) -> dict[str, float]:
     """Instructions per call of each proxy, under callgrind."""
     work.mkdir(parents=True, exist_ok=True)
@@ -127,13 +143,7 @@ def instructions(args: argparse.Namespace, work: Path) -> dict[str, float]:
     try:
         targets = [t for t in bench.setup() if t.procs]
         for t in targets:
-            up = ("127.0.0.1", bench.upstream_port)
-            warm = asyncio.run(
-                throughput(
-                    t.proxy, up, bench.ctx_for(t), bench.request_factory(t), 100, args.concurrency
-                )
-            )
-            _check(t, warm.statuses)
+            _warm(bench, t, 100)
             pid = t.procs[0].pid
             callgrind_control(pid, "-i", "on")
             out_file = bench.out_file(t.name.replace(" ", "-"))
@@ -188,13 +198,7 @@ def native(
     try:
         targets = [t for t in bench.setup() if t.procs]
         for t in targets:
-            up = ("127.0.0.1", bench.upstream_port)
-            warm = asyncio.run(
-                throughput(
-                    t.proxy, up, bench.ctx_for(t), bench.request_factory(t), 300, args.concurrency
-                )
-            )
-            _check(t, warm.statuses)
+            _warm(bench, t, 300)
         for _ in range(args.rounds):
             for t in targets:
                 perf: list[subprocess.Popen[str]] = []
