@@ -869,10 +869,9 @@ class SQLiteStore:
                 (delta, scope, window),
             )
 
-    def _finish(
-        self, conn: sqlite3.Connection, reservation_id: str, state: str, actual: int | None
-    ) -> bool:
-        """Move one open reservation to ``state``; ``actual`` None means "keep the estimate"."""
+    def _finish(self, conn: sqlite3.Connection, reservation_id: str, actual: int | None) -> bool:
+        """Finish one open reservation at ``actual`` (settled; 0 when released); None means
+        "the estimate" (unknown). False when it is not open (finished already, or never)."""
         row = self._open_reservation(conn, reservation_id)
         if row is None:
             return False
@@ -897,15 +896,15 @@ class SQLiteStore:
     async def settle(self, reservation_id: str, actual_micros: int) -> bool:
         check_micros("actual_micros", actual_micros)
         with self._transaction() as conn:
-            return self._finish(conn, reservation_id, "settled", actual_micros)
+            return self._finish(conn, reservation_id, actual_micros)
 
     async def release(self, reservation_id: str) -> bool:
         with self._transaction() as conn:
-            return self._finish(conn, reservation_id, "released", 0)
+            return self._finish(conn, reservation_id, 0)
 
     async def mark_unknown(self, reservation_id: str) -> bool:
         with self._transaction() as conn:
-            return self._finish(conn, reservation_id, "unknown", None)
+            return self._finish(conn, reservation_id, None)
 
     async def budgets(self, key: KeyRecord, now: dt.datetime) -> tuple[BudgetState, ...]:
         with self._session() as conn:
@@ -928,7 +927,7 @@ class SQLiteStore:
                     (before,),
                 )
             ]
-            return sum(self._finish(conn, rid, "unknown", None) for rid in ids)
+            return sum(self._finish(conn, rid, None) for rid in ids)
 
     # -- holds ---------------------------------------------------------------------------------
     async def hold(
@@ -1338,7 +1337,7 @@ class SQLiteStore:
                 finished = self._hold(conn, s.reservation_id, s.vendor, *s.hold)
             else:
                 actual = {"settled": s.actual_micros, "released": 0, "unknown": None}
-                finished = self._finish(conn, s.reservation_id, s.finish, actual[s.finish])
+                finished = self._finish(conn, s.reservation_id, actual[s.finish])
         if s.created:
             self._record(conn, s.key_id, s.label, s.vendor, s.created, s.now)
         if s.remember is not None:
