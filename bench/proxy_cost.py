@@ -54,7 +54,6 @@ from bench.run import Bench, Target, machine, workdir  # noqa: E402
 
 UPSTREAM = "upstream"
 PERF_STAT = ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter"]
-PERF_STAT = ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter"]
 
 
 class ValgrindBench(Bench):
@@ -202,8 +201,13 @@ def native(
         for _ in range(args.rounds):
             for t in targets:
                 perf: list[subprocess.Popen[str]] = []
+                cpu_before: list[tuple[float, float]] = []
 
-                def attach(t: Target = t, perf: list[subprocess.Popen[str]] = perf) -> None:
+                def attach(
+                    t: Target = t,
+                    perf: list[subprocess.Popen[str]] = perf,
+                    cpu_before: list[tuple[float, float]] = cpu_before,
+                ) -> None:
                     perf.append(
                         subprocess.Popen(
                             [*PERF_STAT, "-p", str(t.procs[0].pid)],
@@ -213,14 +217,15 @@ def native(
                         )
                     )
                     time.sleep(0.5)  # perf attached before the first counted call
+                    # After the tunnels' handshakes, as the count: calls only.
+                    cpu_before.append(_user_sys(t))
 
-                cpu_before = _user_sys(t)
                 statuses = asyncio.run(_calls(bench, t, args.syscall_calls, before=attach))
                 cpu_after = _user_sys(t)
                 _check(t, statuses)
                 perf[0].send_signal(signal.SIGINT)
                 for i, kind in enumerate(("user", "sys")):
-                    per_call = 1000 * (cpu_after[i] - cpu_before[i]) / args.syscall_calls
+                    per_call = 1000 * (cpu_after[i] - cpu_before[0][i]) / args.syscall_calls
                     cpu.setdefault((t.name, kind), []).append(per_call)
                 _, err = perf[0].communicate(timeout=30)
                 counted = [
