@@ -7,6 +7,8 @@ fill the SQLite disk or a ``noeviction`` Redis, after which every key got
 ``store_unavailable``. Now reads are never kept for replay, each key keeps at most
 ``keybrake_max_idempotency_entries`` responses and owns at most ``keybrake_max_objects``
 objects (``429 quota_exceeded`` for that key only), and a revoked key's entries are dropped.
+A paid call's reservation goes when the call is answered (the SQLite store kept one row per
+paid call, forever and under no quota).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 import redis
 from tests.conftest import REDIS_URL, KeybrakeProcess
 from tests.fakes import FakeStripe
-from tests.security.conftest import error_code, raw_post, sdk
+from tests.security.conftest import error_code, key_detail, raw_post, sdk
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +137,50 @@ def test_a_revoked_keys_entries_are_dropped(kb: KeybrakeProcess, fake_stripe: Fa
     assert stored_entries(kb, key["key_id"]) == 0
     r = httpx.get(f"{kb.admin_url}/healthz")
     assert r.status_code == 200
+
+
+def reservation_records(kb: KeybrakeProcess, key_id: str) -> int:
+    """Reservation records the store keeps for a key, whatever table or key names hold them."""
+    if not kb.store:
+        with sqlite3.connect(kb.data_dir / "keybrake.db") as db:
+            tables = [
+                name
+                for (name,) in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name LIKE '%reservation%'"
+                )
+            ]
+            return sum(
+                db.execute(
+                    f"SELECT COUNT(*) FROM {table} WHERE key_id = ?",
+                    (key_id,),
+                ).fetchone()[0]
+                for table in tables
+            )
+    prefix = kb.store.split("prefix=")[1]
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return len(list(client.scan_iter(f"{prefix}res:*", count=1000)))
+    finally:
+        client.close()
+
+
+def test_answered_paid_calls_leave_no_reservation_behind(
+    kb: KeybrakeProcess, fake_stripe: FakeStripe
+) -> None:
+    # Before, the SQLite store kept a reservation row for every paid call, forever and under
+    # no quota: a key with a cap of a few dollars could grow the file without bound with
+    # cheap calls. A finished reservation is now deleted, as on Redis.
+    key = kb.issue_key(daily_usd_cap="100", allowed_endpoints=["POST /v1/payment_intents"])
+    # Confirmed at once: charged, so settled (an unconfirmed one is held until it charges).
+    body = b"amount=50&currency=usd&confirm=true&payment_method=pm_card_visa"
+    for _ in range(25):
+        r = raw_post(kb, key, "/v1/payment_intents", body, FORM)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "succeeded", r.text
+    assert len([e for e in fake_stripe.ledger if e.route == "/v1/payment_intents"]) == 25
+    assert reservation_records(kb, key["key_id"]) == 0
+    # What they reserved is spent, none of it still reserved: $0.50 each.
+    detail = key_detail(kb, key)
+    assert detail["spent_today_usd"] == "12.50", detail
+    assert [b["reserved_usd"] for b in detail["budgets"]] == ["0.00"] * len(detail["budgets"])
