@@ -22,7 +22,16 @@ from tests._redis import (
     RedisTLS,
 )
 
-from keybrake.store import PASSWORD_ENV, KeyRecord, RedisStore, SQLiteStore, Store, open_store
+from keybrake.store import (
+    PASSWORD_ENV,
+    AdmissionRequest,
+    KeyRecord,
+    RedisStore,
+    Settlement,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 USD = 1_000_000
@@ -79,6 +88,39 @@ def make_key(
         created_at=created_at,
         expires_at=created_at + dt.timedelta(days=30),
         usd_cap_micros=usd_cap,
+    )
+
+
+async def paid_call(
+    store: Store,
+    key_id: str,
+    label: str,
+    reservation_id: str,
+    at: dt.datetime,
+    *,
+    estimate: int,
+    actual: int,
+    finish: str = "settled",
+) -> bool:
+    """One paid call's two store steps, as the proxy makes them: the admission (asserted
+    admitted), then the settlement that finishes its reservation as ``finish`` with its audit
+    row. Returns what `Store.settle_call` answered (True: finished now)."""
+    admitted = await store.admit(
+        AdmissionRequest(key_id, at, reservation_id=reservation_id, estimate_micros=estimate)
+    )
+    assert admitted.status == "admitted", admitted
+    return await store.settle_call(
+        Settlement(
+            key_id,
+            label,
+            "stripe",
+            at,
+            reservation_id=reservation_id,
+            ledger_rows=admitted.ledger_rows,
+            finish=finish,  # type: ignore[arg-type]
+            actual_micros=actual,
+            audit={"event_id": f"ev_{reservation_id}", "key_id": key_id, "outcome": "ok"},
+        )
     )
 
 

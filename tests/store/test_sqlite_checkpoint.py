@@ -13,9 +13,9 @@ import threading
 import time
 
 import pytest
-from tests.store.conftest import USD, make_key
+from tests.store.conftest import USD, make_key, paid_call
 
-from keybrake.store import AdmissionRequest, Settlement, SQLiteStore
+from keybrake.store import SQLiteStore
 from keybrake.store._checkpoint import FALLBACK_PAGES, WalCheckpointer
 
 NOON = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
@@ -30,24 +30,7 @@ def _thread_of(checkpointer: WalCheckpointer) -> threading.Thread:
 
 async def _calls(store: SQLiteStore, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
-        rid = f"res_{i}"
-        admitted = await store.admit(
-            AdmissionRequest("kb_a", NOON, reservation_id=rid, estimate_micros=1)
-        )
-        assert admitted.status == "admitted", admitted
-        await store.settle_call(
-            Settlement(
-                "kb_a",
-                "run",
-                "stripe",
-                NOON,
-                reservation_id=rid,
-                ledger_rows=admitted.ledger_rows,
-                finish="settled",
-                actual_micros=1,
-                audit={"event_id": f"ev_{i}", "key_id": "kb_a", "outcome": "ok"},
-            )
-        )
+        await paid_call(store, "kb_a", "run", f"res_{i}", NOON, estimate=1, actual=1)
 
 
 def _wait_for(predicate: object, timeout: float = 10.0) -> bool:

@@ -14,9 +14,9 @@ import datetime as dt
 import pathlib
 import sqlite3
 
-from tests.store.conftest import USD, make_key
+from tests.store.conftest import USD, make_key, paid_call
 
-from keybrake.store import AdmissionRequest, Settlement, SQLiteStore
+from keybrake.store import SQLiteStore
 
 NOON = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
 
@@ -42,22 +42,8 @@ async def test_a_finished_reservation_leaves_no_row_and_an_open_one_stays(
         await store.create_key(key)
         finishes = {"res_settled": "settled", "res_released": "released", "res_unknown": "unknown"}
         for rid, finish in finishes.items():
-            admitted = await store.admit(
-                AdmissionRequest("kb_a", NOON, reservation_id=rid, estimate_micros=2 * USD)
-            )
-            assert admitted.status == "admitted", admitted
-            finished = await store.settle_call(
-                Settlement(
-                    "kb_a",
-                    "run",
-                    "stripe",
-                    NOON,
-                    reservation_id=rid,
-                    ledger_rows=admitted.ledger_rows,
-                    finish=finish,  # type: ignore[arg-type]
-                    actual_micros=USD,
-                    audit={"event_id": f"ev_{rid}", "key_id": "kb_a", "outcome": "ok"},
-                )
+            finished = await paid_call(
+                store, "kb_a", "run", rid, NOON, estimate=2 * USD, actual=USD, finish=finish
             )
             assert finished is True
         assert (await store.reserve(key, "res_open", 3 * USD, NOON)).ok
