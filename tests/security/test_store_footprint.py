@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -43,20 +44,28 @@ def kb(
     return proc
 
 
-def stored_entries(kb: KeybrakeProcess, key_id: str) -> int:
-    """Idempotency entries the store keeps for a key, read from the store itself."""
+def in_store(kb: KeybrakeProcess, sqlite: Callable[[sqlite3.Connection], int], keys: str) -> int:
+    """What the store itself keeps: ``sqlite`` counts it in the SQLite file, or the Redis keys
+    matching ``keys`` (after the store's prefix) are counted."""
     if not kb.store:
         with sqlite3.connect(kb.data_dir / "keybrake.db") as db:
-            (n,) = db.execute(
-                "SELECT COUNT(*) FROM idempotency_entries WHERE key_id = ?", (key_id,)
-            ).fetchone()
-        return int(n)
+            return sqlite(db)
     prefix = kb.store.split("prefix=")[1]
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        return len(list(client.scan_iter(f"{prefix}idm:{key_id}:*", count=1000)))
+        return len(list(client.scan_iter(f"{prefix}{keys}", count=1000)))
     finally:
         client.close()
+
+
+def stored_entries(kb: KeybrakeProcess, key_id: str) -> int:
+    """Idempotency entries the store keeps for a key, read from the store itself."""
+
+    def rows(db: sqlite3.Connection) -> int:
+        sql = "SELECT COUNT(*) FROM idempotency_entries WHERE key_id = ?"
+        return int(db.execute(sql, (key_id,)).fetchone()[0])
+
+    return in_store(kb, rows, f"idm:{key_id}:*")
 
 
 def test_one_key_cannot_fill_the_store_for_the_others(
@@ -141,28 +150,15 @@ def test_a_revoked_keys_entries_are_dropped(kb: KeybrakeProcess, fake_stripe: Fa
 
 def reservation_records(kb: KeybrakeProcess, key_id: str) -> int:
     """Reservation records the store keeps for a key, whatever table or key names hold them."""
-    if not kb.store:
-        with sqlite3.connect(kb.data_dir / "keybrake.db") as db:
-            tables = [
-                name
-                for (name,) in db.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' "
-                    "AND name LIKE '%reservation%'"
-                )
-            ]
-            return sum(
-                db.execute(
-                    f"SELECT COUNT(*) FROM {table} WHERE key_id = ?",
-                    (key_id,),
-                ).fetchone()[0]
-                for table in tables
-            )
-    prefix = kb.store.split("prefix=")[1]
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        return len(list(client.scan_iter(f"{prefix}res:*", count=1000)))
-    finally:
-        client.close()
+
+    def rows(db: sqlite3.Connection) -> int:
+        tables = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%reservation%'"
+        ).fetchall()
+        sql = "SELECT COUNT(*) FROM {} WHERE key_id = ?"
+        return sum(int(db.execute(sql.format(t), (key_id,)).fetchone()[0]) for (t,) in tables)
+
+    return in_store(kb, rows, "res:*")
 
 
 def test_answered_paid_calls_leave_no_reservation_behind(
