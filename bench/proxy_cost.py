@@ -50,7 +50,7 @@ for p in (ROOT, ROOT / "addon"):
 
 from bench.load import Connection, throughput  # noqa: E402
 from bench.redis_cost import callgrind_control, dumped_total  # noqa: E402
-from bench.run import Bench, Target, machine, workdir  # noqa: E402
+from bench.run import Bench, Target, machine, user_sys_ticks, workdir  # noqa: E402
 
 UPSTREAM = "upstream"
 PERF_STAT = ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter"]
@@ -151,19 +151,19 @@ def instructions(args: argparse.Namespace, work: Path) -> dict[str, float]:
             # longer under callgrind than natively: measured, and taken out of the calls' count.
             time.sleep(3)  # what the calls left to do in the background (audit rows) done
             callgrind_control(pid, "-z")
-            started = time.monotonic()
+            idle_from = time.monotonic()
             time.sleep(args.idle)
-            idle_per_s = dumped_total(pid, out_file) / (time.monotonic() - started)
-            started = [0.0]
+            idle_per_s = dumped_total(pid, out_file) / (time.monotonic() - idle_from)
+            zeroed_at = [0.0]
 
-            def zero(pid: int = pid, started: list[float] = started) -> None:
+            def zero(pid: int = pid, zeroed_at: list[float] = zeroed_at) -> None:
                 callgrind_control(pid, "-z")
-                started[0] = time.monotonic()
+                zeroed_at[0] = time.monotonic()
 
             # One call at a time: under callgrind a proxy runs ~40 times slower, and calls in
             # flight together would share store batches natively unshared.
             statuses = asyncio.run(_calls(bench, t, args.n, before=zero, concurrency=1))
-            seconds = time.monotonic() - started[0]
+            seconds = time.monotonic() - zeroed_at[0]
             total = dumped_total(pid, out_file)
             _check(t, statuses)
             out[t.name] = (total - idle_per_s * seconds) / args.n
@@ -180,9 +180,9 @@ def instructions(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
 def _user_sys(target: Target) -> tuple[float, float]:
     """User and system CPU seconds of the target's proxy process so far (all threads)."""
-    fields = Path(f"/proc/{target.procs[0].pid}/stat").read_text().rpartition(")")[2].split()
+    user, system = user_sys_ticks(Path(f"/proc/{target.procs[0].pid}/stat"))
     hz = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / hz, int(fields[12]) / hz
+    return user / hz, system / hz
 
 
 def native(

@@ -99,9 +99,14 @@ class Target:
         return None if self.proxy_port is None else ("127.0.0.1", self.proxy_port)
 
 
-def _ticks(stat: Path) -> int:
+def user_sys_ticks(stat: Path) -> tuple[int, int]:
+    """User and system CPU (clock ticks) of a ``/proc/…/stat`` file: utime, stime."""
     fields = stat.read_text().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
+    return int(fields[11]), int(fields[12])
+
+
+def _ticks(stat: Path) -> int:
+    return sum(user_sys_ticks(stat))
 
 
 def proc_cpu_seconds(target: Target) -> tuple[float, float]:
