@@ -74,6 +74,9 @@ INDEXES: list[tuple[str, ...]] = [
     ("vendor_request_id",),
     ("ts",),
 ]
+# Rows per INSERT statement (the largest that fits the parameter limit first): a batch of 200
+# is 3 x 64, 2 x 4; at most a handful of statements per batch, each prepared once.
+CHUNK_ROWS = (64, 16, 4, 1)
 # UNIQUE allows any number of NULLs (both databases): old rows without an event_id stay.
 EVENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_event_id ON {TABLE} (event_id)"
 
@@ -131,21 +134,35 @@ class SQLiteAuditSink:
             name = f"idx_{TABLE}_{'_'.join(cols)}"
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{TABLE}" ({quoted})')
         conn.execute(EVENT_INDEX)
-        names = list(COLUMNS)
-        self._insert = (
-            f"INSERT OR IGNORE INTO {TABLE} ({', '.join(names)}) "  # noqa: S608 (constant names)
-            f"VALUES ({', '.join(['?'] * len(names))})"
-        )
+        # Chunk sizes the batch is cut into, each statement prepared once: as many rows as
+        # the database takes parameters for, then smaller ones for the rest.
+        most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS)
+        one = f"({', '.join(['?'] * len(COLUMNS))})"
+        self._inserts = {
+            n: f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) "  # noqa: S608 (constant names)
+            f"VALUES {', '.join([one] * n)}"
+            for n in CHUNK_ROWS
+            if n <= most or n == 1
+        }
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """All rows or none: a failed batch is retried whole, never half-written twice. Rows
         whose ``event_id`` is already here are skipped; keys not in `COLUMNS` are ignored."""
-        values = [[r.get(n) for n in COLUMNS] for r in rows]
+        values = [r.get(n) for r in rows for n in COLUMNS]
+        width = len(COLUMNS)
         with self._lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(self._insert, values)
+                # A few statements of many rows each, not one per row: SQLite runs each with
+                # the GIL released, and a thread that takes it back once per row makes the
+                # busy event loop hand it over once per row (a forced switch, ~5 ms apart).
+                start, left = 0, len(rows)
+                for size, insert in self._inserts.items():
+                    while left >= size:
+                        end = start + size * width
+                        conn.execute(insert, values[start:end])
+                        start, left = end, left - size
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
