@@ -47,6 +47,7 @@ async def test_the_log_is_copied_into_the_file_by_the_thread_and_stays_bounded(
 ) -> None:
     path = tmp_path / "state.db"
     store = SQLiteStore(path)
+    started = time.monotonic()  # before any commit could start the thread
     await store.open()
     await store.create_key(make_key("kb_a", label="run", daily=10_000 * USD))
     # A commit checkpoints only past FALLBACK_PAGES (SQLite's own default is 1,000).
@@ -55,7 +56,6 @@ async def test_the_log_is_copied_into_the_file_by_the_thread_and_stays_bounded(
     # Back to back, with no pause in which a passive checkpoint could catch up: ~10 pages
     # each, ~30,000 in all, that a log never started over would hold (~120 MB: 600 calls
     # left 25 MB before it was started over).
-    started = time.monotonic()
     await _calls(store, 3000)
     elapsed = time.monotonic() - started
     checkpointer = store._checkpointer
