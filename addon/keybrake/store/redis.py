@@ -191,6 +191,7 @@ _SCRIPTS = (
     "own",
     "audit_read",
     "audit_ack",
+    "probe",
 )
 
 
@@ -406,6 +407,10 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord | None:
 
 class EvictionNotAllowed(redis.exceptions.RedisError):
     """Redis may evict keys and the store URL does not allow it (see `_check_eviction`)."""
+
+
+class RedisTooOld(redis.exceptions.RedisError):
+    """The server rejects forms of Redis 7.0 the scripts use (see `_check_version`)."""
 
 
 class _TLSConnection(redis.asyncio.Connection):
@@ -834,6 +839,8 @@ class RedisStore:
                 # On a cluster: loaded on every master.
                 script.sha = await client.script_load(script.script)
             for tag in self._tags:
+                await self._check_version(tag)
+            for tag in self._tags:
                 await self._ensure_audit_group(client, tag)
             if self._cluster:
                 cluster: Any = client
@@ -841,6 +848,27 @@ class RedisStore:
                     await self._check_eviction(client, node)
             else:
                 await self._check_eviction(client)
+
+    async def _check_version(self, tag: str) -> None:
+        """Refuse a server older than Redis 7.0, on which ``probe.lua`` fails (on a cluster:
+        run in every budget-tree bucket, so on every master that holds one).
+
+        Such a server loads the scripts but rejects ``SET … NX GET`` and ``EXPIRE … NX``: its
+        first admission would fail, and every vendor call be refused (503) with the cause
+        only in the log. Checked by running the forms rather than reading ``INFO``: the ACL
+        the README gives allows no ``INFO``, and a fork's version number says less.
+        """
+        try:
+            await self._scripts["probe"](keys=[self._kt(tag, "probe")], args=[])
+        except redis.exceptions.NoPermissionError:
+            raise  # the ACL's hint says what to fix
+        except redis.exceptions.ResponseError as e:
+            said = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise RedisTooOld(
+                f"this server rejects the Redis 7.0 commands the store's scripts use "
+                f"(SET … NX GET, EXPIRE … NX: {said}); Keybrake needs Redis 7.0 or newer "
+                "(or Valkey 7.2 or newer)"
+            ) from None
 
     async def _ensure_audit_group(self, client: redis.asyncio.Redis, tag: str) -> None:
         try:
