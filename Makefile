@@ -2,26 +2,37 @@
 PY312 ?= $(shell PYENV_VERSION=3.12.1 pyenv which python 2>/dev/null || command -v python3.12 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# Exact versions of everything the venv installs (see the file's header).
+CONSTRAINTS := .ci/constraints.txt
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run web test lint fmt check bench bench-litellm fleet redis-cost proxy-cost soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
+.PHONY: venv constraints run web test lint fmt check bench bench-litellm fleet redis-cost proxy-cost soak clean worker-wheelhouses worker-typecheck orchestrator-venvs
 
 # Running needs the proxy's packages only; tests and lint need the rest (and, in `venv`,
 # Debian's chromium and faketime).
-$(VENV)/.run-installed: pyproject.toml
+$(VENV)/.run-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY312) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[proxy]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[proxy]'
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml
+$(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY312) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@ $(VENV)/.run-installed
 
 venv: $(VENV)/.dev-installed
 	command -v chromium >/dev/null && command -v faketime >/dev/null || (apt-get update && apt-get install -y chromium faketime)
+
+## Pin $(CONSTRAINTS) to what pyproject.toml's ranges resolve to today (a fresh venv, then
+## `pip freeze`); review the diff, then run `make test` on it.
+constraints:
+	rm -rf $(VENV)/constraints && $(PY312) -m venv $(VENV)/constraints
+	$(VENV)/constraints/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/constraints/bin/python -m pip install --quiet -e '.[dev]'
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(VENV)/constraints/bin/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf $(VENV)/constraints
 
 ## Start the proxy on the embedded SQLite store (forward :8080, admin :8081).
 run: $(VENV)/.run-installed
@@ -35,8 +46,8 @@ web: $(VENV)/.run-installed
 
 # Wheels of everything `pip install 'keybrake[proxy]'` needs, so the install tests build and
 # install the package in fresh venvs without reaching an index.
-$(VENV)/wheelhouse/.done: pyproject.toml
-	$(BIN)/python -m pip wheel --quiet -w $(VENV)/wheelhouse '.[proxy]' setuptools wheel
+$(VENV)/wheelhouse/.done: pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip wheel --quiet -c $(CONSTRAINTS) -w $(VENV)/wheelhouse '.[proxy]' setuptools wheel
 	touch $@
 
 # The worker side (`pip install keybrake`) runs on CPython 3.9 to 3.13; for each (pyenv), a
