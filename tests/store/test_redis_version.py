@@ -26,6 +26,10 @@ class OldRedis:
     ``commands`` records every command (name and arguments, decoded)."""
 
     def __init__(self) -> None:
+        # The probe's answer: Redis 6.2's to a script whose SET has both NX and GET.
+        self.probe_error = "ERR Error running script (call to f_{sha}): @user_script:7: " + (
+            "@user_script: 7: ERR syntax error"
+        )
         self.commands: list[list[str]] = []
         self.scripts: dict[str, str] = {}
         self.port = 0
@@ -72,11 +76,7 @@ class OldRedis:
         if name == "EVALSHA":
             source = self.scripts.get(args[1], "")
             if "'NX', 'PX', '60000', 'GET'" in source:
-                # What Redis 6.2 answers a script whose SET has both NX and GET.
-                return (
-                    f"-ERR Error running script (call to f_{args[1]}): @user_script:7: "
-                    "@user_script: 7: ERR syntax error\r\n"
-                ).encode()
+                return f"-{self.probe_error.format(sha=args[1])}\r\n".encode()
             return b"-ERR this stand-in runs only the version probe\r\n"
         return f"-ERR unknown command '{args[0]}'\r\n".encode()
 
@@ -106,6 +106,21 @@ async def test_a_redis_older_than_7_is_refused_at_open(old_redis: OldRedis) -> N
     # Stopped at the probe: no audit stream or group was created, nothing else was run.
     assert names[names.index("EVALSHA") + 1 :] == [], names
     assert "XGROUP" not in names
+
+
+async def test_another_refusal_of_the_probe_is_reported_as_it_is(old_redis: OldRedis) -> None:
+    """A full (or read-only) server refuses the probe too: that is said as the server said
+    it, never taken for an old version."""
+    old_redis.probe_error = "OOM command not allowed when used memory > 'maxmemory'."
+    store = RedisStore(f"redis://127.0.0.1:{old_redis.port}/0", prefix=f"t{uuid.uuid4().hex[:6]}:")
+
+    with pytest.raises(StoreUnavailable) as refused:
+        await store.open()
+    await store.close()
+
+    message = str(refused.value)
+    assert "command not allowed when used memory" in message, message  # redis-py: OutOfMemoryError
+    assert "RedisTooOld" not in message and "Redis 7.0 or newer" not in message, message
 
 
 async def test_redis_7_passes_the_probe_and_keeps_nothing_of_it() -> None:

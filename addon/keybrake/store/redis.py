@@ -860,13 +860,15 @@ class RedisStore:
         """
         try:
             await self._scripts["probe"](keys=[self._kt(tag, "probe")], args=[])
-        except redis.exceptions.NoPermissionError:
-            raise  # the ACL's hint says what to fix
         except redis.exceptions.ResponseError as e:
-            said = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            said = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            # What an older server says to those forms; anything else (an ACL refusal, a
+            # full or read-only server) is reported as it is.
+            if not any(s in said.lower() for s in ("syntax error", "wrong number of arguments")):
+                raise
             raise RedisTooOld(
-                f"this server rejects the Redis 7.0 commands the store's scripts use "
-                f"(SET … NX GET, EXPIRE … NX: {said}); Keybrake needs Redis 7.0 or newer "
+                "this server rejects the Redis 7.0 forms the store's scripts use (SET … NX "
+                f"GET, EXPIRE … NX), answering {said!r}: Keybrake needs Redis 7.0 or newer "
                 "(or Valkey 7.2 or newer)"
             ) from None
 
