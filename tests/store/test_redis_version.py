@@ -27,7 +27,8 @@ class OldRedis:
 
     def __init__(self) -> None:
         # The probe's answer: Redis 6.2's to a script whose SET has both NX and GET.
-        self.probe_error = "ERR Error running script (call to f_{sha}): @user_script:7: " + (
+        self.probe_error = (
+            "ERR Error running script (call to f_{sha}): @user_script:7: "
             "@user_script: 7: ERR syntax error"
         )
         self.commands: list[list[str]] = []
