@@ -861,7 +861,7 @@ class RedisStore:
         try:
             await self._scripts["probe"](keys=[self._kt(tag, "probe")], args=[])
         except redis.exceptions.ResponseError as e:
-            said = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            said = next(iter(str(e).strip().splitlines()), "")[:300]
             # What an older server says to those forms; anything else (an ACL refusal, a
             # full or read-only server) is reported as it is.
             if not any(s in said.lower() for s in ("syntax error", "wrong number of arguments")):
